@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo_out
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m deldist.demo --out $(DEMO_DIR)
+
+bench: install
+	$(PY) bench/embed.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,44 @@
+"""``deldist <stage> --config cfg.yaml [key=value ...]``.
+
+Each stage is a module with ``Config`` and ``run(config)``; the ``jobs/`` entry points call
+:func:`main` too, so ``ray job submit`` and the CLI run the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from deldist.config import load_config
+
+# stage name -> module holding Config and run(config)
+STAGES: dict[str, str] = {
+    "embed": "deldist.embed",
+}
+
+
+def main(argv: list[str] | None = None, stage: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deldist", description=__doc__)
+    if stage is None:
+        parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--config", help="YAML config (local path or s3:// URI)")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting")
+    args = parser.parse_args(argv)
+    name = stage or args.stage
+    module = importlib.import_module(STAGES[name])
+    config = load_config(module.Config, args.config, args.overrides, section=name)
+    if args.address:
+        import os
+
+        os.environ["RAY_ADDRESS"] = args.address
+    result = module.run(config)
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

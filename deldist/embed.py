@@ -1,0 +1,509 @@
+"""Embed stage: sources -> sampled frames (CPU tasks) -> ViT actor pool -> ``embeddings/``.
+
+Pipeline (Ray Data): a probe pass cuts each video into frame-index segments ("units"), then
+one decode task per video segment (images are packed many per task) streams sampled frames
+into an actor pool of encoders, and small writer tasks write Parquet parts.
+
+Resumable and incremental: every decode task writes a progress record per unit (how many
+sampled frames it holds, or why it failed) under ``embeddings/_progress/``. A unit is done
+when its record exists and all its frames are in the parts; a rerun embeds only the missing
+frames of unfinished units, and new sources that appeared under the input prefix. The
+``embeddings/`` manifest is published only when every listed source is done, after a
+check that no id is present twice (a retried task can write a frame again).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import model_validator
+
+import deldist
+from deldist import storage
+from deldist.config import StageConfig
+from deldist.frames import DecodeError, Sampling, decode_image, decode_video, probe_video, quality_stats
+from deldist.io import Source, list_sources, open_source
+from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, embeddings_schema
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_FPS = 2.0
+_EMIT_ROWS = 32  # frames per batch a decode task hands downstream
+
+PROGRESS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),  # source key
+        ("unit", pa.int64()),  # segment index (0 for images)
+        ("n_units", pa.int64()),  # segments of this source
+        ("segment_frames", pa.int64()),  # frames per segment (0 = one open-ended segment)
+        ("expected", pa.int64()),  # sampled frames the unit holds (skipped ones included)
+        ("decoded", pa.int64()),  # frames decoded to get them (decode cost)
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+class Config(StageConfig):
+    """Embed stage settings (YAML keys)."""
+
+    input: str  # URI prefix holding videos and images
+    output: str  # run root: writes <output>/embeddings and <output>/errors
+    manifest: str | None = None  # CSV/Parquet with uri[, dataset|center]
+    model: str = "vit_base_patch16_224"
+    weights: str | None = None  # local path or s3:// URI; never downloaded
+    random_init: bool = False  # tests only: recorded in the manifest
+    pooling: Literal["cls", "mean"] = "cls"
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    fps: float | None = None  # sampled frames per second of video (default 2 when no stride)
+    stride: int | None = None  # or every stride-th frame (stride 1: every frame)
+    keyframes_only: bool = False
+    segment_seconds: float = 60.0  # video split unit: one decode task each
+    images_per_task: int = 64
+    batch_size: int = 32  # encoder batch
+    actors_min: int = 1
+    actors_max: int = 1
+    encoder_cpus: float = 0.5  # per encoder actor on CPU clusters (fractional: leave room for decoding)
+    torch_threads: int | None = None  # default: max(1, ceil(encoder_cpus))
+    decode_cpus: float = 0.5
+    decode_threads: int = 1  # FFmpeg threads per decode task
+    decode_memory_mb: int = 512  # reserved per decode task
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    rows_per_part: int = 2048
+    max_sources: int | None = None  # embed at most this many pending sources in this run
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.fps is not None and self.stride is not None:
+            raise ValueError("set either fps or stride, not both (fps: null to use stride)")
+        if self.fps is not None and self.fps <= 0 or self.stride is not None and self.stride < 1:
+            raise ValueError("fps must be > 0 and stride >= 1")
+        if self.fps is None and self.stride is None:
+            self.fps = DEFAULT_FPS
+        return self
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(fps=self.fps, stride=self.stride, keyframes_only=self.keyframes_only)
+
+
+# ---------------------------------------------------------------- progress bookkeeping (pure)
+
+
+def frame_id(key: str, frame_index: int) -> str:
+    return f"{key}#{frame_index}"
+
+
+def split_id(frame_id_: str) -> tuple[str, int]:
+    key, index = frame_id_.rsplit("#", 1)
+    return key, int(index)
+
+
+def unit_of(frame_index: int, segment_frames: int) -> int:
+    return frame_index // segment_frames if segment_frames > 0 else 0
+
+
+def source_progress(progress: list[dict[str, Any]], present: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """Per source key: ``done`` (bool), ``units_done`` (set), ``errors``, ``expected`` frames.
+
+    ``progress``: unit records (PROGRESS_SCHEMA rows, possibly repeated across reruns);
+    ``present``: source key -> frame indices already in the parts.
+    A unit is done when it has a record and all its expected frames are present; a source
+    when all its units are, or when it failed before any unit (listing / probe error).
+    """
+    by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in progress:
+        by_source[r["source"]].append(r)
+    out = {}
+    for key, records in by_source.items():
+        errors = [r for r in records if r["error_type"]]
+        if any(r["n_units"] == 0 for r in records):  # failed before decoding (probe)
+            out[key] = {"done": True, "units_done": set(), "errors": errors, "expected": 0}
+            continue
+        n_units, seg = records[0]["n_units"], records[0]["segment_frames"]
+        expected = {r["unit"]: r["expected"] for r in records}  # reruns record the same number
+        have = defaultdict(int)
+        for index in present.get(key, ()):
+            have[unit_of(index, seg)] += 1
+        units_done = {u for u, n in expected.items() if have[u] >= n}
+        out[key] = {"done": len(units_done) == n_units, "units_done": units_done, "errors": errors,
+                    "expected": sum(expected.values())}
+    return out
+
+
+# ---------------------------------------------------------------- Ray Data stages
+
+
+def _probe_rows(row: dict[str, Any], segment_seconds: float) -> dict[str, Any]:
+    """Probe one video source -> its segment layout, or an error."""
+    try:
+        info = probe_video(open_source(row["uri"]))
+        if info.constant_rate and info.n_frames > 0:
+            seg = max(1, round(segment_seconds * info.fps))
+            n_units = max(1, math.ceil(info.n_frames / seg))
+        else:  # variable rate or unknown length: decode in one piece, index by timestamp
+            seg, n_units = 0, 1
+        return {**row, "n_units": n_units, "segment_frames": seg, "error_type": "", "message": ""}
+    except Exception as e:  # a bad file must become an error row, never stop the job
+        return {**row, "n_units": 0, "segment_frames": 0, "error_type": type(e).__name__, "message": str(e)}
+
+
+def decode_task(batch: dict[str, np.ndarray], config: Config, progress_dir: str) -> Iterator[dict[str, Any]]:
+    """Decode task specs (a video segment, or a pack of images) into frame batches of
+    ``_EMIT_ROWS``; then write one progress record per unit. Runs as a plain Ray task."""
+    records: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for spec_json in batch["task"]:
+        for unit in json.loads(spec_json)["units"]:
+            for frame_row in _decode_unit(unit, config, records):
+                rows.append(frame_row)
+                if len(rows) >= _EMIT_ROWS:
+                    yield _stack(rows)
+                    rows = []
+    if rows:
+        yield _stack(rows)
+    storage.write_table(pa.Table.from_pylist(records, schema=PROGRESS_SCHEMA),
+                        storage.join(progress_dir, storage.new_part_name("units")))
+
+
+def _decode_unit(unit: dict[str, Any], cfg: Config, records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Yield frame rows of one unit (skipping ids already embedded); append its record."""
+    stats = {"decoded": 0, "sampled": 0, "kept": 0}
+    skip = frozenset(unit["skip"])
+    error_type, message = "", ""
+    try:
+        if unit["kind"] == "image":
+            stats["decoded"] = 1
+            rgb = decode_image(storage.read_bytes(unit["uri"]), cfg.image_size)
+            stats["sampled"] = 1
+            frames: Iterator[tuple[int, float, np.ndarray]] = iter([(0, 0.0, rgb)])
+        else:
+            seg = unit["segment_frames"]
+            start = unit["unit"] * seg
+            last = unit["unit"] == unit["n_units"] - 1
+            # decode_video drops the skip set itself, before the costly colour conversion
+            frames = decode_video(open_source(unit["uri"]), cfg.image_size, cfg.sampling,
+                                  start_frame=start, end_frame=None if last or seg == 0 else start + seg,
+                                  skip=skip, threads=cfg.decode_threads, stats=stats)
+        for index, ts, rgb in frames:
+            yield {"id": frame_id(unit["key"], index), "source": unit["uri"], "frame_index": index,
+                   "timestamp_s": ts, "dataset": unit["dataset"], "pixels": rgb, **quality_stats(rgb)}
+        if unit["kind"] == "video" and stats["decoded"] == 0 and unit["unit"] == 0:
+            raise DecodeError("no decodable video frames")
+    except Exception as e:  # recorded per unit; the frames decoded before it are kept
+        error_type, message = type(e).__name__, str(e)
+    records.append({"source": unit["key"], "unit": unit["unit"], "n_units": unit["n_units"],
+                    "segment_frames": unit["segment_frames"], "expected": stats["sampled"],
+                    "decoded": stats["decoded"], "stage": "decode",
+                    "error_type": error_type, "message": message})
+
+
+def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out = {k: np.asarray([r[k] for r in rows]) for k in rows[0] if k != "pixels"}
+    out["pixels"] = np.stack([r["pixels"] for r in rows])
+    for name in QUALITY_COLUMNS:
+        out[name] = out[name].astype(np.float32)
+    return out
+
+
+class Encoder:
+    """Actor-pool callable: (B, H, W, 3) uint8 frames -> (B, D) L2-normalised embeddings.
+
+    ``__init__`` is the expensive setup (model build + weight load) done once per actor.
+    """
+
+    def __init__(self, config: Config):
+        import torch
+
+        from deldist.encoders import build_encoder, load_weights
+
+        self.device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.torch_threads or max(1, math.ceil(config.encoder_cpus)))
+        precision = config.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast = precision == "bf16"
+        self.model = build_encoder(config.model, config.image_size)
+        load_weights(self.model, config.weights, config.random_init)
+        self.model.eval().to(self.device).to(memory_format=torch.channels_last)
+        self.prefix = getattr(self.model, "num_prefix_tokens", 1)
+        self.pooling = config.pooling
+        self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from deldist.encoders import pool_tokens
+
+        pixels = torch.from_numpy(batch.pop("pixels")).to(self.device, non_blocking=True)
+        x = pixels.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            emb = pool_tokens(self.model.forward_features(x), self.pooling, self.prefix)
+        emb = torch.nn.functional.normalize(emb.float(), dim=1)
+        batch["embedding"] = emb.cpu().numpy()
+        return batch
+
+
+def _write_part(batch: dict[str, np.ndarray], data_dir: str, dim: int) -> dict[str, np.ndarray]:
+    """Sink: write one batch of embedded frames as a Parquet part; return its row count."""
+    schema = embeddings_schema(dim)
+    emb = np.ascontiguousarray(batch["embedding"], dtype=np.float32)
+    columns = {name: batch[name] for name in schema.names if name != "embedding"}
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+    table = pa.table({n: columns[n] for n in schema.names}).cast(schema)
+    storage.write_table(table, storage.join(data_dir, storage.new_part_name()))
+    return {"rows": np.array([len(emb)])}
+
+
+# ---------------------------------------------------------------- driver
+
+
+class _Layout:
+    def __init__(self, output: str):
+        self.root = storage.join(output, "embeddings")
+        self.data = storage.join(self.root, "data")
+        self.progress = storage.join(self.root, "_progress")
+        self.run_file = storage.join(self.root, "_run.json")
+        self.errors = storage.join(output, "errors")
+
+
+def _read_parquet_files(uri: str, columns: list[str] | None, schema: pa.Schema | None = None) -> pa.Table:
+    fs, _ = storage.resolve(uri)
+    paths = [p for p in storage.list_files(uri) if p.endswith(".parquet")]
+    if not paths:
+        return schema.empty_table() if schema is not None else pa.table({c: [] for c in columns or []})
+    return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns)
+
+
+def _fingerprint(config: Config, weights_sha: str | None, dim: int) -> dict[str, Any]:
+    """Settings that change the embedding of a given frame id: a rerun must match them."""
+    return {"model": config.model, "weights_sha256": weights_sha, "random_init": config.random_init,
+            "pooling": config.pooling, "image_size": config.image_size, "mean": list(config.mean),
+            "std": list(config.std), "fps": config.fps, "stride": config.stride,
+            "keyframes_only": config.keyframes_only, "segment_seconds": config.segment_seconds, "dim": dim}
+
+
+def _check_or_record_run(layout: _Layout, fingerprint: dict[str, Any]) -> None:
+    if storage.exists(layout.run_file):
+        previous = storage.read_json(layout.run_file)
+        diff = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
+        if diff:
+            raise ValueError(f"{layout.root} was embedded with other settings {diff} (old, new); "
+                             "use a new output root to embed with these")
+        return
+    storage.write_json(layout.run_file, fingerprint)
+
+
+def _weights_and_dim(config: Config) -> tuple[str | None, int]:
+    """Fail fast in the driver: build the model and load the weights once (also gives D)."""
+    from deldist.encoders import build_encoder, load_weights
+
+    model = build_encoder(config.model, config.image_size)
+    report = load_weights(model, config.weights, config.random_init)
+    return report.sha256, int(model.num_features)
+
+
+def _load_state(layout: _Layout) -> tuple[list[dict[str, Any]], dict[str, list[int]], pa.Table]:
+    progress = _read_parquet_files(layout.progress, None, PROGRESS_SCHEMA).to_pylist()
+    ids = _read_parquet_files(layout.data, ["id"]).column("id").to_pylist() if storage.list_files(layout.data) else []
+    present: dict[str, list[int]] = defaultdict(list)
+    for i in ids:
+        key, index = split_id(i)
+        present[key].append(index)
+    return progress, present, pa.table({"id": pa.array(ids, pa.string())})
+
+
+def _plan_units(pending: list[Source], done_units: dict[str, set[int]], present: dict[str, list[int]],
+                config: Config, layout: _Layout) -> list[dict[str, Any]]:
+    """Probe pending videos (in Ray tasks) and list the units still to decode."""
+    import ray
+
+    units: list[dict[str, Any]] = []
+    base = lambda s: {"uri": s.uri, "key": s.key, "dataset": s.dataset, "kind": s.kind,  # noqa: E731
+                      "skip": sorted(present.get(s.key, ()))}
+    for s in pending:
+        if s.kind == "image":
+            units.append({**base(s), "unit": 0, "n_units": 1, "segment_frames": 0})
+    videos = [base(s) for s in pending if s.kind == "video"]
+    if videos:
+        probed = (ray.data.from_items(videos, override_num_blocks=min(len(videos), 200))
+                  .map(_probe_rows, fn_kwargs={"segment_seconds": config.segment_seconds},
+                       num_cpus=config.decode_cpus)
+                  .take_all())
+        failures = []
+        for v in probed:
+            if v["n_units"] == 0:
+                failures.append({"source": v["key"], "unit": 0, "n_units": 0, "segment_frames": 0, "expected": 0,
+                                 "decoded": 0, "stage": "probe", "error_type": v["error_type"],
+                                 "message": v["message"]})
+                continue
+            for u in range(v["n_units"]):
+                if u not in done_units.get(v["key"], set()):
+                    units.append({**{k: v[k] for k in ("uri", "key", "dataset", "kind", "n_units",
+                                                       "segment_frames")},
+                                  "unit": u, "skip": _skip_for_unit(v["skip"], u, v["segment_frames"])})
+        if failures:
+            storage.write_table(pa.Table.from_pylist(failures, schema=PROGRESS_SCHEMA),
+                                storage.join(layout.progress, storage.new_part_name("units")))
+    return units
+
+
+def _skip_for_unit(present: list[int], unit: int, segment_frames: int) -> list[int]:
+    return [i for i in present if unit_of(i, segment_frames) == unit]
+
+
+def _pack_tasks(units: list[dict[str, Any]], images_per_task: int) -> list[str]:
+    """One task per video segment; images packed ``images_per_task`` to a task."""
+    tasks = [[u] for u in units if u["kind"] == "video"]
+    images = [u for u in units if u["kind"] == "image"]
+    tasks += [images[i : i + images_per_task] for i in range(0, len(images), images_per_task)]
+    return [json.dumps({"units": t}) for t in tasks]
+
+
+def _run_pipeline(tasks: list[str], config: Config, layout: _Layout, dim: int) -> int:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from deldist.runtime import cluster_gpus
+
+    use_gpu = config.device == "cuda" or (config.device == "auto" and cluster_gpus() > 0)
+    encoder_resources = {"num_gpus": 1} if use_gpu else {"num_cpus": config.encoder_cpus}
+    ds = (
+        ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
+        .map_batches(decode_task, fn_kwargs={"config": config, "progress_dir": layout.progress},
+                     batch_size=1, num_cpus=config.decode_cpus,
+                     # its own resource request also keeps Ray Data from fusing decoding into
+                     # the encoder actors: decoding must fan out over CPU tasks
+                     memory=config.decode_memory_mb * 2**20)
+        .map_batches(Encoder, fn_constructor_args=(config,), batch_size=config.batch_size,
+                     compute=ActorPoolStrategy(min_size=config.actors_min, max_size=config.actors_max),
+                     **encoder_resources)
+        .map_batches(_write_part, fn_kwargs={"data_dir": layout.data, "dim": dim},
+                     batch_size=config.rows_per_part, num_cpus=0.1)
+    )
+    return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
+
+
+def _drop_duplicate_rows(layout: _Layout) -> int:
+    """Rewrite the parts that hold an id a second time (a retried task); returns rows dropped."""
+    fs, _ = storage.resolve(layout.data)
+    paths = [p for p in storage.list_files(layout.data) if p.endswith(".parquet")]
+    seen: set[str] = set()
+    dropped = 0
+    for path in paths:
+        ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
+        dup = [i in seen for i in ids]
+        seen.update(ids)
+        if any(dup):
+            table = pq.read_table(path, filesystem=fs).filter(pa.array([not d for d in dup]))
+            storage.write_table(table, storage.to_uri(layout.data, path))
+            dropped += sum(dup)
+    return dropped
+
+
+def _publish(layout: _Layout, config: Config, fingerprint: dict[str, Any], sources: list[Source],
+             skipped: list[str], progress: dict[str, dict[str, Any]], decoded: int, kept: int) -> dict[str, Any]:
+    by_key = {s.key: s for s in sources}
+    errors = [{"source": s, "stage": "list", "error_type": "UnsupportedType",
+               "message": "not a video or image extension"} for s in skipped]
+    for key, p in progress.items():
+        uri = by_key[key].uri if key in by_key else key
+        seen_messages = set()
+        for r in p["errors"]:
+            if (r["error_type"], r["message"]) not in seen_messages:  # reruns repeat records
+                seen_messages.add((r["error_type"], r["message"]))
+                errors.append({"source": uri, "stage": r["stage"], "error_type": r["error_type"],
+                               "message": r["message"]})
+    old_errors = storage.list_files(layout.errors)
+    error_file = storage.join(layout.errors, storage.new_part_name("errors"))
+    storage.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), error_file)
+    storage.publish(layout.errors, [storage.resolve(error_file)[1]], {"rows": len(errors)})
+    fs, _ = storage.resolve(layout.errors)
+    for path in old_errors:
+        if path.endswith(".parquet"):
+            fs.delete_file(path)
+
+    parts = [p for p in storage.list_files(layout.data) if p.endswith(".parquet")]
+    fs, _ = storage.resolve(layout.data)
+    rows = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in parts)
+    meta = {
+        **fingerprint,
+        "preprocessing": {"resize_short_side": config.image_size, "center_crop": config.image_size,
+                          "interpolation": "bilinear", "mean": list(config.mean), "std": list(config.std)},
+        "sampling": {"fps": config.fps, "stride": config.stride, "keyframes_only": config.keyframes_only},
+        "weights": config.weights,
+        "rows": rows,
+        "sources": len(sources),
+        "errors": len(errors),
+        "frames_decoded_per_frame_kept": round(decoded / kept, 3) if kept else None,
+        "deldist_version": deldist.__version__,
+        "schema": storage.schema_hex(embeddings_schema(fingerprint["dim"])),
+    }
+    storage.publish(layout.root, parts, meta)
+    return meta
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Embed every source under ``config.input`` not embedded yet; publish ``embeddings/``."""
+    from deldist.runtime import init_ray
+
+    started = time.time()
+    init_ray()
+    layout = _Layout(config.output)
+    weights_sha, dim = _weights_and_dim(config)
+    fingerprint = _fingerprint(config, weights_sha, dim)
+    _check_or_record_run(layout, fingerprint)
+
+    sources, skipped = list_sources(config.input, config.manifest)
+    records, present, _ = _load_state(layout)
+    progress = source_progress(records, present)
+    pending = [s for s in sources if not progress.get(s.key, {}).get("done", False)]
+    if config.max_sources is not None:
+        pending = pending[: config.max_sources]
+    written = 0
+    if pending:
+        done_units = {k: p["units_done"] for k, p in progress.items()}
+        units = _plan_units(pending, done_units, present, config, layout)
+        tasks = _pack_tasks(units, config.images_per_task)
+        if tasks:
+            written = _run_pipeline(tasks, config, layout, dim)
+
+    duplicates = _drop_duplicate_rows(layout) if written else 0
+    records, present, _ = _load_state(layout)
+    progress = source_progress(records, present)
+    remaining = [s.key for s in sources if not progress.get(s.key, {}).get("done", False)]
+    decoded = sum(r["decoded"] for r in records)
+    kept = sum(len(v) for v in present.values())
+    summary: dict[str, Any] = {
+        "sources": len(sources), "pending_sources": len(remaining), "frames_written_this_run": written,
+        "duplicates_dropped": duplicates, "seconds": round(time.time() - started, 1),
+        "output": layout.root,
+    }
+    if remaining:
+        summary["published"] = False
+        print(f"deldist embed: {len(remaining)} of {len(sources)} sources still pending "
+              f"(max_sources={config.max_sources}); rerun to continue. Parts under {layout.data}")
+        return summary
+    meta = _publish(layout, config, fingerprint, sources, skipped, progress, decoded, kept)
+    fps = written / max(summary["seconds"], 1e-9)
+    summary.update(published=True, frames=meta["rows"], errors=meta["errors"], frames_per_s=round(fps, 1),
+                   frames_decoded_per_frame_kept=meta["frames_decoded_per_frame_kept"],
+                   random_init=config.random_init)
+    print(f"deldist embed: {len(sources)} sources, {meta['rows']} frames ({written} new), "
+          f"{meta['errors']} errors, {fps:.1f} frames/s, decoded/kept {meta['frames_decoded_per_frame_kept']}"
+          f" -> {layout.root}")
+    return summary

@@ -1,0 +1,62 @@
+"""Arrow schemas of the tables in DESIGN.md's data contracts (one place for all of them)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Cheap per-frame statistics computed at decode time (deldist.frames.quality_stats).
+QUALITY_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "blur", "saturated", "dark")
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """``embeddings/``: one row per sampled frame."""
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("frame_index", pa.int64()),
+            ("timestamp_s", pa.float64()),
+            ("dataset", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            *[(name, pa.float32()) for name in QUALITY_COLUMNS],
+        ]
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+ASSIGNMENTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("cluster", pa.int32()),
+        ("distance", pa.float32()),  # cosine distance to the centroid, 1 - cos
+    ]
+)
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("cluster", pa.int32()),
+        ("rank", pa.int64()),
+        ("max_sim", pa.float32()),
+        ("duplicate_of", pa.string()),
+    ]
+)
+
+RETAINED_SCHEMA = pa.schema([("id", pa.string())])
+
+REMOVED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("max_sim", pa.float32()),
+    ]
+)

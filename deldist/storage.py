@@ -1,0 +1,195 @@
+"""Object-storage access and atomic table publishing.
+
+Every stage reads and writes through these functions, so a run root can be a plain path,
+``file://``, ``s3://`` (endpoint and credentials from the standard AWS chain, including
+``AWS_ENDPOINT_URL``) or ``gs://``.
+
+Publishing contract (DESIGN.md): a stage writes its Parquet parts first, then a
+``_manifest.json`` listing them, then ``_SUCCESS``. Readers only trust published directories
+and only read the files the manifest lists, so they never see half a stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import posixpath
+import uuid
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+
+
+class NotPublishedError(FileNotFoundError):
+    """A stage directory was read before the stage that writes it finished."""
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {"region": region}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Map a URI to ``(pyarrow filesystem, path inside it)``.
+
+    s3:// uses ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` when set (MinIO, moto, other
+    S3-protocol stores) and ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials come from the
+    AWS SDK's default chain.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3_filesystem(endpoint, region), (parsed.netloc + parsed.path).rstrip("/")
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path components onto a URI with '/' (works for local paths and URLs)."""
+    if "://" in uri:
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def relative_key(uri: str, root: str) -> str:
+    """Key of ``uri`` relative to ``root`` with '/' separators (the stable part of an id)."""
+    _, path = resolve(uri)
+    _, root_path = resolve(root)
+    rel = posixpath.relpath(path.replace(os.sep, "/"), root_path.replace(os.sep, "/"))
+    if rel.startswith(".."):
+        return posixpath.basename(path)
+    return rel
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object. Local writes go through a temporary name and a rename, so a
+    reader sees either the old object or the new one; S3 puts are atomic already."""
+    fs, path = resolve(uri)
+    parent = posixpath.dirname(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def list_files(uri: str, recursive: bool = True) -> list[str]:
+    """Paths (inside the filesystem, sorted) of the files under a prefix; [] when absent."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def to_uri(uri_like_root: str, path: str) -> str:
+    """Re-attach the scheme of ``uri_like_root`` to a filesystem path returned by ``list_files``."""
+    scheme = urlparse(uri_like_root).scheme
+    if scheme in ("", "file"):
+        return path
+    return f"{scheme}://{path}"
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Write one Parquet file (zstd) atomically."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def new_part_name(prefix: str = "part") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}.parquet"
+
+
+def publish(dir_uri: str, files: Iterable[str], meta: dict[str, Any]) -> None:
+    """Publish a stage directory: the manifest (files relative to ``dir_uri`` + ``meta``),
+    then ``_SUCCESS``. Call only after every listed file is fully written."""
+    _, root = resolve(dir_uri)
+    rel = sorted(posixpath.relpath(f.replace(os.sep, "/"), root.replace(os.sep, "/")) for f in files)
+    write_json(join(dir_uri, MANIFEST), {**meta, "files": rel})
+    write_bytes(join(dir_uri, SUCCESS), b"")
+
+
+def is_published(dir_uri: str) -> bool:
+    return exists(join(dir_uri, SUCCESS))
+
+
+def read_manifest(dir_uri: str) -> dict[str, Any]:
+    if not is_published(dir_uri):
+        raise NotPublishedError(
+            f"{dir_uri} is not a published stage output (no {SUCCESS}); run the stage that writes it first"
+        )
+    return read_json(join(dir_uri, MANIFEST))
+
+
+def published_paths(dir_uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """``(filesystem, paths)`` of the Parquet files a published stage directory lists;
+    pass both to ``ray.data.read_parquet(paths, filesystem=fs)``."""
+    manifest = read_manifest(dir_uri)
+    fs, root = resolve(dir_uri)
+    return fs, [posixpath.join(root, f) for f in manifest["files"]]
+
+
+def read_published(dir_uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole published table into memory (for small tables and tests)."""
+    fs, paths = published_paths(dir_uri)
+    manifest = read_manifest(dir_uri)
+    if not paths:
+        schema = manifest.get("schema")
+        if schema is not None:
+            empty = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(schema)))
+            return empty.empty_table().select(columns) if columns else empty.empty_table()
+        return pa.table({})
+    return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns)
+
+
+def schema_hex(schema: pa.Schema) -> str:
+    """Serialise a schema for the manifest, so an empty published table still has columns."""
+    return schema.serialize().to_pybytes().hex()
