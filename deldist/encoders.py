@@ -41,12 +41,18 @@ class LoadReport:
                 "dropped_keys": len(self.dropped_keys), "resized_keys": self.resized}
 
 
-def build_encoder(model_name: str, image_size: int = 224) -> torch.nn.Module:
-    """A timm ViT without head or pooling: ``forward_features`` gives (B, prefix + N, D)."""
+def build_encoder(model_name: str, image_size: int = 224, seed: int = 0) -> torch.nn.Module:
+    """A timm ViT without head or pooling: ``forward_features`` gives (B, prefix + N, D).
+
+    Initialised from ``seed``, so a random-init encoder (tests) is the same model in every
+    actor and every run; loaded weights replace the init anyway.
+    """
     import timm
 
-    return timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="",
-                             img_size=image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="",
+                                 img_size=image_size)
 
 
 def pool_tokens(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:

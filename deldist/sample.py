@@ -41,19 +41,12 @@ INVALID_KINDS: tuple[str, ...] = ("black", "overexposed", "blur", "colorbars")
 KVASIR_LABELS: tuple[str, ...] = ("polyp", "normal", "inflamed")
 NOISE_STD = 0.006  # sensor noise, in [0, 1] intensity units
 
+# ground_truth.parquet: one row per frame; source_key is the path relative to out/videos
 GROUND_TRUTH_SCHEMA = pa.schema(
-    [
-        ("source_key", pa.string()),  # path relative to out/videos, e.g. center_a/vid_000.mp4
-        ("dataset", pa.string()),
-        ("frame_index", pa.int64()),
-        ("timestamp_s", pa.float64()),
-        ("scene_id", pa.string()),
-        ("segment_id", pa.string()),
-        ("static", pa.bool_()),
-        ("invalid", pa.bool_()),
-        ("invalid_kind", pa.string()),
-        ("polyp", pa.bool_()),
-    ]
+    [(name, pa.string()) for name in ("source_key", "dataset")]
+    + [("frame_index", pa.int64()), ("timestamp_s", pa.float64())]
+    + [(name, pa.string()) for name in ("scene_id", "segment_id")]
+    + [("static", pa.bool_()), ("invalid", pa.bool_()), ("invalid_kind", pa.string()), ("polyp", pa.bool_())]
 )
 
 
@@ -139,14 +132,22 @@ def _rand(rng: np.random.Generator, lo_hi: tuple[int, int]) -> int:
     return int(rng.integers(lo_hi[0], lo_hi[1] + 1))
 
 
+def _tone(rng: np.random.Generator) -> tuple[float, float, float]:
+    """Base RGB of a mucosa: pink / red / orange (red high; green kept below ~0.6 red so the
+    orange variant never drifts to olive)."""
+    r = rng.uniform(0.78, 0.95)
+    return (round(r, 4), round(r * rng.uniform(0.36, 0.56), 4), round(rng.uniform(0.25, 0.45), 4))
+
+
 def _scene_segments(rng: np.random.Generator, spec: SizeSpec, n: int) -> list[Segment]:
     """Alternate motion / static segments filling ``n`` frames (tail merged if too short)."""
     segs: list[Segment] = []
     kind = "static" if rng.random() < 0.5 else "motion"
     left = n
     while left > 0:
-        m = min(left, _rand(rng, spec.static_len if kind == "static" else spec.motion_len))
-        if m < 4 and segs:  # a 1-3 frame tail is not a segment of its own
+        lo_hi = spec.static_len if kind == "static" else spec.motion_len
+        m = min(left, _rand(rng, lo_hi))
+        if m < lo_hi[0] and segs:  # a short tail joins the previous segment: static runs stay long
             segs[-1] = Segment(segs[-1].kind, segs[-1].n + m)
         else:
             segs.append(Segment(kind, m))
@@ -179,18 +180,17 @@ def plan_dataset(size: str = "tiny", seed: int = 0) -> list[VideoPlan]:
             segs = seg_lists[int(rng.integers(n_scenes))]
             segs.insert(int(rng.integers(1, len(segs) + 1)),
                         Segment("invalid", _rand(rng, spec.invalid_len), kinds.pop(0)))
-        has_polyp = rng.random(n_scenes) < 0.5
+        has_polyp = rng.random(n_scenes) < 0.35
         has_polyp[rng.integers(n_scenes)] = True
         scenes = []
         for s in range(n_scenes):
-            # pink / red / orange mucosa: red high, green and blue lower, per-scene jitter
-            tone = (rng.uniform(0.78, 0.95), rng.uniform(0.30, 0.55), rng.uniform(0.25, 0.45))
+            tone = _tone(rng)
             polyp = None
             if has_polyp[s]:
                 r = rng.uniform(22, 45)
                 polyp = Polyp(c / 2 + rng.uniform(-40, 40), c / 2 + rng.uniform(-40, 40),
                               r * rng.uniform(0.9, 1.3), r * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi))
-            scenes.append(ScenePlan(int(rng.integers(2**62)), tuple(round(t, 4) for t in tone),
+            scenes.append(ScenePlan(int(rng.integers(2**62)), tone,
                                     polyp, tuple(seg_lists[s])))
         center = spec.centers[v % len(spec.centers)]
         plans.append(VideoPlan(center, f"vid_{v:03d}", int(rng.integers(2**62)), tuple(scenes)))
@@ -241,7 +241,7 @@ def mucosa_canvas(rng: np.random.Generator, n: int, tone: tuple[float, float, fl
     v2, region = _noise_bands(rng, n, (16 * k, 90 * k))
     sp1, sp2 = _noise_bands(rng, n, (2.0 * k, 6 * k))
     base = np.asarray(tone, np.float32)
-    alt = np.clip(base * np.array([1.05, 1.25, 0.85], np.float32), 0, 1)  # more orange
+    alt = np.clip(base * np.array([1.04, 1.15, 0.8], np.float32), 0, 1)  # more orange
     tex = 0.6 * b0 + 0.3 * b1 + 0.22 * b2
     mix = _smooth(mix_f, -1.0, 1.0)[..., None]
     rgb = (base * (1 - mix) + alt * mix) * (0.82 + 0.1 * tex)[..., None]
@@ -355,14 +355,14 @@ def color_bars(width: int, height: int) -> np.ndarray:
     return img
 
 
-def make_invalid(kind: str, rgb: np.ndarray, run_seed: int) -> np.ndarray:
+def make_invalid(kind: str, rgb: np.ndarray, variant: int = 0) -> np.ndarray:
     """Turn a rendered (H, W, 3) scene frame into an invalid frame of ``kind``."""
     if kind == "black":  # lens covered / light off: a faint trace of the scene
         return rgb * 0.04
     if kind == "overexposed":  # lens against the wall: saturated, slightly tinted white
         return np.clip(1.08 - (1 - rgb) * 0.15, 0, 1)
     if kind == "blur":  # fast camera motion: long box blur in a run-dependent direction
-        long_axis = run_seed % 2
+        long_axis = variant % 2
         return _box(_box(rgb, 41, long_axis), 13, 1 - long_axis)
     if kind == "colorbars":  # out of body / test pattern
         return color_bars(rgb.shape[1], rgb.shape[0])
@@ -430,7 +430,10 @@ def encode_video(path: Path, frames: Iterable[np.ndarray], width: int, height: i
         stream.codec_context.thread_count = 1
         stream.codec_context.gop_size = 2 * fps
         if codec == "libx264":
-            stream.codec_context.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+            # bframes=0: with B-frames this x264 build's output varies run to run even
+            # single-threaded (checked: identical input, different packets); without, it is stable
+            stream.codec_context.options = {"crf": "18", "preset": "veryfast", "threads": "1",
+                                            "x264-params": "bframes=0"}
         else:
             stream.codec_context.bit_rate = 4_000_000
         for frame in frames:
@@ -459,7 +462,7 @@ def write_kvasir(root: Path, rng: np.random.Generator, n: int, px: int) -> list[
     rows = []
     for i, label in enumerate(labels):
         img_rng = np.random.default_rng([int(rng.integers(2**62)), 2])
-        tone = (img_rng.uniform(0.78, 0.95), img_rng.uniform(0.30, 0.55), img_rng.uniform(0.25, 0.45))
+        tone = _tone(img_rng)
         polyp = None
         if label == "polyp":
             r = img_rng.uniform(0.1, 0.25) * px

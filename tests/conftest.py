@@ -7,6 +7,7 @@ Only one Ray instance per test session: two on one host break Ray Train.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -24,6 +25,7 @@ def s3_endpoint() -> str:
     """A moto S3 server on 127.0.0.1; returns its endpoint URL and exports the AWS env."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
@@ -65,3 +67,13 @@ def ray_session(s3_endpoint: str):
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sample(tmp_path_factory):
+    """The generator's tiny data set (videos, masks, Kvasir-style images, ground truth)."""
+    from deldist.sample import generate
+
+    out = tmp_path_factory.mktemp("sample")
+    generate(str(out), size="tiny", seed=0)
+    return out

@@ -1,0 +1,601 @@
+"""Spherical k-means over the published ``embeddings/`` table, distributed on Ray.
+
+Flow of :func:`run`:
+
+1. **Plan** the embeddings Parquet into shards (groups of row groups, ~``shard_rows`` rows).
+2. **Load the fit sample once**: one task per shard reads its rows, validates them (finite,
+   non-zero, dimension D), keeps a seeded ``fit_fraction`` of them and leaves the float32
+   matrix in the object store. Nothing is re-read from Parquet during the fit.
+3. **Initialise** with k-means++ on a small sample gathered in the driver (or ``random``).
+4. **Lloyd iterations**: per iteration one task per shard group searches the broadcast
+   centroids with a faiss ``IndexFlatIP`` (GPU index when the task has a GPU) and returns
+   per-centroid sums (k x D), counts (k,), the objective and its worst-fitting points; the
+   driver reduces them, re-seeds empty clusters with the farthest points and renormalises.
+   Only centroids travel to the tasks; only k x D sums travel back. Stops when the relative
+   objective change drops below ``tol`` or after ``max_iter`` updates.
+5. **Assign** every row (one streaming pass over all shards) and write ``assignments`` parts.
+
+Output (DESIGN.md ``clusters/``)::
+
+    R/clusters/centroids.parquet     cluster int32, centroid fixed_size_list<float32>[D] (unit
+                                     norm), size int64 (members in the full assignment)
+    R/clusters/assignments/part-*    id, cluster int32, distance float32 (1 - cosine)
+    R/clusters/_manifest.json        k, dim, objective, iterations ... ; _SUCCESS last
+
+The objective is the total cosine distance ``sum_i (1 - <x_i, c(x_i)>)``; lower is better.
+
+Bad input: NaN / inf / zero-norm embeddings and an embedding width that differs from the
+manifest's ``dim`` raise :class:`EmbeddingError` naming the offending ids; an empty table
+raises :class:`EmptyInputError`; ``k`` larger than the number of fit rows raises
+``ValueError`` (lower ``k`` or raise ``fit_fraction``). Embeddings are re-normalised to unit
+norm before use (the contract says they already are; this absorbs float drift).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from deldist import storage
+from deldist.config import StageConfig
+from deldist.schema import ASSIGNMENTS_SCHEMA
+
+# ----------------------------------------------------------------------------- errors
+
+
+class EmbeddingError(ValueError):
+    """Embeddings that cannot be clustered: NaN/inf, zero vectors, wrong dimension."""
+
+
+class EmptyInputError(ValueError):
+    """The published input table has no rows."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+class Config(StageConfig):
+    """``deldist cluster`` settings."""
+
+    output: str = Field(description="run root URI; reads output/embeddings, writes output/clusters")
+    embeddings: str | None = Field(None, description="embeddings dir (default: <output>/embeddings)")
+    clusters: str | None = Field(None, description="output dir (default: <output>/clusters)")
+    k: int = Field(1000, ge=1, description="number of clusters")
+    max_iter: int = Field(20, ge=0, description="maximum Lloyd updates")
+    tol: float = Field(1e-4, ge=0, description="stop when |obj_prev - obj| / obj_prev < tol")
+    fit_fraction: float = Field(1.0, gt=0, le=1, description="fraction of rows the fit sees")
+    init: Literal["k-means++", "random"] = "k-means++"
+    init_sample_size: int | None = Field(
+        None, ge=1, description="rows k-means++ runs on (default max(8k, 10000), capped at fit rows)")
+    seed: int = 0
+    shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
+    num_tasks: int | None = Field(None, ge=1, description="tasks per iteration (default: cluster CPUs / task_cpus)")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs per fit / assign task (threads = max(1, round))")
+    io_cpus: float = Field(0.5, gt=0, description="CPUs per load task")
+    use_gpu: bool | None = Field(None, description="faiss GPU index in tasks (default: when the cluster has GPUs)")
+
+
+# ----------------------------------------------------------------------------- math (pure)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> np.ndarray:
+    """Arrow ``embedding`` column (fixed_size_list or list of float) -> float32 (n, D).
+
+    Raises :class:`EmbeddingError` on nulls or when the width differs from ``dim``.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    n = len(column)
+    if column.null_count:
+        raise EmbeddingError(f"{column.null_count} of {n} embeddings are null")
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        width = int(lengths[0]) if n else (dim or 0)
+        if n and (lengths != width).any():
+            raise EmbeddingError(f"embeddings have mixed widths {sorted(set(lengths.tolist()))[:5]}")
+    else:
+        raise EmbeddingError(f"embedding column has type {column.type}, expected a list of float32")
+    if dim is not None and width != dim:
+        raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
+    values = pc.list_flatten(column)
+    flat = values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(n, width), dtype=np.float32)
+
+
+def normalize_checked(x: np.ndarray, ids: Sequence[str] | pa.Array | None = None) -> np.ndarray:
+    """Validate embeddings (n, D) and return them L2-normalised as a new float32 array.
+
+    Raises :class:`EmbeddingError` naming up to five offending ids when a row holds NaN/inf
+    or has (near-)zero norm: such a row has no direction, so no cosine to anything.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise EmbeddingError(f"embeddings must be 2-D (n, D), got shape {x.shape}")
+    finite = np.isfinite(x).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
+    bad_nan = np.flatnonzero(~finite)
+    bad_zero = np.flatnonzero(finite & (norms < 1e-12))
+
+    def _names(rows: np.ndarray) -> list[str]:
+        if ids is None:
+            return [f"row {int(r)}" for r in rows[:5]]
+        return [str(ids[int(r)]) for r in rows[:5]]
+
+    if len(bad_nan):
+        raise EmbeddingError(f"{len(bad_nan)} embeddings contain NaN or inf, e.g. {_names(bad_nan)}")
+    if len(bad_zero):
+        raise EmbeddingError(f"{len(bad_zero)} embeddings are zero vectors, e.g. {_names(bad_zero)}")
+    return (x / norms[:, None]).astype(np.float32, copy=False)
+
+
+def normalize_rows(c: np.ndarray) -> np.ndarray:
+    """Rows of ``c`` (k, D) scaled to unit norm; zero rows stay zero."""
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    return (c / np.maximum(norms, 1e-30)).astype(np.float32)
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding on unit rows ``x`` (m, D) with cosine distance -> centroids (k, D).
+
+    For unit vectors ``||a - b||^2 = 2 (1 - cos)``, so sampling proportional to the cosine
+    distance to the nearest chosen centre is exactly the D^2 weighting of k-means++.
+    Cost: k mat-vecs of (m, D). Duplicated rows are never chosen twice while a row at
+    positive distance remains; when none remains, the rest are drawn uniformly.
+    """
+    m = len(x)
+    if k > m:
+        raise ValueError(f"k-means++ needs at least k={k} rows, got {m}")
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(m)
+    closest = np.maximum(1.0 - x @ x[chosen[0]], 0.0).astype(np.float64)
+    closest[chosen[0]] = 0.0
+    taken = np.zeros(m, dtype=bool)
+    taken[chosen[0]] = True
+    for i in range(1, k):
+        total = closest.sum()
+        if total > 0:
+            cumulative = np.cumsum(closest)
+            pick = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
+            pick = min(pick, m - 1)
+            while closest[pick] <= 0:  # float edge: land on a zero-weight row
+                pick = int(np.flatnonzero(closest > 0)[0])
+        else:
+            pick = int(rng.choice(np.flatnonzero(~taken)))
+        chosen[i] = pick
+        taken[pick] = True
+        closest = np.minimum(closest, np.maximum(1.0 - x @ x[pick], 0.0))
+        closest[pick] = 0.0
+    return x[chosen].astype(np.float32, copy=True)
+
+
+def random_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct rows of ``x`` (m, D) chosen uniformly (faiss' default seeding) -> (k, D)."""
+    if k > len(x):
+        raise ValueError(f"random init needs at least k={k} rows, got {len(x)}")
+    return x[rng.choice(len(x), size=k, replace=False)].astype(np.float32, copy=True)
+
+
+def _use_threads(threads: int) -> None:
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product.
+
+    x: (n, D) float32 unit rows; centroids: (k, D) float32.
+    Returns (labels int64 (n,), similarity float32 (n,)).
+    """
+    import faiss
+
+    if x.ndim != 2 or centroids.ndim != 2 or x.shape[1] != centroids.shape[1]:
+        raise EmbeddingError(
+            f"dimension mismatch: embeddings {tuple(x.shape)} vs centroids {tuple(centroids.shape)}")
+    if len(x) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if use_gpu and faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU in CI
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sims, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return labels[:, 0].astype(np.int64), sims[:, 0].astype(np.float32)
+
+
+@dataclass
+class PartialStats:
+    """What one shard group contributes to a Lloyd update.
+
+    sums: (k, D) float64 sum of member vectors; counts: (k,) int64; objective: sum of
+    (1 - cos) to the nearest centroid; far_points: (m, D) float32 worst-fitting rows and
+    far_distance: (m,) their cosine distances (candidates to re-seed empty clusters).
+    """
+
+    sums: np.ndarray
+    counts: np.ndarray
+    objective: float
+    far_points: np.ndarray
+    far_distance: np.ndarray
+
+
+def partial_stats(matrices: Sequence[np.ndarray], centroids: np.ndarray, n_far: int,
+                  use_gpu: bool = False) -> PartialStats:
+    """Assign every row of ``matrices`` (each (n_i, D) unit float32) to ``centroids`` (k, D)
+    and accumulate the Lloyd statistics (see :class:`PartialStats`)."""
+    import torch
+
+    k, dim = centroids.shape
+    sums = torch.zeros((k, dim), dtype=torch.float32)
+    counts = np.zeros(k, dtype=np.int64)
+    objective = 0.0
+    far_points: list[np.ndarray] = []
+    far_distance: list[np.ndarray] = []
+    for x in matrices:
+        if len(x) == 0:
+            continue
+        labels, sims = nearest_centroid(x, centroids, use_gpu)
+        sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(np.asarray(x)))
+        counts += np.bincount(labels, minlength=k)
+        distance = 1.0 - sims.astype(np.float64)
+        objective += float(distance.sum())
+        if n_far > 0:
+            top = np.argpartition(-distance, min(n_far, len(x)) - 1)[:n_far]
+            far_points.append(np.asarray(x)[top])
+            far_distance.append(distance[top])
+    return PartialStats(
+        sums=sums.numpy().astype(np.float64),
+        counts=counts,
+        objective=objective,
+        far_points=np.concatenate(far_points) if far_points else np.empty((0, dim), np.float32),
+        far_distance=np.concatenate(far_distance) if far_distance else np.empty(0),
+    )
+
+
+def reduce_stats(parts: Sequence[PartialStats]) -> PartialStats:
+    """Sum the partial statistics of all shard groups."""
+    return PartialStats(
+        sums=np.sum([p.sums for p in parts], axis=0),
+        counts=np.sum([p.counts for p in parts], axis=0),
+        objective=float(sum(p.objective for p in parts)),
+        far_points=np.concatenate([p.far_points for p in parts]),
+        far_distance=np.concatenate([p.far_distance for p in parts]),
+    )
+
+
+def update_centroids(stats: PartialStats, previous: np.ndarray) -> tuple[np.ndarray, int]:
+    """Spherical Lloyd update -> (centroids (k, D) unit float32, number of re-seeded clusters).
+
+    A cluster with members moves to the normalised mean of its members. An empty cluster is
+    re-seeded with the worst-fitting point not used yet (farthest from its centroid); if there
+    are more empty clusters than candidates, it keeps its previous centroid.
+    """
+    centroids = previous.astype(np.float32, copy=True)
+    filled = stats.counts > 0
+    centroids[filled] = normalize_rows(stats.sums[filled])
+    # A member sum can cancel to ~0 (antipodal members): treat it as empty.
+    degenerate = filled & (np.linalg.norm(stats.sums, axis=1) < 1e-12)
+    empty = np.flatnonzero(~filled | degenerate)
+    if len(empty):
+        order = np.argsort(-stats.far_distance, kind="stable")
+        candidates = stats.far_points[order]
+        n = min(len(empty), len(candidates))
+        centroids[empty[:n]] = normalize_rows(candidates[:n])
+    return centroids, int(len(empty))
+
+
+def kmeans_local(x: np.ndarray, k: int, max_iter: int = 20, tol: float = 1e-4, seed: int = 0,
+                 init: str = "k-means++", init_sample_size: int | None = None,
+                 n_shards: int = 1) -> tuple[np.ndarray, list[float]]:
+    """Single-process spherical k-means with exactly the distributed code path's math.
+
+    x: (n, D) unit float32. Returns (centroids (k, D), objective per iteration).
+    """
+    rng = np.random.default_rng(seed)
+    sample = _init_sample(x, k, init_sample_size, rng)
+    centroids = kmeans_plus_plus(sample, k, rng) if init == "k-means++" else random_init(sample, k, rng)
+    shards = np.array_split(x, n_shards)
+    history: list[float] = []
+    for _ in range(max_iter):
+        stats = reduce_stats([partial_stats([s], centroids, n_far=k) for s in shards])
+        centroids, _ = update_centroids(stats, centroids)
+        history.append(stats.objective)
+        if _converged(history, tol):
+            break
+    return centroids, history
+
+
+def objective(x: np.ndarray, centroids: np.ndarray) -> float:
+    """Total cosine distance of rows ``x`` (n, D) to their nearest centroid (k, D)."""
+    _, sims = nearest_centroid(x, centroids)
+    return float((1.0 - sims.astype(np.float64)).sum())
+
+
+def default_init_sample_size(k: int, n_fit: int) -> int:
+    return min(n_fit, max(8 * k, 10_000))
+
+
+def _init_sample(x: np.ndarray, k: int, size: int | None, rng: np.random.Generator) -> np.ndarray:
+    size = size or default_init_sample_size(k, len(x))
+    size = max(min(size, len(x)), min(k, len(x)))
+    if size >= len(x):
+        return x
+    return x[np.sort(rng.choice(len(x), size=size, replace=False))]
+
+
+def _converged(history: list[float], tol: float) -> bool:
+    if len(history) < 2:
+        return False
+    prev, cur = history[-2], history[-1]
+    return abs(prev - cur) <= tol * max(abs(prev), 1e-30)
+
+
+# ----------------------------------------------------------------------------- shards (I/O)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A read unit: row groups of one or more Parquet files (paths inside the run root's fs)."""
+
+    pieces: tuple[tuple[str, tuple[int, ...]], ...]
+    num_rows: int
+
+
+def _file_row_groups(fs: Any, path: str) -> list[int]:
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def plan_shards(dir_uri: str, shard_rows: int) -> list[Shard]:
+    """Split a published table into shards of about ``shard_rows`` rows (whole row groups;
+    consecutive small files are packed together). Reads only the Parquet footers."""
+    fs, paths = storage.published_paths(dir_uri)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        row_groups = list(pool.map(lambda p: _file_row_groups(fs, p), paths))
+    shards: list[Shard] = []
+    pieces: list[tuple[str, tuple[int, ...]]] = []
+    rows = 0
+    for path, groups in zip(paths, row_groups):
+        current: list[int] = []
+        for i, n in enumerate(groups):
+            if n == 0:
+                continue
+            if rows and rows + n > shard_rows:
+                if current:
+                    pieces.append((path, tuple(current)))
+                    current = []
+                shards.append(Shard(tuple(pieces), rows))
+                pieces, rows = [], 0
+            current.append(i)
+            rows += n
+        if current:
+            pieces.append((path, tuple(current)))
+    if rows:
+        shards.append(Shard(tuple(pieces), rows))
+    return shards
+
+
+def read_shard(dir_uri: str, shard: Shard, columns: list[str]) -> pa.Table:
+    """The rows of one shard (only ``columns``)."""
+    fs, _ = storage.resolve(dir_uri)
+    tables = []
+    for path, groups in shard.pieces:
+        with fs.open_input_file(path) as f:
+            tables.append(pq.ParquetFile(f).read_row_groups(list(groups), columns=columns))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def proportional_counts(sizes: Sequence[int], total: int) -> list[int]:
+    """Split ``total`` over ``sizes`` proportionally (largest remainder), each <= its size."""
+    n = sum(sizes)
+    if n == 0:
+        return [0] * len(sizes)
+    exact = [total * s / n for s in sizes]
+    counts = [min(int(e), s) for e, s in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: counts[i] - exact[i])
+    short = total - sum(counts)
+    for i in order:
+        if short <= 0:
+            break
+        if counts[i] < sizes[i]:
+            counts[i] += 1
+            short -= 1
+    return counts
+
+
+def balanced_groups(sizes: Sequence[int], n_groups: int) -> list[list[int]]:
+    """Indices of ``sizes`` split into ``n_groups`` groups of similar total (LPT greedy)."""
+    n_groups = max(1, min(n_groups, len(sizes)))
+    totals = [0] * n_groups
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    for i in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        g = min(range(n_groups), key=totals.__getitem__)
+        groups[g].append(i)
+        totals[g] += sizes[i]
+    return [sorted(g) for g in groups if g]
+
+
+def centroids_schema(dim: int) -> pa.Schema:
+    return pa.schema([("cluster", pa.int32()), ("centroid", pa.list_(pa.float32(), dim)),
+                      ("size", pa.int64())])
+
+
+def centroids_table(centroids: np.ndarray, sizes: np.ndarray) -> pa.Table:
+    k, dim = centroids.shape
+    flat = pa.array(np.ascontiguousarray(centroids, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.table({
+        "cluster": pa.array(np.arange(k, dtype=np.int32)),
+        "centroid": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "size": pa.array(np.asarray(sizes, dtype=np.int64)),
+    }, schema=centroids_schema(dim))
+
+
+def read_centroids(clusters_uri: str) -> np.ndarray:
+    """Centroids (k, D) float32 of a published ``clusters/`` directory, ordered by cluster."""
+    table = storage.read_published(clusters_uri, columns=["cluster", "centroid"]).sort_by("cluster")
+    return embedding_matrix(table.column("centroid"))
+
+
+# ----------------------------------------------------------------------------- Ray wiring
+
+
+def _threads(cpus: float) -> int:
+    return max(1, int(round(cpus)))
+
+
+def _load_fit_shard(emb_dir: str, shard: Shard, dim: int, fraction: float, seed: int,
+                    shard_index: int) -> tuple[np.ndarray, int]:
+    """Task body: read, validate, normalise and subsample one shard -> ((m, D) float32, m)."""
+    table = read_shard(emb_dir, shard, ["id", "embedding"])
+    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), table.column("id"))
+    if fraction < 1.0:
+        keep = np.random.default_rng([seed, shard_index]).random(len(x)) < fraction
+        x = np.ascontiguousarray(x[keep])
+    return x, len(x)
+
+
+def _sample_rows(x: np.ndarray, m: int, seed: int, shard_index: int) -> np.ndarray:
+    if m >= len(x):
+        return np.asarray(x)
+    rows = np.sort(np.random.default_rng([seed, shard_index, 1]).choice(len(x), m, replace=False))
+    return np.asarray(x)[rows]
+
+
+def _stats_task(centroids: np.ndarray, n_far: int, use_gpu: bool, threads: int,
+                *matrices: np.ndarray) -> PartialStats:
+    _use_threads(threads)
+    return partial_stats(matrices, centroids, n_far, use_gpu)
+
+
+def _assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, out_dir: str,
+                  use_gpu: bool, threads: int) -> dict[str, Any]:
+    """Task body: assign one shard and write its ``assignments`` part."""
+    _use_threads(threads)
+    table = read_shard(emb_dir, shard, ["id", "embedding"])
+    ids = table.column("id")
+    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
+    labels, sims = nearest_centroid(x, centroids, use_gpu)
+    distance = np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32)
+    out = pa.table({"id": ids, "cluster": pa.array(labels.astype(np.int32)),
+                    "distance": pa.array(distance)}, schema=ASSIGNMENTS_SCHEMA)
+    path = storage.join(out_dir, storage.new_part_name())
+    storage.write_table(out, path)
+    return {"path": storage.resolve(path)[1], "rows": len(x),
+            "counts": np.bincount(labels, minlength=len(centroids)),
+            "objective": float(distance.astype(np.float64).sum())}
+
+
+def _default_tasks(task_cpus: float) -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // task_cpus))
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Fit spherical k-means on ``embeddings/`` and publish ``clusters/`` (see module doc)."""
+    import ray
+
+    from deldist.runtime import cluster_gpus, init_ray
+
+    init_ray()
+    started = time.perf_counter()
+    emb_dir = config.embeddings or storage.join(config.output, "embeddings")
+    out_dir = config.clusters or storage.join(config.output, "clusters")
+    assign_dir = storage.join(out_dir, "assignments")
+    manifest = storage.read_manifest(emb_dir)
+    dim = manifest.get("dim")
+    shards = plan_shards(emb_dir, config.shard_rows)
+    n_total = sum(s.num_rows for s in shards)
+    if n_total == 0:
+        raise EmptyInputError(f"{emb_dir} has no rows: nothing to cluster")
+    if config.k > n_total:
+        raise ValueError(f"k={config.k} exceeds the number of embeddings ({n_total}); lower k")
+    use_gpu = cluster_gpus() > 0 if config.use_gpu is None else config.use_gpu
+    threads = _threads(config.task_cpus)
+    gpu_opts = {"num_gpus": 1} if use_gpu else {}
+
+    # 1-2. load the fit sample once into the object store
+    load = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_load_fit_shard)
+    loads = [load.remote(emb_dir, s, dim, config.fit_fraction, config.seed, i)
+             for i, s in enumerate(shards)]
+    matrices = [ref for ref, _ in loads]
+    row_counts = [int(c) for c in ray.get([count for _, count in loads])]
+    n_fit = int(sum(row_counts))
+    if config.k > n_fit:
+        raise ValueError(f"k={config.k} exceeds the {n_fit} rows of the fit sample "
+                         f"(fit_fraction={config.fit_fraction} of {n_total}); lower k or raise fit_fraction")
+    loaded = time.perf_counter()
+
+    # 3. initialisation on a small sample gathered in the driver
+    rng = np.random.default_rng(config.seed)
+    m = max(config.k, config.init_sample_size or default_init_sample_size(config.k, n_fit))
+    m = min(m, n_fit)
+    take = proportional_counts(row_counts, m)
+    sample_task = ray.remote(num_cpus=0.01)(_sample_rows)
+    sample = np.concatenate(ray.get([sample_task.remote(mat, t, config.seed, i)
+                                     for i, (mat, t) in enumerate(zip(matrices, take)) if t > 0]))
+    centroids = (kmeans_plus_plus(sample, config.k, rng) if config.init == "k-means++"
+                 else random_init(sample, config.k, rng))
+    del sample
+    initialised = time.perf_counter()
+
+    # 4. Lloyd iterations: only centroids go out, only k x D sums come back
+    n_tasks = config.num_tasks or _default_tasks(config.task_cpus)
+    groups = balanced_groups(row_counts, n_tasks)
+    stats_task = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_stats_task)
+    n_far = min(config.k, 256)
+    history: list[float] = []
+    reseeded = 0
+    converged = False
+    for _ in range(config.max_iter):
+        c_ref = ray.put(centroids)
+        parts = ray.get([stats_task.remote(c_ref, n_far, use_gpu, threads, *[matrices[i] for i in g])
+                         for g in groups])
+        stats = reduce_stats(parts)
+        centroids, n_empty = update_centroids(stats, centroids)
+        reseeded += n_empty
+        history.append(stats.objective)
+        if _converged(history, config.tol):
+            converged = True
+            break
+    del matrices
+    fitted = time.perf_counter()
+
+    # 5. one full assignment pass, streamed shard by shard
+    c_ref = ray.put(centroids)
+    assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_assign_shard)
+    results = ray.get([assign.remote(emb_dir, s, dim, c_ref, assign_dir, use_gpu, threads)
+                       for s in shards])
+    sizes = np.sum([r["counts"] for r in results], axis=0).astype(np.int64)
+    full_objective = float(sum(r["objective"] for r in results))
+    storage.publish(assign_dir, [r["path"] for r in results],
+                    {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": n_total})
+    centroids_path = storage.join(out_dir, "centroids.parquet")
+    storage.write_table(centroids_table(centroids, sizes), centroids_path)
+    summary = {
+        "k": config.k, "dim": int(centroids.shape[1]), "rows": n_total, "fit_rows": n_fit,
+        "iterations": len(history), "converged": converged, "objective": full_objective,
+        "mean_distance": full_objective / n_total, "fit_objective_history": history,
+        "reseeded_clusters": reseeded, "empty_clusters": int((sizes == 0).sum()),
+        "largest_cluster": int(sizes.max()), "init": config.init, "seed": config.seed,
+        "fit_fraction": config.fit_fraction, "use_gpu": use_gpu, "fit_tasks": len(groups),
+        "seconds": {"load": loaded - started, "init": initialised - loaded,
+                    "fit": fitted - initialised, "assign": time.perf_counter() - fitted},
+    }
+    storage.publish(out_dir, [storage.resolve(centroids_path)[1]],
+                    {**summary, "assignments": "assignments", "embeddings": emb_dir,
+                     "schema": storage.schema_hex(centroids_schema(int(centroids.shape[1])))})
+    summary["clusters"] = out_dir
+    return summary

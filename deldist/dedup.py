@@ -1,0 +1,484 @@
+"""Within-cluster semantic dedup scores (SemDeDup / MedDEL), distributed on Ray.
+
+For every cluster, items are ranked by their distance to the centroid (``keep="hard"``:
+farthest first, the SemDeDup default; ``"easy"``: nearest first; ``"random"``: a seeded
+permutation that does not depend on the input row order). Each item then gets its highest
+cosine similarity to any earlier-ranked item of the same cluster (``max_sim``; 0 for the
+first-ranked item) and that item's id (``duplicate_of``; null for the first). A selection
+later removes an item when ``max_sim > 1 - eps``; storing scores, not booleans, makes every
+threshold a cheap filter.
+
+Math: :func:`triu_max_sim` computes, for rank-ordered rows ``x`` (n, D), the row-wise max and
+argmax of the strictly lower triangle of ``x @ x.T`` blockwise: a block of ``block_rows``
+rows is multiplied against the earlier rows in column tiles of ``col_block`` and only the
+diagonal tile is masked, so memory is O(block_rows x col_block), never O(n^2), and only the
+lower triangle is computed (half the flops of the full n x n matrix).
+
+Ray wiring of :func:`run`:
+
+1. The driver reads ``clusters/assignments`` (id, cluster, distance: metadata only), ranks
+   the items and packs clusters into buckets of similar cost (sum of n_c^2); a cluster larger
+   than ``split_rows`` gets a bucket of its own and is later split into row ranges.
+2. Shuffle: one task per embeddings shard reads (id, embedding), looks up each row's bucket
+   and returns one slice per bucket (Ray object store; the embeddings are read once).
+3. Score: one task per bucket concatenates its slices in (cluster, rank) order and scores
+   its clusters; a split cluster is gathered once into the object store and scored by several
+   row-range tasks reading it zero-copy. Each task writes a ``dedup/scores`` part.
+4. Publish ``dedup/scores/`` (manifest then ``_SUCCESS``).
+
+Bad input: ids present in embeddings but not in assignments (or the reverse), duplicate ids,
+and a dimension differing between embeddings and centroids raise errors naming the cause;
+an empty assignments table raises :class:`~deldist.cluster.EmptyInputError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from deldist import storage
+from deldist.cluster import (
+    EmbeddingError,
+    EmptyInputError,
+    Shard,
+    embedding_matrix,
+    normalize_checked,
+    plan_shards,
+    read_shard,
+)
+from deldist.config import StageConfig
+from deldist.schema import SCORES_SCHEMA
+
+KeepMode = Literal["hard", "easy", "random"]
+
+
+class Config(StageConfig):
+    """``deldist dedup`` settings."""
+
+    output: str = Field(description="run root URI: reads embeddings/ and clusters/, writes dedup/scores/")
+    embeddings: str | None = Field(None, description="default <output>/embeddings")
+    clusters: str | None = Field(None, description="default <output>/clusters")
+    scores: str | None = Field(None, description="default <output>/dedup/scores")
+    keep: KeepMode = Field("hard", description="rank order within a cluster: hard = farthest from the centroid first")
+    seed: int = Field(0, description="seed of keep=random")
+    block_rows: int = Field(256, ge=1, description="rows per similarity block")
+    col_block: int = Field(16_384, ge=1, description="columns per similarity tile")
+    split_rows: int = Field(50_000, ge=2, description="clusters larger than this are split over several tasks")
+    bucket_rows: int = Field(200_000, ge=1, description="soft cap on rows in one packed task")
+    num_buckets: int | None = Field(None, ge=1, description="packed tasks (default: 2 x cluster CPUs / task_cpus)")
+    shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (torch threads = max(1, round))")
+    io_cpus: float = Field(0.5, gt=0, description="CPUs per shuffle (read) task")
+
+
+# ----------------------------------------------------------------------------- math (pure)
+
+
+def rank_within_clusters(ids: pa.Array | pa.ChunkedArray, cluster: np.ndarray, distance: np.ndarray,
+                         keep: KeepMode = "hard", seed: int = 0) -> np.ndarray:
+    """Rank (int64, 0 = first) of every item inside its cluster.
+
+    ids: (n,) strings (unique); cluster: (n,) int; distance: (n,) cosine distance to the
+    centroid. ``hard`` ranks the farthest first, ``easy`` the nearest first, ``random`` by a
+    seeded permutation assigned in id order (independent of the row order). Ties are broken
+    by id, so the result never depends on the input order.
+    """
+    n = len(cluster)
+    if n == 0:
+        return np.empty(0, np.int64)
+    ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
+    if keep == "random":
+        key = np.empty(n, np.float64)
+        by_id = pc.sort_indices(ids).to_numpy()
+        key[by_id] = np.random.default_rng(seed).permutation(n)
+        direction = "ascending"
+    elif keep in ("hard", "easy"):
+        key = np.asarray(distance, np.float64)
+        direction = "descending" if keep == "hard" else "ascending"
+    else:
+        raise ValueError(f"keep must be hard, easy or random, got {keep!r}")
+    table = pa.table({"cluster": np.asarray(cluster), "key": key, "id": ids})
+    order = pc.sort_indices(table, sort_keys=[("cluster", "ascending"), ("key", direction),
+                                              ("id", "ascending")]).to_numpy()
+    sorted_cluster = np.asarray(cluster)[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_cluster)) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - run_start
+    return rank
+
+
+_MASKS: dict[int, Any] = {}
+
+
+def _upper_mask(size: int) -> Any:
+    """Boolean (size, size) torch mask of j >= i (what a row may not compare against)."""
+    import torch
+
+    mask = _MASKS.get(size)
+    if mask is None:
+        mask = torch.ones((size, size), dtype=torch.bool).triu()
+        _MASKS[size] = mask
+    return mask
+
+
+def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
+                 col_block: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """Max similarity of each row to the rows before it.
+
+    x: (n, D) float32 rows in rank order (unit norm). For rows i in [start, stop):
+    ``max_sim[i - start] = max_{j < i} <x_i, x_j>`` and ``argmax[i - start]`` that j (the
+    first one on exact ties); row 0 gets max_sim 0 and argmax -1.
+    Memory: O(block_rows x col_block) besides ``x``; work: the lower triangle only.
+    Returns (max_sim float32 (stop - start,), argmax int64 (stop - start,)).
+    """
+    import torch
+
+    n = len(x)
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"row range [{start}, {stop}) outside [0, {n})")
+    out_sim = np.zeros(stop - start, np.float32)
+    out_arg = np.full(stop - start, -1, np.int64)
+    if stop <= start:
+        return out_sim, out_arg
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    neg_inf = float("-inf")
+    for r0 in range(start, stop, block_rows):
+        r1 = min(r0 + block_rows, stop)
+        rows = xt[r0:r1]
+        # diagonal tile: rows against themselves, j >= i masked out
+        sims = rows @ rows.T
+        sims.masked_fill_(_upper_mask(block_rows)[: r1 - r0, : r1 - r0], neg_inf)
+        best, arg = sims.max(dim=1)
+        arg += r0
+        # earlier rows [0, r0) in column tiles, no mask; walked right to left with ">=" so
+        # exact ties go to the earliest column, like one argmax over the whole row
+        for c0 in reversed(range(0, r0, col_block)):
+            c1 = min(c0 + col_block, r0)
+            tile_best, tile_arg = (rows @ xt[c0:c1].T).max(dim=1)
+            better = tile_best >= best
+            best = torch.where(better, tile_best, best)
+            arg = torch.where(better, tile_arg + c0, arg)
+        out_sim[r0 - start:r1 - start] = best.numpy()
+        out_arg[r0 - start:r1 - start] = arg.numpy()
+    if start == 0:
+        out_sim[0], out_arg[0] = 0.0, -1
+    return out_sim, out_arg
+
+
+def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
+                          block_rows: int = 256, col_block: int = 16_384) -> pa.Table:
+    """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
+
+    x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
+    must be 0..n_c-1 inside each cluster (checked: the ranking and the data must agree).
+    """
+    n = len(x)
+    max_sim = np.zeros(n, np.float32)
+    dup = np.full(n, -1, np.int64)
+    if n:
+        starts = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1]
+        ends = np.r_[starts[1:], n]
+        expected = np.arange(n) - np.repeat(starts, ends - starts)
+        if not np.array_equal(np.asarray(rank), expected):
+            raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
+        for s, e in zip(starts, ends):
+            sims, arg = triu_max_sim(x[s:e], block_rows=block_rows, col_block=col_block)
+            max_sim[s:e] = sims
+            dup[s:e] = np.where(arg >= 0, arg + s, -1)
+    return scores_table(ids, cluster, rank, max_sim, dup)
+
+
+def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: np.ndarray,
+                 dup_row: np.ndarray, dup_ids: pa.Array | None = None) -> pa.Table:
+    """Assemble SCORES_SCHEMA rows; ``dup_row`` indexes ``dup_ids`` (default ``ids``), -1 = none."""
+    dup_ids = ids if dup_ids is None else dup_ids
+    has_dup = dup_row >= 0
+    taken = pc.take(dup_ids, pa.array(np.where(has_dup, dup_row, 0)))
+    duplicate_of = pc.if_else(pa.array(has_dup), taken, pa.nulls(len(dup_row), pa.string()))
+    return pa.table({
+        "id": ids,
+        "cluster": pa.array(np.asarray(cluster, np.int32)),
+        "rank": pa.array(np.asarray(rank, np.int64)),
+        "max_sim": pa.array(np.asarray(max_sim, np.float32)),
+        "duplicate_of": duplicate_of,
+    }, schema=SCORES_SCHEMA)
+
+
+def split_rows_by_area(n: int, parts: int) -> list[tuple[int, int]]:
+    """Row ranges of a lower-triangle computation on n rows with about equal work each
+    (row i costs ~i, so boundaries go at n * sqrt(p / parts))."""
+    parts = max(1, min(parts, n))
+    bounds = sorted({0, n, *(int(round(n * math.sqrt(p / parts))) for p in range(1, parts))})
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+@dataclass
+class Bucket:
+    """A scoring unit: several small clusters, or one split cluster (``row_ranges``)."""
+
+    clusters: list[int] = field(default_factory=list)
+    rows: int = 0
+    cost: float = 0.0
+    row_ranges: list[tuple[int, int]] = field(default_factory=list)
+
+
+def cluster_cost(n: int | np.ndarray) -> Any:
+    """Relative work of scoring a cluster of n rows: n^2/2 pair dot products plus per-row cost."""
+    return n * (n / 2.0 + 64.0)
+
+
+def plan_buckets(sizes: np.ndarray, n_buckets: int, split_rows: int, bucket_rows: int) -> list[Bucket]:
+    """Pack clusters (sizes: (k,) members per cluster id) into scoring buckets.
+
+    Clusters larger than ``split_rows`` get a bucket of their own, cut into row ranges of
+    about the average packed bucket's work (at least 2 ranges). The rest are packed
+    largest-first into the least-loaded of ``n_buckets`` buckets (more when the rows would
+    exceed ``bucket_rows`` per bucket).
+    """
+    sizes = np.asarray(sizes)
+    present = np.flatnonzero(sizes > 0)
+    small = [int(c) for c in present if sizes[c] <= split_rows]
+    huge = [int(c) for c in present if sizes[c] > split_rows]
+    total_cost = float(cluster_cost(sizes[present].astype(np.float64)).sum())
+    small_rows = int(sizes[small].sum()) if small else 0
+    n_packed = max(1, n_buckets, math.ceil(small_rows / bucket_rows)) if small else 0
+    n_packed = min(n_packed, len(small))
+    target = total_cost / max(1, n_buckets)
+    buckets: list[Bucket] = []
+    for c in huge:
+        n = int(sizes[c])
+        ranges = split_rows_by_area(n, max(2, math.ceil(cluster_cost(n) / max(target, 1.0))))
+        buckets.append(Bucket([c], n, float(cluster_cost(n)), ranges))
+    packed = [Bucket() for _ in range(n_packed)]
+    for c in sorted(small, key=lambda c: -int(sizes[c])):
+        b = min(packed, key=lambda b: b.cost)
+        b.clusters.append(c)
+        b.rows += int(sizes[c])
+        b.cost += float(cluster_cost(int(sizes[c])))
+    return buckets + [b for b in packed if b.clusters]
+
+
+# ----------------------------------------------------------------------------- Ray wiring
+
+
+def _threads(cpus: float) -> int:
+    return max(1, int(round(cpus)))
+
+
+def route_shard(emb_dir: str, shard: Shard, dim: int | None, lookup: pa.Table,
+                n_buckets: int) -> list[Any]:
+    """Task body of the shuffle: read one embeddings shard and split its rows by bucket.
+
+    lookup: ``id``, ``bucket`` int32 and any extra columns (copied to every slice) for each
+    expected id. Returns n_buckets slices ``(meta table (id, extra columns...), matrix (m, D)
+    float32 unit rows)`` and, last, ``{"rows", "missing", "missing_examples"}`` where
+    missing counts embedded ids absent from ``lookup``.
+    """
+    table = read_shard(emb_dir, shard, ["id", "embedding"])
+    ids = table.column("id").combine_chunks()
+    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
+    position = pc.index_in(ids, value_set=lookup.column("id"))
+    found = pc.is_valid(position).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(found)
+    pos = position.filter(pa.array(found)).to_numpy(zero_copy_only=False).astype(np.int64)
+    bucket = lookup.column("bucket").to_numpy()[pos]
+    order = np.argsort(bucket, kind="stable")
+    rows, pos, bucket = rows[order], pos[order], bucket[order]
+    bounds = np.searchsorted(bucket, np.arange(n_buckets + 1))
+    extra = {name: lookup.column(name).to_numpy() for name in lookup.column_names
+             if name not in ("id", "bucket")}
+    out: list[Any] = []
+    for b in range(n_buckets):
+        r, p = rows[bounds[b]:bounds[b + 1]], pos[bounds[b]:bounds[b + 1]]
+        meta = pa.table({"id": ids.take(pa.array(r)), **{k: v[p] for k, v in extra.items()}})
+        out.append((meta, np.ascontiguousarray(x[r])))
+    missing = int((~found).sum())
+    examples = ids.filter(pa.array(~found)).slice(0, 5).to_pylist() if missing else []
+    out.append({"rows": len(x), "missing": missing, "missing_examples": examples})
+    return out
+
+
+def gather_sorted(slices: Sequence[tuple[pa.Table, np.ndarray]], keys: tuple[str, str] = ("cluster", "rank"),
+                  ) -> tuple[np.ndarray, pa.Table]:
+    """Concatenate shuffle slices ordered by ``keys`` (primary, secondary) with a single copy
+    of the vectors -> (matrix (n, D) float32, meta table in the same order)."""
+    meta = pa.concat_tables([m for m, _ in slices])
+    n = meta.num_rows
+    dim = max((x.shape[1] for _, x in slices if x.ndim == 2), default=0)
+    order = np.lexsort((meta.column(keys[1]).to_numpy(), meta.column(keys[0]).to_numpy()))
+    destination = np.empty(n, np.int64)
+    destination[order] = np.arange(n)
+    x = np.empty((n, dim), np.float32)
+    offset = 0
+    for _, part in slices:
+        m = len(part)
+        if m:
+            x[destination[offset:offset + m]] = part
+        offset += m
+    return x, meta.take(pa.array(order))
+
+
+def shuffle_by_bucket(emb_dir: str, dim: int | None, lookup: pa.Table, n_buckets: int, shard_rows: int,
+                      io_cpus: float) -> tuple[list[list[Any]], Any]:
+    """Start the shuffle of ``embeddings/`` rows into ``n_buckets`` buckets (Ray tasks).
+
+    Returns (per bucket: the list of slice refs, one per shard; a ref-list of the per-shard
+    stats). Raises nothing itself: call :func:`check_shuffle` on the stats.
+    """
+    import ray
+
+    shards = plan_shards(emb_dir, shard_rows)
+    lookup_ref = ray.put(lookup)
+    route = ray.remote(num_cpus=io_cpus, num_returns=n_buckets + 1)(route_shard)
+    routed = [route.remote(emb_dir, s, dim, lookup_ref, n_buckets) for s in shards]
+    per_bucket = [[r[b] for r in routed] for b in range(n_buckets)]
+    return per_bucket, [r[-1] for r in routed]
+
+
+def check_shuffle(stats: list[dict[str, Any]], expected: int, what: str) -> None:
+    """Every embedded id must be in the lookup and every lookup id embedded."""
+    missing = sum(s["missing"] for s in stats)
+    embedded = sum(s["rows"] for s in stats)
+    if missing or embedded != expected:
+        examples = [e for s in stats for e in s["missing_examples"]][:5]
+        raise ValueError(f"embeddings and {what} disagree: {embedded} embedded rows, {expected} in {what}, "
+                         f"{missing} embedded ids missing from {what} (e.g. {examples}); re-run the stage "
+                         f"that wrote {what}")
+
+
+def _score_bucket(out_dir: str, block_rows: int, col_block: int, threads: int,
+                  *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
+    """Task body: score every (small) cluster of one bucket and write a scores part."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x, meta = gather_sorted(slices)
+    del slices
+    ids = meta.column("id").combine_chunks()
+    table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
+                                  block_rows, col_block)
+    return _write_part(out_dir, table)
+
+
+def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, pa.Array]:
+    """Task body: one split cluster's rows in rank order -> ((n, D) float32, ids (n,))."""
+    x, meta = gather_sorted(slices)
+    rank = meta.column("rank").to_numpy()
+    if not np.array_equal(rank, np.arange(len(rank))):
+        raise ValueError("ranks of a split cluster are not 0..n-1: assignments and embeddings disagree")
+    return x, meta.column("id").combine_chunks()
+
+
+def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int,
+                block_rows: int, col_block: int, threads: int) -> dict[str, Any]:
+    """Task body: rows [start, stop) of one split cluster -> a scores part."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sims, arg = triu_max_sim(x, start, stop, block_rows, col_block)
+    table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
+                         np.arange(start, stop), sims, arg, dup_ids=ids)
+    return _write_part(out_dir, table)
+
+
+def _write_part(out_dir: str, table: pa.Table) -> dict[str, Any]:
+    path = storage.join(out_dir, storage.new_part_name())
+    storage.write_table(table, path)
+    return {"path": storage.resolve(path)[1], "rows": table.num_rows}
+
+
+def _check_unique(ids: pa.ChunkedArray, what: str) -> None:
+    distinct = pc.count_distinct(ids).as_py()
+    if distinct != len(ids):
+        raise ValueError(f"{what} holds {len(ids) - distinct} duplicate ids; ids must be unique")
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Score every embedded item against the earlier-ranked items of its cluster and publish
+    ``dedup/scores/`` (see the module doc)."""
+    import ray
+
+    from deldist.runtime import init_ray
+
+    init_ray()
+    started = time.perf_counter()
+    emb_dir = config.embeddings or storage.join(config.output, "embeddings")
+    clusters_dir = config.clusters or storage.join(config.output, "clusters")
+    out_dir = config.scores or storage.join(config.output, "dedup", "scores")
+    emb_manifest = storage.read_manifest(emb_dir)
+    clusters_manifest = storage.read_manifest(clusters_dir)
+    dim = emb_manifest.get("dim")
+    if dim is not None and clusters_manifest.get("dim") is not None and int(dim) != int(clusters_manifest["dim"]):
+        raise EmbeddingError(f"dimension mismatch: {emb_dir} has D={dim} but the centroids in "
+                             f"{clusters_dir} have D={clusters_manifest['dim']}; re-run cluster")
+    assign_dir = storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))
+    assignments = storage.read_published(assign_dir, columns=["id", "cluster", "distance"])
+    n = assignments.num_rows
+    if n == 0:
+        raise EmptyInputError(f"{assign_dir} has no rows: nothing to deduplicate")
+    _check_unique(assignments.column("id"), assign_dir)
+    cluster = assignments.column("cluster").to_numpy().astype(np.int64)
+    if cluster.min() < 0:
+        raise ValueError(f"{assign_dir} has negative cluster ids")
+    rank = rank_within_clusters(assignments.column("id"), cluster,
+                                assignments.column("distance").to_numpy(), config.keep, config.seed)
+    sizes = np.bincount(cluster)
+    threads = _threads(config.task_cpus)
+    n_buckets = config.num_buckets or max(1, 2 * int(ray.cluster_resources().get("CPU", 1.0) // config.task_cpus))
+    buckets = plan_buckets(sizes, n_buckets, config.split_rows, config.bucket_rows)
+    bucket_of_cluster = np.full(len(sizes), -1, np.int32)
+    for b, bucket in enumerate(buckets):
+        bucket_of_cluster[bucket.clusters] = b
+    lookup = pa.table({"id": assignments.column("id"), "bucket": bucket_of_cluster[cluster],
+                       "cluster": cluster.astype(np.int32), "rank": rank})
+    del assignments
+    planned = time.perf_counter()
+
+    # shuffle: each embeddings shard is read once and split by bucket
+    slices_of, route_stats = shuffle_by_bucket(emb_dir, dim, lookup, len(buckets), config.shard_rows,
+                                               config.io_cpus)
+
+    # score: packed buckets directly, split clusters gathered once then row-range tasks
+    score_bucket = ray.remote(num_cpus=config.task_cpus)(_score_bucket)
+    gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
+    score_rows = ray.remote(num_cpus=config.task_cpus)(_score_rows)
+    pending = []
+    for b, bucket in enumerate(buckets):
+        slices = slices_of[b]
+        if bucket.row_ranges:
+            x_ref, ids_ref = gather.remote(*slices)
+            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e,
+                                          config.block_rows, config.col_block, threads)
+                        for a, e in bucket.row_ranges]
+        else:
+            pending.append(score_bucket.remote(out_dir, config.block_rows, config.col_block, threads, *slices))
+    try:
+        check_shuffle(ray.get(route_stats), n, "assignments")
+    except ValueError:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    parts = ray.get(pending)
+    scored = sum(p["rows"] for p in parts)
+    if scored != n:
+        raise RuntimeError(f"scored {scored} rows but {n} were assigned")
+    storage.publish(out_dir, [p["path"] for p in parts],
+                    {"schema": storage.schema_hex(SCORES_SCHEMA), "rows": n, "keep": config.keep,
+                     "seed": config.seed, "clusters": clusters_dir})
+    finished = time.perf_counter()
+    return {
+        "scores": out_dir, "rows": n, "clusters": int((sizes > 0).sum()), "keep": config.keep,
+        "largest_cluster": int(sizes.max()), "pairs": int((sizes.astype(np.int64) * (sizes - 1) // 2).sum()),
+        "buckets": len(buckets), "split_clusters": sum(1 for b in buckets if b.row_ranges),
+        "tasks": len(pending), "shards": len(route_stats),
+        "seconds": {"plan": planned - started, "shuffle_and_score": finished - planned},
+    }

@@ -1,0 +1,169 @@
+"""deldist.cluster: spherical k-means math against faiss, the Ray stage end to end, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deldist import cluster, storage
+from deldist.schema import QUALITY_COLUMNS, embeddings_schema
+
+
+def clustered(n: int, dim: int, centers: int, seed: int, spread: float = 0.5) -> np.ndarray:
+    """Unit rows around ``centers`` random directions, float32 (n, dim)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, dim))
+    x = c[rng.integers(0, centers, n)] + spread * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_embeddings(emb_dir: str, x: np.ndarray, parts: int = 3, manifest_dim: int | None = None) -> list[str]:
+    """Publish ``x`` (n, D) as an ``embeddings/`` table split into ``parts`` files; ids
+    ``v<i%5>.mp4#<i>``. Returns the ids."""
+    n, dim = x.shape
+    ids = [f"v{i % 5}.mp4#{i}" for i in range(n)]
+    schema = embeddings_schema(dim)
+    files = []
+    for rows in np.array_split(np.arange(n), parts):
+        table = pa.table({
+            "id": [ids[i] for i in rows],
+            "source": [f"s3://in/v{i % 5}.mp4" for i in rows],
+            "frame_index": pa.array(rows, pa.int64()),
+            "timestamp_s": pa.array(rows / 15.0, pa.float64()),
+            "dataset": ["a" if i % 2 else "b" for i in rows],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), dim),
+            **{q: pa.array(np.full(len(rows), 0.5), pa.float32()) for q in QUALITY_COLUMNS},
+        }, schema=schema)
+        path = storage.join(emb_dir, storage.new_part_name())
+        storage.write_table(table, path)
+        files.append(storage.resolve(path)[1])
+    storage.publish(emb_dir, files, {"dim": manifest_dim or dim, "model": "synthetic",
+                                     "schema": storage.schema_hex(schema)})
+    return ids
+
+
+def faiss_objective(x: np.ndarray, k: int, niter: int, seed: int = 1) -> float:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, max_points_per_centroid=10**6)
+    km.train(x)
+    return cluster.objective(x, km.centroids)
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def test_local_kmeans_matches_faiss_objective():
+    x = clustered(4000, 32, 40, seed=0)
+    centroids, history = cluster.kmeans_local(x, 40, max_iter=12, tol=0.0, seed=0, n_shards=3)
+    ours = cluster.objective(x, centroids)
+    assert ours <= 1.01 * faiss_objective(x, 40, 12)
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))  # Lloyd never gets worse
+
+
+def test_update_reseeds_empty_clusters_with_farthest_points():
+    x = np.abs(clustered(300, 8, 3, seed=1))  # positive orthant
+    away = -x.sum(axis=0, keepdims=True)  # negative cosine to every row: attracts nothing
+    stale = cluster.normalize_rows(np.vstack([x[:2], away]))
+    stats = cluster.partial_stats([x], stale, n_far=4)
+    assert stats.counts[2] == 0
+    new, n_empty = cluster.update_centroids(stats, stale)
+    assert n_empty == 1
+    farthest = stats.far_points[np.argmax(stats.far_distance)]
+    assert np.allclose(new[2], farthest / np.linalg.norm(farthest), atol=1e-6)
+
+
+def test_kmeans_plus_plus_picks_distinct_points_even_with_duplicates():
+    x = np.repeat(clustered(5, 8, 5, seed=2), 20, axis=0)  # 5 distinct points, 100 rows
+    c = cluster.kmeans_plus_plus(x, 5, np.random.default_rng(0))
+    assert len(np.unique(np.round(c, 5), axis=0)) == 5
+
+
+def test_bad_vectors_are_named():
+    x = clustered(10, 4, 2, seed=3)
+    x[3] = np.nan
+    with pytest.raises(cluster.EmbeddingError, match="NaN.*id-3"):
+        cluster.normalize_checked(x, [f"id-{i}" for i in range(10)])
+    x[3] = 0.0
+    with pytest.raises(cluster.EmbeddingError, match="zero vectors.*id-3"):
+        cluster.normalize_checked(x, [f"id-{i}" for i in range(10)])
+    with pytest.raises(cluster.EmbeddingError, match="dimension mismatch"):
+        cluster.nearest_centroid(clustered(5, 4, 1, seed=0), clustered(3, 6, 1, seed=0))
+    with pytest.raises(ValueError, match="k=9"):
+        cluster.kmeans_plus_plus(x[:5], 9, np.random.default_rng(0))
+
+
+def test_plan_shards_packs_row_groups(tmp_path):
+    emb = str(tmp_path / "embeddings")
+    write_embeddings(emb, clustered(100, 4, 2, seed=0), parts=5)
+    shards = cluster.plan_shards(emb, shard_rows=45)
+    assert sum(s.num_rows for s in shards) == 100
+    assert all(s.num_rows <= 45 for s in shards) and len(shards) == 3
+    rows = sum(cluster.read_shard(emb, s, ["id"]).num_rows for s in shards)
+    assert rows == 100
+
+
+# ----------------------------------------------------------------------------- Ray stage
+
+
+def test_run_end_to_end_matches_faiss(ray_session, tmp_path):
+    x = clustered(3000, 32, 30, seed=4)
+    root = str(tmp_path / "run")
+    ids = write_embeddings(storage.join(root, "embeddings"), x, parts=4)
+    summary = cluster.run(cluster.Config(output=root, k=30, max_iter=10, tol=0.0, shard_rows=700, task_cpus=0.5))
+    assert summary["rows"] == 3000 and summary["fit_tasks"] >= 2
+
+    centroids = cluster.read_centroids(storage.join(root, "clusters"))
+    assert centroids.shape == (30, 32) and centroids.dtype == np.float32
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    assert cluster.objective(x, centroids) <= 1.01 * faiss_objective(x, 30, 10)
+
+    assignments = storage.read_published(storage.join(root, "clusters", "assignments"))
+    assert assignments.schema.equals(cluster.ASSIGNMENTS_SCHEMA)
+    assert sorted(assignments.column("id").to_pylist()) == sorted(ids)
+    order = np.argsort([int(i.split("#")[1]) for i in assignments.column("id").to_pylist()])
+    labels = assignments.column("cluster").to_numpy()[order]
+    distance = assignments.column("distance").to_numpy()[order]
+    sims = x @ centroids.T
+    assert np.array_equal(labels, sims.argmax(axis=1))
+    assert np.allclose(distance, 1.0 - sims.max(axis=1), atol=1e-5)
+    sizes = storage.read_published(storage.join(root, "clusters"), columns=["size"]).column("size").to_numpy()
+    assert sizes.sum() == 3000 and np.array_equal(sizes, np.bincount(labels, minlength=30))
+
+
+def test_run_with_fit_fraction_fits_a_sample_and_assigns_everything(ray_session, tmp_path):
+    x = clustered(2000, 16, 10, seed=5)
+    root = str(tmp_path / "run")
+    write_embeddings(storage.join(root, "embeddings"), x, parts=2)
+    summary = cluster.run(cluster.Config(output=root, k=10, max_iter=5, fit_fraction=0.25, task_cpus=0.5))
+    assert 350 < summary["fit_rows"] < 650 and summary["rows"] == 2000
+    assert storage.read_published(storage.join(root, "clusters", "assignments")).num_rows == 2000
+
+
+def test_run_rejects_bad_input(ray_session, tmp_path):
+    x = clustered(50, 8, 2, seed=6)
+    empty = str(tmp_path / "empty")
+    write_embeddings(storage.join(empty, "embeddings"), x[:0], parts=1)
+    with pytest.raises(cluster.EmptyInputError):
+        cluster.run(cluster.Config(output=empty, k=2))
+
+    small = str(tmp_path / "small")
+    write_embeddings(storage.join(small, "embeddings"), x, parts=1)
+    with pytest.raises(ValueError, match="k=60 exceeds"):
+        cluster.run(cluster.Config(output=small, k=60))
+    assert not storage.is_published(storage.join(small, "clusters"))
+
+    wrong_dim = str(tmp_path / "dim")
+    write_embeddings(storage.join(wrong_dim, "embeddings"), x, parts=1, manifest_dim=16)
+    with pytest.raises(cluster.EmbeddingError, match="does not match"):
+        cluster.run(cluster.Config(output=wrong_dim, k=2, task_cpus=0.5))
+
+    nan = str(tmp_path / "nan")
+    bad = x.copy()
+    bad[7] = np.nan
+    write_embeddings(storage.join(nan, "embeddings"), bad, parts=1)
+    with pytest.raises(cluster.EmbeddingError, match="v2.mp4#7"):
+        cluster.run(cluster.Config(output=nan, k=2, task_cpus=0.5))
+    assert not storage.is_published(storage.join(nan, "clusters"))
