@@ -144,17 +144,22 @@ def normalize_rows(c: np.ndarray) -> np.ndarray:
     return (c / np.maximum(norms, 1e-30)).astype(np.float32)
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding on unit rows ``x`` (m, D) with cosine distance -> centroids (k, D).
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator,
+                     local_trials: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding on unit rows ``x`` (m, D) with cosine distance -> (k, D).
 
     For unit vectors ``||a - b||^2 = 2 (1 - cos)``, so sampling proportional to the cosine
-    distance to the nearest chosen centre is exactly the D^2 weighting of k-means++.
-    Cost: k mat-vecs of (m, D). Duplicated rows are never chosen twice while a row at
+    distance to the nearest chosen centre is the D^2 weighting of k-means++. Greedy variant
+    (as in scikit-learn): each step draws ``local_trials`` (default 2 + ln k) candidates and
+    keeps the one that lowers the total distance most. The candidates are scored with one
+    (m, D) x (D, trials) product, so a step costs one pass over ``x`` like plain k-means++.
+    Rows at zero distance from a chosen centre (duplicates) are never drawn while any row at
     positive distance remains; when none remains, the rest are drawn uniformly.
     """
     m = len(x)
     if k > m:
         raise ValueError(f"k-means++ needs at least k={k} rows, got {m}")
+    trials = local_trials or 2 + int(np.log(k))
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(m)
     closest = np.maximum(1.0 - x @ x[chosen[0]], 0.0).astype(np.float64)
@@ -163,18 +168,24 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     taken[chosen[0]] = True
     for i in range(1, k):
         total = closest.sum()
-        if total > 0:
-            cumulative = np.cumsum(closest)
-            pick = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
-            pick = min(pick, m - 1)
-            while closest[pick] <= 0:  # float edge: land on a zero-weight row
-                pick = int(np.flatnonzero(closest > 0)[0])
+        if total <= 0:
+            chosen[i] = int(rng.choice(np.flatnonzero(~taken)))
+            distance = np.maximum(1.0 - x @ x[chosen[i]], 0.0)
         else:
-            pick = int(rng.choice(np.flatnonzero(~taken)))
-        chosen[i] = pick
-        taken[pick] = True
-        closest = np.minimum(closest, np.maximum(1.0 - x @ x[pick], 0.0))
-        closest[pick] = 0.0
+            cumulative = np.cumsum(closest)
+            picks = np.searchsorted(cumulative, rng.random(trials) * total, side="right")
+            picks = np.unique(np.minimum(picks, m - 1))
+            picks = picks[closest[picks] > 0]
+            if len(picks) == 0:  # float edge: only zero-weight rows were hit
+                picks = np.flatnonzero(closest > 0)[:1]
+            candidate = np.maximum(1.0 - x @ x[picks].T, 0.0)  # (m, trials)
+            potential = np.minimum(closest[:, None], candidate).sum(axis=0)
+            best = int(np.argmin(potential))
+            chosen[i] = picks[best]
+            distance = candidate[:, best]
+        taken[chosen[i]] = True
+        closest = np.minimum(closest, distance)
+        closest[chosen[i]] = 0.0
     return x[chosen].astype(np.float32, copy=True)
 
 

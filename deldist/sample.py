@@ -96,6 +96,8 @@ class Polyp:
 
 @dataclass(frozen=True)
 class ScenePlan:
+    """One scene: its own texture (from ``seed``), tone, optional lesion and segment list."""
+
     seed: int  # texture and camera-path seed
     tone: tuple[float, float, float]  # base RGB in [0, 1]
     polyp: Polyp | None
@@ -104,6 +106,8 @@ class ScenePlan:
 
 @dataclass(frozen=True)
 class VideoPlan:
+    """Everything needed to render one video deterministically (no pixels held)."""
+
     center: str
     name: str
     seed: int  # sensor-noise seed
