@@ -131,9 +131,12 @@ def decode_video(
     skip: frozenset[int] = frozenset(),
     threads: int = 0,
     stats: dict[str, int] | None = None,
+    only: frozenset[int] | None = None,
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield ``(frame_index, timestamp_s, rgb (size, size, 3) uint8)`` for the sampled frames
     with ``start_frame <= frame_index < end_frame``, minus ``skip`` (already embedded).
+    ``only`` replaces the sampling by an explicit set of frame indices (decoding stops after
+    the last one), for re-decoding the frames of a selection.
 
     Seeks to the keyframe before ``start_frame``. ``stats`` (if given) counts ``decoded`` and
     ``kept`` frames, for the decode-cost figure. On a decoding failure mid-stream the frames
@@ -160,6 +163,7 @@ def decode_video(
         if start_frame > 0:
             container.seek(int((t0 + start_frame / fps) / tb), stream=stream, backward=True, any_frame=False)
         sequential = start_frame  # fallback index for frames without a timestamp
+        last_wanted = max(only) if only else -1
         try:
             for frame in container.decode(stream):
                 stats["decoded"] += 1
@@ -171,9 +175,12 @@ def decode_video(
                 sequential = index + 1
                 if index < start_frame:
                     continue
-                if end_frame is not None and index >= end_frame:
+                if end_frame is not None and index >= end_frame or only is not None and index > last_wanted:
                     break
-                if not (sampling.keyframes_only or is_sampled(index, fps, sampling)):
+                if only is not None:
+                    if index not in only:
+                        continue
+                elif not (sampling.keyframes_only or is_sampled(index, fps, sampling)):
                     continue
                 stats["sampled"] += 1
                 if index in skip:

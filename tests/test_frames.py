@@ -90,6 +90,14 @@ def test_skip_set_and_stats(tmp_path):
     assert stats == {"decoded": 30, "sampled": 10, "kept": 8}
 
 
+def test_only_explicit_indices(tmp_path):
+    path = tmp_path / "v.mp4"
+    _write_video(path, 30)
+    stats: dict[str, int] = {}
+    got = [i for i, _, _ in decode_video(str(path), 32, Sampling(stride=5), only=frozenset({2, 7, 11}), stats=stats)]
+    assert got == [2, 7, 11] and stats["decoded"] <= 13  # stopped after the last wanted frame
+
+
 def test_keyframes_only_decodes_only_keyframes(tmp_path):
     path = tmp_path / "v.mp4"
     _write_video(path, 40, gop=10)

@@ -1,0 +1,214 @@
+"""deldist.dedup: blockwise triu-max against a float64 all-pairs reference, the Ray stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deldist import dedup, storage
+from deldist.cluster import EmbeddingError, EmptyInputError
+from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, SCORES_SCHEMA, embeddings_schema
+
+
+def clustered_with_sizes(sizes: list[int], dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit rows (n, dim) float32 in clusters of the given sizes, with near-duplicates.
+    Returns (x, cluster labels (n,), cosine distance to the normalised cluster mean (n,))."""
+    rng = np.random.default_rng(seed)
+    blocks, labels = [], []
+    for c, n in enumerate(sizes):
+        centre = rng.standard_normal(dim)
+        base = centre + 0.7 * rng.standard_normal((n, dim))
+        dupes = rng.random(n) < 0.3  # some rows nearly copy an earlier one
+        src = np.maximum(np.arange(n) - rng.integers(1, 4, n), 0)
+        base[dupes] = base[src[dupes]] + 0.05 * rng.standard_normal((int(dupes.sum()), dim))
+        blocks.append(base)
+        labels.append(np.full(n, c))
+    x = np.concatenate(blocks)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labels = np.concatenate(labels)
+    distance = np.empty(len(x), np.float32)
+    for c in range(len(sizes)):
+        members = labels == c
+        mean = x[members].astype(np.float64).sum(axis=0)
+        distance[members] = 1.0 - x[members] @ (mean / np.linalg.norm(mean))
+    return x, labels, distance
+
+
+def reference_scores(x: np.ndarray, labels: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 all-pairs: for row i, max <x_i, x_j> over j of the same cluster with a lower
+    rank (0 and -1 for the first) -> (max_sim (n,), argmax row (n,))."""
+    x64 = x.astype(np.float64)
+    best = np.zeros(len(x))
+    arg = np.full(len(x), -1)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rows = rows[np.argsort(rank[rows])]
+        sims = x64[rows] @ x64[rows].T
+        for r in range(1, len(rows)):
+            j = int(np.argmax(sims[r, :r]))
+            best[rows[r]], arg[rows[r]] = sims[r, j], rows[j]
+    return best, arg
+
+
+def assert_matches_reference(x, labels, rank, max_sim, dup_row):
+    ref_sim, ref_arg = reference_scores(x, labels, rank)
+    assert np.abs(max_sim - ref_sim).max() < 1e-5
+    assert np.array_equal(dup_row < 0, ref_arg < 0)
+    has = ref_arg >= 0
+    chosen = np.einsum("ij,ij->i", x[has].astype(np.float64), x[dup_row[has]].astype(np.float64))
+    assert np.abs(chosen - ref_sim[has]).max() < 1e-5  # any argmax within float32 rounding
+    assert (dup_row[has] == ref_arg[has]).mean() > 0.99
+    assert np.array_equal(labels[dup_row[has]], labels[has])
+    assert np.all(rank[dup_row[has]] < rank[has])
+
+
+SIZES = [1, 70, 3, 1, 25, 1, 130]  # single-item clusters and clusters larger than a block
+
+
+@pytest.mark.parametrize("keep", ["hard", "easy", "random"])
+def test_scores_equal_all_pairs_reference(keep):
+    x, labels, distance = clustered_with_sizes(SIZES, 24, seed=1)
+    ids = pa.array([f"f{i:04d}" for i in range(len(x))])
+    rank = dedup.rank_within_clusters(ids, labels, distance, keep, seed=3)
+    order = np.lexsort((rank, labels))
+    table = dedup.score_sorted_clusters(x[order], ids.take(pa.array(order)), labels[order], rank[order],
+                                        block_rows=16, col_block=40)
+    assert table.schema.equals(SCORES_SCHEMA)
+    back = np.argsort(order)
+    max_sim = table.column("max_sim").to_numpy()[back]
+    dup_ids = table.column("duplicate_of").to_pylist()
+    dup_row = np.array([-1 if dup_ids[b] is None else int(dup_ids[b][1:]) for b in back])
+    assert_matches_reference(x, labels, rank, max_sim, dup_row)
+    first = rank == 0
+    assert np.all(max_sim[first] == 0) and np.all(dup_row[first] == -1)
+    assert first.sum() == len(SIZES)
+
+
+def test_rank_modes():
+    ids = pa.array(["d", "a", "c", "b", "e"])
+    labels = np.array([0, 0, 0, 1, 1])
+    distance = np.array([0.1, 0.3, 0.2, 0.5, 0.5], np.float32)
+    assert dedup.rank_within_clusters(ids, labels, distance, "hard").tolist() == [2, 0, 1, 0, 1]
+    assert dedup.rank_within_clusters(ids, labels, distance, "easy").tolist() == [0, 2, 1, 0, 1]
+    r1 = dedup.rank_within_clusters(ids, labels, distance, "random", seed=7)
+    assert sorted(r1[:3].tolist()) == [0, 1, 2] and sorted(r1[3:].tolist()) == [0, 1]
+    shuffled = [4, 2, 0, 3, 1]  # random ranks follow the ids, not the row order
+    r2 = dedup.rank_within_clusters(ids.take(pa.array(shuffled)), labels[shuffled], distance[shuffled], "random", 7)
+    assert r2.tolist() == r1[shuffled].tolist()
+
+
+def test_row_ranges_cover_the_triangle_evenly():
+    ranges = dedup.split_rows_by_area(1000, 4)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    work = [b * b - a * a for a, b in ranges]
+    assert max(work) < 1.1 * min(work)
+    x, labels, _ = clustered_with_sizes([300], 16, seed=2)
+    whole, arg = dedup.triu_max_sim(x, block_rows=32)
+    pieces = [dedup.triu_max_sim(x, a, b, block_rows=32, col_block=50) for a, b in dedup.split_rows_by_area(300, 3)]
+    assert np.allclose(np.concatenate([p[0] for p in pieces]), whole, atol=1e-6)  # gemm shapes differ
+    assert np.array_equal(np.concatenate([p[1] for p in pieces]), arg)
+
+
+def test_plan_buckets_packs_small_and_splits_huge():
+    sizes = np.array([5, 0, 400, 7, 9, 3, 2])
+    buckets = dedup.plan_buckets(sizes, n_buckets=2, split_rows=100, bucket_rows=1000)
+    split = [b for b in buckets if b.row_ranges]
+    assert len(split) == 1 and split[0].clusters == [2] and len(split[0].row_ranges) >= 2
+    packed = sorted(c for b in buckets if not b.row_ranges for c in b.clusters)
+    assert packed == [0, 3, 4, 5, 6] and len(buckets) == 3
+
+
+def test_empty_and_single_inputs():
+    sims, arg = dedup.triu_max_sim(np.zeros((0, 8), np.float32))
+    assert len(sims) == 0 and len(arg) == 0
+    sims, arg = dedup.triu_max_sim(np.ones((1, 8), np.float32) / np.sqrt(8))
+    assert sims.tolist() == [0.0] and arg.tolist() == [-1]
+    assert len(dedup.rank_within_clusters(pa.array([], pa.string()), np.array([]), np.array([]))) == 0
+
+
+# ----------------------------------------------------------------------------- Ray stage
+
+
+def write_run(root: str, x: np.ndarray, labels: np.ndarray, distance: np.ndarray, parts: int = 3,
+              clusters_dim: int | None = None, drop_assignments: int = 0) -> list[str]:
+    """Publish embeddings/ and clusters/ (assignments + a centroids manifest) under ``root``."""
+    n, dim = x.shape
+    ids = [f"vid{i % 3}.mp4#{i}" for i in range(n)]
+    schema = embeddings_schema(dim)
+    emb_dir, files = storage.join(root, "embeddings"), []
+    for rows in np.array_split(np.arange(n), parts):
+        table = pa.table({
+            "id": [ids[i] for i in rows], "source": [f"vid{i % 3}.mp4" for i in rows],
+            "frame_index": pa.array(rows, pa.int64()), "timestamp_s": pa.array(rows * 0.5),
+            "dataset": ["d"] * len(rows),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), dim),
+            **{q: pa.array(np.full(len(rows), 0.5), pa.float32()) for q in QUALITY_COLUMNS},
+        }, schema=schema)
+        path = storage.join(emb_dir, storage.new_part_name())
+        storage.write_table(table, path)
+        files.append(storage.resolve(path)[1])
+    storage.publish(emb_dir, files, {"dim": dim, "schema": storage.schema_hex(schema)})
+    clusters_dir = storage.join(root, "clusters")
+    assign_dir = storage.join(clusters_dir, "assignments")
+    keep = slice(0, n - drop_assignments)
+    table = pa.table({"id": ids[keep], "cluster": labels[keep].astype(np.int32),
+                      "distance": distance[keep].astype(np.float32)}, schema=ASSIGNMENTS_SCHEMA)
+    path = storage.join(assign_dir, storage.new_part_name())
+    storage.write_table(table, path)
+    storage.publish(assign_dir, [storage.resolve(path)[1]], {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA)})
+    storage.publish(clusters_dir, [], {"dim": clusters_dim or dim, "assignments": "assignments"})
+    return ids
+
+
+@pytest.mark.parametrize("keep", ["hard", "random"])
+def test_run_matches_reference_with_a_split_cluster(ray_session, tmp_path, keep):
+    x, labels, distance = clustered_with_sizes([260, 1, 40, 12, 1, 90], 16, seed=5)
+    root = str(tmp_path / "run")
+    ids = write_run(root, x, labels, distance)
+    summary = dedup.run(dedup.Config(output=root, keep=keep, seed=2, block_rows=32, col_block=64, split_rows=100,
+                                     num_buckets=2, shard_rows=150, task_cpus=0.5))
+    assert summary["split_clusters"] == 1 and summary["rows"] == len(x)
+    scores = storage.read_published(storage.join(root, "dedup", "scores"))
+    assert scores.schema.equals(SCORES_SCHEMA)
+    got = scores.column("id").to_pylist()
+    assert sorted(got) == sorted(ids)
+    row_of = {i: r for r, i in enumerate(ids)}
+    rows = np.array([row_of[i] for i in got])
+    rank = np.empty(len(x), np.int64)
+    rank[rows] = scores.column("rank").to_numpy()
+    expected_rank = dedup.rank_within_clusters(pa.array(ids), labels, distance, keep, seed=2)
+    assert np.array_equal(rank, expected_rank)
+    assert np.array_equal(scores.column("cluster").to_numpy(), labels[rows])
+    max_sim = np.empty(len(x), np.float32)
+    max_sim[rows] = scores.column("max_sim").to_numpy()
+    dup_row = np.full(len(x), -1)
+    dup_row[rows] = [-1 if d is None else row_of[d] for d in scores.column("duplicate_of").to_pylist()]
+    assert_matches_reference(x, labels, rank, max_sim, dup_row)
+
+
+def test_run_rejects_bad_input(ray_session, tmp_path):
+    x, labels, distance = clustered_with_sizes([20, 10], 8, seed=6)
+    mismatch = str(tmp_path / "dim")
+    write_run(mismatch, x, labels, distance, clusters_dim=16)
+    with pytest.raises(EmbeddingError, match="dimension mismatch"):
+        dedup.run(dedup.Config(output=mismatch))
+
+    missing = str(tmp_path / "missing")
+    write_run(missing, x, labels, distance, drop_assignments=2)
+    with pytest.raises(ValueError, match="disagree"):
+        dedup.run(dedup.Config(output=missing, task_cpus=0.5))
+    assert not storage.is_published(storage.join(missing, "dedup", "scores"))
+
+    nan = str(tmp_path / "nan")
+    bad = x.copy()
+    bad[3] = np.nan
+    write_run(nan, bad, labels, distance)
+    with pytest.raises(EmbeddingError, match="NaN"):
+        dedup.run(dedup.Config(output=nan, task_cpus=0.5))
+
+    empty = str(tmp_path / "empty")
+    write_run(empty, x[:0], labels[:0], distance[:0], parts=1)
+    with pytest.raises(EmptyInputError):
+        dedup.run(dedup.Config(output=empty))
