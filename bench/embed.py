@@ -4,7 +4,7 @@
   plain      one process: PyAV decode + resize, then torch forward, in a loop
   model-only the forward alone on the pre-decoded frames
 
-Prints frames/s and the ratios pipeline/plain and pipeline/model-only.
+Prints frames/s (median over interleaved rounds) and the ratios pipeline/plain and pipeline/model-only.
 
     .venv/bin/python bench/embed.py [--model vit_tiny_patch16_224] [--threads 2] [--videos 6]
 """
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--videos", type=int, default=6)
     parser.add_argument("--stride", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,17 +112,25 @@ def main() -> None:
 
     ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    shutil.rmtree(work / "out", ignore_errors=True)
     pipeline(input_dir, work / "warmup", args.model, args.stride * 50, args.threads)  # start workers, import torch
-    n_pipe, t_pipe = pipeline(input_dir, work / "out", args.model, args.stride, args.threads)
+    # Interleave the variants round by round so a change in machine load hits all of them.
+    times: dict[str, list[float]] = {"pipeline": [], "plain_loop": [], "model_only": []}
+    counts = set()
+    for r in range(args.rounds):
+        shutil.rmtree(work / "out", ignore_errors=True)
+        n_pipe, t_pipe = pipeline(input_dir, work / "out", args.model, args.stride, args.threads)
+        n_plain, t_plain, batches = plain_loop(videos, args.model, args.stride)
+        n_model, t_model = model_only(batches, args.model)
+        counts |= {n_pipe, n_plain, n_model}
+        for k, t in (("pipeline", t_pipe), ("plain_loop", t_plain), ("model_only", t_model)):
+            times[k].append(t)
     ray.shutdown()
-    n_plain, t_plain, batches = plain_loop(videos, args.model, args.stride)
-    n_model, t_model = model_only(batches, args.model)
-    assert n_pipe == n_plain == n_model, (n_pipe, n_plain, n_model)
-    fps = {"pipeline": n_pipe / t_pipe, "plain_loop": n_plain / t_plain, "model_only": n_model / t_model}
+    assert len(counts) == 1, f"variants embedded different frame counts: {counts}"
+    n_pipe = counts.pop()
+    fps = {k: n_pipe / float(np.median(v)) for k, v in times.items()}
     result = {
         "model": args.model, "threads": args.threads, "videos": len(videos), "frames": n_pipe,
-        "stride": args.stride, "frames_per_s": {k: round(v, 1) for k, v in fps.items()},
+        "stride": args.stride, "rounds": args.rounds, "frames_per_s": {k: round(v, 1) for k, v in fps.items()},
         "pipeline_vs_plain": round(fps["pipeline"] / fps["plain_loop"], 2),
         "pipeline_vs_model_only": round(fps["pipeline"] / fps["model_only"], 2),
     }

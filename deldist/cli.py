@@ -16,6 +16,10 @@ from deldist.config import load_config
 # stage name -> module holding Config and run(config)
 STAGES: dict[str, str] = {
     "embed": "deldist.embed",
+    "cluster": "deldist.cluster",
+    "dedup": "deldist.dedup",
+    "select": "deldist.select",
+    "curate": "deldist.curate",
 }
 
 

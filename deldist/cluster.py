@@ -34,6 +34,7 @@ norm before use (the contract says they already are; this absorbs float drift).
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
@@ -70,11 +71,11 @@ class Config(StageConfig):
     clusters: str | None = Field(None, description="output dir (default: <output>/clusters)")
     k: int = Field(1000, ge=1, description="number of clusters")
     max_iter: int = Field(20, ge=0, description="maximum Lloyd updates")
-    tol: float = Field(1e-4, ge=0, description="stop when |obj_prev - obj| / obj_prev < tol")
+    tol: float = Field(1e-4, ge=0, description="stop when |obj_prev - obj| / obj_prev < tol (0: never early)")
     fit_fraction: float = Field(1.0, gt=0, le=1, description="fraction of rows the fit sees")
     init: Literal["k-means++", "random"] = "k-means++"
     init_sample_size: int | None = Field(
-        None, ge=1, description="rows k-means++ runs on (default max(8k, 10000), capped at fit rows)")
+        None, ge=1, description="rows k-means++ runs on (default max(4k, 4096), capped at fit rows)")
     seed: int = 0
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
     num_tasks: int | None = Field(None, ge=1, description="tasks per iteration (default: cluster CPUs / task_cpus)")
@@ -121,10 +122,9 @@ def normalize_checked(x: np.ndarray, ids: Sequence[str] | pa.Array | None = None
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise EmbeddingError(f"embeddings must be 2-D (n, D), got shape {x.shape}")
-    finite = np.isfinite(x).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
-    bad_nan = np.flatnonzero(~finite)
-    bad_zero = np.flatnonzero(finite & (norms < 1e-12))
+    squared = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # NaN / inf rows give NaN / inf
+    bad_nan = np.flatnonzero(~np.isfinite(squared))
+    bad_zero = np.flatnonzero(squared < 1e-24)
 
     def _names(rows: np.ndarray) -> list[str]:
         if ids is None:
@@ -135,7 +135,7 @@ def normalize_checked(x: np.ndarray, ids: Sequence[str] | pa.Array | None = None
         raise EmbeddingError(f"{len(bad_nan)} embeddings contain NaN or inf, e.g. {_names(bad_nan)}")
     if len(bad_zero):
         raise EmbeddingError(f"{len(bad_zero)} embeddings are zero vectors, e.g. {_names(bad_zero)}")
-    return (x / norms[:, None]).astype(np.float32, copy=False)
+    return x * (1.0 / np.sqrt(squared)).astype(np.float32)[:, None]
 
 
 def normalize_rows(c: np.ndarray) -> np.ndarray:
@@ -151,14 +151,16 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator,
     For unit vectors ``||a - b||^2 = 2 (1 - cos)``, so sampling proportional to the cosine
     distance to the nearest chosen centre is the D^2 weighting of k-means++. Greedy variant
     (as in scikit-learn): each step draws ``local_trials`` (default 2 + ln k) candidates and
-    keeps the one that lowers the total distance most. The candidates are scored with one
-    (m, D) x (D, trials) product, so a step costs one pass over ``x`` like plain k-means++.
+    keeps the one that lowers the total distance most; the candidates are scored with one
+    (trials, D) x (D, m) product. k steps in all, each a pass over ``x``: keep m modest (see
+    :func:`default_init_sample_size`); :func:`run` seeds inside a 1-CPU Ray task.
     Rows at zero distance from a chosen centre (duplicates) are never drawn while any row at
     positive distance remains; when none remains, the rest are drawn uniformly.
     """
     m = len(x)
     if k > m:
         raise ValueError(f"k-means++ needs at least k={k} rows, got {m}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
     trials = local_trials or 2 + int(np.log(k))
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(m)
@@ -167,26 +169,27 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator,
     taken = np.zeros(m, dtype=bool)
     taken[chosen[0]] = True
     for i in range(1, k):
-        total = closest.sum()
+        cumulative = np.cumsum(closest)
+        total = cumulative[-1]
         if total <= 0:
-            chosen[i] = int(rng.choice(np.flatnonzero(~taken)))
-            distance = np.maximum(1.0 - x @ x[chosen[i]], 0.0)
+            pick = int(rng.choice(np.flatnonzero(~taken)))
+            distance = np.maximum(1.0 - x @ x[pick], 0.0)
         else:
-            cumulative = np.cumsum(closest)
             picks = np.searchsorted(cumulative, rng.random(trials) * total, side="right")
             picks = np.unique(np.minimum(picks, m - 1))
             picks = picks[closest[picks] > 0]
             if len(picks) == 0:  # float edge: only zero-weight rows were hit
                 picks = np.flatnonzero(closest > 0)[:1]
-            candidate = np.maximum(1.0 - x @ x[picks].T, 0.0)  # (m, trials)
-            potential = np.minimum(closest[:, None], candidate).sum(axis=0)
+            candidate = np.maximum(1.0 - x[picks] @ x.T, 0.0)  # (trials, m)
+            potential = np.minimum(closest[None, :], candidate).sum(axis=1)
             best = int(np.argmin(potential))
-            chosen[i] = picks[best]
-            distance = candidate[:, best]
-        taken[chosen[i]] = True
+            pick = int(picks[best])
+            distance = candidate[best]
+        chosen[i] = pick
+        taken[pick] = True
         closest = np.minimum(closest, distance)
-        closest[chosen[i]] = 0.0
-    return x[chosen].astype(np.float32, copy=True)
+        closest[pick] = 0.0
+    return x[chosen].copy()
 
 
 def random_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -194,6 +197,18 @@ def random_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     if k > len(x):
         raise ValueError(f"random init needs at least k={k} rows, got {len(x)}")
     return x[rng.choice(len(x), size=k, replace=False)].astype(np.float32, copy=True)
+
+
+def as_tensor(a: np.ndarray) -> Any:
+    """Zero-copy torch view of a numpy array, also of read-only ones (Ray object-store
+    arrays): torch warns that writes would be undefined; nothing here writes to them."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _use_threads(threads: int) -> None:
@@ -257,7 +272,7 @@ def partial_stats(matrices: Sequence[np.ndarray], centroids: np.ndarray, n_far: 
         if len(x) == 0:
             continue
         labels, sims = nearest_centroid(x, centroids, use_gpu)
-        sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(np.asarray(x)))
+        sums.index_add_(0, torch.from_numpy(labels), as_tensor(np.asarray(x)))
         counts += np.bincount(labels, minlength=k)
         distance = 1.0 - sims.astype(np.float64)
         objective += float(distance.sum())
@@ -334,7 +349,8 @@ def objective(x: np.ndarray, centroids: np.ndarray) -> float:
 
 
 def default_init_sample_size(k: int, n_fit: int) -> int:
-    return min(n_fit, max(8 * k, 10_000))
+    """Rows k-means++ seeds from: 4 per cluster, at least 4096 (k passes over them)."""
+    return min(n_fit, max(4 * k, 4096))
 
 
 def _init_sample(x: np.ndarray, k: int, size: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -349,7 +365,7 @@ def _converged(history: list[float], tol: float) -> bool:
     if len(history) < 2:
         return False
     prev, cur = history[-2], history[-1]
-    return abs(prev - cur) <= tol * max(abs(prev), 1e-30)
+    return abs(prev - cur) < tol * max(abs(prev), 1e-30)
 
 
 # ----------------------------------------------------------------------------- shards (I/O)
@@ -369,12 +385,16 @@ def _file_row_groups(fs: Any, path: str) -> list[int]:
         return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
-def plan_shards(dir_uri: str, shard_rows: int) -> list[Shard]:
-    """Split a published table into shards of about ``shard_rows`` rows (whole row groups;
-    consecutive small files are packed together). Reads only the Parquet footers."""
+def plan_shards(dir_uri: str, shard_rows: int, min_shards: int = 1) -> list[Shard]:
+    """Split a published table into shards of at most ``shard_rows`` rows, smaller when
+    needed to get about ``min_shards`` shards (parallelism). Shards hold whole row groups
+    (consecutive small files are packed together), so a row group larger than the target is
+    one shard on its own. Reads only the Parquet footers."""
     fs, paths = storage.published_paths(dir_uri)
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         row_groups = list(pool.map(lambda p: _file_row_groups(fs, p), paths))
+    total = sum(sum(g) for g in row_groups)
+    shard_rows = max(1, min(shard_rows, math.ceil(total / max(1, min_shards))))
     shards: list[Shard] = []
     pieces: list[tuple[str, tuple[int, ...]]] = []
     rows = 0
@@ -484,6 +504,13 @@ def _sample_rows(x: np.ndarray, m: int, seed: int, shard_index: int) -> np.ndarr
     return np.asarray(x)[rows]
 
 
+def _init_task(k: int, init: str, seed: int, *samples: np.ndarray) -> np.ndarray:
+    """Task body: seed k centroids (k, D) from the concatenated samples."""
+    sample = np.concatenate(samples)
+    rng = np.random.default_rng(seed)
+    return kmeans_plus_plus(sample, k, rng) if init == "k-means++" else random_init(sample, k, rng)
+
+
 def _stats_task(centroids: np.ndarray, n_far: int, use_gpu: bool, threads: int,
                 *matrices: np.ndarray) -> PartialStats:
     _use_threads(threads)
@@ -527,7 +554,8 @@ def run(config: Config) -> dict[str, Any]:
     assign_dir = storage.join(out_dir, "assignments")
     manifest = storage.read_manifest(emb_dir)
     dim = manifest.get("dim")
-    shards = plan_shards(emb_dir, config.shard_rows)
+    n_tasks = config.num_tasks or _default_tasks(config.task_cpus)
+    shards = plan_shards(emb_dir, config.shard_rows, min_shards=4 * n_tasks)
     n_total = sum(s.num_rows for s in shards)
     if n_total == 0:
         raise EmptyInputError(f"{emb_dir} has no rows: nothing to cluster")
@@ -543,27 +571,26 @@ def run(config: Config) -> dict[str, Any]:
              for i, s in enumerate(shards)]
     matrices = [ref for ref, _ in loads]
     row_counts = [int(c) for c in ray.get([count for _, count in loads])]
+    del loads  # the matrices must be freed once the fit is done
     n_fit = int(sum(row_counts))
     if config.k > n_fit:
         raise ValueError(f"k={config.k} exceeds the {n_fit} rows of the fit sample "
                          f"(fit_fraction={config.fit_fraction} of {n_total}); lower k or raise fit_fraction")
     loaded = time.perf_counter()
 
-    # 3. initialisation on a small sample gathered in the driver
-    rng = np.random.default_rng(config.seed)
+    # 3. initialisation on a small sample, in a task (the driver never holds the data)
     m = max(config.k, config.init_sample_size or default_init_sample_size(config.k, n_fit))
     m = min(m, n_fit)
     take = proportional_counts(row_counts, m)
     sample_task = ray.remote(num_cpus=0.01)(_sample_rows)
-    sample = np.concatenate(ray.get([sample_task.remote(mat, t, config.seed, i)
-                                     for i, (mat, t) in enumerate(zip(matrices, take)) if t > 0]))
-    centroids = (kmeans_plus_plus(sample, config.k, rng) if config.init == "k-means++"
-                 else random_init(sample, config.k, rng))
-    del sample
+    samples = [sample_task.remote(mat, t, config.seed, i)
+               for i, (mat, t) in enumerate(zip(matrices, take)) if t > 0]
+    init_task = ray.remote(num_cpus=config.task_cpus)(_init_task)
+    centroids = ray.get(init_task.remote(config.k, config.init, config.seed, *samples))
+    del samples
     initialised = time.perf_counter()
 
     # 4. Lloyd iterations: only centroids go out, only k x D sums come back
-    n_tasks = config.num_tasks or _default_tasks(config.task_cpus)
     groups = balanced_groups(row_counts, n_tasks)
     stats_task = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_stats_task)
     n_far = min(config.k, 256)

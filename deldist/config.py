@@ -64,8 +64,10 @@ def load_config(cls: type[C], path: str | None = None, overrides: list[str] | No
         stage_names = {"embed", "cluster", "dedup", "select", "curate", "materialize",
                        "pretrain", "finetune", "report", "curate_new"}
         shared = {k: v for k, v in data.items() if k not in stage_names}
+        # a chain stage (curate) has fields named after the stages it runs: pass their blocks
+        shared.update({k: v for k, v in data.items() if k in stage_names and k in cls.model_fields})
         data = _merge(shared, data.get(section) or {})
         # Keep only keys this stage knows, so one file can configure the whole chain.
-        data = {k: v for k, v in data.items() if k in cls.model_fields or k == section}
+        data = {k: v for k, v in data.items() if k in cls.model_fields}
     data = _merge(data, parse_overrides(overrides or []))
     return cls.model_validate(data)

@@ -48,6 +48,7 @@ from deldist.cluster import (
     EmbeddingError,
     EmptyInputError,
     Shard,
+    as_tensor,
     embedding_matrix,
     normalize_checked,
     plan_shards,
@@ -68,7 +69,7 @@ class Config(StageConfig):
     scores: str | None = Field(None, description="default <output>/dedup/scores")
     keep: KeepMode = Field("hard", description="rank order within a cluster: hard = farthest from the centroid first")
     seed: int = Field(0, description="seed of keep=random")
-    block_rows: int = Field(256, ge=1, description="rows per similarity block")
+    block_rows: int = Field(128, ge=1, description="rows per similarity block")
     col_block: int = Field(16_384, ge=1, description="columns per similarity tile")
     split_rows: int = Field(50_000, ge=2, description="clusters larger than this are split over several tasks")
     bucket_rows: int = Field(200_000, ge=1, description="soft cap on rows in one packed task")
@@ -129,7 +130,7 @@ def _upper_mask(size: int) -> Any:
     return mask
 
 
-def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
+def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 128,
                  col_block: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """Max similarity of each row to the rows before it.
 
@@ -149,24 +150,29 @@ def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_r
     out_arg = np.full(stop - start, -1, np.int64)
     if stop <= start:
         return out_sim, out_arg
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xt = as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    col_block = max(col_block, block_rows)  # the diagonal always falls in the first tile
     neg_inf = float("-inf")
     for r0 in range(start, stop, block_rows):
         r1 = min(r0 + block_rows, stop)
         rows = xt[r0:r1]
-        # diagonal tile: rows against themselves, j >= i masked out
-        sims = rows @ rows.T
-        sims.masked_fill_(_upper_mask(block_rows)[: r1 - r0, : r1 - r0], neg_inf)
-        best, arg = sims.max(dim=1)
-        arg += r0
-        # earlier rows [0, r0) in column tiles, no mask; walked right to left with ">=" so
-        # exact ties go to the earliest column, like one argmax over the whole row
-        for c0 in reversed(range(0, r0, col_block)):
-            c1 = min(c0 + col_block, r0)
-            tile_best, tile_arg = (rows @ xt[c0:c1].T).max(dim=1)
-            better = tile_best >= best
-            best = torch.where(better, tile_best, best)
-            arg = torch.where(better, tile_arg + c0, arg)
+        best = arg = None
+        # column tiles of [0, r1) from the right: the first holds the diagonal block, where
+        # j >= i is masked; later ones win exact ties (">="), so the earliest column wins
+        c_hi = r1
+        while c_hi > 0:
+            c_lo = max(0, c_hi - col_block)
+            sims = rows @ xt[c_lo:c_hi].T  # (r1 - r0, c_hi - c_lo)
+            if best is None:
+                sims[:, r0 - c_lo:].masked_fill_(_upper_mask(block_rows)[: r1 - r0, : r1 - r0], neg_inf)
+                best, arg = sims.max(dim=1)
+                arg += c_lo
+            else:
+                tile_best, tile_arg = sims.max(dim=1)
+                better = tile_best >= best
+                best = torch.where(better, tile_best, best)
+                arg = torch.where(better, tile_arg + c_lo, arg)
+            c_hi = c_lo
         out_sim[r0 - start:r1 - start] = best.numpy()
         out_arg[r0 - start:r1 - start] = arg.numpy()
     if start == 0:
@@ -175,7 +181,7 @@ def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_r
 
 
 def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
-                          block_rows: int = 256, col_block: int = 16_384) -> pa.Table:
+                          block_rows: int = 128, col_block: int = 16_384) -> pa.Table:
     """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
 
     x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
@@ -311,20 +317,22 @@ def gather_sorted(slices: Sequence[tuple[pa.Table, np.ndarray]], keys: tuple[str
                   ) -> tuple[np.ndarray, pa.Table]:
     """Concatenate shuffle slices ordered by ``keys`` (primary, secondary) with a single copy
     of the vectors -> (matrix (n, D) float32, meta table in the same order)."""
+    import torch
+
     meta = pa.concat_tables([m for m, _ in slices])
     n = meta.num_rows
     dim = max((x.shape[1] for _, x in slices if x.ndim == 2), default=0)
     order = np.lexsort((meta.column(keys[1]).to_numpy(), meta.column(keys[0]).to_numpy()))
     destination = np.empty(n, np.int64)
     destination[order] = np.arange(n)
-    x = np.empty((n, dim), np.float32)
+    x = torch.empty((n, dim), dtype=torch.float32)
     offset = 0
     for _, part in slices:
         m = len(part)
-        if m:
-            x[destination[offset:offset + m]] = part
+        if m:  # torch's row scatter is ~2x numpy fancy assignment
+            x.index_copy_(0, torch.from_numpy(destination[offset:offset + m]), as_tensor(np.asarray(part)))
         offset += m
-    return x, meta.take(pa.array(order))
+    return x.numpy(), meta.take(pa.array(order))
 
 
 def shuffle_by_bucket(emb_dir: str, dim: int | None, lookup: pa.Table, n_buckets: int, shard_rows: int,
@@ -336,7 +344,8 @@ def shuffle_by_bucket(emb_dir: str, dim: int | None, lookup: pa.Table, n_buckets
     """
     import ray
 
-    shards = plan_shards(emb_dir, shard_rows)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    shards = plan_shards(emb_dir, shard_rows, min_shards=max(1, int(2 * cpus / io_cpus)))
     lookup_ref = ray.put(lookup)
     route = ray.remote(num_cpus=io_cpus, num_returns=n_buckets + 1)(route_shard)
     routed = [route.remote(emb_dir, s, dim, lookup_ref, n_buckets) for s in shards]
@@ -364,9 +373,10 @@ def _score_bucket(out_dir: str, block_rows: int, col_block: int, threads: int,
     x, meta = gather_sorted(slices)
     del slices
     ids = meta.column("id").combine_chunks()
+    start = time.perf_counter()
     table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
                                   block_rows, col_block)
-    return _write_part(out_dir, table)
+    return _write_part(out_dir, table, time.perf_counter() - start)
 
 
 def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, pa.Array]:
@@ -384,16 +394,17 @@ def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start:
     import torch
 
     torch.set_num_threads(threads)
+    began = time.perf_counter()
     sims, arg = triu_max_sim(x, start, stop, block_rows, col_block)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
                          np.arange(start, stop), sims, arg, dup_ids=ids)
-    return _write_part(out_dir, table)
+    return _write_part(out_dir, table, time.perf_counter() - began)
 
 
-def _write_part(out_dir: str, table: pa.Table) -> dict[str, Any]:
+def _write_part(out_dir: str, table: pa.Table, score_seconds: float) -> dict[str, Any]:
     path = storage.join(out_dir, storage.new_part_name())
     storage.write_table(table, path)
-    return {"path": storage.resolve(path)[1], "rows": table.num_rows}
+    return {"path": storage.resolve(path)[1], "rows": table.num_rows, "score_seconds": score_seconds}
 
 
 def _check_unique(ids: pa.ChunkedArray, what: str) -> None:
@@ -480,5 +491,6 @@ def run(config: Config) -> dict[str, Any]:
         "largest_cluster": int(sizes.max()), "pairs": int((sizes.astype(np.int64) * (sizes - 1) // 2).sum()),
         "buckets": len(buckets), "split_clusters": sum(1 for b in buckets if b.row_ranges),
         "tasks": len(pending), "shards": len(route_stats),
-        "seconds": {"plan": planned - started, "shuffle_and_score": finished - planned},
+        "seconds": {"plan": planned - started, "shuffle_and_score": finished - planned,
+                    "score_tasks_total": sum(p["score_seconds"] for p in parts)},
     }

@@ -1,14 +1,14 @@
-"""``make demo``: generate the sample data, run the pipeline on a local Ray cluster, print
-where everything is. Stages run through the same ``run(config)`` functions as the CLI."""
+"""``make demo``: generate the sample data, curate it on a local Ray cluster (embed -> cluster
+-> dedup -> select), print the selection table and where everything is. Stages run through
+the same ``run(config)`` functions as the CLI and the ``jobs/`` entry points."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from deldist import embed, sample
+from deldist import curate, sample
 from deldist.config import load_config
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -25,16 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "ground_truth.parquet").exists():
         print(f"generating {args.size} sample data into {data} ...")
         print(json.dumps(sample.generate(str(data), size=args.size, seed=0), indent=2))
-    run_root = str(out / "run")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    cfg = load_config(embed.Config, args.config, [f"input={data / 'videos'}", f"output={run_root}"],
-                      section="embed")
-    embed.run(cfg)
+    run_root = out / "run"
+    cfg = load_config(curate.Config, args.config,
+                      [f"input={data / 'videos'}", f"output={run_root}",
+                       f"ground_truth={data / 'ground_truth.parquet'}"], section="curate")
+    result = curate.run(cfg)
     print("\nResults:")
-    print(f"  sample data     {data}  (videos/, kvasir/, ground_truth.parquet)")
-    print(f"  embeddings      {run_root}/embeddings  (Parquet + _manifest.json)")
-    print(f"  errors          {run_root}/errors")
-    print("  encoder         vit_tiny_patch16_224, RANDOM-INITIALISED (demo only; see configs/demo.yaml)")
+    print(f"  sample data   {data}  (videos/, kvasir/, ground_truth.parquet)")
+    print(f"  embeddings    {run_root}/embeddings   errors: {run_root}/errors")
+    print(f"  clusters      {run_root}/clusters     scores: {run_root}/dedup/scores")
+    for name in result["selections"]:
+        print(f"  selection     {run_root}/selections/{name}/  (retained/, removed/, summary.json)")
+    print("  encoder       vit_tiny_patch16_224, RANDOM-INITIALISED (demo only; see configs/demo.yaml)")
     return 0
 
 

@@ -284,9 +284,7 @@ def ground_truth_metrics(ids: pa.Array | pa.ChunkedArray | Sequence[str], kept: 
     result: dict[str, Any] = {"frames": int(matched.sum()), "frames_without_ground_truth": int((~matched).sum())}
     result.update(_coverage_and_recall(gt, k, invalid))
     if random_seed is not None and matched.any():
-        rng = np.random.default_rng(random_seed)
-        random_kept = np.zeros(len(ids), bool)
-        random_kept[rng.choice(len(ids), size=int(kept.sum()), replace=False)] = True
+        random_kept = random_decision(ids, kept.sum() / len(ids), random_seed) < 0
         result["random_baseline"] = _coverage_and_recall(gt, random_kept[matched], invalid)
     return result
 

@@ -55,10 +55,11 @@ def faiss_objective(x: np.ndarray, k: int, niter: int, seed: int = 1) -> float:
 
 
 def test_local_kmeans_matches_faiss_objective():
-    x = clustered(4000, 32, 40, seed=0)
-    centroids, history = cluster.kmeans_local(x, 40, max_iter=12, tol=0.0, seed=0, n_shards=3)
+    x = clustered(2500, 32, 30, seed=0)
+    centroids, history = cluster.kmeans_local(x, 30, max_iter=10, tol=0.0, seed=0, n_shards=3)
+    assert len(history) == 10  # tol=0: never stops early
     ours = cluster.objective(x, centroids)
-    assert ours <= 1.01 * faiss_objective(x, 40, 12)
+    assert ours <= 1.01 * faiss_objective(x, 30, 10)
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))  # Lloyd never gets worse
 

@@ -1,0 +1,263 @@
+"""Distributed spherical k-means (deldist.cluster.run on Ray) vs faiss.Kmeans, one process.
+
+Both fit the same synthetic clustered embeddings (unit rows, hierarchical clusters with
+near-duplicates, log-normal cluster sizes) with the same k and the same number of Lloyd
+iterations (tol = 0, so neither stops early); faiss uses all rows (no subsampling).
+Each variant runs in its own subprocess, so its peak memory is its own:
+
+  faiss   faiss.Kmeans(spherical=True) on the matrix in memory (2 OpenMP threads)
+  ours    deldist.cluster.run on a local Ray cluster (num_cpus=2) from the Parquet
+          embeddings: load once, k-means++ init, Lloyd passes, full assignment pass + write
+
+Prints the time ratios (fit only, and the whole stage) and the objective ratio
+(total cosine distance to the nearest centroid over all rows, lower is better), plus peak
+memory: faiss = ru_maxrss of its process; ours = peak summed PSS of the driver and every
+Ray process it started (raylet, workers, object store pages), sampled every 0.25 s.
+
+    .venv/bin/python bench/kmeans.py [--n 200000] [--large] [--k 1000] [--iters 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DIM = 768
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def synthetic(n: int, dim: int = DIM, clusters: int = 1000, seed: int = 0, size_sigma: float = 1.0,
+              duplicate_fraction: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit embeddings -> (x (n, dim) float32, cluster label (n,) int64).
+
+    ``clusters`` sub-centres around ``clusters // 5`` scene centres (correlated clusters, so
+    k-means has work to do); cluster sizes log-normal(0, size_sigma); within a cluster, a
+    ``duplicate_fraction`` of the rows are near-copies of an earlier row (video frames).
+    Rows come out shuffled.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = rng.standard_normal((max(1, clusters // 5), dim)).astype(np.float32)
+    parent = rng.integers(0, len(scenes), clusters)
+    centres = scenes[parent] + 0.7 * rng.standard_normal((clusters, dim)).astype(np.float32)
+    weights = rng.lognormal(0.0, size_sigma, clusters)
+    sizes = np.maximum(1, np.floor(weights / weights.sum() * n).astype(np.int64))
+    sizes[np.argmax(sizes)] += n - sizes.sum()
+    x = np.empty((n, dim), np.float32)
+    labels = np.repeat(np.arange(clusters), sizes)
+    start = 0
+    for c, size in enumerate(sizes):
+        block = x[start:start + size]
+        block[:] = centres[c] + 0.8 * rng.standard_normal((size, dim), dtype=np.float32)
+        copies = np.flatnonzero(rng.random(size) < duplicate_fraction)
+        copies = copies[copies > 0]
+        if len(copies):
+            source = (rng.random(len(copies)) * copies).astype(np.int64)  # an earlier row
+            block[copies] = block[source] + 0.15 * rng.standard_normal((len(copies), dim), dtype=np.float32)
+        start += size
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    order = rng.permutation(n)
+    return x[order], labels[order]
+
+
+def ids_for(n: int) -> list[str]:
+    return [f"video_{i // 5000:04d}.mp4#{i % 5000}" for i in range(n)]
+
+
+def write_embeddings(emb_dir: str, x: np.ndarray, rows_per_part: int = 8192) -> list[str]:
+    """Publish ``x`` as ``embeddings/`` (Parquet parts + manifest), ids from :func:`ids_for`."""
+    import pyarrow as pa
+
+    from deldist import storage
+    from deldist.schema import QUALITY_COLUMNS, embeddings_schema
+
+    n, dim = x.shape
+    ids = ids_for(n)
+    schema = embeddings_schema(dim)
+    files = []
+    for start in range(0, n, rows_per_part):
+        stop = min(n, start + rows_per_part)
+        rows = np.arange(start, stop)
+        table = pa.table({
+            "id": ids[start:stop], "source": [f"s3://in/{i.split('#')[0]}" for i in ids[start:stop]],
+            "frame_index": pa.array(rows % 5000, pa.int64()), "timestamp_s": pa.array((rows % 5000) / 2.0),
+            "dataset": ["synthetic"] * len(rows),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[start:stop].reshape(-1)), dim),
+            **{q: pa.array(np.full(len(rows), 0.5, np.float32)) for q in QUALITY_COLUMNS},
+        }, schema=schema)
+        path = storage.join(emb_dir, storage.new_part_name())
+        storage.write_table(table, path)
+        files.append(storage.resolve(path)[1])
+    storage.publish(emb_dir, files, {"dim": dim, "model": "synthetic", "schema": storage.schema_hex(schema)})
+    return ids
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Peak summed PSS (GiB) of this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak_kib, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _descendants(os.getpid())))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_kib / 2**20
+
+
+def self_peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_child(script: str, variant: str, workdir: str, extra: list[str]) -> dict:
+    """Run ``script --child variant`` in a fresh interpreter; it prints one JSON line last."""
+    out = subprocess.run([sys.executable, script, "--child", variant, "--workdir", workdir, *extra],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ray_start() -> None:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def child_faiss(workdir: str, k: int, iters: int, seed: int) -> dict:
+    import faiss
+
+    from deldist.cluster import objective
+
+    x = np.load(os.path.join(workdir, "x.npy"))
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, spherical=True, seed=seed + 1, max_points_per_centroid=10**9)
+    start = time.perf_counter()
+    km.train(x)
+    seconds = time.perf_counter() - start
+    return {"fit_seconds": seconds, "objective": objective(x, km.centroids), "peak_gib": self_peak_rss_gib(),
+            "threads": faiss.omp_get_max_threads()}
+
+
+def child_ours(workdir: str, k: int, iters: int, seed: int) -> dict:
+    from deldist import cluster
+
+    ray_start()
+    config = cluster.Config(output=workdir, k=k, max_iter=iters, tol=0.0, seed=seed)
+    with TreeMemory() as memory:
+        start = time.perf_counter()
+        summary = cluster.run(config)
+        seconds = time.perf_counter() - start
+    s = summary["seconds"]
+    return {"stage_seconds": seconds, "fit_seconds": s["init"] + s["fit"], "load_seconds": s["load"],
+            "assign_seconds": s["assign"], "init_seconds": s["init"], "objective": summary["objective"],
+            "iterations": summary["iterations"], "fit_tasks": summary["fit_tasks"], "peak_gib": memory.peak_gib}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200_000)
+    parser.add_argument("--large", action="store_true", help="1M x 768")
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", choices=["faiss", "ours"])
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+    if args.child:
+        fn = child_faiss if args.child == "faiss" else child_ours
+        print(json.dumps(fn(args.workdir, args.k, args.iters, args.seed)))
+        return
+    n = 1_000_000 if args.large else args.n
+    workdir = tempfile.mkdtemp(prefix="bench-kmeans-")
+    try:
+        t = time.perf_counter()
+        x, _ = synthetic(n, seed=args.seed)
+        np.save(os.path.join(workdir, "x.npy"), x)
+        write_embeddings(os.path.join(workdir, "embeddings"), x)
+        del x
+        print(f"data: {n} x {DIM} float32, k={args.k}, {args.iters} iterations "
+              f"(generated in {time.perf_counter() - t:.0f} s)", flush=True)
+        extra = ["--k", str(args.k), "--iters", str(args.iters), "--seed", str(args.seed)]
+        faiss_r = run_child(__file__, "faiss", workdir, extra)
+        print("faiss:", json.dumps(faiss_r), flush=True)
+        ours = run_child(__file__, "ours", workdir, extra)
+        print("ours: ", json.dumps(ours), flush=True)
+        result = {
+            "n": n, "dim": DIM, "k": args.k, "iterations": args.iters,
+            "faiss_fit_s": round(faiss_r["fit_seconds"], 2), "ours_fit_s": round(ours["fit_seconds"], 2),
+            "ours_stage_s": round(ours["stage_seconds"], 2),
+            "fit_time_ratio": round(ours["fit_seconds"] / faiss_r["fit_seconds"], 3),
+            "stage_time_ratio": round(ours["stage_seconds"] / faiss_r["fit_seconds"], 3),
+            "objective_ratio": round(ours["objective"] / faiss_r["objective"], 5),
+            "faiss_peak_gib": round(faiss_r["peak_gib"], 2), "ours_peak_gib": round(ours["peak_gib"], 2),
+        }
+        print(json.dumps(result, indent=1))
+        print(f"fit time ours/faiss = {result['fit_time_ratio']:.2f}x (target <= 1.5), whole stage "
+              f"{result['stage_time_ratio']:.2f}x; objective ours/faiss = {result['objective_ratio']:.4f} "
+              f"(target <= 1.01); peak memory faiss {result['faiss_peak_gib']} GiB, ours {result['ours_peak_gib']} GiB")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

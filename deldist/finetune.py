@@ -1,0 +1,491 @@
+"""Downstream evaluation of an encoder (a pretraining export, any checkpoint ``deldist embed``
+loads, or random init as the control).
+
+Segmentation (the MedDEL paper's protocol): ViT encoder + a light per-token MLP head,
+bilinearly upsampled to the mask, Dice + cross-entropy, on a Kvasir-SEG layout (``images/``
+and ``masks/`` with the same stems; masks 0/255). Trained on Ray Train (``TorchTrainer``, DDP,
+checkpoint every epoch, resumable like ``deldist pretrain``); rank 0 evaluates the held-out
+split. Reports ``iou_fg`` (what the report calls mIoU), ``iou_bg``, ``miou_fg_bg``,
+``iou_fg_per_image``, ``dice_fg`` (see :mod:`deldist.metrics`), computed at ``image_size``.
+
+Classification (MedFMC protocol): N-shot training sets (``n_shots``, default 1, 5, 10) drawn
+with ``runs`` seeds (default 5), the rest is the test set; linear probe (frozen encoder) and
+full finetuning; multi-class -> Acc, AUC; multi-label -> mAP, AUC; averaged over the seeds.
+Each (mode, shot, seed) run is a single-process Ray task (dozens of runs on a few images each:
+DDP would only add start-up cost); its result is stored as it finishes, so a rerun only runs
+the missing ones.
+
+Output ``<output>/finetune/<name>/``: ``segmentation.json`` (+ per-epoch ``segmentation_metrics.csv/json``),
+``classification/runs/*.json`` and ``classification.json``, ``summary.json``, published.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import posixpath
+import time
+from typing import Any, Iterator, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from deldist import storage
+from deldist.config import StageConfig
+from deldist.pretrain import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class Segmentation(BaseModel):
+    """Segmentation finetuning settings (``segmentation.<key>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str | None = Field(None, description="Kvasir-SEG layout root: images/ + masks/")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    epochs: int = Field(30, ge=1)
+    warmup_epochs: float = Field(2, ge=0)
+    batch_size: int = Field(8, ge=1, description="per worker")
+    lr: float = Field(1e-4, gt=0, description="encoder peak lr (the head gets lr * head_lr_scale)")
+    head_lr_scale: float = Field(10.0, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    hidden: int = Field(256, ge=1, description="MLP head width")
+    dice_weight: float = Field(1.0, ge=0)
+
+
+class Classification(BaseModel):
+    """MedFMC-style few-shot classification settings (``classification.<key>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str | None = Field(None, description="root with images/ and a labels CSV")
+    labels: str = Field("labels.csv", description="CSV relative to data (name + label column(s))")
+    label_column: str = Field("label", description="multi-class: the class name column")
+    label_columns: list[str] | None = Field(None, description="multi-label: 0/1 columns, one per class")
+    n_shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    runs: int = Field(5, ge=1, description="seeded splits per shot count")
+    modes: list[Literal["linear", "full"]] = Field(default_factory=lambda: ["linear", "full"])
+    pooling: Literal["cls", "mean"] = "cls"
+    linear_steps: int = Field(300, ge=1)
+    linear_lr: float = Field(1e-2, gt=0)
+    full_steps: int = Field(100, ge=1)
+    full_lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    cpus_per_run: float = Field(1.0, gt=0)
+
+
+class Config(StageConfig):
+    """``deldist finetune`` settings."""
+
+    output: str = Field(description="run root URI; writes <output>/finetune/<name>/")
+    name: str = "finetune"
+    tasks: list[Literal["segmentation", "classification"]] = Field(default_factory=lambda: ["segmentation"])
+    weights: str | None = Field(None, description="encoder weights (e.g. <output>/pretrain/<run>/encoder.safetensors)")
+    random_init: bool = Field(False, description="the control: a random-initialised encoder")
+    model: str = "vit_base_patch16_224"
+    image_size: int = Field(224, ge=16)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    seed: int = 0
+    segmentation: Segmentation = Field(default_factory=Segmentation)
+    classification: Classification = Field(default_factory=Classification)
+    # Ray wiring
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    storage_path: str | None = Field(None, description="Ray Train checkpoints; default <output>/finetune/_ray")
+    max_failures: int = Field(3, ge=-1)
+    engine: Literal["ray_train", "local"] = Field(
+        "ray_train", description="segmentation: local runs the same loop in the driver (small demos)")
+    load_cpus: float = Field(0.25, gt=0)
+
+
+def run_dir(output: str, name: str) -> str:
+    return storage.join(output, "finetune", name)
+
+
+# ------------------------------------------------------------------ data (pure helpers)
+
+
+def _stem(path: str) -> str:
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def list_images(root: str) -> dict[str, str]:
+    """stem -> URI of every image file directly under ``root``."""
+    return {_stem(p): storage.to_uri(root, p) for p in storage.list_files(root, recursive=False)
+            if p.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def segmentation_pairs(data: str) -> list[tuple[str, str, str]]:
+    """(name, image URI, mask URI) for the stems present in both ``images/`` and ``masks/``."""
+    images = list_images(storage.join(data, "images"))
+    masks = list_images(storage.join(data, "masks"))
+    names = sorted(set(images) & set(masks))
+    if not names:
+        raise FileNotFoundError(f"no image/mask pairs under {data} (expected images/ and masks/ with the same names)")
+    return [(n, images[n], masks[n]) for n in names]
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test split of range(n) -> (train, test) sorted; each side non-empty when n >= 2."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = min(max(1, round(n * test_fraction)), n - 1)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def load_image(data: bytes, size: int) -> np.ndarray:
+    """Image bytes -> uint8 (3, size, size), the whole image resized (bilinear)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR)
+    return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+def load_mask(data: bytes, size: int) -> np.ndarray:
+    """Mask bytes (0/255, any mode) -> uint8 (size, size) in {0, 1} (nearest resize, > 127)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("L").resize((size, size), Image.NEAREST)
+    return (np.asarray(img) > 127).astype(np.uint8)
+
+
+def load_pairs(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Ray Data: {image_uri, mask_uri} -> {"image": uint8 (B, 3, S, S), "mask": uint8 (B, S, S)}."""
+    images = [load_image(storage.read_bytes(str(u)), size) for u in batch["image_uri"]]
+    masks = [load_mask(storage.read_bytes(str(u)), size) for u in batch["mask_uri"]]
+    return {"image": np.stack(images), "mask": np.stack(masks)}
+
+
+def flip_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Random horizontal and vertical flips, the same for an image and its mask."""
+    rng = np.random.default_rng()
+    images, masks = batch["image"].copy(), batch["mask"].copy()
+    for i in range(len(images)):
+        if rng.random() < 0.5:
+            images[i], masks[i] = images[i][:, :, ::-1], masks[i][:, ::-1]
+        if rng.random() < 0.5:
+            images[i], masks[i] = images[i][:, ::-1, :], masks[i][::-1, :]
+    return {"image": images, "mask": masks}
+
+
+# ------------------------------------------------------------------ segmentation (Ray Train worker)
+
+
+def _encoder(cfg: dict[str, Any]) -> Any:
+    from deldist.encoders import build_encoder, load_weights
+    import deldist.models  # noqa: F401  (registers deldist's tiny ViT names)
+
+    encoder = build_encoder(cfg["model"], cfg["image_size"], cfg["seed"])
+    load_weights(encoder, cfg["weights"], cfg["random_init"])
+    return encoder
+
+
+def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
+    """Ray Train worker (or ``LocalSession``): finetune encoder + MLP head; rank 0 evaluates
+    the test split at the end."""
+    import torch
+
+    from deldist.metrics import confusion_counts, per_image_fg_iou, segmentation_scores
+    from deldist.models import SegmentationViT, dice_ce_loss, lr_lambda, param_groups
+    from deldist.pretrain import LocalSession, RayTrainSession, all_reduce_sum, autocast, normalize, worker_device, write_metrics
+
+    seg = cfg["segmentation"]
+    session = session or RayTrainSession()
+    rank = session.rank
+    device = session.device if isinstance(session, LocalSession) else worker_device(cfg["use_gpu"], cfg["torch_threads"])
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["torch_threads"])
+    model = SegmentationViT(_encoder(cfg), num_classes=2, hidden=seg["hidden"])
+    groups = [dict(g, lr=seg["lr"]) for g in param_groups(model.encoder, seg["weight_decay"])]
+    groups += [dict(g, lr=seg["lr"] * seg["head_lr_scale"]) for g in param_groups(model.head, seg["weight_decay"])]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    steps_per_epoch = cfg["steps_per_epoch"]
+    total = steps_per_epoch * seg["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total, round(seg["warmup_epochs"] * steps_per_epoch), 1.0, 0.0))
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "starts": []}
+    restored = session.restore()
+    if restored is not None:
+        model.load_state_dict(restored["model"])
+        optimizer.load_state_dict(restored["optimizer"])
+        scheduler.load_state_dict(restored["scheduler"])
+        state = restored["state"]
+    state["starts"].append({"resumed_from_step": state["step"]})
+    model = session.prepare(model)
+    core = model.module if hasattr(model, "module") else model
+    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1) * 255
+    train = session.dataset("train")
+    while state["epoch"] < seg["epochs"]:
+        model.train()
+        loss_sum, n, started = 0.0, 0, time.perf_counter()
+        for i, batch in enumerate(train.iter_torch_batches(batch_size=seg["batch_size"], drop_last=True,
+                                                           dtypes={"image": torch.uint8, "mask": torch.long})):
+            if i >= steps_per_epoch:
+                break
+            x = normalize(batch["image"].to(device), mean, std)
+            with autocast(device, cfg["precision"]):
+                logits = model(x)
+            loss = dice_ce_loss(logits, batch["mask"].to(device), seg["dice_weight"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            loss_sum += float(loss.detach())
+            n += 1
+        loss_total, n_total = all_reduce_sum([loss_sum, n], device)
+        state["epoch"] += 1
+        row = {"epoch": state["epoch"], "step": state["step"], "loss": loss_total / max(1, n_total),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+        state["history"].append(row)
+        if rank == 0:
+            write_metrics(cfg["run_dir"], state["history"], prefix="segmentation_metrics")
+        session.report(row, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "state": state})
+    if rank != 0:
+        return
+    model.eval()
+    counts = np.zeros(4, dtype=np.int64)
+    iou_sum, images = 0.0, 0
+    with torch.inference_mode():
+        for batch in session.dataset("test").iter_torch_batches(batch_size=seg["batch_size"],
+                                                                             dtypes={"image": torch.uint8, "mask": torch.long}):
+            x = normalize(batch["image"].to(device), mean, std)
+            with autocast(device, cfg["precision"]):
+                pred = core(x).argmax(dim=1).cpu().numpy()
+            target = batch["mask"].numpy()
+            counts += confusion_counts(pred, target)
+            iou_sum += float(per_image_fg_iou(pred, target).sum())
+            images += len(target)
+    scores = segmentation_scores(counts, iou_sum, images)
+    storage.write_json(storage.join(cfg["run_dir"], "segmentation.json"), {
+        **scores, "miou": scores["iou_fg"], "miou_definition": "iou_fg: foreground IoU over the test set",
+        "test_images": images, "train_images": cfg["n_train"], "epochs": state["epoch"], "steps": state["step"],
+        "weights": cfg["weights"], "random_init": cfg["random_init"], "starts": state["starts"],
+        "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+    })
+
+
+def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
+    import ray
+    from ray.train import DataConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from deldist.pretrain import ray_run_config
+
+    seg = config.segmentation
+    if not seg.data:
+        raise ValueError("segmentation.data is not set (a Kvasir-SEG layout: images/ + masks/)")
+    pairs = segmentation_pairs(seg.data)
+    train_idx, test_idx = split_indices(len(pairs), seg.test_fraction, seg.split_seed)
+    rows = [{"image_uri": pairs[i][1], "mask_uri": pairs[i][2]} for i in range(len(pairs))]
+
+    def dataset(indices: np.ndarray) -> Any:
+        items = [rows[i] for i in indices]
+        return (ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
+                .map_batches(load_pairs, batch_size=8, num_cpus=config.load_cpus, fn_kwargs={"size": config.image_size}))
+
+    train = dataset(train_idx).materialize().map_batches(flip_pairs, batch_size=32, num_cpus=config.load_cpus)
+    test = dataset(test_idx).materialize()
+    steps_per_epoch = len(train_idx) // (seg.batch_size * config.num_workers)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_idx)} training images do not fill one global batch "
+                         f"({config.num_workers} x {seg.batch_size})")
+    out = run_dir(config.output, config.name)
+    cfg = {**config.model_dump(), "use_gpu": use_gpu, "run_dir": out, "steps_per_epoch": steps_per_epoch,
+           "torch_threads": config.torch_threads or max(1, int(config.cpus_per_worker)), "n_train": len(train_idx)}
+    if config.engine == "local":
+        from deldist.pretrain import LocalSession
+
+        if config.num_workers != 1:
+            raise ValueError("engine=local runs one worker: set num_workers=1")
+        storage_root = config.storage_path or storage.join(config.output, "finetune", "_ray")
+        segmentation_loop(cfg, LocalSession({"train": train, "test": test},
+                                            storage.join(storage_root, f"{config.name}-segmentation"),
+                                            "cuda" if use_gpu else "cpu"))
+        return storage.read_json(storage.join(out, "segmentation.json"))
+    trainer = TorchTrainer(
+        segmentation_loop, train_loop_config=cfg,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=ray_run_config(config.storage_path, storage.join(config.output, "finetune", "_ray"),
+                                  f"{config.name}-segmentation", config.max_failures, 2),
+        datasets={"train": train, "test": test},
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every image of the test split, once, on rank 0
+    )
+    trainer.fit()
+    return storage.read_json(storage.join(out, "segmentation.json"))
+
+
+# ------------------------------------------------------------------ classification (Ray tasks)
+
+
+def read_labels(config: Classification) -> tuple[list[str], np.ndarray, list[str], bool]:
+    """(image names, targets, class names, multilabel) from the labels CSV; targets (N,) int
+    (multi-class) or (N, C) 0/1 (multi-label)."""
+    text = storage.read_bytes(storage.join(config.data, config.labels)).decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows:
+        raise ValueError(f"{config.labels} under {config.data} has no rows")
+    names = [r["name"] for r in rows]
+    if config.label_columns:
+        targets = np.array([[int(float(r[c])) for c in config.label_columns] for r in rows], dtype=np.int64)
+        return names, targets, list(config.label_columns), True
+    classes = sorted({r[config.label_column] for r in rows})
+    return names, np.array([classes.index(r[config.label_column]) for r in rows], dtype=np.int64), classes, False
+
+
+def classification_images(config: Config) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
+    """All labelled images as uint8 (N, 3, S, S) plus targets, classes, multilabel."""
+    cls = config.classification
+    names, targets, classes, multilabel = read_labels(cls)
+    files = list_images(storage.join(cls.data, "images"))
+    missing = [n for n in names if _stem(n) not in files]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} labelled images are missing under images/: {missing[:5]}")
+    images = np.stack([load_image(storage.read_bytes(files[_stem(n)]), config.image_size) for n in names])
+    return images, targets, classes, multilabel
+
+
+def classification_run(images: np.ndarray, targets: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
+                       mode: str, multilabel: bool, cfg: dict[str, Any]) -> dict[str, float]:
+    """One few-shot run: train on ``train_idx``, score ``test_idx``. images uint8 (N, 3, S, S)."""
+    import torch
+    import torch.nn.functional as F
+
+    from deldist.metrics import classification_scores
+    from deldist.models import ClassifierViT
+
+    torch.manual_seed(cfg["run_seed"])
+    torch.set_num_threads(cfg["torch_threads"])
+    cls = cfg["classification"]
+    n_classes = targets.shape[1] if multilabel else int(targets.max()) + 1
+    model = ClassifierViT(_encoder(cfg), n_classes, cls["pooling"])
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255
+    x_all = torch.from_numpy(images)
+    y_all = torch.from_numpy(targets).float() if multilabel else torch.from_numpy(targets)
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, y) if multilabel else F.cross_entropy(logits, y)
+
+    def batches(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(idx), size):
+            yield idx[i:i + size]
+
+    if mode == "linear":
+        model.eval()
+        with torch.inference_mode():
+            feats = torch.cat([model.features((x_all[b].float() - mean) / std) for b in batches(np.arange(len(x_all)), 64)])
+        head = torch.nn.Linear(feats.shape[1], n_classes)
+        opt = torch.optim.AdamW(head.parameters(), lr=cls["linear_lr"], weight_decay=1e-4)
+        xf = feats[train_idx]
+        for _ in range(cls["linear_steps"]):
+            opt.zero_grad()
+            loss_fn(head(xf), y_all[train_idx]).backward()
+            opt.step()
+        with torch.inference_mode():
+            logits = head(feats[test_idx])
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cls["full_lr"], weight_decay=0.05)
+        rng = np.random.default_rng(cfg["run_seed"])
+        bs = min(cls["batch_size"], len(train_idx))
+        for _ in range(cls["full_steps"]):
+            b = rng.choice(train_idx, size=bs, replace=False)
+            x = x_all[b].float()
+            flip = torch.from_numpy(rng.random(bs) < 0.5)
+            x[flip] = x[flip].flip(-1)
+            opt.zero_grad()
+            loss_fn(model((x - mean) / std), y_all[b]).backward()
+            opt.step()
+        model.eval()
+        with torch.inference_mode():
+            logits = torch.cat([model((x_all[b].float() - mean) / std) for b in batches(test_idx, 64)])
+    scores = torch.sigmoid(logits) if multilabel else logits.softmax(dim=1)
+    return classification_scores(scores.numpy(), targets[test_idx], multilabel)
+
+
+def run_classification(config: Config, use_gpu: bool) -> dict[str, Any]:
+    import ray
+
+    from deldist.metrics import few_shot_split, mean_over_runs
+
+    cls = config.classification
+    if not cls.data:
+        raise ValueError("classification.data is not set (images/ + a labels CSV)")
+    images, targets, classes, multilabel = classification_images(config)
+    runs_dir = storage.join(run_dir(config.output, config.name), "classification", "runs")
+    images_ref = ray.put(images)
+    remote = ray.remote(num_cpus=cls.cpus_per_run, num_gpus=1 if use_gpu else 0, max_retries=2)(classification_run)
+    pending, results = {}, {}
+    for shot in cls.n_shots:
+        for r in range(cls.runs):
+            seed = config.seed + r
+            train_idx, test_idx = few_shot_split(targets, shot, seed)
+            for mode in cls.modes:
+                key = f"{mode}-{shot}shot-seed{seed}"
+                uri = storage.join(runs_dir, f"{key}.json")
+                if storage.exists(uri):
+                    results[key] = storage.read_json(uri)
+                    continue
+                cfg = {**config.model_dump(), "run_seed": seed,
+                       "torch_threads": config.torch_threads or max(1, int(cls.cpus_per_run))}
+                pending[remote.remote(images_ref, targets, train_idx, test_idx, mode, multilabel, cfg)] = (
+                    key, uri, {"mode": mode, "shot": shot, "seed": seed, "train": len(train_idx), "test": len(test_idx)})
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        key, uri, meta = pending.pop(done[0])
+        results[key] = {**meta, **ray.get(done[0])}
+        storage.write_json(uri, results[key])
+    table = []
+    for mode in cls.modes:
+        for shot in cls.n_shots:
+            runs = [{k: v for k, v in r.items() if k in ("acc", "auc", "map")}
+                    for r in results.values() if r["mode"] == mode and r["shot"] == shot]
+            table.append({"mode": mode, "shot": shot, "runs": len(runs), **mean_over_runs(runs)})
+    summary = {"task": "multilabel" if multilabel else "multiclass", "classes": classes,
+               "metrics": ["map", "auc"] if multilabel else ["acc", "auc"], "table": table}
+    storage.write_json(storage.join(run_dir(config.output, config.name), "classification.json"), summary)
+    return summary
+
+
+# ------------------------------------------------------------------ driver
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Run the configured downstream tasks for one encoder; publish the results."""
+    from deldist.runtime import cluster_gpus, init_ray
+
+    if config.weights is None and not config.random_init:
+        raise ValueError("set `weights` (an encoder export) or `random_init: true` (the control)")
+    started = time.time()
+    init_ray()
+    use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
+    out = run_dir(config.output, config.name)
+    summary: dict[str, Any] = {"weights": config.weights, "random_init": config.random_init, "model": config.model}
+    if "segmentation" in config.tasks:
+        summary["segmentation"] = run_segmentation(config, use_gpu)
+    if "classification" in config.tasks:
+        summary["classification"] = run_classification(config, use_gpu)
+    summary["seconds"] = round(time.time() - started, 1)
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    files = [p for p in storage.list_files(out)
+             if p.endswith((".json", ".csv")) and not posixpath.basename(p).startswith("_")]
+    storage.publish(out, files, {"tasks": list(config.tasks), "weights": config.weights,
+                                 "random_init": config.random_init})
+    return summary
+
+
+def miou_of(summary: dict[str, Any]) -> float:
+    """The mIoU the report uses (foreground IoU) from a finetune summary."""
+    value = summary["segmentation"]["miou"]
+    if not 0 <= value <= 1 or math.isnan(value):
+        raise ValueError(f"mIoU {value} out of [0, 1]")
+    return float(value)

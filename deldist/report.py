@@ -1,0 +1,315 @@
+"""``deldist report``: pretrain + finetune per selection, then the NormDEL table and plot.
+
+For each selection (``all`` = every embedded frame, retained fraction 1; otherwise
+``<output>/selections/<name>/`` with its ``summary.json`` ratio and method) the report pretrains
+an MAE on the selection's frames (``deldist pretrain``, run name ``<report>-<selection>``),
+finetunes the encoder for segmentation (``deldist finetune``) and scores
+NormDEL = 1 / (1 + exp(-mIoU * exp(-alpha * R))), with mIoU the foreground IoU in [0, 1] and R
+the retained fraction. A random-initialised encoder is finetuned too, as the control (no
+NormDEL: it used no pretraining data). Finished runs (published directories) are reused, so a
+rerun only does what is missing.
+
+Output ``<output>/reports/<name>/``: ``table.csv``, ``table.md`` (like MedDEL's Table 3),
+``plot.png`` (mIoU and NormDEL against R, MedDEL vs random; matplotlib when importable, else
+a plain Pillow drawing), ``report.json``, published.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from typing import Any
+
+from pydantic import Field
+
+from deldist import storage
+from deldist.config import StageConfig
+from deldist.metrics import normdel
+
+FULL = "all"
+
+
+class Config(StageConfig):
+    """``deldist report`` settings."""
+
+    output: str = Field(description="run root URI")
+    name: str = "report"
+    selections: list[str] = Field(default_factory=lambda: [FULL], description=f"selection names; {FULL!r} = all frames")
+    alpha: float = Field(1.0, gt=0)
+    control: bool = Field(True, description="also finetune a random-initialised encoder")
+    frames: str | None = Field(None, description="frame store; default <output>/frames/all (materialized if missing)")
+    frame_size: int = Field(256, ge=16, description="frame store size when it has to be materialized")
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="deldist pretrain settings for every run")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="deldist finetune settings for every run")
+
+
+def report_dir(output: str, name: str) -> str:
+    return storage.join(output, "reports", name)
+
+
+# ------------------------------------------------------------------ table (pure)
+
+
+def table_rows(results: list[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
+    """Per selection (selection, method, retained, frames, miou, miou_fg_bg, ...) -> rows with
+    NormDEL added (None for the control), sorted: full, then by method and retained fraction."""
+    rows = []
+    for r in results:
+        row = dict(r)
+        row["normdel"] = normdel(r["miou"], r["retained"], alpha) if r["retained"] is not None else None
+        rows.append(row)
+    order = {"full": 0, "meddel": 1, "random": 2, "control": 4}
+    return sorted(rows, key=lambda r: (order.get(r["method"], 3), -(r["retained"] or 0), r["selection"]))
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return "-"
+    if isinstance(value, float):
+        return f"{100 * value:.2f}" if percent else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
+    """Table 3 style: mIoU and NormDEL in percent per selection."""
+    lines = [f"mIoU = foreground (polyp) IoU on the held-out split, %; NormDEL with alpha = {alpha:g}, %; "
+             "R = retained fraction of the pretraining frames.", "",
+             "| selection | method | R | frames | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['selection']} | {r['method']} | {_fmt(r['retained'])} | {_fmt(r.get('frames'))} | "
+                     f"{_fmt(r['miou'], True)} | {_fmt(r['normdel'], True)} | {_fmt(r.get('miou_fg_bg'), True)} | "
+                     f"{_fmt(r.get('pretrain_loss'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ plot
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[float, float]]]:
+    """method -> [(R, value)] sorted by R; the full-data point joins both curves at R = 1."""
+    full = [(1.0, r[key]) for r in rows if r["method"] == "full" and r[key] is not None]
+    out: dict[str, list[tuple[float, float]]] = {}
+    for method in ("meddel", "random"):
+        pts = [(r["retained"], r[key]) for r in rows if r["method"] == method and r[key] is not None]
+        if pts:
+            out[method] = sorted(pts + full)
+    if not out and full:
+        out["full"] = full
+    return out
+
+
+def plot_png(rows: list[dict[str, Any]]) -> tuple[bytes, str]:
+    """Two panels (mIoU, NormDEL against R; MedDEL vs random; control as a dashed line) ->
+    (PNG bytes, backend name: "matplotlib" or "pillow")."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _plot_pillow(rows), "pillow"
+    control = next((r["miou"] for r in rows if r["method"] == "control"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in ((axes[0], "miou", "mIoU (%)"), (axes[1], "normdel", "NormDEL (%)")):
+        for method, pts in _series(rows, key).items():
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
+        if key == "miou" and control is not None:
+            ax.axhline(100 * control, linestyle="--", color="grey", label="random init")
+        ax.set_xscale("log")
+        ax.set_xlabel("retained fraction R")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue(), "matplotlib"
+
+
+def _plot_pillow(rows: list[dict[str, Any]]) -> bytes:
+    """The same two panels drawn with Pillow (no matplotlib): log-x axes, lines + markers."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 460, 320, 48
+    colours = {"meddel": (200, 40, 40), "random": (40, 90, 200), "full": (0, 0, 0)}
+    img = Image.new("RGB", (2 * width, height), "white")
+    draw = ImageDraw.Draw(img)
+    control = next((r["miou"] for r in rows if r["method"] == "control"), None)
+    for panel, (key, title) in enumerate((("miou", "mIoU (%)"), ("normdel", "NormDEL (%)"))):
+        series = _series(rows, key)
+        values = [v for pts in series.values() for _, v in pts] + ([control] if key == "miou" and control else [])
+        xs = [x for pts in series.values() for x, _ in pts]
+        if not values or not xs:
+            continue
+        lo, hi = min(values), max(values)
+        lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-6 else (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        xlo, xhi = math.log10(min(min(xs), 0.99)), 0.0
+        ox = panel * width
+
+        def to_px(x: float, y: float) -> tuple[float, float]:
+            px = ox + pad + (math.log10(x) - xlo) / (xhi - xlo) * (width - 2 * pad)
+            return px, height - pad - (y - lo) / (hi - lo) * (height - 2 * pad)
+
+        draw.rectangle([ox + pad, pad, ox + width - pad, height - pad], outline="black")
+        draw.text((ox + width // 2 - 30, 12), title, fill="black")
+        draw.text((ox + width // 2 - 50, height - 20), "retained fraction R (log)", fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            y = lo + frac * (hi - lo)
+            _, py = to_px(1.0, y)
+            draw.text((ox + 4, py - 6), f"{100 * y:.1f}", fill="black")
+        for x in sorted(set(xs)):
+            px, _ = to_px(x, lo)
+            draw.text((px - 10, height - pad + 4), f"{x:g}", fill="black")
+        if key == "miou" and control is not None:
+            _, py = to_px(1.0, control)
+            for sx in range(ox + pad, ox + width - pad, 12):
+                draw.line([sx, py, sx + 6, py], fill=(128, 128, 128))
+        for i, (method, pts) in enumerate(series.items()):
+            colour = colours.get(method, (0, 0, 0))
+            px_pts = [to_px(x, y) for x, y in pts]
+            if len(px_pts) > 1:
+                draw.line(px_pts, fill=colour, width=2)
+            for px, py in px_pts:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+            draw.text((ox + pad + 8, pad + 6 + 14 * i), method, fill=colour)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ driver
+
+
+def selection_info(output: str, selection: str) -> dict[str, Any]:
+    """(method, retained fraction, kept count) of a selection; ``all`` is the full data."""
+    if selection == FULL:
+        return {"method": "full", "retained": 1.0}
+    summary = storage.read_json(storage.join(output, "selections", selection, "summary.json"))
+    return {"method": summary.get("method", "meddel"), "retained": float(summary["ratio"]),
+            "kept": summary.get("kept_count")}
+
+
+def _pretrained(config: Config, selection: str, frames: str) -> dict[str, Any]:
+    from deldist import pretrain
+
+    name = f"{config.name}-{selection}"
+    out = pretrain.run_dir(config.output, name)
+    if not storage.is_published(out):
+        settings = {**config.pretrain, "output": config.output, "name": name, "frames": frames,
+                    "selection": None if selection == FULL else selection}
+        pretrain.run(pretrain.Config.model_validate(settings))
+    meta = storage.read_manifest(out)
+    history = storage.read_json(storage.join(out, "metrics.json"))
+    return {"encoder": storage.join(out, "encoder.safetensors"), "frames": meta["frames"],
+            "pretrain_loss": history[-1]["loss"] if history else None, "model": meta["model"]}
+
+
+def _finetuned(config: Config, name: str, weights: str | None, model: str) -> dict[str, Any]:
+    from deldist import finetune
+
+    out = finetune.run_dir(config.output, name)
+    if not storage.is_published(out):
+        settings = {**config.finetune, "output": config.output, "name": name, "model": model,
+                    "weights": weights, "random_init": weights is None}
+        finetune.run(finetune.Config.model_validate(settings))
+    return storage.read_json(storage.join(out, "summary.json"))
+
+
+def _classification_columns(summary: dict[str, Any]) -> dict[str, float]:
+    cls = summary.get("classification")
+    if not cls:
+        return {}
+    return {f"cls_{row['mode']}_{row['shot']}shot_{m}": row.get(m) for row in cls["table"] for m in cls["metrics"]}
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Pretrain + finetune every selection that has no published result yet; write the report."""
+    from deldist import materialize
+    from deldist.runtime import init_ray
+
+    started = time.time()
+    init_ray()
+    frames = config.frames or materialize.store_uri(config.output, None)
+    if not storage.is_published(frames):
+        materialize.run(materialize.Config(output=config.output, frames=frames, size=config.frame_size))
+    results = []
+    for selection in config.selections:
+        info = selection_info(config.output, selection)
+        pre = _pretrained(config, selection, frames)
+        fine = _finetuned(config, f"{config.name}-{selection}", pre["encoder"], pre["model"])
+        seg = fine["segmentation"]
+        results.append({"selection": selection, **{k: info[k] for k in ("method", "retained")},
+                        "frames": pre["frames"], "miou": seg["miou"], "miou_fg_bg": seg["miou_fg_bg"],
+                        "iou_fg_per_image": seg.get("iou_fg_per_image"), "dice_fg": seg.get("dice_fg"),
+                        "pretrain_loss": pre["pretrain_loss"], **_classification_columns(fine)})
+    if config.control:
+        model = config.pretrain.get("model") or config.finetune.get("model") or "vit_base_patch16_224"
+        fine = _finetuned(config, f"{config.name}-control", None, model)
+        seg = fine["segmentation"]
+        results.append({"selection": "random-init", "method": "control", "retained": None, "frames": 0,
+                        "miou": seg["miou"], "miou_fg_bg": seg["miou_fg_bg"],
+                        "iou_fg_per_image": seg.get("iou_fg_per_image"), "dice_fg": seg.get("dice_fg"),
+                        "pretrain_loss": None, **_classification_columns(fine)})
+    rows = table_rows(results, config.alpha)
+    out = report_dir(config.output, config.name)
+    png, backend = plot_png(rows)
+    files = {"table.csv": csv_table(rows).encode(), "table.md": markdown_table(rows, config.alpha).encode(),
+             "plot.png": png}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out, name), data)
+    report = {"rows": rows, "alpha": config.alpha, "miou": "iou_fg (foreground IoU, held-out split)",
+              "plot_backend": backend, "seconds": round(time.time() - started, 1)}
+    storage.write_json(storage.join(out, "report.json"), report)
+    storage.publish(out, [storage.resolve(storage.join(out, n))[1] for n in [*files, "report.json"]],
+                    {"selections": config.selections, "alpha": config.alpha, "plot_backend": backend})
+    return {"report": out, "table": storage.join(out, "table.md"), "plot": storage.join(out, "plot.png"),
+            "plot_backend": backend, "rows": rows}
+
+
+# ------------------------------------------------------------------ demo hook
+
+
+def demo_settings(kvasir: str, quick: bool = True) -> dict[str, dict[str, Any]]:
+    """Tiny settings for a few-minute run on 2 CPU cores: a 4-block 192-wide ViT at 64 px."""
+    pre = {"model": "deldist_vit_micro_patch16", "image_size": 64, "decoder_dim": 64, "decoder_depth": 1,
+           "decoder_heads": 4, "epochs": 3 if quick else 20, "warmup_epochs": 1, "batch_size": 16,
+           "base_lr": 1.5e-3, "cpus_per_worker": 1.0, "torch_threads": 2, "engine": "local"}
+    fine = {"model": "deldist_vit_micro_patch16", "image_size": 64, "tasks": ["segmentation"],
+            "segmentation": {"data": kvasir, "epochs": 8 if quick else 30, "batch_size": 4, "lr": 3e-4,
+                             "test_fraction": 0.25},
+            "cpus_per_worker": 1.0, "torch_threads": 2, "engine": "local"}
+    return {"pretrain": pre, "finetune": fine}
+
+
+def run_demo_chain(output: str, kvasir: str, selections: list[str], name: str = "demo", quick: bool = True,
+                   engine: str = "local") -> dict[str, Any]:
+    """The whole chain on the sample data: materialize (all embedded frames, 128 px) ->
+    pretrain + finetune per selection (and the random-init control) -> report.
+
+    ``output``: the run root holding ``embeddings/`` and ``selections/<name>/``; ``kvasir``:
+    the sample's ``kvasir/`` dir (images/ + masks/). ``engine="ray_train"`` runs every
+    training on Ray Train (slower to start on small machines). Returns
+    ``{"table": markdown, "plot": PNG URI, "rows": [...], "report": dir}``.
+    """
+    from deldist import materialize
+
+    materialize.run(materialize.Config(output=output, size=128))
+    settings = demo_settings(kvasir, quick)
+    settings["pretrain"]["engine"] = settings["finetune"]["engine"] = engine
+    result = run(Config(output=output, name=name, selections=selections, frame_size=128, **settings))
+    return {"table": storage.read_bytes(result["table"]).decode(), "plot": result["plot"],
+            "plot_backend": result["plot_backend"], "rows": result["rows"], "report": result["report"]}

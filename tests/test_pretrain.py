@@ -1,0 +1,108 @@
+"""MAE pretraining on Ray Train: 2 CPU workers (gloo), checkpoints on a moto S3 storage_path,
+a worker killed mid-run resumes from the last checkpoint, a rerun of the same name resumes;
+the encoder export loads in ``build_encoder`` with identical outputs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from deldist import materialize, pretrain, storage
+from deldist.config import load_config
+from deldist.encoders import build_encoder, load_weights
+from deldist.models import build_mae
+
+MODEL = "deldist_vit_micro_patch16"
+SIZE = 64
+
+
+def _store_on_s3(root: str, sample) -> int:
+    """Fake embeddings (every 2nd video frame) + a selection on S3, materialized there; returns frames."""
+    truth = pq.read_table(sample / "ground_truth.parquet").to_pylist()
+    rows = [{"id": f"{r['source_key']}#{r['frame_index']}", "source": str(sample / "videos" / r["source_key"]),
+             "frame_index": r["frame_index"]} for r in truth if r["frame_index"] % 2 == 0]
+    part = storage.join(root, "embeddings", "part-0.parquet")
+    storage.write_table(pa.Table.from_pylist(rows), part)
+    storage.publish(storage.join(root, "embeddings"), [storage.resolve(part)[1]], {})
+    summary = materialize.run(materialize.Config(output=root, size=96, frames_per_task=64))
+    assert summary["published"] and summary["stored"] == len(rows)
+    return len(rows)
+
+
+def _config(root: str, **extra) -> pretrain.Config:
+    settings = {"output": root, "name": "mae-s3", "model": MODEL, "image_size": SIZE, "decoder_dim": 64,
+                "decoder_depth": 1, "decoder_heads": 4, "epochs": 2, "warmup_epochs": 1, "batch_size": 8,
+                "num_workers": 2, "cpus_per_worker": 0.5, "checkpoint_every_steps": 2, "max_failures": 1,
+                "shuffle_buffer": 16, **extra}
+    return load_config(pretrain.Config, None, [f"{k}={v}" for k, v in settings.items()])
+
+
+def test_random_resized_crop_box_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, w, h = pretrain.random_resized_crop_box(rng, 100, 60, (0.2, 1.0))
+        assert 0 <= left and left + w <= 100 and 0 <= top and top + h <= 60
+        assert 0.2 * 6000 * 0.85 <= w * h <= 6000
+    images = pretrain.augment_jpegs([_jpeg(np.full((40, 50, 3), 7, np.uint8))], 16, (0.2, 1.0), rng)
+    assert images.shape == (1, 3, 16, 16) and images.dtype == np.uint8 and (images == 7).all()
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_pretrain_s3_worker_failure_resume_and_rerun(ray_session, tiny_sample, s3_bucket):
+    root = f"s3://{s3_bucket}/pretrain-run"
+    n_frames = _store_on_s3(root, tiny_sample)
+    steps_per_epoch = n_frames // 16
+
+    # rank 1 dies (os._exit) at step 5; checkpoints every 2 steps -> the group restarts from step 4
+    first = pretrain.run(_config(root, inject_failure_at_step=5))
+    print("TIMING first", first["seconds"])
+    assert first["starts"] == [0, 4], first
+    assert first["steps"] == 2 * steps_per_epoch and first["epochs"] == 2
+    run_dir = pretrain.run_dir(root, "mae-s3")
+    assert storage.read_bytes(storage.join(run_dir, "_injected_failure")) == b"5"
+    checkpoints = storage.list_files(storage.join(root, "pretrain", "_ray", "mae-s3"))
+    assert any("/checkpoint_" in p and p.endswith("state.pt") for p in checkpoints)
+    history = storage.read_json(storage.join(run_dir, "metrics.json"))
+    assert [h["step"] for h in history] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert all(h["img_per_s"] > 0 and np.isfinite(h["loss"]) and h["lr"] >= 0 for h in history)
+    assert storage.read_bytes(storage.join(run_dir, "metrics.csv")).decode().startswith("epoch,step,loss,lr")
+    assert storage.is_published(run_dir)
+
+    # the export is a timm state dict: build_encoder + load_weights, same outputs as the checkpoint's MAE
+    export = storage.join(run_dir, "encoder.safetensors")
+    encoder = build_encoder(MODEL, SIZE, seed=9)
+    load_weights(encoder, export)
+    latest = sorted(p for p in checkpoints if p.endswith("state.pt"))[-1]
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.to_uri(root, latest))), weights_only=False)
+    mae = build_mae(MODEL, SIZE, 64, 1, 4)
+    mae.load_state_dict(state["model"])
+    assert state["state"]["step"] == first["steps"]
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(encoder.eval().forward_features(x), mae.encoder.eval().forward_features(x))
+
+    # rerunning the same name resumes (here: one more epoch on top of the finished two)
+    second = pretrain.run(_config(root, epochs=3))
+    print("TIMING second", second["seconds"])
+    assert second["starts"] == [0, 4, 2 * steps_per_epoch], second
+    assert second["steps"] == 3 * steps_per_epoch
+    assert [h["epoch"] for h in storage.read_json(storage.join(run_dir, "metrics.json"))] == [1, 2, 3]
+
+
+def test_pretrain_config_checks():
+    with pytest.raises(ValueError, match="crop_scale"):
+        pretrain.Config(output="x", crop_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="global batch"):
+        pretrain.loop_config(pretrain.Config(output="x", batch_size=64, num_workers=2), 100, False)
