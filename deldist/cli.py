@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     parser.add_argument("--config", help="YAML config (local path or s3:// URI)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
     name = stage or args.stage
     module = importlib.import_module(STAGES[name])
     config = load_config(module.Config, args.config, args.overrides, section=name)

@@ -60,7 +60,7 @@ class Classification(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     data: str | None = Field(None, description="root with images/ and a labels CSV")
-    labels: str = Field("labels.csv", description="CSV relative to data (name + label column(s))")
+    labels: str = Field("labels.csv", description="CSV (name + label column(s)): a URI, or relative to data")
     label_column: str = Field("label", description="multi-class: the class name column")
     label_columns: list[str] | None = Field(None, description="multi-label: 0/1 columns, one per class")
     n_shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
@@ -329,7 +329,9 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
 def read_labels(config: Classification) -> tuple[list[str], np.ndarray, list[str], bool]:
     """(image names, targets, class names, multilabel) from the labels CSV; targets (N,) int
     (multi-class) or (N, C) 0/1 (multi-label)."""
-    text = storage.read_bytes(storage.join(config.data, config.labels)).decode("utf-8-sig")
+    uri = config.labels if "://" in config.labels or config.labels.startswith("/") else \
+        storage.join(config.data, config.labels)
+    text = storage.read_bytes(uri).decode("utf-8-sig")
     rows = list(csv.DictReader(io.StringIO(text)))
     if not rows:
         raise ValueError(f"{config.labels} under {config.data} has no rows")

@@ -173,11 +173,12 @@ def _plot_pillow(rows: list[dict[str, Any]]) -> bytes:
             draw.text((ox + 4, py - 6), f"{100 * y:.1f}", fill="black")
         for x in sorted(set(xs)):
             px, _ = to_px(x, lo)
-            draw.text((px - 10, height - pad + 4), f"{x:g}", fill="black")
+            draw.text((px - 10, height - pad + 4), f"{x:.2g}", fill="black")
         if key == "miou" and control is not None:
             _, py = to_px(1.0, control)
             for sx in range(ox + pad, ox + width - pad, 12):
                 draw.line([sx, py, sx + 6, py], fill=(128, 128, 128))
+            draw.text((ox + width - pad - 70, py - 14), "random init", fill=(128, 128, 128))
         for i, (method, pts) in enumerate(series.items()):
             colour = colours.get(method, (0, 0, 0))
             px_pts = [to_px(x, y) for x, y in pts]

@@ -67,7 +67,6 @@ def test_pretrain_s3_worker_failure_resume_and_rerun(ray_session, tiny_sample, s
 
     # rank 1 dies (os._exit) at step 5; checkpoints every 2 steps -> the group restarts from step 4
     first = pretrain.run(_config(root, inject_failure_at_step=5))
-    print("TIMING first", first["seconds"])
     assert first["starts"] == [0, 4], first
     assert first["steps"] == 2 * steps_per_epoch and first["epochs"] == 2
     run_dir = pretrain.run_dir(root, "mae-s3")
@@ -95,7 +94,6 @@ def test_pretrain_s3_worker_failure_resume_and_rerun(ray_session, tiny_sample, s
 
     # rerunning the same name resumes (here: one more epoch on top of the finished two)
     second = pretrain.run(_config(root, epochs=3))
-    print("TIMING second", second["seconds"])
     assert second["starts"] == [0, 4, 2 * steps_per_epoch], second
     assert second["steps"] == 3 * steps_per_epoch
     assert [h["epoch"] for h in storage.read_json(storage.join(run_dir, "metrics.json"))] == [1, 2, 3]

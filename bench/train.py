@@ -1,0 +1,128 @@
+"""Pretraining throughput: the Ray Train loop (``deldist.pretrain``) against a plain
+single-process PyTorch loop, same MAE, batch and threads per worker, measured in one run:
+
+  plain (model)    one process, batches pre-decoded in memory: forward + backward + AdamW only
+  plain (+ data)   one process, JPEG decode + RandomResizedCrop + flip in the loop, then the step
+  ray_train xN     deldist.pretrain.run on a local Ray cluster, N workers (gloo DDP), Ray Data
+                   decoding/augmenting in CPU tasks; img/s per worker from the run's metrics
+                   (epoch wall time, data waits included; first epoch dropped as warm-up)
+
+Prints img/s and the per-worker ratios ray_train / plain (model).
+
+    .venv/bin/python bench/train.py [--workdir /tmp/bt] [--size 112] [--batch 32] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deldist import materialize, pretrain, sample, storage  # noqa: E402
+from deldist.models import build_mae, param_groups  # noqa: E402
+
+MODEL = "deldist_vit_micro_patch16"
+
+
+def prepare(workdir: Path) -> str:
+    """Sample videos -> fake embeddings of every frame -> frame store (128 px). Returns the run root."""
+    data = workdir / "sample"
+    if not (data / "ground_truth.parquet").exists():
+        sample.generate(str(data), size="tiny", seed=0)
+    root = str(workdir / "run")
+    if not storage.is_published(storage.join(root, "embeddings")):
+        truth = pq.read_table(data / "ground_truth.parquet").to_pylist()
+        rows = [{"id": f"{r['source_key']}#{r['frame_index']}", "source": str(data / "videos" / r["source_key"]),
+                 "frame_index": r["frame_index"]} for r in truth]
+        part = storage.join(root, "embeddings", "part-0.parquet")
+        storage.write_table(pa.Table.from_pylist(rows), part)
+        storage.publish(storage.join(root, "embeddings"), [part], {})
+    materialize.run(materialize.Config(output=root, size=128))
+    return root
+
+
+def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: int, with_data: bool,
+               mae_args: dict) -> float:
+    """img/s of forward + backward + AdamW on one process (after 2 warm-up steps)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_mae(MODEL, size, **mae_args)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    rng = np.random.default_rng(0)
+    mean = torch.tensor(pretrain.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pretrain.IMAGENET_STD).view(1, 3, 1, 1) * 255
+    fixed = [torch.from_numpy(pretrain.augment_jpegs([jpegs[j % len(jpegs)] for j in range(i * batch, (i + 1) * batch)],
+                                                     size, (0.2, 1.0), rng)) for i in range(4)]
+    start = 0.0
+    for step in range(steps + 2):
+        if step == 2:
+            start = time.perf_counter()
+        if with_data:
+            chosen = rng.choice(len(jpegs), batch, replace=False)
+            images = torch.from_numpy(pretrain.augment_jpegs([jpegs[j] for j in chosen], size, (0.2, 1.0), rng))
+        else:
+            images = fixed[step % 4]
+        loss, _, _ = model(pretrain.normalize(images, mean, std))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int, epochs: int, mae_args: dict,
+                   name: str) -> tuple[float, float]:
+    """(img/s per worker, img/s total): median over epochs 2.. of the run's per-epoch metrics."""
+    cfg = pretrain.Config(output=root, name=name, model=MODEL, image_size=size, epochs=epochs, warmup_epochs=1,
+                          batch_size=batch, num_workers=workers, cpus_per_worker=float(threads),
+                          torch_threads=threads, max_failures=0, **mae_args)
+    pretrain.run(cfg)
+    history = storage.read_json(storage.join(pretrain.run_dir(root, name), "metrics.json"))[1:]
+    per_worker = statistics.median(h["img_per_s_per_worker"] for h in history)
+    return per_worker, statistics.median(h["img_per_s"] for h in history)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="/tmp/deldist_bench_train")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (and for plain)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    workdir = Path(args.workdir)
+    root = prepare(workdir)
+    jpegs = storage.read_published(storage.join(root, "frames", "all"), ["jpeg"]).column("jpeg").to_pylist()
+    mae_args = {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}
+    steps = max(8, len(jpegs) // args.batch)
+    results: dict[str, float] = {"frames": len(jpegs), "batch": args.batch, "image_size": args.size,
+                                 "threads_per_worker": args.threads}
+    results["plain_model_img_s"] = plain_loop(jpegs, args.size, args.batch, steps, args.threads, False, mae_args)
+    results["plain_with_data_img_s"] = plain_loop(jpegs, args.size, args.batch, steps, args.threads, True, mae_args)
+    for n in args.workers:
+        name = f"bench-{n}w-{int(time.time())}"
+        per_worker, total = ray_train_rate(root, n, args.size, args.batch, args.threads, args.epochs, mae_args, name)
+        results[f"ray_train_{n}w_img_s_per_worker"] = per_worker
+        results[f"ray_train_{n}w_img_s_total"] = total
+        results[f"ratio_{n}w_per_worker_vs_plain_model"] = per_worker / results["plain_model_img_s"]
+        results[f"ratio_{n}w_per_worker_vs_plain_with_data"] = per_worker / results["plain_with_data_img_s"]
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

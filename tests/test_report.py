@@ -1,0 +1,70 @@
+"""Report: NormDEL table (CSV + Markdown), plot, reuse of finished runs (no training here)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+from PIL import Image
+
+from deldist import finetune, pretrain, report, storage
+from deldist.metrics import normdel
+
+
+def _rows():
+    return report.table_rows([
+        {"selection": "random-0.05", "method": "random", "retained": 0.05, "frames": 5, "miou": 0.70},
+        {"selection": "all", "method": "full", "retained": 1.0, "frames": 100, "miou": 0.7602},
+        {"selection": "meddel-0.05", "method": "meddel", "retained": 0.05, "frames": 5, "miou": 0.7545},
+        {"selection": "random-init", "method": "control", "retained": None, "frames": 0, "miou": 0.5},
+    ], alpha=1.0)
+
+
+def test_table_rows_and_markdown():
+    rows = _rows()
+    assert [r["selection"] for r in rows] == ["all", "meddel-0.05", "random-0.05", "random-init"]
+    assert round(100 * rows[0]["normdel"], 2) == 56.95 and round(100 * rows[1]["normdel"], 2) == 67.21
+    assert rows[3]["normdel"] is None
+    md = report.markdown_table(rows, 1.0)
+    assert "| meddel-0.05 | meddel | 0.05 | 5 | 75.45 | 67.21 |" in md and "foreground" in md
+    parsed = list(csv.DictReader(io.StringIO(report.csv_table(rows))))
+    assert parsed[0]["selection"] == "all" and float(parsed[1]["normdel"]) == pytest.approx(normdel(0.7545, 0.05))
+
+
+def test_plot_png():
+    png, backend = report.plot_png(_rows())
+    assert backend in ("matplotlib", "pillow")
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.width > 400
+    assert report._series(_rows(), "miou")["meddel"] == [(0.05, 0.7545), (1.0, 0.7602)]
+
+
+def _fake_runs(root: str, name: str, selections: dict[str, tuple[str, float, float]]) -> None:
+    """Published frame store, pretrain and finetune results as the stages leave them."""
+    storage.publish(storage.join(root, "frames", "all"), [], {"rows": 0})
+    for sel, (method, ratio, miou) in selections.items():
+        if sel != report.FULL:
+            storage.write_json(storage.join(root, "selections", sel, "summary.json"),
+                               {"method": method, "ratio": ratio, "kept_count": int(100 * ratio)})
+        pre = pretrain.run_dir(root, f"{name}-{sel}")
+        storage.write_json(storage.join(pre, "metrics.json"), [{"epoch": 1, "loss": 0.9}])
+        storage.publish(pre, [], {"frames": int(100 * ratio), "model": "deldist_vit_micro_patch16"})
+        fine = finetune.run_dir(root, f"{name}-{sel}")
+        storage.write_json(storage.join(fine, "summary.json"),
+                           {"segmentation": {"miou": miou, "miou_fg_bg": (miou + 0.95) / 2}})
+        storage.publish(fine, [], {})
+
+
+def test_report_run_reuses_finished_runs(ray_session, tmp_path):
+    root = str(tmp_path)
+    _fake_runs(root, "t3", {"all": ("full", 1.0, 0.7602), "m5": ("meddel", 0.05, 0.7545),
+                            "r5": ("random", 0.05, 0.70), "control": ("control", 0.0, 0.5)})
+    out = report.run(report.Config(output=root, name="t3", selections=["all", "m5", "r5"]))
+    rows = {r["selection"]: r for r in out["rows"]}
+    assert round(100 * rows["m5"]["normdel"], 2) == 67.21 and round(100 * rows["all"]["normdel"], 2) == 56.95
+    assert rows["random-init"]["method"] == "control" and rows["random-init"]["normdel"] is None
+    directory = report.report_dir(root, "t3")
+    assert storage.is_published(directory)
+    assert "| m5 | meddel | 0.05 | 5 | 75.45 | 67.21 |" in storage.read_bytes(out["table"]).decode()
+    assert Image.open(io.BytesIO(storage.read_bytes(out["plot"]))).format == "PNG"
