@@ -12,7 +12,7 @@ Each variant runs in its own subprocess, so its peak memory is its own:
 Prints the time ratios (fit only, and the whole stage) and the objective ratio
 (total cosine distance to the nearest centroid over all rows, lower is better), plus peak
 memory: faiss = ru_maxrss of its process; ours = peak summed PSS of the driver and every
-Ray process it started (raylet, workers, object store pages), sampled every 0.25 s.
+Ray process it started (raylet, workers, object store pages), sampled every second.
 
     .venv/bin/python bench/kmeans.py [--n 200000] [--large] [--k 1000] [--iters 20]
 """
@@ -142,7 +142,7 @@ def _pss_kib(pid: int) -> int:
 class TreeMemory:
     """Peak summed PSS (GiB) of this process and all its descendants, sampled in a thread."""
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval, self.peak_kib, self._stop = interval, 0, threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -168,10 +168,10 @@ def self_peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_child(script: str, variant: str, workdir: str, extra: list[str]) -> dict:
+def run_child(script: str, variant: str, workdir: str, extra: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``script --child variant`` in a fresh interpreter; it prints one JSON line last."""
     out = subprocess.run([sys.executable, script, "--child", variant, "--workdir", workdir, *extra],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -82,8 +82,10 @@ def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: i
 def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int, epochs: int, mae_args: dict,
                    name: str) -> tuple[float, float]:
     """(img/s per worker, img/s total): median over epochs 2.. of the run's per-epoch metrics."""
+    # the workers must leave CPU for the Ray Data tasks that decode and augment (2-CPU cluster)
+    cpus = min(float(threads), (2.0 - 0.5) / workers)
     cfg = pretrain.Config(output=root, name=name, model=MODEL, image_size=size, epochs=epochs, warmup_epochs=1,
-                          batch_size=batch, num_workers=workers, cpus_per_worker=float(threads),
+                          batch_size=batch, num_workers=workers, cpus_per_worker=cpus,
                           torch_threads=threads, max_failures=0, **mae_args)
     pretrain.run(cfg)
     history = storage.read_json(storage.join(pretrain.run_dir(root, name), "metrics.json"))[1:]

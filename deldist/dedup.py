@@ -48,7 +48,6 @@ from deldist.cluster import (
     EmbeddingError,
     EmptyInputError,
     Shard,
-    as_tensor,
     embedding_matrix,
     normalize_checked,
     plan_shards,
@@ -75,7 +74,7 @@ class Config(StageConfig):
     bucket_rows: int = Field(200_000, ge=1, description="soft cap on rows in one packed task")
     num_buckets: int | None = Field(None, ge=1, description="packed tasks (default: 2 x cluster CPUs / task_cpus)")
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
-    task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (torch threads = max(1, round))")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (each runs single-threaded BLAS)")
     io_cpus: float = Field(0.5, gt=0, description="CPUs per shuffle (read) task")
 
 
@@ -116,16 +115,14 @@ def rank_within_clusters(ids: pa.Array | pa.ChunkedArray, cluster: np.ndarray, d
     return rank
 
 
-_MASKS: dict[int, Any] = {}
+_MASKS: dict[int, np.ndarray] = {}
 
 
-def _upper_mask(size: int) -> Any:
-    """Boolean (size, size) torch mask of j >= i (what a row may not compare against)."""
-    import torch
-
+def _upper_mask(size: int) -> np.ndarray:
+    """Boolean (size, size) mask of j >= i: what row i of a diagonal block may not see."""
     mask = _MASKS.get(size)
     if mask is None:
-        mask = torch.ones((size, size), dtype=torch.bool).triu()
+        mask = np.triu(np.ones((size, size), dtype=bool))
         _MASKS[size] = mask
     return mask
 
@@ -137,11 +134,12 @@ def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_r
     x: (n, D) float32 rows in rank order (unit norm). For rows i in [start, stop):
     ``max_sim[i - start] = max_{j < i} <x_i, x_j>`` and ``argmax[i - start]`` that j (the
     first one on exact ties); row 0 gets max_sim 0 and argmax -1.
-    Memory: O(block_rows x col_block) besides ``x``; work: the lower triangle only.
+    Each block of ``block_rows`` rows is multiplied (float32 sgemm, NumPy's BLAS) against
+    the rows before it in column tiles of ``col_block``; only the diagonal block is masked.
+    Memory: O(block_rows x col_block) besides ``x``; work: the lower triangle plus the
+    diagonal blocks, about half the flops of the full n x n matrix.
     Returns (max_sim float32 (stop - start,), argmax int64 (stop - start,)).
     """
-    import torch
-
     n = len(x)
     stop = n if stop is None else stop
     if not 0 <= start <= stop <= n:
@@ -150,31 +148,32 @@ def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_r
     out_arg = np.full(stop - start, -1, np.int64)
     if stop <= start:
         return out_sim, out_arg
-    xt = as_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    col_block = max(col_block, block_rows)  # the diagonal always falls in the first tile
-    neg_inf = float("-inf")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    col_block = max(col_block, block_rows)  # the diagonal block always falls in the first tile
     for r0 in range(start, stop, block_rows):
         r1 = min(r0 + block_rows, stop)
-        rows = xt[r0:r1]
+        rows = x[r0:r1]
+        picked = np.arange(r1 - r0)
         best = arg = None
-        # column tiles of [0, r1) from the right: the first holds the diagonal block, where
-        # j >= i is masked; later ones win exact ties (">="), so the earliest column wins
+        # column tiles of [0, r1) from the right: the first holds the diagonal block (j >= i
+        # masked); later tiles win exact ties (">="), so the earliest column wins overall
         c_hi = r1
         while c_hi > 0:
             c_lo = max(0, c_hi - col_block)
-            sims = rows @ xt[c_lo:c_hi].T  # (r1 - r0, c_hi - c_lo)
+            sims = rows @ x[c_lo:c_hi].T  # (r1 - r0, c_hi - c_lo)
             if best is None:
-                sims[:, r0 - c_lo:].masked_fill_(_upper_mask(block_rows)[: r1 - r0, : r1 - r0], neg_inf)
-                best, arg = sims.max(dim=1)
-                arg += c_lo
+                np.copyto(sims[:, r0 - c_lo:], -np.inf, where=_upper_mask(block_rows)[: r1 - r0, : r1 - r0])
+            tile_arg = sims.argmax(axis=1)
+            tile_best = sims[picked, tile_arg]
+            if best is None:
+                best, arg = tile_best, tile_arg + c_lo
             else:
-                tile_best, tile_arg = sims.max(dim=1)
                 better = tile_best >= best
-                best = torch.where(better, tile_best, best)
-                arg = torch.where(better, tile_arg + c_lo, arg)
+                best = np.where(better, tile_best, best)
+                arg = np.where(better, tile_arg + c_lo, arg)
             c_hi = c_lo
-        out_sim[r0 - start:r1 - start] = best.numpy()
-        out_arg[r0 - start:r1 - start] = arg.numpy()
+        out_sim[r0 - start:r1 - start] = best
+        out_arg[r0 - start:r1 - start] = arg
     if start == 0:
         out_sim[0], out_arg[0] = 0.0, -1
     return out_sim, out_arg
@@ -276,10 +275,6 @@ def plan_buckets(sizes: np.ndarray, n_buckets: int, split_rows: int, bucket_rows
 # ----------------------------------------------------------------------------- Ray wiring
 
 
-def _threads(cpus: float) -> int:
-    return max(1, int(round(cpus)))
-
-
 def route_shard(emb_dir: str, shard: Shard, dim: int | None, lookup: pa.Table,
                 n_buckets: int) -> list[Any]:
     """Task body of the shuffle: read one embeddings shard and split its rows by bucket.
@@ -317,22 +312,20 @@ def gather_sorted(slices: Sequence[tuple[pa.Table, np.ndarray]], keys: tuple[str
                   ) -> tuple[np.ndarray, pa.Table]:
     """Concatenate shuffle slices ordered by ``keys`` (primary, secondary) with a single copy
     of the vectors -> (matrix (n, D) float32, meta table in the same order)."""
-    import torch
-
     meta = pa.concat_tables([m for m, _ in slices])
     n = meta.num_rows
     dim = max((x.shape[1] for _, x in slices if x.ndim == 2), default=0)
     order = np.lexsort((meta.column(keys[1]).to_numpy(), meta.column(keys[0]).to_numpy()))
     destination = np.empty(n, np.int64)
     destination[order] = np.arange(n)
-    x = torch.empty((n, dim), dtype=torch.float32)
+    x = np.empty((n, dim), np.float32)
     offset = 0
     for _, part in slices:
         m = len(part)
-        if m:  # torch's row scatter is ~2x numpy fancy assignment
-            x.index_copy_(0, torch.from_numpy(destination[offset:offset + m]), as_tensor(np.asarray(part)))
+        if m:
+            x[destination[offset:offset + m]] = part
         offset += m
-    return x.numpy(), meta.take(pa.array(order))
+    return x, meta.take(pa.array(order))
 
 
 def shuffle_by_bucket(emb_dir: str, dim: int | None, lookup: pa.Table, n_buckets: int, shard_rows: int,
@@ -364,19 +357,17 @@ def check_shuffle(stats: list[dict[str, Any]], expected: int, what: str) -> None
                          f"that wrote {what}")
 
 
-def _score_bucket(out_dir: str, block_rows: int, col_block: int, threads: int,
+def _score_bucket(out_dir: str, block_rows: int, col_block: int,
                   *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
     """Task body: score every (small) cluster of one bucket and write a scores part."""
-    import torch
-
-    torch.set_num_threads(threads)
+    began = time.perf_counter()
     x, meta = gather_sorted(slices)
     del slices
     ids = meta.column("id").combine_chunks()
-    start = time.perf_counter()
+    gathered = time.perf_counter()
     table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
                                   block_rows, col_block)
-    return _write_part(out_dir, table, time.perf_counter() - start)
+    return _write_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
 
 
 def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, pa.Array]:
@@ -389,22 +380,21 @@ def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, p
 
 
 def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int,
-                block_rows: int, col_block: int, threads: int) -> dict[str, Any]:
+                block_rows: int, col_block: int) -> dict[str, Any]:
     """Task body: rows [start, stop) of one split cluster -> a scores part."""
-    import torch
-
-    torch.set_num_threads(threads)
     began = time.perf_counter()
     sims, arg = triu_max_sim(x, start, stop, block_rows, col_block)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
                          np.arange(start, stop), sims, arg, dup_ids=ids)
-    return _write_part(out_dir, table, time.perf_counter() - began)
+    return _write_part(out_dir, table, time.perf_counter() - began, 0.0)
 
 
-def _write_part(out_dir: str, table: pa.Table, score_seconds: float) -> dict[str, Any]:
+def _write_part(out_dir: str, table: pa.Table, score_seconds: float, gather_seconds: float) -> dict[str, Any]:
+    began = time.perf_counter()
     path = storage.join(out_dir, storage.new_part_name())
     storage.write_table(table, path)
-    return {"path": storage.resolve(path)[1], "rows": table.num_rows, "score_seconds": score_seconds}
+    return {"path": storage.resolve(path)[1], "rows": table.num_rows, "score_seconds": score_seconds,
+            "gather_seconds": gather_seconds, "write_seconds": time.perf_counter() - began}
 
 
 def _check_unique(ids: pa.ChunkedArray, what: str) -> None:
@@ -443,7 +433,6 @@ def run(config: Config) -> dict[str, Any]:
     rank = rank_within_clusters(assignments.column("id"), cluster,
                                 assignments.column("distance").to_numpy(), config.keep, config.seed)
     sizes = np.bincount(cluster)
-    threads = _threads(config.task_cpus)
     n_buckets = config.num_buckets or max(1, 2 * int(ray.cluster_resources().get("CPU", 1.0) // config.task_cpus))
     buckets = plan_buckets(sizes, n_buckets, config.split_rows, config.bucket_rows)
     bucket_of_cluster = np.full(len(sizes), -1, np.int32)
@@ -468,10 +457,10 @@ def run(config: Config) -> dict[str, Any]:
         if bucket.row_ranges:
             x_ref, ids_ref = gather.remote(*slices)
             pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e,
-                                          config.block_rows, config.col_block, threads)
+                                          config.block_rows, config.col_block)
                         for a, e in bucket.row_ranges]
         else:
-            pending.append(score_bucket.remote(out_dir, config.block_rows, config.col_block, threads, *slices))
+            pending.append(score_bucket.remote(out_dir, config.block_rows, config.col_block, *slices))
     try:
         check_shuffle(ray.get(route_stats), n, "assignments")
     except ValueError:
@@ -492,5 +481,6 @@ def run(config: Config) -> dict[str, Any]:
         "buckets": len(buckets), "split_clusters": sum(1 for b in buckets if b.row_ranges),
         "tasks": len(pending), "shards": len(route_stats),
         "seconds": {"plan": planned - started, "shuffle_and_score": finished - planned,
-                    "score_tasks_total": sum(p["score_seconds"] for p in parts)},
+                    **{f"{what}_tasks_total": sum(p[f"{what}_seconds"] for p in parts)
+                       for what in ("gather", "score", "write")}},
     }

@@ -17,7 +17,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--size", default="demo", choices=["tiny", "demo"])
+    parser.add_argument("--size", default="demo", choices=["tiny", "small", "demo"])
     parser.add_argument("--config", default=str(CONFIG))
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()

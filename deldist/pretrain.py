@@ -540,8 +540,16 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def _fit(config: Config, cfg: dict[str, Any], ds: Any, use_gpu: bool) -> None:
+    import ray
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    spare = ray.cluster_resources().get("CPU", 0.0) - config.num_workers * config.cpus_per_worker
+    if spare < config.augment_cpus:
+        print(f"deldist pretrain: warning: the {config.num_workers} workers reserve "
+              f"{config.num_workers * config.cpus_per_worker:g} of the cluster's CPUs, leaving {spare:g} for the Ray "
+              f"Data tasks that decode and augment (augment_cpus={config.augment_cpus:g} each); training waits for "
+              "data until the cluster grows. Lower cpus_per_worker (torch_threads sets the threads).")
 
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg,

@@ -64,11 +64,16 @@ class SizeSpec:
     invalid_len: tuple[int, int]
     kvasir_n: int
     kvasir_px: int
+    scene_balance: float = 5.0  # Dirichlet concentration of scene lengths: low = very uneven
 
 
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(3, ("center_a", "center_b"), (56, 80), (2, 3), (10, 16), (6, 10),
                      (2, 2), (2, 4), 12, 128),
+    # "small": many scenes of very uneven length (short ones are what uniform sampling
+    # misses), for selection-quality tests in seconds
+    "small": SizeSpec(4, ("center_a", "center_b"), (150, 190), (6, 8), (12, 30), (6, 12),
+                      (2, 3), (2, 4), 12, 128, scene_balance=0.8),
     "demo": SizeSpec(9, ("center_a", "center_b", "center_c"), (500, 620), (4, 7), (20, 60),
                      (10, 30), (3, 6), (3, 8), 150, 224),
 }
@@ -173,7 +178,7 @@ def plan_dataset(size: str = "tiny", seed: int = 0) -> list[VideoPlan]:
     plans = []
     for v in range(spec.n_videos):
         n_scenes = _rand(rng, spec.scenes)
-        cuts = np.cumsum(rng.dirichlet(np.full(n_scenes, 5.0)))  # scene lengths ~ equal, jittered
+        cuts = np.cumsum(rng.dirichlet(np.full(n_scenes, spec.scene_balance)))  # scene lengths
         bounds = np.r_[0, np.round(cuts * _rand(rng, spec.video_frames))].astype(int)
         seg_lists = [_scene_segments(rng, spec, int(m)) for m in np.diff(bounds)]
         if not any(s.kind == "static" for segs in seg_lists for s in segs):

@@ -69,6 +69,9 @@ class InvalidThresholds(BaseModel):
     max_saturated: float | None = Field(0.5, description="over-exposed: fraction of saturated pixels above")
     min_contrast: float | None = Field(0.01, description="flat frame: luma std below")
     min_blur: float | None = Field(None, description="blurred: Laplacian variance below (scale-dependent: off by default)")
+    blur_relative: float | None = Field(
+        0.2, description="blurred: Laplacian variance below this fraction of its source's median "
+                         "(adapts to each video's texture; a one-frame source is never flagged)")
 
 
 class Config(StageConfig):
@@ -111,8 +114,23 @@ class Config(StageConfig):
 # ----------------------------------------------------------------------------- math (pure)
 
 
-def invalid_mask(quality: dict[str, np.ndarray], rules: InvalidThresholds) -> dict[str, np.ndarray]:
-    """Per rule, a bool (n,) mask of frames it flags. quality: column -> float (n,) (NaN = unknown)."""
+def group_median(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(n,) median of ``values`` (n,) within each item's group (groups: (n,) int codes)."""
+    values = np.asarray(values, np.float64)
+    order = np.lexsort((values, groups))
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    stops = np.r_[starts[1:], len(order)]
+    medians = np.array([np.median(values[order[a:b]]) for a, b in zip(starts, stops)])
+    out = np.empty(len(values))
+    out[order] = np.repeat(medians, stops - starts)
+    return out
+
+
+def invalid_mask(quality: dict[str, np.ndarray], rules: InvalidThresholds,
+                 groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per rule, a bool (n,) mask of frames it flags. quality: column -> float (n,) (NaN = unknown);
+    groups: (n,) int source codes for the relative blur rule (skipped without them)."""
     def col(name: str) -> np.ndarray:
         return np.asarray(quality[name], dtype=np.float64)
 
@@ -130,6 +148,9 @@ def invalid_mask(quality: dict[str, np.ndarray], rules: InvalidThresholds) -> di
             masks["flat"] = col("contrast") < rules.min_contrast
         if rules.min_blur is not None:
             masks["blurred"] = col("blur") < rules.min_blur
+        if rules.blur_relative is not None and groups is not None and len(groups):
+            relative = col("blur") < rules.blur_relative * group_median(col("blur"), groups)
+            masks["blurred"] = masks.get("blurred", False) | relative
     return masks
 
 
@@ -461,7 +482,8 @@ def run(config: Config) -> dict[str, Any]:
         info["target_ratio"] = ratio
     else:
         quality = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in QUALITY_COLUMNS}
-        invalid_rules = invalid_mask(quality, config.invalid) if config.invalid else {}
+        sources = pc.dictionary_encode(meta.column("source").combine_chunks()).indices.to_numpy()
+        invalid_rules = invalid_mask(quality, config.invalid, groups=sources) if config.invalid else {}
         invalid = np.zeros(n, bool)
         for mask in invalid_rules.values():
             invalid |= mask

@@ -77,3 +77,13 @@ def tiny_sample(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample")
     generate(str(out), size="tiny", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_sample(tmp_path_factory):
+    """The generator's "small" set: ~30 scenes of very uneven length, for selection quality."""
+    from deldist.sample import generate
+
+    out = tmp_path_factory.mktemp("small_sample")
+    generate(str(out), size="small", seed=0)
+    return out

@@ -278,3 +278,19 @@ def test_eps_selection_and_bad_config(ray_session, tmp_path):
         select.Config(output=root, method="random")
     with pytest.raises(ValueError):
         select.Config(output=root, epsilon=0.1)  # typo: unknown keys are errors
+
+
+def test_relative_blur_rule_adapts_per_source():
+    from deldist.select import InvalidThresholds, group_median, invalid_mask
+
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    blur = np.array([100.0, 90.0, 10.0, 110.0, 8.0, 9.0, 1.0, 0.5])
+    np.testing.assert_allclose(group_median(blur, groups), [95, 95, 95, 95, 8, 8, 8, 0.5])
+    rules = InvalidThresholds(min_brightness=None, max_dark=None, max_brightness=None,
+                              max_saturated=None, min_contrast=None, blur_relative=0.2)
+    quality = {"blur": blur}
+    # 10 < 0.2 * 95 in source 0; 1 < 0.2 * 8 in source 1; a one-frame source is never flagged;
+    # 8 and 9 are sharp for their (smooth) source though below source 0's blurred frame
+    assert invalid_mask(quality, rules, groups)["blurred"].tolist() == [False, False, True, False,
+                                                                         False, False, True, False]
+    assert "blurred" not in invalid_mask(quality, rules, None)
