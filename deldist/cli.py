@@ -20,6 +20,10 @@ STAGES: dict[str, str] = {
     "dedup": "deldist.dedup",
     "select": "deldist.select",
     "curate": "deldist.curate",
+    "materialize": "deldist.materialize",
+    "pretrain": "deldist.pretrain",
+    "finetune": "deldist.finetune",
+    "report": "deldist.report",
 }
 
 

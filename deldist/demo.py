@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from deldist import curate, sample
+from deldist import curate, report, sample
 from deldist.config import load_config
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -30,12 +30,19 @@ def main(argv: list[str] | None = None) -> int:
                       [f"input={data / 'videos'}", f"output={run_root}",
                        f"ground_truth={data / 'ground_truth.parquet'}"], section="curate")
     result = curate.run(cfg)
+    # MAE pretraining per selection + segmentation finetuning on the Kvasir-style set + NormDEL.
+    # engine "local": the same training loop in the driver, since starting a Ray Train worker
+    # group per run costs more than these tiny trainings (tests cover the Ray Train path).
+    chain = report.run_demo_chain(str(run_root), str(data / "kvasir"),
+                                  ["all", *result["selections"]], quick=True, engine="local")
+    print("\n" + chain["table"])
     print("\nResults:")
     print(f"  sample data   {data}  (videos/, kvasir/, ground_truth.parquet)")
     print(f"  embeddings    {run_root}/embeddings   errors: {run_root}/errors")
     print(f"  clusters      {run_root}/clusters     scores: {run_root}/dedup/scores")
     for name in result["selections"]:
         print(f"  selection     {run_root}/selections/{name}/  (retained/, removed/, summary.json)")
+    print(f"  report        {chain['report']}  (table.csv, table.md)   plot: {chain['plot']}")
     print("  encoder       vit_tiny_patch16_224, RANDOM-INITIALISED (demo only; see configs/demo.yaml)")
     return 0
 

@@ -49,6 +49,8 @@ def build_encoder(model_name: str, image_size: int = 224, seed: int = 0) -> torc
     """
     import timm
 
+    import deldist.models  # noqa: F401  registers deldist's small ViTs with timm (in every actor too)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="",

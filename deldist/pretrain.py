@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import tempfile
@@ -256,7 +255,10 @@ class RayTrainSession:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as d:
+        # A private copy per rank: ranks on one node sharing as_directory()'s download dir
+        # can read a file another rank is still writing (seen as a corrupt state.pt).
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.to_directory(d)
             return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
 
 
