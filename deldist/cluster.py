@@ -2,18 +2,26 @@
 
 Flow of :func:`run`:
 
-1. **Plan** the embeddings Parquet into shards (groups of row groups, ~``shard_rows`` rows).
+1. **Plan** the embeddings Parquet into shards (groups of row groups, ~``shard_rows`` rows,
+   at least 4 per fit task).
 2. **Load the fit sample once**: one task per shard reads its rows, validates them (finite,
    non-zero, dimension D), keeps a seeded ``fit_fraction`` of them and leaves the float32
-   matrix in the object store. Nothing is re-read from Parquet during the fit.
-3. **Initialise** with k-means++ on a small sample gathered in the driver (or ``random``).
-4. **Lloyd iterations**: per iteration one task per shard group searches the broadcast
-   centroids with a faiss ``IndexFlatIP`` (GPU index when the task has a GPU) and returns
-   per-centroid sums (k x D), counts (k,), the objective and its worst-fitting points; the
-   driver reduces them, re-seeds empty clusters with the farthest points and renormalises.
-   Only centroids travel to the tasks; only k x D sums travel back. Stops when the relative
-   objective change drops below ``tol`` or after ``max_iter`` updates.
-5. **Assign** every row (one streaming pass over all shards) and write ``assignments`` parts.
+   matrix (and its ids) in the object store. Nothing is re-read from Parquet during the fit.
+3. **Initialise** with greedy k-means++ on a small sample, inside one task (or ``random``).
+4. **Lloyd iterations**: per iteration one task per shard group assigns its rows to the
+   broadcast centroids and returns per-centroid sums (k x D), counts (k,), the objective and
+   its worst-fitting points; the driver reduces them, re-seeds empty clusters with the
+   farthest points and renormalises. Only centroids travel to the tasks; only k x D sums
+   travel back. The first pass searches every row with a faiss ``IndexFlatIP`` (GPU index
+   when the task has a GPU); later passes use per-row distance bounds (:class:`Bounds`,
+   left in the object store between passes: Hamerly's upper/lower bound, the 8 nearest
+   centroids of the last search and a bound on all others) to touch only the rows whose
+   cluster may have changed, and update the per-centroid sums by the rows that moved. The
+   result is exactly Lloyd's; once the clusters settle a pass costs O(n), not O(n k D).
+   Stops when the relative objective change drops below ``tol`` or after ``max_iter``.
+5. **Assign** every row once with the final centroids and write ``assignments`` parts:
+   from the object store when the fit saw every row (``fit_fraction`` = 1), else streamed
+   from Parquet shard by shard.
 
 Output (DESIGN.md ``clusters/``)::
 
@@ -82,6 +90,7 @@ class Config(StageConfig):
     task_cpus: float = Field(1.0, gt=0, description="CPUs per fit / assign task (threads = max(1, round))")
     io_cpus: float = Field(0.5, gt=0, description="CPUs per load task")
     use_gpu: bool | None = Field(None, description="faiss GPU index in tasks (default: when the cluster has GPUs)")
+    bounds: bool = Field(True, description="skip rows whose cluster provably cannot change (Hamerly bounds)")
 
 
 # ----------------------------------------------------------------------------- math (pure)
@@ -219,25 +228,190 @@ def _use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product.
-
-    x: (n, D) float32 unit rows; centroids: (k, D) float32.
-    Returns (labels int64 (n,), similarity float32 (n,)).
-    """
+def _flat_ip_index(centroids: np.ndarray, use_gpu: bool) -> Any:
     import faiss
 
-    if x.ndim != 2 or centroids.ndim != 2 or x.shape[1] != centroids.shape[1]:
-        raise EmbeddingError(
-            f"dimension mismatch: embeddings {tuple(x.shape)} vs centroids {tuple(centroids.shape)}")
-    if len(x) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.float32)
     index = faiss.IndexFlatIP(centroids.shape[1])
     if use_gpu and faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU in CI
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    sims, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return index
+
+
+def _check_dims(x: np.ndarray, centroids: np.ndarray) -> None:
+    if x.ndim != 2 or centroids.ndim != 2 or x.shape[1] != centroids.shape[1]:
+        raise EmbeddingError(
+            f"dimension mismatch: embeddings {tuple(x.shape)} vs centroids {tuple(centroids.shape)}")
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product (faiss ``IndexFlatIP``).
+
+    x: (n, D) float32 unit rows; centroids: (k, D) float32.
+    Returns (labels int64 (n,), similarity float32 (n,)).
+    """
+    _check_dims(x, centroids)
+    if len(x) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    sims, labels = _flat_ip_index(centroids, use_gpu).search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return labels[:, 0].astype(np.int64), sims[:, 0].astype(np.float32)
+
+
+def _chord(sim: np.ndarray) -> np.ndarray:
+    """Euclidean distance between unit vectors with cosine ``sim``: sqrt(2 - 2 sim)."""
+    return np.sqrt(np.maximum(2.0 - 2.0 * np.asarray(sim, np.float64), 0.0))
+
+
+@dataclass
+class Bounds:
+    """Per-row state a Lloyd pass leaves for the next one over the same rows (chord
+    distances ``sqrt(2 - 2 cos)``, a metric on unit vectors, so centroid moves shift them by
+    at most the move):
+
+    labels: (n,) int64 assigned centroid; upper: (n,) >= distance to it; lower: (n,) <=
+    distance to every other centroid; candidates: (n, m) int64 the m nearest centroids at
+    the row's last full search; rest: (n,) <= distance to every centroid outside
+    ``candidates``; sums: (k, D) float64 sum of the rows assigned to each centroid.
+    """
+
+    labels: np.ndarray
+    upper: np.ndarray
+    lower: np.ndarray
+    candidates: np.ndarray
+    rest: np.ndarray
+    sums: np.ndarray
+
+
+BOUND_CANDIDATES = 8  # m: candidates kept per row
+BOUND_MOVERS = 32  # centroids that moved most: scored exactly in level 1
+BOUND_MARGIN = 1e-5  # slack against float32 rounding in the bound tests
+
+
+def assign_with_bounds(x: np.ndarray, centroids: np.ndarray, bounds: Bounds | None,
+                       shift: np.ndarray | None, use_gpu: bool = False, m: int = BOUND_CANDIDATES,
+                       movers: int = BOUND_MOVERS) -> tuple[Bounds, int]:
+    """Exact nearest-centroid assignment that does only the work the bounds cannot rule out.
+
+    x: (n, D) unit float32; centroids: (k, D) unit float32; bounds: left by the previous
+    pass over the same rows (None: search every row); shift: (k,) distance each centroid
+    moved since. Three levels, each row stopping at the first that settles it:
+
+    0. Hamerly: ``upper + shift[label] <= lower - max other shift`` -> label unchanged, no
+       vector touched.
+    1. exact scores against the row's m candidates and the ``movers`` centroids that moved
+       most; settled when the best beats ``rest`` (every other centroid moved at most the
+       largest remaining shift).
+    2. faiss search for the m + 1 nearest (GPU index when asked and present), which also
+       renews the candidates.
+
+    Returns (new bounds with the labels and per-centroid sums, rows that needed level 2).
+    Labels equal :func:`nearest_centroid`'s up to exact ties.
+    """
+    import torch
+
+    _check_dims(x, centroids)
+    n, k = len(x), len(centroids)
+    m = min(m, k)
+    if bounds is None or shift is None or n == 0:
+        out = Bounds(np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros((n, m), np.int64), np.zeros(n),
+                     np.zeros((k, x.shape[1])))
+        _full_search(x, centroids, np.arange(n), out, use_gpu)
+        out.sums = torch.zeros((k, x.shape[1]), dtype=torch.float32).index_add_(
+            0, torch.from_numpy(out.labels), as_tensor(np.asarray(x))).numpy().astype(np.float64)
+        return out, n
+    by_shift = np.argsort(-shift, kind="stable")
+    top, max1 = by_shift[0], float(shift[by_shift[0]])
+    max2 = float(shift[by_shift[1]]) if k > 1 else 0.0
+    old_labels = bounds.labels
+    out = Bounds(old_labels.copy(), bounds.upper + shift[old_labels],
+                 bounds.lower - np.where(old_labels == top, max2, max1),
+                 bounds.candidates.copy(), bounds.rest - max1, bounds.sums.copy())
+    # level 0, then the same test with the exact distance to the current centroid
+    open_rows = np.flatnonzero(out.upper > out.lower - BOUND_MARGIN)
+    if len(open_rows):
+        exact = _chord(np.einsum("ij,ij->i", x[open_rows], centroids[out.labels[open_rows]]))
+        out.upper[open_rows] = exact
+        open_rows = open_rows[exact > out.lower[open_rows] - BOUND_MARGIN]
+    searched = 0
+    if len(open_rows) and k > m:
+        # level 1: candidates + movers, exactly
+        moved = np.sort(by_shift[:min(movers, k)])
+        rest_shift = float(shift[by_shift[len(moved)]]) if len(moved) < k else 0.0
+        best, label, second, nearest_mover = _best_candidate(x[open_rows], centroids, out.candidates[open_rows], moved)
+        rest = np.minimum(bounds.rest[open_rows] - rest_shift, nearest_mover)
+        out.rest[open_rows] = rest
+        settled = _chord(best) <= rest - BOUND_MARGIN
+        rows = open_rows[settled]
+        out.labels[rows] = label[settled]
+        out.upper[rows] = _chord(best[settled])
+        out.lower[rows] = np.minimum(second[settled], rest[settled])
+        open_rows = open_rows[~settled]
+    if len(open_rows):  # level 2
+        _full_search(x, centroids, open_rows, out, use_gpu)
+        searched = len(open_rows)
+    changed = np.flatnonzero(out.labels != old_labels)
+    if len(changed):  # move the changed rows between the per-centroid sums
+        moved_rows = torch.from_numpy(np.asarray(x)[changed].astype(np.float64))
+        sums = torch.from_numpy(out.sums)
+        sums.index_add_(0, torch.from_numpy(old_labels[changed]), moved_rows, alpha=-1.0)
+        sums.index_add_(0, torch.from_numpy(out.labels[changed]), moved_rows)
+    return out, searched
+
+
+def _full_search(x: np.ndarray, centroids: np.ndarray, rows: np.ndarray, out: Bounds, use_gpu: bool) -> None:
+    """Level 2 for ``rows``: their m + 1 nearest centroids, written into ``out``."""
+    k, m = len(centroids), out.candidates.shape[1]
+    if len(rows) == 0:
+        return
+    width = min(m + 1, k)
+    found_sims, found = _flat_ip_index(centroids, use_gpu).search(
+        np.ascontiguousarray(np.asarray(x)[rows], dtype=np.float32), width)
+    out.labels[rows] = found[:, 0]
+    out.upper[rows] = _chord(found_sims[:, 0])
+    out.lower[rows] = _chord(found_sims[:, 1]) if width > 1 else np.inf
+    out.candidates[rows] = found[:, :m]
+    out.rest[rows] = _chord(found_sims[:, m]) if k > m else np.inf
+
+
+def _best_candidate(x: np.ndarray, centroids: np.ndarray, candidates: np.ndarray, movers: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact scores against each row's candidates and the ``movers`` (sorted ids).
+
+    Rows are grouped by their first candidate; a group is scored against the union of its
+    candidates and the movers with one matrix product (a superset of each row's own set,
+    which only helps). Returns (best similarity float32 (n,), its label int64 (n,), chord
+    distance to the second best of the union (n,), chord distance to the nearest mover that
+    is not one of the row's candidates (n,)).
+    """
+    n = len(x)
+    sims = np.empty(n, np.float32)
+    second = np.full(n, -np.inf, np.float32)
+    labels = np.empty(n, np.int64)
+    mover_sim = np.full(n, -np.inf, np.float32)
+    order = np.argsort(candidates[:, 0], kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(candidates[order, 0])) + 1]
+    for s, e in zip(starts, np.r_[starts[1:], n]):
+        rows = order[s:e]
+        own = candidates[rows]
+        union = np.union1d(own, movers)
+        block = x[rows] @ centroids[union].T  # (rows, |union|)
+        picked = np.arange(e - s)
+        best = block.argmax(axis=1)
+        sims[rows] = block[picked, best]
+        labels[rows] = union[best]
+        if len(movers):
+            mover_block = block[:, np.searchsorted(union, movers)]  # (rows, movers)
+            mover_block[(own[:, :, None] == movers[None, None, :]).any(axis=1)] = -np.inf
+            mover_sim[rows] = mover_block.max(axis=1)
+        if block.shape[1] > 1:
+            block[picked, best] = -np.inf
+            second[rows] = block.max(axis=1)
+    return sims, labels, _chord(second), _chord(mover_sim)
+
+
+def centroid_shift(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Chord distance each centroid moved: ||new_j - old_j|| -> float64 (k,)."""
+    return np.linalg.norm(new.astype(np.float64) - old.astype(np.float64), axis=1)
 
 
 @dataclass
@@ -245,8 +419,10 @@ class PartialStats:
     """What one shard group contributes to a Lloyd update.
 
     sums: (k, D) float64 sum of member vectors; counts: (k,) int64; objective: sum of
-    (1 - cos) to the nearest centroid; far_points: (m, D) float32 worst-fitting rows and
-    far_distance: (m,) their cosine distances (candidates to re-seed empty clusters).
+    (1 - cos) to the assigned centroid (= counts - <sums_j, c_j> summed, exact); far_points:
+    (m, D) float32 rows with the largest distance bound and far_distance: (m,) those bounds
+    as cosine distances (candidates to re-seed empty clusters); searched: rows that needed
+    the k-way search.
     """
 
     sums: np.ndarray
@@ -254,39 +430,45 @@ class PartialStats:
     objective: float
     far_points: np.ndarray
     far_distance: np.ndarray
+    searched: int = 0
 
 
 def partial_stats(matrices: Sequence[np.ndarray], centroids: np.ndarray, n_far: int,
-                  use_gpu: bool = False) -> PartialStats:
+                  use_gpu: bool = False, bounds: Sequence[Bounds] | None = None,
+                  shift: np.ndarray | None = None) -> tuple[PartialStats, list[Bounds]]:
     """Assign every row of ``matrices`` (each (n_i, D) unit float32) to ``centroids`` (k, D)
-    and accumulate the Lloyd statistics (see :class:`PartialStats`)."""
-    import torch
+    and accumulate the Lloyd statistics (see :class:`PartialStats`).
 
+    bounds / shift: the :class:`Bounds` this returned last time for the same matrices and
+    how far each centroid moved since (None: full search). Returns (stats, new bounds).
+    """
     k, dim = centroids.shape
-    sums = torch.zeros((k, dim), dtype=torch.float32)
+    sums = np.zeros((k, dim))
     counts = np.zeros(k, dtype=np.int64)
-    objective = 0.0
+    searched = 0
     far_points: list[np.ndarray] = []
     far_distance: list[np.ndarray] = []
-    for x in matrices:
-        if len(x) == 0:
-            continue
-        labels, sims = nearest_centroid(x, centroids, use_gpu)
-        sums.index_add_(0, torch.from_numpy(labels), as_tensor(np.asarray(x)))
-        counts += np.bincount(labels, minlength=k)
-        distance = 1.0 - sims.astype(np.float64)
-        objective += float(distance.sum())
-        if n_far > 0:
-            top = np.argpartition(-distance, min(n_far, len(x)) - 1)[:n_far]
+    new_bounds: list[Bounds] = []
+    for i, x in enumerate(matrices):
+        b, n_searched = assign_with_bounds(x, centroids, bounds[i] if bounds else None, shift, use_gpu)
+        new_bounds.append(b)
+        searched += n_searched
+        sums += b.sums
+        counts += np.bincount(b.labels, minlength=k)
+        if n_far > 0 and len(x):
+            top = np.argpartition(-b.upper, min(n_far, len(x)) - 1)[:n_far]
             far_points.append(np.asarray(x)[top])
-            far_distance.append(distance[top])
-    return PartialStats(
-        sums=sums.numpy().astype(np.float64),
+            far_distance.append(b.upper[top] ** 2 / 2.0)  # chord -> cosine distance
+    objective = float((counts - np.einsum("kd,kd->k", sums, centroids.astype(np.float64))).sum())
+    stats = PartialStats(
+        sums=sums,
         counts=counts,
         objective=objective,
         far_points=np.concatenate(far_points) if far_points else np.empty((0, dim), np.float32),
         far_distance=np.concatenate(far_distance) if far_distance else np.empty(0),
+        searched=searched,
     )
+    return stats, new_bounds
 
 
 def reduce_stats(parts: Sequence[PartialStats]) -> PartialStats:
@@ -297,6 +479,7 @@ def reduce_stats(parts: Sequence[PartialStats]) -> PartialStats:
         objective=float(sum(p.objective for p in parts)),
         far_points=np.concatenate([p.far_points for p in parts]),
         far_distance=np.concatenate([p.far_distance for p in parts]),
+        searched=sum(p.searched for p in parts),
     )
 
 
@@ -323,19 +506,28 @@ def update_centroids(stats: PartialStats, previous: np.ndarray) -> tuple[np.ndar
 
 def kmeans_local(x: np.ndarray, k: int, max_iter: int = 20, tol: float = 1e-4, seed: int = 0,
                  init: str = "k-means++", init_sample_size: int | None = None,
-                 n_shards: int = 1) -> tuple[np.ndarray, list[float]]:
+                 n_shards: int = 1, use_bounds: bool = True) -> tuple[np.ndarray, list[float]]:
     """Single-process spherical k-means with exactly the distributed code path's math.
 
     x: (n, D) unit float32. Returns (centroids (k, D), objective per iteration).
+    ``use_bounds=False`` searches every row every iteration (plain Lloyd, for tests).
     """
     rng = np.random.default_rng(seed)
     sample = _init_sample(x, k, init_sample_size, rng)
     centroids = kmeans_plus_plus(sample, k, rng) if init == "k-means++" else random_init(sample, k, rng)
     shards = np.array_split(x, n_shards)
+    bounds: list[list[Bounds] | None] = [None] * n_shards
+    shift = None
     history: list[float] = []
     for _ in range(max_iter):
-        stats = reduce_stats([partial_stats([s], centroids, n_far=k) for s in shards])
-        centroids, _ = update_centroids(stats, centroids)
+        parts = []
+        for i, shard in enumerate(shards):
+            stats, bounds[i] = partial_stats([shard], centroids, n_far=k, bounds=bounds[i] if use_bounds else None,
+                                             shift=shift)
+            parts.append(stats)
+        stats = reduce_stats(parts)
+        new_centroids, _ = update_centroids(stats, centroids)
+        shift, centroids = centroid_shift(centroids, new_centroids), new_centroids
         history.append(stats.objective)
         if _converged(history, tol):
             break
@@ -487,14 +679,17 @@ def _threads(cpus: float) -> int:
 
 
 def _load_fit_shard(emb_dir: str, shard: Shard, dim: int, fraction: float, seed: int,
-                    shard_index: int) -> tuple[np.ndarray, int]:
-    """Task body: read, validate, normalise and subsample one shard -> ((m, D) float32, m)."""
+                    shard_index: int) -> tuple[np.ndarray, int, pa.Array]:
+    """Task body: read, validate, normalise and subsample one shard -> ((m, D) float32, m,
+    the m ids)."""
     table = read_shard(emb_dir, shard, ["id", "embedding"])
-    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), table.column("id"))
+    ids = table.column("id").combine_chunks()
+    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
     if fraction < 1.0:
         keep = np.random.default_rng([seed, shard_index]).random(len(x)) < fraction
         x = np.ascontiguousarray(x[keep])
-    return x, len(x)
+        ids = ids.filter(pa.array(keep))
+    return x, len(x), ids
 
 
 def _sample_rows(x: np.ndarray, m: int, seed: int, shard_index: int) -> np.ndarray:
@@ -511,28 +706,58 @@ def _init_task(k: int, init: str, seed: int, *samples: np.ndarray) -> np.ndarray
     return kmeans_plus_plus(sample, k, rng) if init == "k-means++" else random_init(sample, k, rng)
 
 
-def _stats_task(centroids: np.ndarray, n_far: int, use_gpu: bool, threads: int,
-                *matrices: np.ndarray) -> PartialStats:
+def _stats_task(centroids: np.ndarray, shift: np.ndarray | None, n_far: int, use_gpu: bool, threads: int,
+                bounds: list[Bounds] | None, *matrices: np.ndarray) -> tuple[PartialStats, list[Bounds]]:
+    """Task body of one Lloyd pass over a shard group -> (stats, bounds for the next pass)."""
     _use_threads(threads)
-    return partial_stats(matrices, centroids, n_far, use_gpu)
+    return partial_stats(matrices, centroids, n_far, use_gpu, bounds, shift)
 
 
-def _assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, out_dir: str,
-                  use_gpu: bool, threads: int) -> dict[str, Any]:
-    """Task body: assign one shard and write its ``assignments`` part."""
-    _use_threads(threads)
-    table = read_shard(emb_dir, shard, ["id", "embedding"])
-    ids = table.column("id")
-    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
-    labels, sims = nearest_centroid(x, centroids, use_gpu)
+def _assignments_part(out_dir: str, ids: pa.Array | pa.ChunkedArray, labels: np.ndarray, sims: np.ndarray,
+                      k: int) -> dict[str, Any]:
+    """Write one ``assignments`` part -> {path, rows, counts (k,), objective}."""
     distance = np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32)
     out = pa.table({"id": ids, "cluster": pa.array(labels.astype(np.int32)),
                     "distance": pa.array(distance)}, schema=ASSIGNMENTS_SCHEMA)
     path = storage.join(out_dir, storage.new_part_name())
     storage.write_table(out, path)
-    return {"path": storage.resolve(path)[1], "rows": len(x),
-            "counts": np.bincount(labels, minlength=len(centroids)),
+    return {"path": storage.resolve(path)[1], "rows": len(labels), "counts": np.bincount(labels, minlength=k),
             "objective": float(distance.astype(np.float64).sum())}
+
+
+def _assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, out_dir: str,
+                  use_gpu: bool, threads: int) -> dict[str, Any]:
+    """Task body: read one shard from Parquet, assign it, write its ``assignments`` part."""
+    _use_threads(threads)
+    table = read_shard(emb_dir, shard, ["id", "embedding"])
+    ids = table.column("id")
+    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
+    labels, sims = nearest_centroid(x, centroids, use_gpu)
+    return _assignments_part(out_dir, ids, labels, sims, len(centroids))
+
+
+def _assign_loaded(out_dir: str, centroids: np.ndarray, shift: np.ndarray | None, bounds: list[Bounds] | None,
+                   use_gpu: bool, threads: int, n_matrices: int, *refs: Any) -> dict[str, Any]:
+    """Task body of the final assignment when the fit saw every row: the group's matrices
+    and ids are still in the object store and its bounds spare most of the search.
+    refs: n_matrices matrices, then their n_matrices id arrays."""
+    _use_threads(threads)
+    matrices, ids = refs[:n_matrices], refs[n_matrices:]
+    labels, sims = [], []
+    for i, x in enumerate(matrices):
+        b, _ = assign_with_bounds(x, centroids, bounds[i] if bounds else None, shift, use_gpu)
+        labels.append(b.labels)
+        sims.append(_rowwise_dot(np.asarray(x), centroids, b.labels))
+    return _assignments_part(out_dir, pa.chunked_array(list(ids), pa.string()), np.concatenate(labels),
+                             np.concatenate(sims), len(centroids))
+
+
+def _rowwise_dot(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """<x_i, centroids[labels_i]> for every row (n,) float32, in chunks."""
+    out = np.empty(len(x), np.float32)
+    for s in range(0, len(x), chunk):
+        out[s:s + chunk] = np.einsum("ij,ij->i", x[s:s + chunk], centroids[labels[s:s + chunk]])
+    return out
 
 
 def _default_tasks(task_cpus: float) -> int:
@@ -566,11 +791,12 @@ def run(config: Config) -> dict[str, Any]:
     gpu_opts = {"num_gpus": 1} if use_gpu else {}
 
     # 1-2. load the fit sample once into the object store
-    load = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_load_fit_shard)
+    load = ray.remote(num_cpus=config.io_cpus, num_returns=3)(_load_fit_shard)
     loads = [load.remote(emb_dir, s, dim, config.fit_fraction, config.seed, i)
              for i, s in enumerate(shards)]
-    matrices = [ref for ref, _ in loads]
-    row_counts = [int(c) for c in ray.get([count for _, count in loads])]
+    matrices = [ref for ref, _, _ in loads]
+    id_refs = [ref for _, _, ref in loads]
+    row_counts = [int(c) for c in ray.get([count for _, count, _ in loads])]
     del loads  # the matrices must be freed once the fit is done
     n_fit = int(sum(row_counts))
     if config.k > n_fit:
@@ -590,32 +816,49 @@ def run(config: Config) -> dict[str, Any]:
     del samples
     initialised = time.perf_counter()
 
-    # 4. Lloyd iterations: only centroids go out, only k x D sums come back
+    # 4. Lloyd iterations: only centroids (and their shifts) go out, only k x D sums come
+    #    back; each group's bounds stay in the object store between passes
     groups = balanced_groups(row_counts, n_tasks)
-    stats_task = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_stats_task)
+    stats_task = ray.remote(num_cpus=config.task_cpus, num_returns=2, **gpu_opts)(_stats_task)
     n_far = min(config.k, 256)
     history: list[float] = []
+    searched: list[float] = []
     reseeded = 0
     converged = False
+    bounds_refs: list[Any] = [None] * len(groups)
+    shift = None
+    pass_seconds: list[float] = []
     for _ in range(config.max_iter):
-        c_ref = ray.put(centroids)
-        parts = ray.get([stats_task.remote(c_ref, n_far, use_gpu, threads, *[matrices[i] for i in g])
-                         for g in groups])
-        stats = reduce_stats(parts)
-        centroids, n_empty = update_centroids(stats, centroids)
+        pass_started = time.perf_counter()
+        c_ref, s_ref = ray.put(centroids), ray.put(shift)
+        calls = [stats_task.remote(c_ref, s_ref, n_far, use_gpu, threads, bounds_refs[g] if config.bounds else None,
+                                   *[matrices[i] for i in group])
+                 for g, group in enumerate(groups)]
+        bounds_refs = [b for _, b in calls]
+        stats = reduce_stats(ray.get([p for p, _ in calls]))
+        new_centroids, n_empty = update_centroids(stats, centroids)
+        shift, centroids = centroid_shift(centroids, new_centroids), new_centroids
         reseeded += n_empty
         history.append(stats.objective)
+        searched.append(stats.searched / n_fit)
+        pass_seconds.append(time.perf_counter() - pass_started)
         if _converged(history, config.tol):
             converged = True
             break
-    del matrices
     fitted = time.perf_counter()
 
-    # 5. one full assignment pass, streamed shard by shard
-    c_ref = ray.put(centroids)
-    assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_assign_shard)
-    results = ray.get([assign.remote(emb_dir, s, dim, c_ref, assign_dir, use_gpu, threads)
-                       for s in shards])
+    # 5. one full assignment pass with the final centroids
+    c_ref, s_ref = ray.put(centroids), ray.put(shift)
+    if config.fit_fraction >= 1.0:  # every row is in the object store: no re-read, bounds apply
+        assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_assign_loaded)
+        results = ray.get([assign.remote(assign_dir, c_ref, s_ref, bounds_refs[g] if config.bounds else None,
+                                         use_gpu, threads, len(group), *[matrices[i] for i in group],
+                                         *[id_refs[i] for i in group])
+                           for g, group in enumerate(groups)])
+    else:  # stream every row from Parquet once
+        assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_assign_shard)
+        results = ray.get([assign.remote(emb_dir, s, dim, c_ref, assign_dir, use_gpu, threads) for s in shards])
+    del bounds_refs, matrices, id_refs
     sizes = np.sum([r["counts"] for r in results], axis=0).astype(np.int64)
     full_objective = float(sum(r["objective"] for r in results))
     storage.publish(assign_dir, [r["path"] for r in results],
@@ -625,6 +868,8 @@ def run(config: Config) -> dict[str, Any]:
     summary = {
         "k": config.k, "dim": int(centroids.shape[1]), "rows": n_total, "fit_rows": n_fit,
         "iterations": len(history), "converged": converged, "objective": full_objective,
+        "searched_fraction": [round(f, 4) for f in searched],
+        "pass_seconds": [round(t, 3) for t in pass_seconds],
         "mean_distance": full_objective / n_total, "fit_objective_history": history,
         "reseeded_clusters": reseeded, "empty_clusters": int((sizes == 0).sum()),
         "largest_cluster": int(sizes.max()), "init": config.init, "seed": config.seed,

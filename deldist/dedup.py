@@ -10,9 +10,10 @@ threshold a cheap filter.
 
 Math: :func:`triu_max_sim` computes, for rank-ordered rows ``x`` (n, D), the row-wise max and
 argmax of the strictly lower triangle of ``x @ x.T`` blockwise: a block of ``block_rows``
-rows is multiplied against the earlier rows in column tiles of ``col_block`` and only the
-diagonal tile is masked, so memory is O(block_rows x col_block), never O(n^2), and only the
-lower triangle is computed (half the flops of the full n x n matrix).
+rows is multiplied against the earlier rows in column tiles of ``col_block`` (no mask), and
+its diagonal block in sub-blocks of ``diag_rows`` rows with only their own triangle masked,
+so memory is O(block_rows x col_block), never O(n^2), and only the lower triangle is
+computed: n^2/2 + n diag_rows/2 dot products, about half the full n x n matrix.
 
 Ray wiring of :func:`run`:
 
@@ -68,7 +69,8 @@ class Config(StageConfig):
     scores: str | None = Field(None, description="default <output>/dedup/scores")
     keep: KeepMode = Field("hard", description="rank order within a cluster: hard = farthest from the centroid first")
     seed: int = Field(0, description="seed of keep=random")
-    block_rows: int = Field(128, ge=1, description="rows per similarity block")
+    block_rows: int = Field(256, ge=1, description="rows per similarity block")
+    diag_rows: int = Field(64, ge=1, description="rows per sub-block of a diagonal block")
     col_block: int = Field(16_384, ge=1, description="columns per similarity tile")
     split_rows: int = Field(50_000, ge=2, description="clusters larger than this are split over several tasks")
     bucket_rows: int = Field(200_000, ge=1, description="soft cap on rows in one packed task")
@@ -127,60 +129,61 @@ def _upper_mask(size: int) -> np.ndarray:
     return mask
 
 
-def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 128,
-                 col_block: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+def _merge_max(best: np.ndarray, arg: np.ndarray, sims: np.ndarray, offset: int) -> None:
+    """Fold a (rows, cols) similarity tile into the running row max ``best`` / ``arg``
+    (in place; columns are numbered from ``offset``). Larger wins; on exact ties the lower
+    column wins, so the result is the first argmax whatever the tile order."""
+    tile_arg = sims.argmax(axis=1)
+    tile_best = sims[np.arange(len(sims)), tile_arg]
+    tile_arg += offset
+    better = (tile_best > best) | ((tile_best == best) & (tile_arg < arg))
+    best[better] = tile_best[better]
+    arg[better] = tile_arg[better]
+
+
+def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
+                 col_block: int = 16_384, diag_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Max similarity of each row to the rows before it.
 
     x: (n, D) float32 rows in rank order (unit norm). For rows i in [start, stop):
     ``max_sim[i - start] = max_{j < i} <x_i, x_j>`` and ``argmax[i - start]`` that j (the
     first one on exact ties); row 0 gets max_sim 0 and argmax -1.
-    Each block of ``block_rows`` rows is multiplied (float32 sgemm, NumPy's BLAS) against
-    the rows before it in column tiles of ``col_block``; only the diagonal block is masked.
-    Memory: O(block_rows x col_block) besides ``x``; work: the lower triangle plus the
-    diagonal blocks, about half the flops of the full n x n matrix.
+
+    Blockwise (float32 sgemm, NumPy's BLAS): a block of ``block_rows`` rows is multiplied
+    against all rows before it in column tiles of ``col_block`` (large, efficient products,
+    no mask); its own diagonal block is covered by sub-blocks of ``diag_rows`` rows, each
+    against the block's rows up to itself with only its own triangle masked. Work: n^2 / 2
+    + n * diag_rows / 2 dot products (about half of the full n x n matrix); memory:
+    O(block_rows x col_block) besides ``x``.
     Returns (max_sim float32 (stop - start,), argmax int64 (stop - start,)).
     """
     n = len(x)
     stop = n if stop is None else stop
     if not 0 <= start <= stop <= n:
         raise ValueError(f"row range [{start}, {stop}) outside [0, {n})")
-    out_sim = np.zeros(stop - start, np.float32)
+    out_sim = np.full(stop - start, -np.inf, np.float32)
     out_arg = np.full(stop - start, -1, np.int64)
     if stop <= start:
-        return out_sim, out_arg
+        return np.zeros(0, np.float32), out_arg
     x = np.ascontiguousarray(x, dtype=np.float32)
-    col_block = max(col_block, block_rows)  # the diagonal block always falls in the first tile
     for r0 in range(start, stop, block_rows):
         r1 = min(r0 + block_rows, stop)
-        rows = x[r0:r1]
-        picked = np.arange(r1 - r0)
-        best = arg = None
-        # column tiles of [0, r1) from the right: the first holds the diagonal block (j >= i
-        # masked); later tiles win exact ties (">="), so the earliest column wins overall
-        c_hi = r1
-        while c_hi > 0:
-            c_lo = max(0, c_hi - col_block)
-            sims = rows @ x[c_lo:c_hi].T  # (r1 - r0, c_hi - c_lo)
-            if best is None:
-                np.copyto(sims[:, r0 - c_lo:], -np.inf, where=_upper_mask(block_rows)[: r1 - r0, : r1 - r0])
-            tile_arg = sims.argmax(axis=1)
-            tile_best = sims[picked, tile_arg]
-            if best is None:
-                best, arg = tile_best, tile_arg + c_lo
-            else:
-                better = tile_best >= best
-                best = np.where(better, tile_best, best)
-                arg = np.where(better, tile_arg + c_lo, arg)
-            c_hi = c_lo
-        out_sim[r0 - start:r1 - start] = best
-        out_arg[r0 - start:r1 - start] = arg
+        best, arg = out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start]  # views
+        for c0 in range(0, r0, col_block):  # every earlier row: no mask
+            c1 = min(c0 + col_block, r0)
+            _merge_max(best, arg, x[r0:r1] @ x[c0:c1].T, c0)
+        for s0 in range(r0, r1, diag_rows):  # the diagonal block, triangle by sub-block
+            s1 = min(s0 + diag_rows, r1)
+            sims = x[s0:s1] @ x[r0:s1].T  # (s1 - s0, s1 - r0)
+            np.copyto(sims[:, s0 - r0:], -np.inf, where=_upper_mask(diag_rows)[: s1 - s0, : s1 - s0])
+            _merge_max(best[s0 - r0:s1 - r0], arg[s0 - r0:s1 - r0], sims, r0)
     if start == 0:
         out_sim[0], out_arg[0] = 0.0, -1
     return out_sim, out_arg
 
 
 def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
-                          block_rows: int = 128, col_block: int = 16_384) -> pa.Table:
+                          block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64) -> pa.Table:
     """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
 
     x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
@@ -196,7 +199,7 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
         if not np.array_equal(np.asarray(rank), expected):
             raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
         for s, e in zip(starts, ends):
-            sims, arg = triu_max_sim(x[s:e], block_rows=block_rows, col_block=col_block)
+            sims, arg = triu_max_sim(x[s:e], block_rows=block_rows, col_block=col_block, diag_rows=diag_rows)
             max_sim[s:e] = sims
             dup[s:e] = np.where(arg >= 0, arg + s, -1)
     return scores_table(ids, cluster, rank, max_sim, dup)
@@ -357,7 +360,7 @@ def check_shuffle(stats: list[dict[str, Any]], expected: int, what: str) -> None
                          f"that wrote {what}")
 
 
-def _score_bucket(out_dir: str, block_rows: int, col_block: int,
+def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
                   *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
     """Task body: score every (small) cluster of one bucket and write a scores part."""
     began = time.perf_counter()
@@ -366,7 +369,7 @@ def _score_bucket(out_dir: str, block_rows: int, col_block: int,
     ids = meta.column("id").combine_chunks()
     gathered = time.perf_counter()
     table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
-                                  block_rows, col_block)
+                                  block_rows, col_block, diag_rows)
     return _write_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
 
 
@@ -380,10 +383,10 @@ def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, p
 
 
 def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int,
-                block_rows: int, col_block: int) -> dict[str, Any]:
+                block_rows: int, col_block: int, diag_rows: int) -> dict[str, Any]:
     """Task body: rows [start, stop) of one split cluster -> a scores part."""
     began = time.perf_counter()
-    sims, arg = triu_max_sim(x, start, stop, block_rows, col_block)
+    sims, arg = triu_max_sim(x, start, stop, block_rows, col_block, diag_rows)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
                          np.arange(start, stop), sims, arg, dup_ids=ids)
     return _write_part(out_dir, table, time.perf_counter() - began, 0.0)
@@ -457,10 +460,11 @@ def run(config: Config) -> dict[str, Any]:
         if bucket.row_ranges:
             x_ref, ids_ref = gather.remote(*slices)
             pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e,
-                                          config.block_rows, config.col_block)
+                                          config.block_rows, config.col_block, config.diag_rows)
                         for a, e in bucket.row_ranges]
         else:
-            pending.append(score_bucket.remote(out_dir, config.block_rows, config.col_block, *slices))
+            pending.append(score_bucket.remote(out_dir, config.block_rows, config.col_block, config.diag_rows,
+                                               *slices))
     try:
         check_shuffle(ray.get(route_stats), n, "assignments")
     except ValueError:

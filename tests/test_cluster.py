@@ -64,11 +64,27 @@ def test_local_kmeans_matches_faiss_objective():
     assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))  # Lloyd never gets worse
 
 
+def test_bounds_skip_work_but_not_results():
+    x = clustered(3000, 16, 20, seed=7)
+    with_bounds, history = cluster.kmeans_local(x, 20, max_iter=8, tol=0.0, seed=1, n_shards=2)
+    plain, plain_history = cluster.kmeans_local(x, 20, max_iter=8, tol=0.0, seed=1, n_shards=2, use_bounds=False)
+    assert np.allclose(history, plain_history, rtol=1e-6)
+    assert np.allclose(with_bounds, plain, atol=1e-5)
+    # later passes search only the rows whose cluster could change
+    c0 = cluster.normalize_rows(x[:20])
+    stats, bounds = cluster.partial_stats([x], c0, n_far=0)
+    c1, _ = cluster.update_centroids(stats, c0)
+    again, _ = cluster.partial_stats([x], c1, n_far=0, bounds=bounds, shift=cluster.centroid_shift(c0, c1))
+    full, _ = cluster.partial_stats([x], c1, n_far=0)
+    assert stats.searched == 3000 and again.searched < 3000
+    assert np.array_equal(again.counts, full.counts) and again.objective == pytest.approx(full.objective)
+
+
 def test_update_reseeds_empty_clusters_with_farthest_points():
     x = np.abs(clustered(300, 8, 3, seed=1))  # positive orthant
     away = -x.sum(axis=0, keepdims=True)  # negative cosine to every row: attracts nothing
     stale = cluster.normalize_rows(np.vstack([x[:2], away]))
-    stats = cluster.partial_stats([x], stale, n_far=4)
+    stats, _ = cluster.partial_stats([x], stale, n_far=4)
     assert stats.counts[2] == 0
     new, n_empty = cluster.update_centroids(stats, stale)
     assert n_empty == 1

@@ -73,7 +73,7 @@ def test_scores_equal_all_pairs_reference(keep):
     rank = dedup.rank_within_clusters(ids, labels, distance, keep, seed=3)
     order = np.lexsort((rank, labels))
     table = dedup.score_sorted_clusters(x[order], ids.take(pa.array(order)), labels[order], rank[order],
-                                        block_rows=16, col_block=40)
+                                        block_rows=16, col_block=40, diag_rows=6)
     assert table.schema.equals(SCORES_SCHEMA)
     back = np.argsort(order)
     max_sim = table.column("max_sim").to_numpy()[back]
@@ -83,6 +83,16 @@ def test_scores_equal_all_pairs_reference(keep):
     first = rank == 0
     assert np.all(max_sim[first] == 0) and np.all(dup_row[first] == -1)
     assert first.sum() == len(SIZES)
+
+
+def test_exact_ties_go_to_the_earliest_item():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (5, 8)).astype(np.float32)[rng.integers(0, 5, 200)]  # exact integer dot products
+    full = x.astype(np.float64) @ x.T.astype(np.float64)
+    first = [-1] + [int(np.argmax(full[i, :i])) for i in range(1, 200)]
+    for block_rows, col_block, diag_rows in [(16, 40, 6), (7, 5, 3), (256, 16_384, 32)]:
+        _, arg = dedup.triu_max_sim(x, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows)
+        assert arg.tolist() == first
 
 
 def test_rank_modes():
@@ -106,7 +116,8 @@ def test_row_ranges_cover_the_triangle_evenly():
     assert max(work) < 1.1 * min(work)
     x, labels, _ = clustered_with_sizes([300], 16, seed=2)
     whole, arg = dedup.triu_max_sim(x, block_rows=32)
-    pieces = [dedup.triu_max_sim(x, a, b, block_rows=32, col_block=50) for a, b in dedup.split_rows_by_area(300, 3)]
+    pieces = [dedup.triu_max_sim(x, a, b, block_rows=32, col_block=50, diag_rows=7)
+              for a, b in dedup.split_rows_by_area(300, 3)]
     assert np.allclose(np.concatenate([p[0] for p in pieces]), whole, atol=1e-6)  # gemm shapes differ
     assert np.array_equal(np.concatenate([p[1] for p in pieces]), arg)
 
@@ -167,7 +178,8 @@ def test_run_matches_reference_with_a_split_cluster(ray_session, tmp_path, keep)
     x, labels, distance = clustered_with_sizes([260, 1, 40, 12, 1, 90], 16, seed=5)
     root = str(tmp_path / "run")
     ids = write_run(root, x, labels, distance)
-    summary = dedup.run(dedup.Config(output=root, keep=keep, seed=2, block_rows=32, col_block=64, split_rows=100,
+    summary = dedup.run(dedup.Config(output=root, keep=keep, seed=2, block_rows=32, col_block=64, diag_rows=8,
+                                     split_rows=100,
                                      num_buckets=2, shard_rows=150, task_cpus=0.5))
     assert summary["split_clusters"] == 1 and summary["rows"] == len(x)
     scores = storage.read_published(storage.join(root, "dedup", "scores"))
