@@ -21,7 +21,6 @@ files when a TensorBoard writer (``torch.utils.tensorboard`` or ``tensorboardX``
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import math
@@ -318,14 +317,7 @@ def write_metrics(out_dir: str, history: list[dict[str, Any]], prefix: str = "me
     ``tensorboard/`` (rewritten whole: object stores have no append). Returns whether
     TensorBoard files were written."""
     storage.write_json(storage.join(out_dir, f"{prefix}.json"), history)
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    storage.write_bytes(storage.join(out_dir, f"{prefix}.csv"), buf.getvalue().encode())
+    storage.write_csv(storage.join(out_dir, f"{prefix}.csv"), history)
     summary_writer = tensorboard_writer_class()
     if summary_writer is None or not history:
         return False

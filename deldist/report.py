@@ -16,7 +16,6 @@ a plain Pillow drawing), ``report.json``, published.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import time
@@ -83,17 +82,6 @@ def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
                      f"{_fmt(r['miou'], True)} | {_fmt(r['normdel'], True)} | {_fmt(r.get('miou_fg_bg'), True)} | "
                      f"{_fmt(r.get('pretrain_loss'))} |")
     return "\n".join(lines) + "\n"
-
-
-def csv_table(rows: list[dict[str, Any]]) -> str:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------ plot
@@ -268,14 +256,15 @@ def run(config: Config) -> dict[str, Any]:
     rows = table_rows(results, config.alpha)
     out = report_dir(config.output, config.name)
     png, backend = plot_png(rows)
-    files = {"table.csv": csv_table(rows).encode(), "table.md": markdown_table(rows, config.alpha).encode(),
+    storage.write_csv(storage.join(out, "table.csv"), rows)
+    files = {"table.md": markdown_table(rows, config.alpha).encode(),
              "plot.png": png}
     for name, data in files.items():
         storage.write_bytes(storage.join(out, name), data)
     report = {"rows": rows, "alpha": config.alpha, "miou": "iou_fg (foreground IoU, held-out split)",
               "plot_backend": backend, "seconds": round(time.time() - started, 1)}
     storage.write_json(storage.join(out, "report.json"), report)
-    storage.publish(out, [storage.resolve(storage.join(out, n))[1] for n in [*files, "report.json"]],
+    storage.publish(out, [storage.resolve(storage.join(out, n))[1] for n in ["table.csv", *files, "report.json"]],
                     {"selections": config.selections, "alpha": config.alpha, "plot_backend": backend})
     return {"report": out, "table": storage.join(out, "table.md"), "plot": storage.join(out, "plot.png"),
             "plot_backend": backend, "rows": rows}

@@ -137,6 +137,21 @@ def to_uri(uri_like_root: str, path: str) -> str:
     return f"{scheme}://{path}"
 
 
+def write_csv(uri: str, rows: list[dict[str, Any]]) -> None:
+    """Write dict rows as CSV; columns in first-seen order across all rows."""
+    import csv
+    import io
+
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(uri, buf.getvalue().encode())
+
+
 def write_table(table: pa.Table, uri: str) -> None:
     """Write one Parquet file (zstd) atomically."""
     sink = pa.BufferOutputStream()

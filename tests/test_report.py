@@ -21,14 +21,15 @@ def _rows():
     ], alpha=1.0)
 
 
-def test_table_rows_and_markdown():
+def test_table_rows_and_markdown(tmp_path):
     rows = _rows()
     assert [r["selection"] for r in rows] == ["all", "meddel-0.05", "random-0.05", "random-init"]
     assert round(100 * rows[0]["normdel"], 2) == 56.95 and round(100 * rows[1]["normdel"], 2) == 67.21
     assert rows[3]["normdel"] is None
     md = report.markdown_table(rows, 1.0)
     assert "| meddel-0.05 | meddel | 0.05 | 5 | 75.45 | 67.21 |" in md and "foreground" in md
-    parsed = list(csv.DictReader(io.StringIO(report.csv_table(rows))))
+    storage.write_csv(str(tmp_path / "table.csv"), rows)
+    parsed = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
     assert parsed[0]["selection"] == "all" and float(parsed[1]["normdel"]) == pytest.approx(normdel(0.7545, 0.05))
 
 
