@@ -33,11 +33,18 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--config", help="YAML config (local path or s3:// URI)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
+    parser.add_argument("--html", action="store_true", help="write the HTML curation report (= html=true; "
+                                                             "report, curate)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
     name = stage or args.stage
     module = importlib.import_module(STAGES[name])
-    config = load_config(module.Config, args.config, args.overrides, section=name)
+    overrides = list(args.overrides)
+    if args.html:  # one way to configure it: the flag is the config field
+        if "html" not in module.Config.model_fields:
+            parser.error(f"--html does not apply to {name}")
+        overrides.append("html=true")
+    config = load_config(module.Config, args.config, overrides, section=name)
     if args.address:
         import os
 

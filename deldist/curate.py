@@ -27,6 +27,7 @@ class Config(StageConfig):
     cluster: dict[str, Any] = Field(default_factory=dict)
     dedup: dict[str, Any] = Field(default_factory=dict)
     select: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
+    html: bool = Field(True, description="write the HTML curation report <output>/reports/html/index.html")
 
     def stage_configs(self) -> tuple[embed.Config, cluster.Config, dedup.Config, list[select.Config]]:
         """Validate every stage's block up front, so a typo fails before hours of embedding."""
@@ -95,6 +96,11 @@ def run(config: Config) -> dict[str, Any]:
     print("\n" + format_selection_table(summaries))
     print("\n" + format_dataset_table(summaries[0]))
     result["selections"] = {s["name"]: {k: s[k] for k in ("input_count", "kept_count", "ratio")} for s in summaries}
+    if config.html:
+        from deldist import html_report
+
+        result["html_report"] = html_report.write_html_report(config.output, [c.name for c in select_cfgs])
+        print(f"\nHTML report: {result['html_report']}")
     result["seconds"] = round(time.time() - started, 1)
     result["output"] = config.output
     return result

@@ -12,6 +12,11 @@ rerun only does what is missing.
 Output ``<output>/reports/<name>/``: ``table.csv``, ``table.md`` (like MedDEL's Table 3),
 ``plot.png`` (mIoU and NormDEL against R, MedDEL vs random; matplotlib when importable, else
 a plain Pillow drawing), ``report.json``, published.
+
+``html=true`` (``deldist report --html``) writes the HTML curation report of the run
+(``deldist.html_report``: counts, per-dataset table, cluster sizes, duplicate / outlier /
+invalid galleries) to ``<output>/reports/html/index.html``; on its own it does only that,
+``normdel=true`` runs the NormDEL chain as well.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ class Config(StageConfig):
     frame_size: int = Field(256, ge=16, description="frame store size when it has to be materialized")
     pretrain: dict[str, Any] = Field(default_factory=dict, description="deldist pretrain settings for every run")
     finetune: dict[str, Any] = Field(default_factory=dict, description="deldist finetune settings for every run")
+    html: bool = Field(False, description="write the HTML curation report <output>/reports/html/index.html")
+    normdel: bool | None = Field(None, description="pretrain + finetune + NormDEL table; default: yes unless html")
+    html_gallery: int = Field(24, ge=0, description="HTML report: frames per outlier / invalid gallery")
+    html_groups: int = Field(8, ge=0, description="HTML report: largest duplicate groups shown per selection")
 
 
 def report_dir(output: str, name: str) -> str:
@@ -226,11 +235,22 @@ def _classification_columns(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Pretrain + finetune every selection that has no published result yet; write the report."""
+    """Pretrain + finetune every selection that has no published result yet; write the report.
+    With ``html``, write the HTML curation report first (and only that unless ``normdel``)."""
     from deldist import materialize
     from deldist.runtime import init_ray
 
     started = time.time()
+    html = None
+    if config.html:
+        from deldist import html_report
+
+        # "all" is not a selection directory; without named selections the page shows every one
+        html = html_report.write_html_report(config.output, [s for s in config.selections if s != FULL] or None,
+                                             max_per_gallery=config.html_gallery, max_groups=config.html_groups)
+        print(f"HTML report: {html}")
+    if not (config.normdel if config.normdel is not None else not config.html):
+        return {"html": html}
     init_ray()
     frames = config.frames or materialize.store_uri(config.output, None)
     if not storage.is_published(frames):
@@ -267,7 +287,7 @@ def run(config: Config) -> dict[str, Any]:
     storage.publish(out, [storage.resolve(storage.join(out, n))[1] for n in ["table.csv", *files, "report.json"]],
                     {"selections": config.selections, "alpha": config.alpha, "plot_backend": backend})
     return {"report": out, "table": storage.join(out, "table.md"), "plot": storage.join(out, "plot.png"),
-            "plot_backend": backend, "rows": rows}
+            "plot_backend": backend, "rows": rows, **({"html": html} if html else {})}
 
 
 # ------------------------------------------------------------------ demo hook
