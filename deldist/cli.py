@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "dedup": "deldist.dedup",
     "select": "deldist.select",
     "curate": "deldist.curate",
+    "curate-new": "deldist.curate_new",
     "materialize": "deldist.materialize",
     "pretrain": "deldist.pretrain",
     "finetune": "deldist.finetune",
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         if "html" not in module.Config.model_fields:
             parser.error(f"--html does not apply to {name}")
         overrides.append("html=true")
-    config = load_config(module.Config, args.config, overrides, section=name)
+    config = load_config(module.Config, args.config, overrides, section=name.replace("-", "_"))
     if args.address:
         import os
 

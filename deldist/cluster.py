@@ -55,7 +55,7 @@ from pydantic import Field
 
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.schema import ASSIGNMENTS_SCHEMA
+from deldist.schema import ASSIGNMENTS_SCHEMA, centroids_schema
 
 # ----------------------------------------------------------------------------- errors
 
@@ -650,11 +650,6 @@ def balanced_groups(sizes: Sequence[int], n_groups: int) -> list[list[int]]:
     return [sorted(g) for g in groups if g]
 
 
-def centroids_schema(dim: int) -> pa.Schema:
-    return pa.schema([("cluster", pa.int32()), ("centroid", pa.list_(pa.float32(), dim)),
-                      ("size", pa.int64())])
-
-
 def centroids_table(centroids: np.ndarray, sizes: np.ndarray) -> pa.Table:
     k, dim = centroids.shape
     flat = pa.array(np.ascontiguousarray(centroids, dtype=np.float32).reshape(-1), pa.float32())
@@ -725,7 +720,7 @@ def _assignments_part(out_dir: str, ids: pa.Array | pa.ChunkedArray, labels: np.
             "objective": float(distance.astype(np.float64).sum())}
 
 
-def _assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, out_dir: str,
+def assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, out_dir: str,
                   use_gpu: bool, threads: int) -> dict[str, Any]:
     """Task body: read one shard from Parquet, assign it, write its ``assignments`` part."""
     _use_threads(threads)
@@ -856,7 +851,7 @@ def run(config: Config) -> dict[str, Any]:
                                          *[id_refs[i] for i in group])
                            for g, group in enumerate(groups)])
     else:  # stream every row from Parquet once
-        assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_assign_shard)
+        assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(assign_shard)
         results = ray.get([assign.remote(emb_dir, s, dim, c_ref, assign_dir, use_gpu, threads) for s in shards])
     del bounds_refs, matrices, id_refs
     sizes = np.sum([r["counts"] for r in results], axis=0).astype(np.int64)

@@ -182,6 +182,25 @@ def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_r
     return out_sim, out_arg
 
 
+def max_sim_to(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_block: int = 16_384,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Max similarity of each query row to any key row, blockwise.
+
+    q: (m, D), keys: (p, D) float32 unit rows. Returns (max_sim float32 (m,), argmax int64
+    (m,) into keys, the first on exact ties); -inf and -1 when there are no keys.
+    """
+    best = np.full(len(q), -np.inf, np.float32)
+    arg = np.full(len(q), -1, np.int64)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    for r0 in range(0, len(q), block_rows):
+        r1 = min(r0 + block_rows, len(q))
+        for c0 in range(0, len(keys), col_block):
+            c1 = min(c0 + col_block, len(keys))
+            _merge_max(best[r0:r1], arg[r0:r1], q[r0:r1] @ keys[c0:c1].T, c0)
+    return best, arg
+
+
 def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
                           block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64) -> pa.Table:
     """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
@@ -370,7 +389,7 @@ def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
     gathered = time.perf_counter()
     table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
                                   block_rows, col_block, diag_rows)
-    return _write_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
+    return write_scores_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
 
 
 def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, pa.Array]:
@@ -389,10 +408,10 @@ def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start:
     sims, arg = triu_max_sim(x, start, stop, block_rows, col_block, diag_rows)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
                          np.arange(start, stop), sims, arg, dup_ids=ids)
-    return _write_part(out_dir, table, time.perf_counter() - began, 0.0)
+    return write_scores_part(out_dir, table, time.perf_counter() - began, 0.0)
 
 
-def _write_part(out_dir: str, table: pa.Table, score_seconds: float, gather_seconds: float) -> dict[str, Any]:
+def write_scores_part(out_dir: str, table: pa.Table, score_seconds: float, gather_seconds: float) -> dict[str, Any]:
     began = time.perf_counter()
     path = storage.join(out_dir, storage.new_part_name())
     storage.write_table(table, path)

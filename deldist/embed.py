@@ -14,6 +14,7 @@ check that no id is present twice (a retried task can write a frame again).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -82,6 +83,7 @@ class Config(StageConfig):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     rows_per_part: int = 2048
     max_sources: int | None = None  # embed at most this many pending sources in this run
+    id_prefix: str = ""  # prepended to every source key (and so to every id), e.g. "v2/" for an upload batch
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -294,7 +296,13 @@ def _fingerprint(config: Config, weights_sha: str | None, dim: int) -> dict[str,
     return {"model": config.model, "weights_sha256": weights_sha, "random_init": config.random_init,
             "pooling": config.pooling, "image_size": config.image_size, "mean": list(config.mean),
             "std": list(config.std), "fps": config.fps, "stride": config.stride,
-            "keyframes_only": config.keyframes_only, "segment_seconds": config.segment_seconds, "dim": dim}
+            "keyframes_only": config.keyframes_only, "segment_seconds": config.segment_seconds, "dim": dim,
+            **({"id_prefix": config.id_prefix} if config.id_prefix else {})}
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """What a run of ``config`` records in ``embeddings/_run.json`` (builds the model once)."""
+    return _fingerprint(config, *_weights_and_dim(config))
 
 
 def _check_or_record_run(layout: _Layout, fingerprint: dict[str, Any]) -> None:
@@ -469,6 +477,8 @@ def run(config: Config) -> dict[str, Any]:
     _check_or_record_run(layout, fingerprint)
 
     sources, skipped = list_sources(config.input, config.manifest)
+    if config.id_prefix:
+        sources = [dataclasses.replace(s, key=config.id_prefix + s.key) for s in sources]
     records, present, _ = _load_state(layout)
     progress = source_progress(records, present)
     pending = [s for s in sources if not progress.get(s.key, {}).get("done", False)]

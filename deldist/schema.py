@@ -32,6 +32,12 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+def centroids_schema(dim: int) -> pa.Schema:
+    """``clusters/centroids.parquet``: one row per cluster (unit-norm centroid, member count)."""
+    return pa.schema([("cluster", pa.int32()), ("centroid", pa.list_(pa.float32(), dim)),
+                      ("size", pa.int64())])
+
+
 ASSIGNMENTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -58,5 +64,17 @@ REMOVED_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("duplicate_of", pa.string()),
         ("max_sim", pa.float32()),
+    ]
+)
+
+
+# ``curated/<selection>/v<N>/sources``: every source a corpus version has seen (so a rerun on the
+# same uploads embeds nothing), with the version that brought it in.
+VERSION_SOURCES_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("version", pa.int32()),
+        ("status", pa.string()),  # embedded | error
+        ("frames", pa.int64()),
     ]
 )

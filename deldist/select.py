@@ -154,6 +154,27 @@ def invalid_mask(quality: dict[str, np.ndarray], rules: InvalidThresholds,
     return masks
 
 
+def cluster_quantiles(cluster: np.ndarray, distance: np.ndarray, quantile: float,
+                      k: int | None = None) -> np.ndarray:
+    """(k,) float64: the ``quantile`` of ``distance`` within each cluster (linear
+    interpolation, as ``np.quantile``); NaN for a cluster with no items. cluster: (n,) int."""
+    cluster = np.asarray(cluster, np.int64)
+    distance = np.asarray(distance, np.float64)
+    k = int(cluster.max()) + 1 if k is None and len(cluster) else (k or 0)
+    out = np.full(k, np.nan)
+    if not len(distance):
+        return out
+    order = np.lexsort((distance, cluster))
+    c_sorted, d_sorted = cluster[order], distance[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(c_sorted)) + 1]
+    ends = np.r_[starts[1:], len(order)]
+    position = starts + quantile * (ends - 1 - starts)  # fractional index of the quantile
+    lo = np.floor(position).astype(np.int64)
+    hi = np.minimum(lo + 1, ends - 1)
+    out[c_sorted[starts]] = d_sorted[lo] + (position - lo) * (d_sorted[hi] - d_sorted[lo])
+    return out
+
+
 def outlier_mask(cluster: np.ndarray, distance: np.ndarray, max_distance: float | None = None,
                  quantile: float | None = None) -> np.ndarray:
     """bool (n,): distance (n,) above ``max_distance``, or above the ``quantile`` of the
@@ -163,18 +184,7 @@ def outlier_mask(cluster: np.ndarray, distance: np.ndarray, max_distance: float 
     if max_distance is not None:
         mask |= distance > max_distance
     if quantile is not None and len(distance):
-        order = np.lexsort((distance, cluster))
-        c_sorted, d_sorted = np.asarray(cluster)[order], distance[order]
-        starts = np.r_[0, np.flatnonzero(np.diff(c_sorted)) + 1]
-        ends = np.r_[starts[1:], len(order)]
-        position = starts + quantile * (ends - 1 - starts)  # fractional index of the quantile
-        lo = np.floor(position).astype(np.int64)
-        hi = np.minimum(lo + 1, ends - 1)
-        cut = d_sorted[lo] + (position - lo) * (d_sorted[hi] - d_sorted[lo])
-        limit = np.repeat(cut, ends - starts)
-        above = np.zeros(len(order), bool)
-        above[order] = d_sorted > limit
-        mask |= above
+        mask |= distance > cluster_quantiles(cluster, distance, quantile)[np.asarray(cluster, np.int64)]
     return mask
 
 

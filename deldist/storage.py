@@ -189,7 +189,9 @@ def published_paths(dir_uri: str) -> tuple[pafs.FileSystem, list[str]]:
     pass both to ``ray.data.read_parquet(paths, filesystem=fs)``."""
     manifest = read_manifest(dir_uri)
     fs, root = resolve(dir_uri)
-    return fs, [posixpath.join(root, f) for f in manifest["files"]]
+    # normpath: a manifest may list files of an older published directory ("../v1/part-...")
+    # that a newer version shares instead of copying
+    return fs, [posixpath.normpath(posixpath.join(root, f)) for f in manifest["files"]]
 
 
 def read_published(dir_uri: str, columns: list[str] | None = None) -> pa.Table:

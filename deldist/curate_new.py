@@ -1,0 +1,601 @@
+"""``deldist curate-new``: curate a batch of new uploads against an already curated corpus.
+
+The corpus is a run root written by ``deldist curate`` (embeddings, clusters, dedup scores and
+the selection named by ``selection``). Its curated set is versioned under the run root::
+
+    curated/<selection>/
+        v1/           the selection as curated (its Parquet parts shared, not copied)
+        v2/ ...       one version per batch of new uploads, each published on its own:
+                      retained/  removed/  sources/  summary.json  _manifest.json  _SUCCESS
+        batches/v2/   the batch's stage outputs: embeddings/, errors/, assignments/, scores/
+        latest.json   {"version": N, "path": "vN"}: written last, after vN is published
+
+A version's ``retained`` / ``removed`` / ``sources`` tables list the previous version's parts
+plus the batch's own part, so every version holds every id exactly once, no version is ever
+rewritten and none is copied (so keep old versions' files while a newer one is in use).
+
+One run:
+
+1. New sources: files under ``input`` whose URI is in no version's ``sources`` table. None: a
+   no-op (rerunning on the same uploads changes nothing).
+2. Embed them into ``batches/vN/embeddings`` with the corpus's encoder and sampling (checked
+   against the corpus's fingerprint), ids prefixed ``vN/`` so they never collide.
+3. Assign every new frame to the corpus centroids (cosine distance to the nearest).
+4. The filters the corpus selection used: invalid-frame rules; outliers by the absolute
+   distance or by the per-cluster distance quantile of the corpus (thresholds come from the
+   corpus's distances, so the rule does not move with each batch).
+5. Dedup, per cluster: the corpus items first (already decided), then the valid new items in
+   the corpus's rank order (hard / easy / random). Each new item gets its max cosine similarity
+   to any earlier item, corpus or new, and is removed when that exceeds the corpus selection's
+   threshold. The corpus items compared against are the retained ones and those removed as
+   duplicates (so a re-uploaded copy of a frame the corpus dropped as a duplicate is caught
+   too). ``duplicate_of`` of a removed new item names the retained item it stands for: chains
+   of duplicates are followed to their retained root (a chain that ends at an item removed for
+   another reason keeps the item matched directly); ``max_sim`` is the similarity to the item
+   matched directly (the one the threshold was applied to).
+6. Drift: the fraction of new items farther from their nearest centroid than the corpus's
+   ``drift_quantile`` distance. Above ``recluster_above`` the summary recommends re-clustering
+   (``deldist curate`` on corpus + uploads).
+7. Publish ``vN`` (its tables, then summary and manifest), then ``latest.json``.
+
+One writer at a time per corpus and selection: two concurrent runs would both write ``vN``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from deldist import embed, storage
+from deldist.cluster import assign_shard, plan_shards, read_centroids
+from deldist.config import StageConfig
+from deldist.dedup import (
+    gather_sorted,
+    max_sim_to,
+    plan_buckets,
+    rank_within_clusters,
+    scores_table,
+    shuffle_by_bucket,
+    triu_max_sim,
+    write_scores_part,
+)
+from deldist.io import list_sources
+from deldist.schema import (
+    ASSIGNMENTS_SCHEMA,
+    QUALITY_COLUMNS,
+    REMOVED_SCHEMA,
+    RETAINED_SCHEMA,
+    SCORES_SCHEMA,
+    VERSION_SOURCES_SCHEMA,
+)
+from deldist.select import REASONS, InvalidThresholds, cluster_quantiles, decide, invalid_mask
+
+# embeddings/_run.json keys that fix what a frame's embedding is; a batch must match them
+ENCODER_KEYS = ("model", "weights_sha256", "random_init", "pooling", "image_size", "mean", "std",
+                "fps", "stride", "keyframes_only", "segment_seconds", "dim")
+
+
+class Config(StageConfig):
+    """``deldist curate-new`` settings."""
+
+    corpus: str = Field(description="run root of the curated corpus (the output of deldist curate)")
+    selection: str = Field(description="the corpus selection to extend, e.g. meddel_20")
+    input: str = Field(description="URI prefix of the new uploads")
+    manifest: str | None = Field(None, description="optional CSV/Parquet (uri[, dataset]) of the uploads")
+    embed: dict[str, Any] = Field(default_factory=dict,
+                                  description="embed settings for the batch (throughput knobs; the encoder and "
+                                              "sampling come from the corpus)")
+    drift_quantile: float = Field(0.99, gt=0, lt=1, description="drift: corpus distance quantile a new item exceeds")
+    recluster_above: float = Field(0.1, ge=0, le=1, description="recommend re-clustering above this drift fraction")
+    block_rows: int = Field(256, ge=1)
+    col_block: int = Field(16_384, ge=1)
+    diag_rows: int = Field(64, ge=1)
+    num_buckets: int | None = Field(None, ge=1, description="scoring tasks (default: 2 x cluster CPUs / task_cpus)")
+    shard_rows: int = Field(65_536, ge=1)
+    task_cpus: float = Field(1.0, gt=0)
+    io_cpus: float = Field(0.5, gt=0)
+
+
+# ----------------------------------------------------------------------------- math (pure)
+
+
+def retained_roots(ids: pa.Array, parent: pa.Array, retained: np.ndarray) -> pa.Array:
+    """The retained item each item stands for, following ``parent`` links (duplicate_of).
+
+    ids: (n,) unique strings; parent: (n,) the id each item duplicates (null for none; an id not
+    in ``ids`` ends the chain); retained: (n,) bool. Retained items are their own root; an item
+    whose chain ends at a non-retained item has a null root. Returns (n,) strings.
+    """
+    n = len(ids)
+    link = pc.index_in(parent, value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    retained = np.asarray(retained, bool)
+    root = np.where(retained, np.arange(n), link)
+    for _ in range(64):  # pointer jumping: settles chains of any length in log2(length) rounds
+        hop = np.where(root >= 0, root, 0)
+        settled = (root < 0) | retained[hop]
+        jumped = np.where(settled, root, root[hop])
+        if np.array_equal(jumped, root):
+            break
+        root = jumped
+    ok = root >= 0
+    ok &= retained[np.where(ok, root, 0)]  # chains ending at a non-retained item (or cycling) have no root
+    taken = pc.take(ids, pa.array(np.where(ok, root, 0)))
+    return pc.if_else(pa.array(ok), taken, pa.nulls(n, pa.string()))
+
+
+def drift_fraction(distance: np.ndarray, threshold: float) -> float:
+    """Fraction of items whose distance to the nearest centroid exceeds ``threshold``."""
+    distance = np.asarray(distance, np.float64)
+    return float((distance > threshold).mean()) if len(distance) else 0.0
+
+
+def score_cluster_against_corpus(x: np.ndarray, n_retained: int, n_old: int, block_rows: int = 256,
+                                 col_block: int = 16_384, diag_rows: int = 64
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One cluster's new rows against its corpus rows and the earlier new rows.
+
+    x: (n_old + q, D) unit rows: the corpus's retained rows (``n_retained``), its other rows,
+    then the q new rows in rank order. Returns for the new rows: max_sim float32 (q,) to any
+    earlier row and argmax int64 (q,) into x (-1 and 0 when there is none: the cluster's first
+    item), and the nearest retained corpus row int64 (q,) (-1 when the cluster has none), the
+    item a removed copy stands for. Corpus-corpus pairs are not computed.
+    """
+    ret_sim, ret_arg = max_sim_to(x[n_old:], x[:n_retained], block_rows, col_block)
+    rest_sim, rest_arg = triu_max_sim(x[n_retained:], n_old - n_retained, len(x) - n_retained,
+                                      block_rows, col_block, diag_rows)
+    rest_sim = np.where(rest_arg >= 0, rest_sim, -np.inf)
+    rest_arg = np.where(rest_arg >= 0, rest_arg + n_retained, -1)
+    use_rest = rest_sim > ret_sim  # ties go to the retained row
+    max_sim = np.where(use_rest, rest_sim, ret_sim)
+    arg = np.where(use_rest, rest_arg, ret_arg)
+    max_sim = np.where(arg >= 0, max_sim, 0.0).astype(np.float32)
+    return max_sim, arg, ret_arg
+
+
+# ----------------------------------------------------------------------------- versions (I/O)
+
+
+def curated_dir(corpus: str, selection: str) -> str:
+    return storage.join(corpus, "curated", selection)
+
+
+def latest_version(corpus: str, selection: str) -> int:
+    """The published version ``latest.json`` points at; 0 when none exists yet."""
+    path = storage.join(curated_dir(corpus, selection), "latest.json")
+    return int(storage.read_json(path)["version"]) if storage.exists(path) else 0
+
+
+def version_dir(corpus: str, selection: str, version: int | None = None) -> str:
+    """``curated/<selection>/v<version>`` (default: the latest)."""
+    version = latest_version(corpus, selection) if version is None else version
+    if version < 1:
+        raise FileNotFoundError(f"{curated_dir(corpus, selection)} has no version yet; run deldist curate-new")
+    return storage.join(curated_dir(corpus, selection), f"v{version}")
+
+
+def read_version(corpus: str, selection: str, table: str, version: int | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """One table (``retained``, ``removed`` or ``sources``) of a version (default: latest)."""
+    return storage.read_published(storage.join(version_dir(corpus, selection, version), table), columns)
+
+
+def _set_latest(cur: str, version: int) -> None:
+    storage.write_json(storage.join(cur, "latest.json"), {"version": version, "path": f"v{version}"})
+
+
+def _publish_table(dir_uri: str, shared: Sequence[str], table: pa.Table | None, schema: pa.Schema) -> int:
+    """Publish ``dir_uri`` listing the parent's parts (``shared``) plus ``table`` as a new part."""
+    files = list(shared)
+    if table is not None and table.num_rows:
+        path = storage.join(dir_uri, storage.new_part_name())
+        storage.write_table(table, path)
+        files.append(storage.resolve(path)[1])
+    storage.publish(dir_uri, files, {"schema": storage.schema_hex(schema)})
+    fs, paths = storage.published_paths(dir_uri)
+    return sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths)
+
+
+def _sources_of_corpus(corpus: str) -> pa.Table:
+    emb = storage.read_published(storage.join(corpus, "embeddings"), columns=["source"])
+    counts = emb.group_by("source").aggregate([("source", "count")])
+    tables = [pa.table({"source": counts.column("source"), "version": pa.array(np.ones(counts.num_rows, np.int32)),
+                        "status": pa.array(["embedded"] * counts.num_rows, pa.string()),
+                        "frames": counts.column("source_count").cast(pa.int64())}, schema=VERSION_SOURCES_SCHEMA)]
+    errors_dir = storage.join(corpus, "errors")
+    if storage.is_published(errors_dir):
+        tables.append(_error_sources(errors_dir, 1, set(counts.column("source").to_pylist())))
+    return pa.concat_tables(tables)
+
+
+def _error_sources(errors_dir: str, version: int, embedded: set[str]) -> pa.Table:
+    """Sources that failed as a whole (no frame embedded): seen, so not retried by a rerun."""
+    errors = storage.read_published(errors_dir, columns=["source"])
+    failed = sorted(set(errors.column("source").to_pylist()) - embedded)
+    return pa.table({"source": pa.array(failed, pa.string()), "version": pa.array(np.full(len(failed), version, np.int32)),
+                     "status": pa.array(["error"] * len(failed), pa.string()),
+                     "frames": pa.array(np.zeros(len(failed), np.int64))}, schema=VERSION_SOURCES_SCHEMA)
+
+
+def create_first_version(corpus: str, selection: str) -> dict[str, Any]:
+    """``v1``: the corpus selection as curated, its retained / removed parts shared."""
+    sel_dir = storage.join(corpus, "selections", selection)
+    summary = storage.read_json(storage.join(sel_dir, "summary.json"))
+    if summary.get("method") != "meddel":
+        raise ValueError(f"selection {selection!r} is a {summary.get('method')} selection; curate-new extends a "
+                         "MedDEL selection (its threshold and filters are applied to the uploads)")
+    if summary.get("similarity_threshold") is None:
+        raise ValueError(f"selection {selection!r} has no similarity threshold (built without eps / target_ratio)")
+    clusters_dir = storage.join(corpus, "clusters")
+    clusters_manifest = storage.read_manifest(clusters_dir)
+    scores_manifest = storage.read_manifest(storage.join(corpus, "dedup", "scores"))
+    cur = curated_dir(corpus, selection)
+    v1 = storage.join(cur, "v1")
+    for table in ("retained", "removed"):
+        src = storage.join(sel_dir, table)
+        schema = RETAINED_SCHEMA if table == "retained" else REMOVED_SCHEMA
+        _publish_table(storage.join(v1, table), storage.published_paths(src)[1], None, schema)
+    _publish_table(storage.join(v1, "sources"), [], _sources_of_corpus(corpus), VERSION_SOURCES_SCHEMA)
+    params = summary.get("parameters", {})
+    manifest = {
+        "version": 1, "parent": None, "selection": selection,
+        "clusters": clusters_dir, "embeddings": [storage.join(corpus, "embeddings")],
+        "assignments": [storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))],
+        "similarity_threshold": summary["similarity_threshold"],
+        "keep": scores_manifest.get("keep", "hard"), "seed": scores_manifest.get("seed", 0),
+        "outlier_distance": params.get("outlier_distance"), "outlier_quantile": params.get("outlier_quantile"),
+        "invalid": params.get("invalid"), "temporal_threshold": params.get("temporal_threshold"),
+    }
+    storage.write_json(storage.join(v1, "summary.json"), {**summary, "version": 1})
+    storage.publish(v1, [], manifest)
+    _set_latest(cur, 1)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- Ray wiring
+
+
+def _batch_embed_config(config: Config, corpus_fp: dict[str, Any], corpus_manifest: dict[str, Any],
+                        batch_root: str, batch_manifest: str, prefix: str) -> embed.Config:
+    encoder = {k: corpus_fp[k] for k in ENCODER_KEYS if k in embed.Config.model_fields and k in corpus_fp}
+    settings = {**encoder, "weights": corpus_manifest.get("weights"), **config.embed,
+                "input": config.input, "output": batch_root, "manifest": batch_manifest, "id_prefix": prefix}
+    return embed.Config.model_validate(settings)
+
+
+def _check_same_encoder(corpus_fp: dict[str, Any], batch_fp: dict[str, Any]) -> None:
+    diff = {k: (corpus_fp.get(k), batch_fp.get(k)) for k in ENCODER_KEYS if corpus_fp.get(k) != batch_fp.get(k)}
+    if diff:
+        raise ValueError(f"the uploads were embedded with other settings than the corpus {diff} (corpus, batch); "
+                         "curate-new must use the corpus's encoder and sampling")
+
+
+def _assign(emb_dir: str, dim: int, centroids: np.ndarray, out_dir: str, config: Config) -> pa.Table:
+    import ray
+
+    from deldist.runtime import cluster_gpus
+
+    use_gpu = cluster_gpus() > 0
+    task = ray.remote(num_cpus=config.task_cpus, **({"num_gpus": 1} if use_gpu else {}))(assign_shard)
+    shards = plan_shards(emb_dir, config.shard_rows)
+    parts = ray.get([task.remote(emb_dir, s, dim, centroids, out_dir, use_gpu, max(1, round(config.task_cpus)))
+                     for s in shards])
+    storage.publish(out_dir, [p["path"] for p in parts],
+                    {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": sum(p["rows"] for p in parts)})
+    return storage.read_published(out_dir)
+
+
+def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
+                  *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
+    """Task body: score the new rows of one bucket's clusters against the corpus rows and the
+    earlier new rows; writes a scores part (``duplicate_of`` = the item matched directly,
+    ``representative`` = the nearest retained corpus item)."""
+    began = time.perf_counter()
+    x, meta = gather_sorted(slices)
+    ids = meta.column("id").combine_chunks()
+    cluster = meta.column("cluster").to_numpy()
+    is_new = meta.column("is_new").to_numpy(zero_copy_only=False)
+    retained = meta.column("retained").to_numpy(zero_copy_only=False)
+    starts = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1] if len(cluster) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(cluster)]
+    rows, sims, dups, reps = [], [], [], []
+    for s, e in zip(starts, ends):
+        n_old = int((~is_new[s:e]).sum())
+        if n_old == e - s:
+            continue
+        sim, arg, rep = score_cluster_against_corpus(x[s:e], int(retained[s:e].sum()), n_old,
+                                                     block_rows, col_block, diag_rows)
+        rows.append(np.arange(s + n_old, e))
+        sims.append(sim)
+        dups.append(np.where(arg >= 0, arg + s, -1))
+        reps.append(np.where(rep >= 0, rep + s, -1))
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    rows_a, rep_a = cat(rows, np.int64), cat(reps, np.int64)
+    table = scores_table(ids.take(pa.array(rows_a)), cluster[rows_a], meta.column("rank").to_numpy()[rows_a],
+                         cat(sims, np.float32), cat(dups, np.int64), dup_ids=ids)
+    representative = pc.if_else(pa.array(rep_a >= 0), pc.take(ids, pa.array(np.maximum(rep_a, 0))),
+                                pa.nulls(len(rep_a), pa.string()))
+    return write_scores_part(out_dir, table.append_column("representative", representative),
+                             time.perf_counter() - began, 0.0)
+
+
+def _comparison_set(manifest: dict[str, Any], vdir: str, clusters: set[int]) -> pa.Table:
+    """Every corpus item of ``clusters`` (retained or removed, for whatever reason: a copy of a
+    rejected frame is covered too) -> table (id, cluster, retained), ordered by cluster with the
+    retained items first, then by id."""
+    assignments = pa.concat_tables([storage.read_published(a, ["id", "cluster"]) for a in manifest["assignments"]])
+    assignments = assignments.filter(pc.is_in(assignments.column("cluster"),
+                                              value_set=pa.array(sorted(clusters), pa.int32())))
+    retained = storage.read_published(storage.join(vdir, "retained"), ["id"]).column("id")
+    table = assignments.append_column("retained", pc.is_in(assignments.column("id"), value_set=retained))
+    order = pc.sort_indices(table, sort_keys=[("cluster", "ascending"), ("retained", "descending"),
+                                              ("id", "ascending")])
+    return table.take(order)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Curate the new uploads under ``config.input`` into a new corpus version (module doc)."""
+    import ray
+
+    from deldist.runtime import init_ray
+
+    started = time.time()
+    init_ray()
+    cur = curated_dir(config.corpus, config.selection)
+    version = latest_version(config.corpus, config.selection)
+    if version == 0:
+        create_first_version(config.corpus, config.selection)
+        version = 1
+    if storage.is_published(storage.join(cur, f"v{version + 1}")):  # published, latest.json not yet written
+        version += 1
+        _set_latest(cur, version)
+    vdir = storage.join(cur, f"v{version}")
+    manifest = storage.read_manifest(vdir)
+
+    # 1. what is new
+    seen = set(storage.read_published(storage.join(vdir, "sources"), ["source"]).column("source").to_pylist())
+    sources, skipped = list_sources(config.input, config.manifest)
+    new_sources = [s for s in sources if s.uri not in seen]
+    new_skipped = [u for u in skipped if u not in seen]
+    if not new_sources and not new_skipped:
+        print(f"deldist curate-new: no new sources under {config.input}; latest stays v{version}")
+        return {"version": version, "changed": False, "new_sources": 0, "path": vdir}
+    new_version = version + 1
+    batch_root = storage.join(cur, "batches", f"v{new_version}")
+    new_vdir = storage.join(cur, f"v{new_version}")
+
+    # 2. embed the new sources with the corpus's encoder (checked before any work)
+    batch_manifest = storage.join(batch_root, "sources.csv")
+    corpus_emb = manifest["embeddings"][0]
+    corpus_fp = storage.read_json(storage.join(corpus_emb, "_run.json"))
+    emb_cfg = _batch_embed_config(config, corpus_fp, storage.read_manifest(corpus_emb), batch_root,
+                                  batch_manifest, f"v{new_version}/")
+    _check_same_encoder(corpus_fp, embed.fingerprint(emb_cfg))
+    storage.write_csv(batch_manifest, [{"uri": s.uri, "dataset": s.dataset} for s in new_sources]
+                      + [{"uri": u, "dataset": ""} for u in new_skipped])
+    embed_result = embed.run(emb_cfg)
+    if not embed_result.get("published"):
+        raise RuntimeError("embedding the uploads did not finish (max_sources?); rerun curate-new to continue")
+    batch_emb = storage.join(batch_root, "embeddings")
+    meta = storage.read_published(batch_emb, ["id", "source", "dataset", *QUALITY_COLUMNS])
+    n = meta.num_rows
+    ids = meta.column("id").combine_chunks()
+
+    # 3. assign to the corpus centroids
+    centroids = read_centroids(manifest["clusters"])
+    dim = int(centroids.shape[1])
+    assigned = _assign(batch_emb, dim, centroids, storage.join(batch_root, "assignments"), config) if n else \
+        ASSIGNMENTS_SCHEMA.empty_table()
+    assigned = assigned.take(pc.index_in(ids, value_set=assigned.column("id")))
+    cluster = assigned.column("cluster").to_numpy().astype(np.int64)
+    distance = assigned.column("distance").to_numpy()
+
+    # 4. filters: the corpus selection's rules
+    seen_assign = pa.concat_tables([storage.read_published(a, ["cluster", "distance"])
+                                    for a in manifest["assignments"]])
+    seen_cluster = seen_assign.column("cluster").to_numpy().astype(np.int64)
+    seen_distance = seen_assign.column("distance").to_numpy()
+    invalid = np.zeros(n, bool)
+    invalid_by_rule: dict[str, int] = {}
+    if manifest.get("invalid") is not None and n:
+        quality = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in QUALITY_COLUMNS}
+        groups = pc.dictionary_encode(meta.column("source").combine_chunks()).indices.to_numpy()
+        for rule, mask in invalid_mask(quality, InvalidThresholds(**manifest["invalid"]), groups=groups).items():
+            invalid |= mask
+            invalid_by_rule[rule] = int(mask.sum())
+    outlier = np.zeros(n, bool)
+    if manifest.get("outlier_distance") is not None:
+        outlier |= distance > manifest["outlier_distance"]
+    if manifest.get("outlier_quantile") is not None and n:
+        # the per-cluster quantile of the clusters as they are now (corpus + uploads): new content
+        # far from the old items is drift, not an outlier, unless it is extreme in its cluster too
+        limits = cluster_quantiles(np.r_[seen_cluster, cluster], np.r_[seen_distance, distance],
+                                   manifest["outlier_quantile"], len(centroids))
+        outlier |= distance > limits[cluster]
+    drift_threshold = float(np.quantile(seen_distance, config.drift_quantile))
+    drift = drift_fraction(distance, drift_threshold)
+
+    # 5. dedup the valid new items against the corpus and each other
+    valid = ~invalid & ~outlier
+    new_rank = rank_within_clusters(ids.filter(pa.array(valid)), cluster[valid], distance[valid],
+                                    manifest.get("keep", "hard"), manifest.get("seed", 0))
+    scores_dir = storage.join(batch_root, "scores")
+    max_sim = np.zeros(n, np.float32)
+    first = np.zeros(n, bool)
+    direct = representative = pa.nulls(n, pa.string())
+    if valid.any():
+        touched = set(np.unique(cluster[valid]).tolist())
+        old = _comparison_set(manifest, vdir, touched)
+        old_cluster = old.column("cluster").to_numpy().astype(np.int64)
+        old_count = np.bincount(old_cluster, minlength=len(centroids))
+        old_rank = np.arange(len(old_cluster)) - np.searchsorted(old_cluster, old_cluster)  # sorted by cluster
+        new_ids = ids.filter(pa.array(valid))
+        new_cluster = cluster[valid]
+        sizes = old_count + np.bincount(new_cluster, minlength=len(centroids))
+        sizes[~np.isin(np.arange(len(sizes)), list(touched))] = 0
+        n_buckets = config.num_buckets or max(1, 2 * int(ray.cluster_resources().get("CPU", 1.0) // config.task_cpus))
+        buckets = plan_buckets(sizes, n_buckets, split_rows=int(sizes.max()) + 1, bucket_rows=1 << 40)
+        bucket_of = np.full(len(sizes), -1, np.int32)
+        for b, bucket in enumerate(buckets):
+            bucket_of[bucket.clusters] = b
+        old_lookup = pa.table({"id": old.column("id"), "bucket": bucket_of[old_cluster],
+                               "cluster": old_cluster.astype(np.int32), "rank": old_rank,
+                               "is_new": np.zeros(len(old_cluster), bool), "retained": old.column("retained")})
+        new_lookup = pa.table({"id": new_ids, "bucket": bucket_of[new_cluster], "cluster": new_cluster.astype(np.int32),
+                               "rank": old_count[new_cluster] + new_rank, "is_new": np.ones(len(new_cluster), bool),
+                               "retained": np.zeros(len(new_cluster), bool)})
+        slices: list[list[Any]] = [[] for _ in buckets]
+        stats: list[tuple[Any, str]] = []
+        for emb_dir, lookup, what in [*[(d, old_lookup, "corpus") for d in manifest["embeddings"]],
+                                      (batch_emb, new_lookup, "new")]:
+            per_bucket, route_stats = shuffle_by_bucket(emb_dir, dim, lookup, len(buckets), config.shard_rows,
+                                                        config.io_cpus)
+            for b, refs in enumerate(per_bucket):
+                slices[b] += refs
+            stats.append((route_stats, what))
+        task = ray.remote(num_cpus=config.task_cpus)(_score_bucket)
+        parts = ray.get([task.remote(scores_dir, config.block_rows, config.col_block, config.diag_rows, *s)
+                         for s in slices])
+        found = {"corpus": 0, "new": 0}
+        for refs, what in stats:
+            found[what] += sum(r["rows"] - r["missing"] for r in ray.get(refs))
+        for what, expected in (("corpus", old_lookup.num_rows), ("new", new_lookup.num_rows)):
+            if found[what] != expected:
+                raise RuntimeError(f"found {found[what]} of the {expected} {what} embeddings needed: "
+                                   "the embeddings changed under this version")
+        storage.publish(scores_dir, [p["path"] for p in parts], {"schema": storage.schema_hex(SCORES_SCHEMA)})
+        scores = storage.read_published(scores_dir)
+        if scores.num_rows != len(new_ids):
+            raise RuntimeError(f"scored {scores.num_rows} of {len(new_ids)} new items")
+        scores = scores.take(pc.index_in(new_ids, value_set=scores.column("id")))
+        rows = np.flatnonzero(valid)
+        max_sim[rows] = scores.column("max_sim").to_numpy(zero_copy_only=False)
+        first[rows] = scores.column("duplicate_of").is_null().to_numpy(zero_copy_only=False)
+        position = pa.array(np.maximum(np.cumsum(valid) - 1, 0))  # row -> its row among the valid ones
+        direct = pc.if_else(pa.array(valid), pc.take(scores.column("duplicate_of").combine_chunks(), position),
+                            direct)
+        representative = pc.if_else(pa.array(valid), pc.take(scores.column("representative").combine_chunks(),
+                                                              position), representative)
+
+    threshold = float(manifest["similarity_threshold"])
+    reason, _ = decide(n, first=first, max_sim=max_sim, eps=1.0 - threshold, invalid=invalid, outlier=outlier)
+    kept = reason < 0
+    is_dup = reason == REASONS.index("duplicate")
+
+    # duplicate_of: the retained item a removed duplicate stands for. Matched to a corpus item:
+    # the nearest retained corpus item of its cluster; matched to an earlier new item: that
+    # item's own representative, followed along the chain.
+    matched_new = pc.fill_null(pc.is_in(direct, value_set=ids), False)
+    parent = pc.if_else(matched_new, direct, pc.coalesce(representative, direct))
+    parent = pc.if_else(pa.array(is_dup), parent, pa.nulls(n, pa.string()))
+    corpus_reps = pc.unique(parent.filter(pc.invert(pc.fill_null(pc.is_in(parent, value_set=ids), True))))
+    chain_ids = pa.concat_arrays([ids, corpus_reps])
+    chain_parent = pa.concat_arrays([parent, pa.nulls(len(corpus_reps), pa.string())])
+    roots = retained_roots(chain_ids, chain_parent, np.r_[kept, np.ones(len(corpus_reps), bool)]).slice(0, n)
+    # no retained item at the end of the chain (no retained corpus item in the cluster): the direct match
+    duplicate_of = pc.if_else(pa.array(is_dup), pc.coalesce(roots, direct), pa.nulls(n, pa.string()))
+
+    removed_rows = np.flatnonzero(~kept)
+    new_retained = pa.table({"id": ids.filter(pa.array(kept))}, schema=RETAINED_SCHEMA)
+    new_removed = pa.table({
+        "id": ids.take(pa.array(removed_rows)),
+        "reason": pa.array(np.asarray(REASONS, dtype=object)[reason[removed_rows]], pa.string()),
+        "duplicate_of": duplicate_of.take(pa.array(removed_rows)),
+        "max_sim": pa.array(np.where(is_dup, max_sim, np.nan)[removed_rows], pa.float32(), from_pandas=True),
+    }, schema=REMOVED_SCHEMA)
+    frames = meta.group_by("source").aggregate([("source", "count")])
+    embedded_sources = pa.table({"source": frames.column("source"),
+                                 "version": pa.array(np.full(frames.num_rows, new_version, np.int32)),
+                                 "status": pa.array(["embedded"] * frames.num_rows, pa.string()),
+                                 "frames": frames.column("source_count").cast(pa.int64())}, schema=VERSION_SOURCES_SCHEMA)
+    batch_uris = {s.uri for s in new_sources} | set(new_skipped)
+    failed = _error_sources(storage.join(batch_root, "errors"), new_version,
+                            set(frames.column("source").to_pylist()))
+    failed = failed.filter(pc.is_in(failed.column("source"), value_set=pa.array(sorted(batch_uris), pa.string())))
+    unseen = sorted(batch_uris - set(frames.column("source").to_pylist()) - set(failed.column("source").to_pylist()))
+    no_frames = pa.table({"source": pa.array(unseen, pa.string()),
+                          "version": pa.array(np.full(len(unseen), new_version, np.int32)),
+                          "status": pa.array(["error"] * len(unseen), pa.string()),
+                          "frames": pa.array(np.zeros(len(unseen), np.int64))}, schema=VERSION_SOURCES_SCHEMA)
+
+    # 7. publish the version, then point latest at it
+    parent_paths = {t: storage.published_paths(storage.join(vdir, t))[1] for t in ("retained", "removed", "sources")}
+    counts = {
+        "retained": _publish_table(storage.join(new_vdir, "retained"), parent_paths["retained"], new_retained,
+                                   RETAINED_SCHEMA),
+        "removed": _publish_table(storage.join(new_vdir, "removed"), parent_paths["removed"], new_removed,
+                                  REMOVED_SCHEMA),
+    }
+    _publish_table(storage.join(new_vdir, "sources"), parent_paths["sources"],
+                   pa.concat_tables([embedded_sources, failed, no_frames]), VERSION_SOURCES_SCHEMA)
+    parent_summary = storage.read_json(storage.join(vdir, "summary.json"))
+    batch = _batch_summary(meta, reason, kept, new_sources, new_skipped, embed_result, drift, drift_threshold,
+                           config, invalid_by_rule, old_dups=_old_matches(duplicate_of, is_dup, ids))
+    summary = _version_summary(parent_summary, batch, new_version, counts, config)
+    storage.write_json(storage.join(new_vdir, "summary.json"), summary)
+    storage.publish(new_vdir, [], {
+        **{k: v for k, v in manifest.items() if k not in ("version", "parent")},
+        "version": new_version, "parent": version,
+        "embeddings": [*manifest["embeddings"], batch_emb],
+        "assignments": [*manifest["assignments"], storage.join(batch_root, "assignments")],
+    })
+    _set_latest(cur, new_version)
+    print(f"deldist curate-new: v{new_version}: {len(new_sources)} new sources, {n} frames, kept {int(kept.sum())} "
+          f"({batch['removed_by_reason']}); drift {drift:.3f}"
+          + ("; re-clustering recommended" if batch["recluster_recommended"] else "") + f" -> {new_vdir}")
+    return {"version": new_version, "changed": True, "path": new_vdir, "new_sources": len(new_sources),
+            "new_frames": n, "kept": int(kept.sum()), "drift_fraction": drift,
+            "recluster_recommended": batch["recluster_recommended"], "seconds": round(time.time() - started, 1)}
+
+
+def _old_matches(duplicate_of: pa.Array, is_dup: np.ndarray, ids: pa.Array) -> int:
+    """Removed duplicates whose retained representative is a corpus item (not from this batch)."""
+    if not is_dup.any():
+        return 0
+    dup = duplicate_of.filter(pa.array(is_dup))
+    return int(len(dup) - pc.sum(pc.is_in(dup, value_set=ids)).as_py())
+
+
+def _batch_summary(meta: pa.Table, reason: np.ndarray, kept: np.ndarray, new_sources: list, new_skipped: list[str],
+                   embed_result: dict[str, Any], drift: float, drift_threshold: float, config: Config,
+                   invalid_by_rule: dict[str, int], old_dups: int) -> dict[str, Any]:
+    datasets = meta.column("dataset").to_numpy(zero_copy_only=False).astype(str)
+    per_dataset = {name: {"input": int((datasets == name).sum()), "kept": int(kept[datasets == name].sum())}
+                   for name in sorted(set(datasets.tolist()))}
+    return {
+        "input": config.input, "new_sources": len(new_sources), "skipped_not_media": len(new_skipped),
+        "frames": len(reason), "kept": int(kept.sum()),
+        "ratio": float(kept.mean()) if len(kept) else 0.0,
+        "removed_by_reason": {REASONS[r]: int((reason == r).sum()) for r in np.unique(reason[reason >= 0])},
+        "duplicates_of_corpus_items": old_dups, "invalid_by_rule": invalid_by_rule,
+        "per_dataset": per_dataset, "embed_errors": embed_result.get("errors", 0),
+        "drift_fraction": drift, "drift_distance": drift_threshold, "drift_quantile": config.drift_quantile,
+        "recluster_recommended": drift > config.recluster_above,
+    }
+
+
+def _version_summary(parent: dict[str, Any], batch: dict[str, Any], version: int, counts: dict[str, int],
+                     config: Config) -> dict[str, Any]:
+    removed = dict(parent.get("removed_by_reason", {}))
+    for r, c in batch["removed_by_reason"].items():
+        removed[r] = removed.get(r, 0) + c
+    per_dataset = {k: dict(v) for k, v in parent.get("per_dataset", {}).items()}
+    for name, d in batch["per_dataset"].items():
+        cur = per_dataset.setdefault(name, {"input": 0, "kept": 0})
+        cur["input"] += d["input"]
+        cur["kept"] += d["kept"]
+        cur["ratio"] = cur["kept"] / cur["input"] if cur["input"] else 0.0
+    n = counts["retained"] + counts["removed"]
+    return {
+        "name": config.selection, "method": "meddel", "version": version, "parent": version - 1,
+        "input_count": n, "kept_count": counts["retained"], "removed_count": counts["removed"],
+        "ratio": counts["retained"] / n if n else 0.0, "removed_by_reason": removed, "per_dataset": per_dataset,
+        "similarity_threshold": parent.get("similarity_threshold"), "batch": batch,
+        "batches": [*parent.get("batches", []), {"version": version, "input": batch["input"],
+                                                  "frames": batch["frames"], "kept": batch["kept"]}],
+    }

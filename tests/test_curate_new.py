@@ -1,0 +1,214 @@
+"""``deldist curate-new``: a second batch of uploads curated against a curated corpus.
+
+The corpus is the generator's tiny set curated with a random-initialised ViT-Ti (mean pooled,
+``random_init: true``). The uploads hold (a) a byte-exact re-upload of a corpus video under a
+new name, (b) a re-encoded, slightly brightened copy of another corpus video (near-duplicates
+of its frames) and (c) a video of new content (the generator with another seed).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import av
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deldist import curate_new, sample, storage
+from deldist.config import load_config
+from deldist.curate import Config as CurateConfig
+from deldist.curate import run as run_curate
+from deldist.curate_new import Config, read_version, retained_roots, run
+from deldist.select import cluster_quantiles
+
+SELECTION = "meddel_30"
+
+
+def test_retained_roots_follows_chains():
+    ids = pa.array(["r1", "r2", "a", "b", "c", "d", "x", "e"])
+    parent = pa.array([None, None, "r1", "a", "b", "x", None, "missing"])
+    retained = np.array([1, 1, 0, 0, 0, 0, 0, 0], bool)
+    # c -> b -> a -> r1; d -> x (x removed for another reason: no root); e -> an unknown id
+    assert retained_roots(ids, parent, retained).to_pylist() == ["r1", "r2", "r1", "r1", "r1", None, None, None]
+    cyc = retained_roots(pa.array(["p", "q"]), pa.array(["q", "p"]), np.zeros(2, bool))
+    assert cyc.to_pylist() == [None, None]
+
+
+@pytest.mark.parametrize("n_retained,n_old,q", [(5, 12, 40), (0, 7, 9), (3, 3, 1), (0, 0, 6), (300, 700, 300)])
+def test_scores_against_corpus_match_float64_reference(n_retained, n_old, q):
+    rng = np.random.default_rng(n_old + q)
+    base = rng.normal(size=(4, 32))
+    x = base[rng.integers(0, 4, n_old + q)] + 0.3 * rng.normal(size=(n_old + q, 32))
+    x[n_old + q // 2] = x[max(n_old - 1, 0)]  # an exact copy of a corpus row (or of the first)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    sims = x.astype(np.float64) @ x.astype(np.float64).T
+    max_sim, arg, rep = curate_new.score_cluster_against_corpus(x, n_retained, n_old, block_rows=64, col_block=128,
+                                                                diag_rows=16)
+    for i in range(q):
+        row = n_old + i
+        if row == 0:
+            assert arg[i] == -1 and max_sim[i] == 0
+        else:
+            assert max_sim[i] == pytest.approx(sims[row, :row].max(), abs=1e-5)
+            assert sims[row, arg[i]] == pytest.approx(sims[row, :row].max(), abs=1e-5)
+        if n_retained:
+            assert sims[row, rep[i]] == pytest.approx(sims[row, :n_retained].max(), abs=1e-5)
+            assert rep[i] < n_retained
+        else:
+            assert rep[i] == -1
+
+
+def test_cluster_quantiles_match_numpy():
+    rng = np.random.default_rng(0)
+    cluster = rng.integers(0, 5, 200)
+    distance = rng.random(200)
+    got = cluster_quantiles(cluster, distance, 0.9, k=6)
+    for c in range(5):
+        assert got[c] == pytest.approx(np.quantile(distance[cluster == c], 0.9), abs=1e-12)
+    assert np.isnan(got[5])
+
+
+def _transcode(src, dst, delta: int = 1) -> None:
+    """Decode ``src``, add ``delta`` to every pixel and encode with other settings: near-duplicates."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        vin = inp.streams.video[0]
+        stream = out.add_stream("libx264", rate=int(round(vin.average_rate)))
+        stream.width, stream.height, stream.pix_fmt = vin.width, vin.height, "yuv420p"
+        stream.options = {"crf": "20", "preset": "veryfast"}
+        for frame in inp.decode(vin):
+            rgb = np.clip(frame.to_ndarray(format="rgb24").astype(np.int16) + delta, 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _new_content(dst) -> int:
+    """One video of content the corpus has never seen (the tiny plan with another seed)."""
+    plan = sample.plan_dataset("tiny", seed=123)[0]
+    frames = (f for f, _ in sample.iter_video_frames(plan))
+    return sample.encode_video(dst, frames, plan.width, plan.height, sample.FPS, sample.video_codec())
+
+
+@pytest.fixture(scope="module")
+def corpus(ray_session, tiny_sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("curate_new")
+    cfg_path = out / "curate.yaml"
+    cfg_path.write_text(f"""
+embed: {{model: vit_tiny_patch16_224, random_init: true, pooling: mean, stride: 2, segment_seconds: 4,
+        batch_size: 32}}
+cluster: {{k: 4, max_iter: 20, task_cpus: 0.5}}
+dedup: {{keep: hard, task_cpus: 0.5}}
+select:
+  - {{name: {SELECTION}, target_ratio: 0.3, outlier_quantile: 0.98}}
+""")
+    root = str(out / "run")
+    cfg = load_config(CurateConfig, str(cfg_path), [f"input={tiny_sample / 'videos'}", f"output={root}"],
+                      section="curate")
+    run_curate(cfg)
+    videos = sorted((tiny_sample / "videos").rglob("*.mp4"))
+    uploads = out / "uploads"
+    (uploads / "site_x").mkdir(parents=True)
+    shutil.copy(videos[0], uploads / "site_x" / "reupload.mp4")  # (a)
+    _transcode(videos[1], uploads / "site_x" / "reencoded.mp4")  # (b)
+    _new_content(uploads / "site_x" / "fresh.mp4")  # (c)
+    new_cfg = Config(corpus=root, selection=SELECTION, input=str(uploads), embed={"batch_size": 32},
+                     task_cpus=0.5)
+    first = run(new_cfg)
+    return {"root": root, "cfg": cfg, "new_cfg": new_cfg, "first": first, "uploads": uploads, "videos": videos,
+            "sample": tiny_sample}
+
+
+def _key(frame_id: str) -> str:
+    return frame_id.split("#")[0]
+
+
+def test_second_batch_removes_copies_and_keeps_new_content(corpus):
+    root, first = corpus["root"], corpus["first"]
+    assert first["version"] == 2 and first["changed"] and first["new_sources"] == 3
+    v1_retained = set(read_version(root, SELECTION, "retained", 1).column("id").to_pylist())
+    v1_removed = read_version(root, SELECTION, "removed", 1)
+    removed = read_version(root, SELECTION, "removed", 2).to_pylist()
+    retained = set(read_version(root, SELECTION, "retained", 2).column("id").to_pylist())
+    new_removed = {r["id"]: r for r in removed if r["id"].startswith("v2/")}
+    new_retained = {i for i in retained if i.startswith("v2/")}
+    batch_ids = storage.read_published(storage.join(curate_new.curated_dir(root, SELECTION), "batches", "v2",
+                                                    "embeddings"), ["id"]).column("id").to_pylist()
+    by_video = {name: [i for i in batch_ids if _key(i) == f"v2/site_x/{name}.mp4"]
+                for name in ("reupload", "reencoded", "fresh")}
+    assert all(by_video.values())
+    threshold = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION, 2), "summary.json"))[
+        "similarity_threshold"]
+    for name in ("reupload", "reencoded"):  # (a), (b): every frame removed
+        frames = by_video[name]
+        assert not set(frames) & new_retained, name
+        dups = [new_removed[i] for i in frames if new_removed[i]["reason"] == "duplicate"]
+        assert len(dups) >= 0.8 * len(frames), (name, [new_removed[i]["reason"] for i in frames])
+        for r in dups:  # each stands for an old retained frame, matched above the corpus threshold
+            assert r["duplicate_of"] in v1_retained, r
+            assert r["max_sim"] > threshold
+    # (a): byte-identical frames match at similarity ~1
+    assert min(new_removed[i]["max_sim"] for i in by_video["reupload"]
+               if new_removed[i]["reason"] == "duplicate") > 0.9999
+    # (c): new content is kept: every scene with frames that pass the filters keeps one, and no
+    # frame is removed as a duplicate of a corpus frame
+    fresh = by_video["fresh"]
+    old_ids = v1_retained | set(v1_removed.column("id").to_pylist())
+    assert not [i for i in fresh if i in new_removed and new_removed[i]["duplicate_of"] in old_ids]
+    scene_of = sample.frame_labels(sample.plan_dataset("tiny", seed=123)[0])["scene_id"]
+    passed = {scene_of[int(i.split("#")[1])] for i in fresh
+              if i in new_retained or new_removed[i]["reason"] == "duplicate"}
+    covered = {scene_of[int(i.split("#")[1])] for i in fresh if i in new_retained}
+    assert passed and covered == passed
+
+
+def test_versions_readable_and_every_id_once(corpus):
+    root = corpus["root"]
+    sel = storage.join(root, "selections", SELECTION)
+    for table in ("retained", "removed"):  # v1 is the selection, untouched
+        assert sorted(read_version(root, SELECTION, table, 1).column("id").to_pylist()) == \
+            sorted(storage.read_published(storage.join(sel, table)).column("id").to_pylist())
+    corpus_ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
+    batch_ids = storage.read_published(storage.join(curate_new.curated_dir(root, SELECTION), "batches", "v2",
+                                                    "embeddings"), ["id"]).column("id").to_pylist()
+    kept = read_version(root, SELECTION, "retained", 2).column("id").to_pylist()
+    removed = read_version(root, SELECTION, "removed", 2).column("id").to_pylist()
+    assert not set(kept) & set(removed)
+    assert sorted(kept + removed) == sorted(corpus_ids + batch_ids)
+    summary = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION), "summary.json"))
+    assert summary["version"] == 2 and summary["kept_count"] == len(kept)
+    assert summary["input_count"] == len(corpus_ids) + len(batch_ids)
+    assert sum(summary["removed_by_reason"].values()) == len(removed)
+    batch = summary["batch"]
+    assert batch["frames"] == len(batch_ids) and 0.0 <= batch["drift_fraction"] <= 1.0
+    sources = read_version(root, SELECTION, "sources", 2)
+    assert sources.num_rows == len(corpus["videos"]) + 3
+
+
+def test_rerun_is_a_noop_and_a_new_upload_makes_v3(corpus):
+    root, cfg = corpus["root"], corpus["new_cfg"]
+    cur = curate_new.curated_dir(root, SELECTION)
+    before = sorted(storage.list_files(cur))
+    again = run(cfg)
+    assert again == {"version": 2, "changed": False, "new_sources": 0, "path": curate_new.version_dir(root, SELECTION)}
+    assert sorted(storage.list_files(cur)) == before
+    # one more upload: only it is embedded; v2 stays as it was
+    shutil.copy(corpus["videos"][2], corpus["uploads"] / "site_x" / "another_copy.mp4")
+    third = run(cfg)
+    assert third["version"] == 3 and third["new_sources"] == 1
+    assert curate_new.latest_version(root, SELECTION) == 3
+    v3_ids = read_version(root, SELECTION, "removed", 3).column("id").to_pylist()
+    assert not [i for i in read_version(root, SELECTION, "retained", 3).column("id").to_pylist() if i.startswith("v3/")]
+    assert any(i.startswith("v3/site_x/another_copy.mp4#") for i in v3_ids)
+    assert sorted(storage.list_files(storage.join(cur, "v2"))) == sorted(f for f in before if "/v2/" in f and "/batches/" not in f)
+
+
+def test_other_encoder_is_refused(corpus):
+    cfg = corpus["new_cfg"].model_copy(update={"embed": {"pooling": "cls"}})
+    shutil.copy(corpus["videos"][0], corpus["uploads"] / "site_x" / "zz_other.mp4")
+    try:
+        with pytest.raises(ValueError, match="other settings"):
+            run(cfg)
+    finally:
+        (corpus["uploads"] / "site_x" / "zz_other.mp4").unlink()
