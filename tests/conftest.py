@@ -53,16 +53,69 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint: str):
-    """One local Ray cluster (2 CPUs) for the whole session, started after the S3 env is set."""
+def ray_head(s3_endpoint: str, tmp_path_factory):
+    """One local Ray head for the whole session (2 CPUs, loopback, its own temp dir), started
+    with ``ray start --head --block`` after the S3 env is set, so its workers inherit it and
+    reach the moto server over HTTP, as they would reach S3. Its dashboard runs the job server
+    for the ``ray job submit`` test. Only one Ray instance per session: two on one host break
+    Ray Train. Yields {"address", "dashboard"}."""
+    import secrets
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "metrics-export-port", "runtime-env-agent-port",
+                                             "node-manager-port", "object-manager-port")}
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
+    # token authentication (Ray's default for local clusters) with a token of this session: the
+    # test process, the CLI and the job driver all present it
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_cli, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+           "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+    log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{ports['port']}"
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 120
+    while True:  # ready when the job server answers (the GCS is up before the dashboard)
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {head.returncode}:\n{log.read_text()}")
+        try:
+            import urllib.request
+
+            request = urllib.request.Request(f"{dashboard}/api/version",
+                                             headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+            urllib.request.urlopen(request, timeout=2).read()
+            break
+        except OSError:
+            if time.time() > deadline:
+                head.terminate()
+                raise RuntimeError(f"the Ray head did not come up in 120 s:\n{log.read_text()}")
+            time.sleep(1)
+    yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
+    head.terminate()  # --block: SIGTERM stops this head's processes (never `ray stop`: it kills every Ray on the host)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_head):
+    """This process's connection to the session's Ray head."""
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
+    ray.init(address=ray_head["address"], log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
