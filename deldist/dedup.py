@@ -15,6 +15,14 @@ its diagonal block in sub-blocks of ``diag_rows`` rows with only their own trian
 so memory is O(block_rows x col_block), never O(n^2), and only the lower triangle is
 computed: n^2/2 + n diag_rows/2 dot products, about half the full n x n matrix.
 
+Devices: ``device="cpu"`` runs the kernels in NumPy (float32 sgemm); any other torch device
+(``"cuda"``) runs the same blocks in torch: one host-to-device copy per bucket (or per split
+cluster's row range), full-precision float32 matmuls (TF32 off: its 10-bit mantissa moves
+cosines by ~1e-3, enough to flip a ``max_sim > 1 - eps`` decision or a tie), results back as
+NumPy. Both paths give the same results up to float32 rounding, with the same tie rule.
+GPU memory per scoring task: its bucket (up to ``bucket_rows`` x D x 4 bytes) or rows
+[0, stop) of its split cluster, plus a few O(block_rows x col_block) tiles.
+
 Ray wiring of :func:`run`:
 
 1. The driver reads ``clusters/assignments`` (id, cluster, distance: metadata only), ranks
@@ -36,8 +44,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +58,7 @@ from deldist.cluster import (
     EmbeddingError,
     EmptyInputError,
     Shard,
+    as_tensor,
     embedding_matrix,
     normalize_checked,
     plan_shards,
@@ -57,7 +67,14 @@ from deldist.cluster import (
 from deldist.config import StageConfig
 from deldist.schema import SCORES_SCHEMA
 
+if TYPE_CHECKING:
+    import torch
+
 KeepMode = Literal["hard", "easy", "random"]
+# "cpu": the NumPy kernels; any other torch device ("cuda", "cuda:1"): the torch kernels there
+Device = str
+# a kernel input: NumPy rows, or a tensor already on the kernel's device (see to_device)
+Matrix = Union[np.ndarray, "torch.Tensor"]
 
 
 class Config(StageConfig):
@@ -78,6 +95,9 @@ class Config(StageConfig):
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (each runs single-threaded BLAS)")
     io_cpus: float = Field(0.5, gt=0, description="CPUs per shuffle (read) task")
+    use_gpu: bool | None = Field(None, description="score on GPUs (torch) (default: when the cluster has GPUs)")
+    task_gpus: float = Field(0.5, gt=0, le=1, description="GPU share per scoring task when use_gpu (0.5: two tasks "
+                                                           "per GPU, one's gather/write overlaps the other's matmuls)")
 
 
 # ----------------------------------------------------------------------------- math (pure)
@@ -141,26 +161,57 @@ def _merge_max(best: np.ndarray, arg: np.ndarray, sims: np.ndarray, offset: int)
     arg[better] = tile_arg[better]
 
 
-def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
-                 col_block: int = 16_384, diag_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def triu_max_sim(x: Matrix, start: int = 0, stop: int | None = None, block_rows: int = 256,
+                 col_block: int = 16_384, diag_rows: int = 64, device: Device = "cpu",
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Max similarity of each row to the rows before it.
 
     x: (n, D) float32 rows in rank order (unit norm). For rows i in [start, stop):
     ``max_sim[i - start] = max_{j < i} <x_i, x_j>`` and ``argmax[i - start]`` that j (the
     first one on exact ties); row 0 gets max_sim 0 and argmax -1.
 
-    Blockwise (float32 sgemm, NumPy's BLAS): a block of ``block_rows`` rows is multiplied
-    against all rows before it in column tiles of ``col_block`` (large, efficient products,
-    no mask); its own diagonal block is covered by sub-blocks of ``diag_rows`` rows, each
-    against the block's rows up to itself with only its own triangle masked. Work: n^2 / 2
-    + n * diag_rows / 2 dot products (about half of the full n x n matrix); memory:
-    O(block_rows x col_block) besides ``x``.
-    Returns (max_sim float32 (stop - start,), argmax int64 (stop - start,)).
+    Blockwise (float32 matmuls): a block of ``block_rows`` rows is multiplied against all
+    rows before it in column tiles of ``col_block`` (large, efficient products, no mask); its
+    own diagonal block is covered by sub-blocks of ``diag_rows`` rows, each against the
+    block's rows up to itself with only its own triangle masked. Work: n^2 / 2 + n * diag_rows
+    / 2 dot products (about half of the full n x n matrix); memory: O(block_rows x col_block)
+    besides ``x``.
+
+    device: ``"cpu"`` runs NumPy's BLAS; another torch device (``"cuda"``) runs the same
+    blocks in torch there, rows [0, stop) of ``x`` copied once (``x`` may also be a tensor
+    already on that device, e.g. a bucket moved once by :func:`to_device`).
+    Returns (max_sim float32 (stop - start,), argmax int64 (stop - start,)), NumPy.
     """
-    n = len(x)
+    if device == "cpu":
+        return _triu_max_sim_numpy(np.asarray(x), start, stop, block_rows, col_block, diag_rows)
+    return _triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device)
+
+
+def max_sim_to(q: Matrix, keys: Matrix, block_rows: int = 256,
+               col_block: int = 16_384, device: Device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Max similarity of each query row to any key row, blockwise.
+
+    q: (m, D), keys: (p, D) float32 unit rows (NumPy, or tensors on ``device``); device as in
+    :func:`triu_max_sim`. Returns (max_sim float32 (m,), argmax int64 (m,) into keys, the
+    first on exact ties); -inf and -1 when there are no keys.
+    """
+    if device == "cpu":
+        return _max_sim_to_numpy(np.asarray(q), np.asarray(keys), block_rows, col_block)
+    return _max_sim_to_torch(q, keys, block_rows, col_block, device)
+
+
+def _check_range(n: int, start: int, stop: int | None) -> int:
     stop = n if stop is None else stop
     if not 0 <= start <= stop <= n:
         raise ValueError(f"row range [{start}, {stop}) outside [0, {n})")
+    return stop
+
+
+def _triu_max_sim_numpy(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
+                        col_block: int = 16_384, diag_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`triu_max_sim` in NumPy (float32 sgemm)."""
+    n = len(x)
+    stop = _check_range(n, start, stop)
     out_sim = np.full(stop - start, -np.inf, np.float32)
     out_arg = np.full(stop - start, -1, np.int64)
     if stop <= start:
@@ -182,13 +233,9 @@ def triu_max_sim(x: np.ndarray, start: int = 0, stop: int | None = None, block_r
     return out_sim, out_arg
 
 
-def max_sim_to(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_block: int = 16_384,
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Max similarity of each query row to any key row, blockwise.
-
-    q: (m, D), keys: (p, D) float32 unit rows. Returns (max_sim float32 (m,), argmax int64
-    (m,) into keys, the first on exact ties); -inf and -1 when there are no keys.
-    """
+def _max_sim_to_numpy(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_block: int = 16_384,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`max_sim_to` in NumPy (float32 sgemm)."""
     best = np.full(len(q), -np.inf, np.float32)
     arg = np.full(len(q), -1, np.int64)
     q = np.ascontiguousarray(q, dtype=np.float32)
@@ -201,12 +248,133 @@ def max_sim_to(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_block
     return best, arg
 
 
+# torch versions of the same blocks: same loops, same merge rule, so the same results up to
+# float32 rounding. Written for CUDA; they run on any torch device, so the tests check them
+# on the CPU by calling _triu_max_sim_torch / _max_sim_to_torch with device="cpu".
+
+
+def to_device(x: np.ndarray, device: Device) -> Matrix:
+    """The matrix the kernels on ``device`` read: ``x`` itself for ``"cpu"`` (NumPy), else a
+    float32 tensor on ``device`` (one host-to-device copy; callers then slice it per
+    cluster instead of copying every cluster)."""
+    return x if device == "cpu" else _as_device_tensor(x, device)
+
+
+def _as_device_tensor(x: Matrix, device: str) -> torch.Tensor:
+    """(n, D) float32 tensor on ``device``; one already there is returned as is (no copy)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+
+
+@contextmanager
+def _ieee_fp32_matmul() -> Iterator[None]:
+    """Full float32 CUDA matmuls while inside (TF32 off), whatever the process had set; the
+    previous setting is restored on exit. No effect on CPU matmuls."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; never read allow_tf32 there (mixing APIs raises)
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # pragma: no cover - older torch
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
+_TORCH_MASKS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _upper_mask_torch(size: int, device: torch.device) -> torch.Tensor:
+    """:func:`_upper_mask` as a bool tensor on ``device`` (cached: built once per size)."""
+    import torch
+
+    key = (size, str(device))
+    mask = _TORCH_MASKS.get(key)
+    if mask is None:
+        mask = torch.ones((size, size), dtype=torch.bool, device=device).triu()
+        _TORCH_MASKS[key] = mask
+    return mask
+
+
+def _merge_max_torch(best: torch.Tensor, arg: torch.Tensor, sims: torch.Tensor, offset: int) -> None:
+    """:func:`_merge_max` in torch (in place into the views ``best`` / ``arg``). ``max(dim=1)``
+    returns the first index on ties (documented); ``where`` instead of boolean indexing keeps
+    the merge on the device (boolean indexing syncs with the host)."""
+    import torch
+
+    tile_best, tile_arg = sims.max(dim=1)
+    tile_arg += offset
+    better = (tile_best > best) | ((tile_best == best) & (tile_arg < arg))
+    best.copy_(torch.where(better, tile_best, best))
+    arg.copy_(torch.where(better, tile_arg, arg))
+
+
+def _triu_max_sim_torch(x: Matrix, start: int = 0, stop: int | None = None,
+                        block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64,
+                        device: str = "cuda") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`triu_max_sim` in torch on ``device`` (any torch device, also ``"cpu"``)."""
+    import torch
+
+    stop = _check_range(len(x), start, stop)
+    if stop <= start:
+        return np.zeros(0, np.float32), np.full(0, -1, np.int64)
+    xt = _as_device_tensor(x[:stop], device)  # rows from stop on are never read: not copied
+    out_sim = torch.full((stop - start,), -math.inf, dtype=torch.float32, device=xt.device)
+    out_arg = torch.full((stop - start,), -1, dtype=torch.int64, device=xt.device)
+    mask = _upper_mask_torch(diag_rows, xt.device)
+    with _ieee_fp32_matmul():
+        for r0 in range(start, stop, block_rows):
+            r1 = min(r0 + block_rows, stop)
+            best, arg = out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start]  # views
+            for c0 in range(0, r0, col_block):  # every earlier row: no mask
+                c1 = min(c0 + col_block, r0)
+                _merge_max_torch(best, arg, xt[r0:r1] @ xt[c0:c1].T, c0)
+            for s0 in range(r0, r1, diag_rows):  # the diagonal block, triangle by sub-block
+                s1 = min(s0 + diag_rows, r1)
+                sims = xt[s0:s1] @ xt[r0:s1].T  # (s1 - s0, s1 - r0)
+                sims[:, s0 - r0:].masked_fill_(mask[: s1 - s0, : s1 - s0], -math.inf)
+                _merge_max_torch(best[s0 - r0:s1 - r0], arg[s0 - r0:s1 - r0], sims, r0)
+    if start == 0:
+        out_sim[0], out_arg[0] = 0.0, -1
+    return out_sim.cpu().numpy(), out_arg.cpu().numpy()
+
+
+def _max_sim_to_torch(q: Matrix, keys: Matrix, block_rows: int = 256,
+                      col_block: int = 16_384, device: str = "cuda") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`max_sim_to` in torch on ``device`` (any torch device, also ``"cpu"``)."""
+    import torch
+
+    qt, kt = _as_device_tensor(q, device), _as_device_tensor(keys, device)
+    best = torch.full((len(qt),), -math.inf, dtype=torch.float32, device=qt.device)
+    arg = torch.full((len(qt),), -1, dtype=torch.int64, device=qt.device)
+    with _ieee_fp32_matmul():
+        for r0 in range(0, len(qt), block_rows):
+            r1 = min(r0 + block_rows, len(qt))
+            for c0 in range(0, len(kt), col_block):
+                c1 = min(c0 + col_block, len(kt))
+                _merge_max_torch(best[r0:r1], arg[r0:r1], qt[r0:r1] @ kt[c0:c1].T, c0)
+    return best.cpu().numpy(), arg.cpu().numpy()
+
+
 def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
-                          block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64) -> pa.Table:
+                          block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64,
+                          device: Device = "cpu") -> pa.Table:
     """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
 
     x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
     must be 0..n_c-1 inside each cluster (checked: the ranking and the data must agree).
+    device: as in :func:`triu_max_sim`; ``x`` is copied there once for all its clusters.
     """
     n = len(x)
     max_sim = np.zeros(n, np.float32)
@@ -217,8 +385,10 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
         expected = np.arange(n) - np.repeat(starts, ends - starts)
         if not np.array_equal(np.asarray(rank), expected):
             raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
+        xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
         for s, e in zip(starts, ends):
-            sims, arg = triu_max_sim(x[s:e], block_rows=block_rows, col_block=col_block, diag_rows=diag_rows)
+            sims, arg = triu_max_sim(xd[s:e], block_rows=block_rows, col_block=col_block, diag_rows=diag_rows,
+                                     device=device)
             max_sim[s:e] = sims
             dup[s:e] = np.where(arg >= 0, arg + s, -1)
     return scores_table(ids, cluster, rank, max_sim, dup)
@@ -379,16 +549,16 @@ def check_shuffle(stats: list[dict[str, Any]], expected: int, what: str) -> None
                          f"that wrote {what}")
 
 
-def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
+def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int, device: Device,
                   *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
-    """Task body: score every (small) cluster of one bucket and write a scores part."""
+    """Task body: score every (small) cluster of one bucket on ``device`` and write a scores part."""
     began = time.perf_counter()
     x, meta = gather_sorted(slices)
     del slices
     ids = meta.column("id").combine_chunks()
     gathered = time.perf_counter()
     table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
-                                  block_rows, col_block, diag_rows)
+                                  block_rows, col_block, diag_rows, device)
     return write_scores_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
 
 
@@ -402,10 +572,11 @@ def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, p
 
 
 def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int,
-                block_rows: int, col_block: int, diag_rows: int) -> dict[str, Any]:
-    """Task body: rows [start, stop) of one split cluster -> a scores part."""
+                block_rows: int, col_block: int, diag_rows: int, device: Device = "cpu") -> dict[str, Any]:
+    """Task body: rows [start, stop) of one split cluster -> a scores part (on ``device``: only
+    rows [0, stop) are copied there)."""
     began = time.perf_counter()
-    sims, arg = triu_max_sim(x, start, stop, block_rows, col_block, diag_rows)
+    sims, arg = triu_max_sim(x, start, stop, block_rows, col_block, diag_rows, device)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
                          np.arange(start, stop), sims, arg, dup_ids=ids)
     return write_scores_part(out_dir, table, time.perf_counter() - began, 0.0)
@@ -430,7 +601,7 @@ def run(config: Config) -> dict[str, Any]:
     ``dedup/scores/`` (see the module doc)."""
     import ray
 
-    from deldist.runtime import init_ray
+    from deldist.runtime import cluster_gpus, init_ray
 
     init_ray()
     started = time.perf_counter()
@@ -470,20 +641,23 @@ def run(config: Config) -> dict[str, Any]:
                                                config.io_cpus)
 
     # score: packed buckets directly, split clusters gathered once then row-range tasks
-    score_bucket = ray.remote(num_cpus=config.task_cpus)(_score_bucket)
+    use_gpu = cluster_gpus() > 0 if config.use_gpu is None else config.use_gpu
+    device = "cuda" if use_gpu else "cpu"
+    gpu_opts = {"num_gpus": config.task_gpus} if use_gpu else {}
+    score_bucket = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_bucket)
     gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
-    score_rows = ray.remote(num_cpus=config.task_cpus)(_score_rows)
+    score_rows = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_rows)
     pending = []
     for b, bucket in enumerate(buckets):
         slices = slices_of[b]
         if bucket.row_ranges:
             x_ref, ids_ref = gather.remote(*slices)
             pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e,
-                                          config.block_rows, config.col_block, config.diag_rows)
+                                          config.block_rows, config.col_block, config.diag_rows, device)
                         for a, e in bucket.row_ranges]
         else:
             pending.append(score_bucket.remote(out_dir, config.block_rows, config.col_block, config.diag_rows,
-                                               *slices))
+                                               device, *slices))
     try:
         check_shuffle(ray.get(route_stats), n, "assignments")
     except ValueError:
@@ -496,13 +670,13 @@ def run(config: Config) -> dict[str, Any]:
         raise RuntimeError(f"scored {scored} rows but {n} were assigned")
     storage.publish(out_dir, [p["path"] for p in parts],
                     {"schema": storage.schema_hex(SCORES_SCHEMA), "rows": n, "keep": config.keep,
-                     "seed": config.seed, "clusters": clusters_dir})
+                     "seed": config.seed, "clusters": clusters_dir, "use_gpu": use_gpu})
     finished = time.perf_counter()
     return {
         "scores": out_dir, "rows": n, "clusters": int((sizes > 0).sum()), "keep": config.keep,
         "largest_cluster": int(sizes.max()), "pairs": int((sizes.astype(np.int64) * (sizes - 1) // 2).sum()),
         "buckets": len(buckets), "split_clusters": sum(1 for b in buckets if b.row_ranges),
-        "tasks": len(pending), "shards": len(route_stats),
+        "tasks": len(pending), "shards": len(route_stats), "use_gpu": use_gpu,
         "seconds": {"plan": planned - started, "shuffle_and_score": finished - planned,
                     **{f"{what}_tasks_total": sum(p[f"{what}_seconds"] for p in parts)
                        for what in ("gather", "score", "write")}},

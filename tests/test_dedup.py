@@ -139,6 +139,144 @@ def test_empty_and_single_inputs():
     assert len(dedup.rank_within_clusters(pa.array([], pa.string()), np.array([]), np.array([]))) == 0
 
 
+# ----------------------------------------------------------------------------- torch path (GPU kernels, run on the CPU)
+
+
+def near_dup_rows(n: int, dim: int, seed: int, copies: int = 0) -> np.ndarray:
+    """(n, dim) float32 unit rows in a few tight groups (near-duplicates), the last ``copies``
+    rows bitwise copies of earlier ones."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4, dim))[rng.integers(0, 4, n)] + 0.2 * rng.standard_normal((n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    if copies:
+        x[n - copies:] = x[rng.integers(0, n - copies, copies)]
+    return x
+
+
+def exact_unit_rows(n: int, seed: int) -> np.ndarray:
+    """(n, 8) unit rows of four +-0.5 entries drawn from 6 patterns: every dot product is a
+    multiple of 1/4, exact in float32 whatever the summation order, so ties are exact ties."""
+    rng = np.random.default_rng(seed)
+    patterns = np.zeros((6, 8), np.float32)
+    for p in patterns:
+        p[rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    return patterns[rng.integers(0, 6, n)]
+
+
+def check_against_float64(sims64: np.ndarray, rows: np.ndarray, cols: list[np.ndarray], max_sim: np.ndarray,
+                          arg: np.ndarray, exact: bool = False) -> None:
+    """Kernel output vs the float64 all-pairs ``sims64``: row r may match the columns ``cols[k]``.
+    max_sim within 1e-5; argmax the reference's first argmax unless another candidate is
+    within float32 rounding of the max (then it must be one of those); with ``exact`` data
+    (no rounding at all) always the first argmax."""
+    for k, (r, c) in enumerate(zip(rows, cols)):
+        if len(c) == 0:
+            continue
+        ref = sims64[r, c]
+        best, first = ref.max(), int(c[np.argmax(ref)])  # np.argmax: the first on ties
+        assert abs(max_sim[k] - best) < 1e-5, (r, max_sim[k], best)
+        tied = c[ref >= best - (0.0 if exact else 1e-6)]
+        if exact or len(tied) == 1:
+            assert arg[k] == first, (r, arg[k], first, tied)
+        else:
+            assert arg[k] in tied, (r, arg[k], tied)
+
+
+@pytest.mark.parametrize("block_rows,col_block,diag_rows", [(32, 50, 7), (7, 5, 3), (256, 16_384, 64), (64, 1, 64)])
+@pytest.mark.parametrize("start,stop", [(0, None), (0, 1), (1, 2), (150, 171), (37, 300), (299, 300), (120, 120)])
+def test_torch_triu_matches_float64_reference(block_rows, col_block, diag_rows, start, stop):
+    x = near_dup_rows(300, 24, seed=block_rows + start, copies=40)  # larger than every block
+    sims64 = x.astype(np.float64) @ x.astype(np.float64).T
+    max_sim, arg = dedup._triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device="cpu")
+    stop = len(x) if stop is None else stop
+    assert max_sim.dtype == np.float32 and arg.dtype == np.int64 and len(max_sim) == len(arg) == stop - start
+    rows = np.arange(start, stop)
+    check_against_float64(sims64, rows, [np.arange(r) for r in rows], max_sim, arg)
+    if start == 0 and stop > 0:
+        assert max_sim[0] == 0.0 and arg[0] == -1
+    assert np.all((arg >= 0) == (rows > 0)) and np.all(arg < rows)
+    np_sim, np_arg = dedup.triu_max_sim(x, start, stop, block_rows, col_block, diag_rows)  # the NumPy path
+    assert np.abs(np_sim - max_sim).max(initial=0) < 1e-6
+
+
+@pytest.mark.parametrize("block_rows,col_block,diag_rows", [(16, 40, 6), (7, 5, 3), (256, 16_384, 32)])
+def test_torch_exact_ties_go_to_the_earliest_item(block_rows, col_block, diag_rows):
+    x = exact_unit_rows(200, seed=4)  # 6 distinct rows: every row after the first few has exact twins
+    sims64 = x.astype(np.float64) @ x.astype(np.float64).T
+    for start, stop in [(0, 200), (90, 200), (3, 4)]:
+        max_sim, arg = dedup._triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device="cpu")
+        rows = np.arange(start, stop)
+        check_against_float64(sims64, rows, [np.arange(r) for r in rows], max_sim, arg, exact=True)
+    rng = np.random.default_rng(0)  # the integer rows of the NumPy tie test
+    x = rng.integers(0, 3, (5, 8)).astype(np.float32)[rng.integers(0, 5, 200)]
+    full = x.astype(np.float64) @ x.T.astype(np.float64)
+    first = [-1] + [int(np.argmax(full[i, :i])) for i in range(1, 200)]
+    _, arg = dedup._triu_max_sim_torch(x, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows,
+                                       device="cpu")
+    assert arg.tolist() == first
+
+
+def test_torch_single_row_and_empty():
+    one = np.ones((1, 8), np.float32) / np.sqrt(8)
+    for x in (one, dedup.to_device(one, "cpu")):
+        max_sim, arg = dedup._triu_max_sim_torch(x, device="cpu")
+        assert max_sim.tolist() == [0.0] and arg.tolist() == [-1]
+    max_sim, arg = dedup._triu_max_sim_torch(np.zeros((0, 8), np.float32), device="cpu")
+    assert max_sim.shape == arg.shape == (0,) and max_sim.dtype == np.float32 and arg.dtype == np.int64
+    x = near_dup_rows(10, 8, seed=1)
+    max_sim, arg = dedup._triu_max_sim_torch(x, 6, 7, device="cpu")  # one row of a range, start > 0
+    assert arg[0] == int(np.argmax(x[6].astype(np.float64) @ x[:6].T.astype(np.float64)))
+    with pytest.raises(ValueError, match="outside"):
+        dedup._triu_max_sim_torch(x, 4, 11, device="cpu")
+
+
+@pytest.mark.parametrize("block_rows,col_block", [(32, 50), (7, 5), (256, 16_384)])
+def test_torch_max_sim_to_matches_float64_reference(block_rows, col_block):
+    keys = near_dup_rows(230, 24, seed=block_rows, copies=30)  # more keys than a column tile
+    q = np.concatenate([near_dup_rows(70, 24, seed=block_rows + 1), keys[[5, 229, 0]]])  # exact copies of keys
+    sims64 = np.concatenate([q, keys]).astype(np.float64) @ np.concatenate([q, keys]).astype(np.float64).T
+    key_cols = np.arange(len(q), len(q) + len(keys))
+    max_sim, arg = dedup._max_sim_to_torch(q, keys, block_rows, col_block, device="cpu")
+    assert max_sim.dtype == np.float32 and arg.dtype == np.int64 and len(arg) == len(q)
+    check_against_float64(sims64, np.arange(len(q)), [key_cols] * len(q), max_sim, arg + len(q))
+    np_sim, np_arg = dedup.max_sim_to(q, keys, block_rows, col_block)  # the NumPy path
+    assert np.abs(np_sim - max_sim).max() < 1e-6
+
+    keys = exact_unit_rows(120, seed=2)  # exact ties: the first key wins
+    q = exact_unit_rows(40, seed=3)
+    max_sim, arg = dedup._max_sim_to_torch(q, keys, block_rows, col_block, device="cpu")
+    full = q.astype(np.float64) @ keys.T.astype(np.float64)
+    assert arg.tolist() == np.argmax(full, axis=1).tolist() and np.array_equal(max_sim, full.max(axis=1))
+
+    max_sim, arg = dedup._max_sim_to_torch(q, keys[:0], block_rows, col_block, device="cpu")  # no keys
+    assert np.all(max_sim == -np.inf) and np.all(arg == -1)
+    max_sim, arg = dedup._max_sim_to_torch(q[:0], keys, block_rows, col_block, device="cpu")
+    assert len(max_sim) == len(arg) == 0
+
+
+@pytest.fixture
+def cuda_on_cpu(monkeypatch):
+    """device="cuda" runs the torch kernels, with every tensor placed on the CPU: exercises the
+    device plumbing (one copy per bucket, slices per cluster) without a GPU."""
+    place = dedup._as_device_tensor
+    monkeypatch.setattr(dedup, "_as_device_tensor", lambda x, device: place(x, "cpu"))
+
+
+def test_score_sorted_clusters_on_the_torch_path(cuda_on_cpu):
+    x, labels, distance = clustered_with_sizes(SIZES, 24, seed=1)
+    ids = pa.array([f"f{i:04d}" for i in range(len(x))])
+    rank = dedup.rank_within_clusters(ids, labels, distance, "hard")
+    order = np.lexsort((rank, labels))
+    args = (x[order], ids.take(pa.array(order)), labels[order], rank[order], 16, 40, 6)
+    on_torch = dedup.score_sorted_clusters(*args, device="cuda")
+    on_numpy = dedup.score_sorted_clusters(*args, device="cpu")
+    assert on_torch.schema.equals(SCORES_SCHEMA)
+    assert np.abs(on_torch.column("max_sim").to_numpy() - on_numpy.column("max_sim").to_numpy()).max() < 1e-6
+    assert on_torch.column("duplicate_of").equals(on_numpy.column("duplicate_of"))
+    sims, arg = dedup.triu_max_sim(x, 100, 130, 16, 40, 6, device="cuda")  # a split cluster's row range
+    np_sims, np_arg = dedup.triu_max_sim(x, 100, 130, 16, 40, 6, device="cpu")
+    assert np.abs(sims - np_sims).max() < 1e-6 and np.array_equal(arg, np_arg)
+
 # ----------------------------------------------------------------------------- Ray stage
 
 
@@ -182,6 +320,8 @@ def test_run_matches_reference_with_a_split_cluster(ray_session, tmp_path, keep)
                                      split_rows=100,
                                      num_buckets=2, shard_rows=150, task_cpus=0.5))
     assert summary["split_clusters"] == 1 and summary["rows"] == len(x)
+    assert summary["use_gpu"] is False  # use_gpu=None: GPUs only when the cluster has some (none here)
+    assert storage.read_manifest(storage.join(root, "dedup", "scores"))["use_gpu"] is False
     scores = storage.read_published(storage.join(root, "dedup", "scores"))
     assert scores.schema.equals(SCORES_SCHEMA)
     got = scores.column("id").to_pylist()
