@@ -34,9 +34,11 @@ One run:
    another reason keeps the item matched directly); ``max_sim`` is the similarity to the item
    matched directly (the one the threshold was applied to).
 6. Drift: the fraction of new items farther from their nearest centroid than the corpus's
-   ``drift_quantile`` distance. Above ``recluster_above`` the summary recommends re-clustering
-   (``deldist curate`` on corpus + uploads).
+   ``drift_quantile`` distance. At ``recluster_above`` or more the summary recommends re-clustering.
 7. Publish ``vN`` (its tables, then summary and manifest), then ``latest.json``.
+8. With ``recluster: true`` and re-clustering recommended: k-means, dedup and the selection's
+   rules rerun on corpus + all uploads (``curated/<selection>/recluster-v<N+1>/``), published as
+   version N + 1; later batches are assigned to its centroids.
 
 One writer at a time per corpus and selection: two concurrent runs would both write ``vN``.
 """
@@ -56,12 +58,15 @@ from deldist import embed, storage
 from deldist.cluster import assign_shard, plan_shards, read_centroids
 from deldist.config import StageConfig
 from deldist.dedup import (
+    Device,
+    Matrix,
     gather_sorted,
     max_sim_to,
     plan_buckets,
     rank_within_clusters,
     scores_table,
     shuffle_by_bucket,
+    to_device,
     triu_max_sim,
     write_scores_part,
 )
@@ -92,7 +97,10 @@ class Config(StageConfig):
                                   description="embed settings for the batch (throughput knobs; the encoder and "
                                               "sampling come from the corpus)")
     drift_quantile: float = Field(0.99, gt=0, lt=1, description="drift: corpus distance quantile a new item exceeds")
-    recluster_above: float = Field(0.1, ge=0, le=1, description="recommend re-clustering above this drift fraction")
+    recluster_above: float = Field(0.1, ge=0, le=1, description="recommend re-clustering at this drift fraction or above")
+    recluster: bool = Field(False, description="re-cluster corpus + uploads (a new version) when recommended")
+    cluster: dict[str, Any] = Field(default_factory=dict, description="deldist cluster settings for re-clustering")
+    dedup: dict[str, Any] = Field(default_factory=dict, description="deldist dedup settings for re-clustering")
     block_rows: int = Field(256, ge=1)
     col_block: int = Field(16_384, ge=1)
     diag_rows: int = Field(64, ge=1)
@@ -100,6 +108,8 @@ class Config(StageConfig):
     shard_rows: int = Field(65_536, ge=1)
     task_cpus: float = Field(1.0, gt=0)
     io_cpus: float = Field(0.5, gt=0)
+    use_gpu: bool | None = Field(None, description="assign and score on GPUs (default: when the cluster has GPUs)")
+    task_gpus: float = Field(0.5, gt=0, le=1, description="GPU share per scoring task when use_gpu (as in dedup)")
 
 
 # ----------------------------------------------------------------------------- math (pure)
@@ -135,8 +145,8 @@ def drift_fraction(distance: np.ndarray, threshold: float) -> float:
     return float((distance > threshold).mean()) if len(distance) else 0.0
 
 
-def score_cluster_against_corpus(x: np.ndarray, n_retained: int, n_old: int, block_rows: int = 256,
-                                 col_block: int = 16_384, diag_rows: int = 64
+def score_cluster_against_corpus(x: Matrix, n_retained: int, n_old: int, block_rows: int = 256,
+                                 col_block: int = 16_384, diag_rows: int = 64, device: Device = "cpu",
                                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cluster's new rows against its corpus rows and the earlier new rows.
 
@@ -145,10 +155,12 @@ def score_cluster_against_corpus(x: np.ndarray, n_retained: int, n_old: int, blo
     earlier row and argmax int64 (q,) into x (-1 and 0 when there is none: the cluster's first
     item), and the nearest retained corpus row int64 (q,) (-1 when the cluster has none), the
     item a removed copy stands for. Corpus-corpus pairs are not computed.
+    device: as in :func:`deldist.dedup.triu_max_sim`; ``x`` may be a tensor already there.
     """
-    ret_sim, ret_arg = max_sim_to(x[n_old:], x[:n_retained], block_rows, col_block)
+    x = to_device(x, device)  # one copy for both kernels (a no-op for a tensor already there)
+    ret_sim, ret_arg = max_sim_to(x[n_old:], x[:n_retained], block_rows, col_block, device)
     rest_sim, rest_arg = triu_max_sim(x[n_retained:], n_old - n_retained, len(x) - n_retained,
-                                      block_rows, col_block, diag_rows)
+                                      block_rows, col_block, diag_rows, device)
     rest_sim = np.where(rest_arg >= 0, rest_sim, -np.inf)
     rest_arg = np.where(rest_arg >= 0, rest_arg + n_retained, -1)
     use_rest = rest_sim > ret_sim  # ties go to the retained row
@@ -222,39 +234,84 @@ def _error_sources(errors_dir: str, version: int, embedded: set[str]) -> pa.Tabl
                      "frames": pa.array(np.zeros(len(failed), np.int64))}, schema=VERSION_SOURCES_SCHEMA)
 
 
-def create_first_version(corpus: str, selection: str) -> dict[str, Any]:
-    """``v1``: the corpus selection as curated, its retained / removed parts shared."""
-    sel_dir = storage.join(corpus, "selections", selection)
+def _publish_selection_version(run_root: str, selection: str, cur: str, version: int, sources: Sequence[str],
+                               sources_table: pa.Table | None, embeddings: list[str],
+                               extra: dict[str, Any]) -> dict[str, Any]:
+    """Publish ``cur/v<version>`` from selection ``selection`` of ``run_root`` (its retained /
+    removed parts shared), then point ``latest.json`` at it."""
+    sel_dir = storage.join(run_root, "selections", selection)
     summary = storage.read_json(storage.join(sel_dir, "summary.json"))
     if summary.get("method") != "meddel":
         raise ValueError(f"selection {selection!r} is a {summary.get('method')} selection; curate-new extends a "
                          "MedDEL selection (its threshold and filters are applied to the uploads)")
     if summary.get("similarity_threshold") is None:
         raise ValueError(f"selection {selection!r} has no similarity threshold (built without eps / target_ratio)")
-    clusters_dir = storage.join(corpus, "clusters")
+    clusters_dir = storage.join(run_root, "clusters")
     clusters_manifest = storage.read_manifest(clusters_dir)
-    scores_manifest = storage.read_manifest(storage.join(corpus, "dedup", "scores"))
-    cur = curated_dir(corpus, selection)
-    v1 = storage.join(cur, "v1")
+    scores_manifest = storage.read_manifest(storage.join(run_root, "dedup", "scores"))
+    vdir = storage.join(cur, f"v{version}")
     for table in ("retained", "removed"):
-        src = storage.join(sel_dir, table)
         schema = RETAINED_SCHEMA if table == "retained" else REMOVED_SCHEMA
-        _publish_table(storage.join(v1, table), storage.published_paths(src)[1], None, schema)
-    _publish_table(storage.join(v1, "sources"), [], _sources_of_corpus(corpus), VERSION_SOURCES_SCHEMA)
+        _publish_table(storage.join(vdir, table), storage.published_paths(storage.join(sel_dir, table))[1], None,
+                       schema)
+    _publish_table(storage.join(vdir, "sources"), sources, sources_table, VERSION_SOURCES_SCHEMA)
     params = summary.get("parameters", {})
     manifest = {
-        "version": 1, "parent": None, "selection": selection,
-        "clusters": clusters_dir, "embeddings": [storage.join(corpus, "embeddings")],
+        "version": version, "selection": selection, "clusters": clusters_dir, "embeddings": embeddings,
         "assignments": [storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))],
         "similarity_threshold": summary["similarity_threshold"],
         "keep": scores_manifest.get("keep", "hard"), "seed": scores_manifest.get("seed", 0),
         "outlier_distance": params.get("outlier_distance"), "outlier_quantile": params.get("outlier_quantile"),
         "invalid": params.get("invalid"), "temporal_threshold": params.get("temporal_threshold"),
+        "selection_parameters": params, **extra,
     }
-    storage.write_json(storage.join(v1, "summary.json"), {**summary, "version": 1})
-    storage.publish(v1, [], manifest)
-    _set_latest(cur, 1)
+    storage.write_json(storage.join(vdir, "summary.json"), {**summary, "version": version, **extra})
+    storage.publish(vdir, [], manifest)
+    _set_latest(cur, version)
     return manifest
+
+
+def create_first_version(corpus: str, selection: str) -> dict[str, Any]:
+    """``v1``: the corpus selection as curated, its retained / removed parts shared."""
+    return _publish_selection_version(corpus, selection, curated_dir(corpus, selection), 1, [],
+                                      _sources_of_corpus(corpus), [storage.join(corpus, "embeddings")],
+                                      {"parent": None})
+
+
+def recluster(config: Config, version: int) -> dict[str, Any]:
+    """Re-curate corpus + every batch up to ``version`` from scratch (k-means, dedup and the
+    selection's rules on the union of their embeddings) into ``curated/<selection>/recluster-v<N>``
+    and publish it as version N = ``version`` + 1, whose centroids later batches then use."""
+    from deldist import cluster, dedup, select
+
+    cur = curated_dir(config.corpus, config.selection)
+    vdir = storage.join(cur, f"v{version}")
+    manifest = storage.read_manifest(vdir)
+    new_version = version + 1
+    root = storage.join(cur, f"recluster-v{new_version}")
+    emb_dir = storage.join(root, "embeddings")
+    parts = [p for d in manifest["embeddings"] for p in storage.published_paths(d)[1]]
+    first = manifest["embeddings"][0]
+    storage.write_bytes(storage.join(emb_dir, "_run.json"), storage.read_bytes(storage.join(first, "_run.json")))
+    storage.publish(emb_dir, parts, {**storage.read_manifest(first), "merged_from": manifest["embeddings"],
+                                   "rows": sum(storage.read_manifest(d).get("rows") or 0 for d in manifest["embeddings"])})
+    old_clusters = storage.read_manifest(manifest["clusters"])
+    cluster.run(cluster.Config.model_validate({
+        **{k: old_clusters[k] for k in ("k", "seed", "init", "fit_fraction") if k in old_clusters},
+        "use_gpu": config.use_gpu, **config.cluster, "output": root}))
+    dedup.run(dedup.Config.model_validate({"keep": manifest["keep"], "seed": manifest["seed"],
+                                           "use_gpu": config.use_gpu, **config.dedup, "output": root}))
+    params = {k: v for k, v in manifest["selection_parameters"].items()
+              if k not in ("output", "embeddings", "clusters", "scores", "ground_truth")}
+    select.run(select.Config.model_validate({**params, "output": root, "name": config.selection}))
+    sources = storage.published_paths(storage.join(vdir, "sources"))[1]
+    result = _publish_selection_version(root, config.selection, cur, new_version, sources, None, [emb_dir],
+                                        {"parent": version, "reclustered_from": version})
+    summary = storage.read_json(storage.join(cur, f"v{new_version}", "summary.json"))
+    print(f"deldist curate-new: v{new_version}: re-clustered corpus + uploads (k={result.get('k', old_clusters.get('k'))}), "
+          f"kept {summary['kept_count']} of {summary['input_count']}")
+    return {"version": new_version, "path": storage.join(cur, f"v{new_version}"),
+            "kept": summary["kept_count"], "input": summary["input_count"]}
 
 
 # ----------------------------------------------------------------------------- Ray wiring
@@ -275,12 +332,16 @@ def _check_same_encoder(corpus_fp: dict[str, Any], batch_fp: dict[str, Any]) -> 
                          "curate-new must use the corpus's encoder and sampling")
 
 
+def _use_gpu(config: Config) -> bool:
+    from deldist.runtime import cluster_gpus
+
+    return cluster_gpus() > 0 if config.use_gpu is None else config.use_gpu
+
+
 def _assign(emb_dir: str, dim: int, centroids: np.ndarray, out_dir: str, config: Config) -> pa.Table:
     import ray
 
-    from deldist.runtime import cluster_gpus
-
-    use_gpu = cluster_gpus() > 0
+    use_gpu = _use_gpu(config)
     task = ray.remote(num_cpus=config.task_cpus, **({"num_gpus": 1} if use_gpu else {}))(assign_shard)
     shards = plan_shards(emb_dir, config.shard_rows)
     parts = ray.get([task.remote(emb_dir, s, dim, centroids, out_dir, use_gpu, max(1, round(config.task_cpus)))
@@ -290,11 +351,11 @@ def _assign(emb_dir: str, dim: int, centroids: np.ndarray, out_dir: str, config:
     return storage.read_published(out_dir)
 
 
-def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
+def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int, device: Device,
                   *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
     """Task body: score the new rows of one bucket's clusters against the corpus rows and the
-    earlier new rows; writes a scores part (``duplicate_of`` = the item matched directly,
-    ``representative`` = the nearest retained corpus item)."""
+    earlier new rows on ``device``; writes a scores part (``duplicate_of`` = the item matched
+    directly, ``representative`` = the nearest retained corpus item)."""
     began = time.perf_counter()
     x, meta = gather_sorted(slices)
     ids = meta.column("id").combine_chunks()
@@ -304,12 +365,13 @@ def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
     starts = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1] if len(cluster) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(cluster)]
     rows, sims, dups, reps = [], [], [], []
+    xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
     for s, e in zip(starts, ends):
         n_old = int((~is_new[s:e]).sum())
         if n_old == e - s:
             continue
-        sim, arg, rep = score_cluster_against_corpus(x[s:e], int(retained[s:e].sum()), n_old,
-                                                     block_rows, col_block, diag_rows)
+        sim, arg, rep = score_cluster_against_corpus(xd[s:e], int(retained[s:e].sum()), n_old,
+                                                     block_rows, col_block, diag_rows, device)
         rows.append(np.arange(s + n_old, e))
         sims.append(sim)
         dups.append(np.where(arg >= 0, arg + s, -1))
@@ -458,9 +520,11 @@ def run(config: Config) -> dict[str, Any]:
             for b, refs in enumerate(per_bucket):
                 slices[b] += refs
             stats.append((route_stats, what))
-        task = ray.remote(num_cpus=config.task_cpus)(_score_bucket)
-        parts = ray.get([task.remote(scores_dir, config.block_rows, config.col_block, config.diag_rows, *s)
-                         for s in slices])
+        use_gpu = _use_gpu(config)
+        task = ray.remote(num_cpus=config.task_cpus, **({"num_gpus": config.task_gpus} if use_gpu else {}))(
+            _score_bucket)
+        parts = ray.get([task.remote(scores_dir, config.block_rows, config.col_block, config.diag_rows,
+                                     "cuda" if use_gpu else "cpu", *s) for s in slices])
         found = {"corpus": 0, "new": 0}
         for refs, what in stats:
             found[what] += sum(r["rows"] - r["missing"] for r in ray.get(refs))
@@ -548,9 +612,14 @@ def run(config: Config) -> dict[str, Any]:
     print(f"deldist curate-new: v{new_version}: {len(new_sources)} new sources, {n} frames, kept {int(kept.sum())} "
           f"({batch['removed_by_reason']}); drift {drift:.3f}"
           + ("; re-clustering recommended" if batch["recluster_recommended"] else "") + f" -> {new_vdir}")
-    return {"version": new_version, "changed": True, "path": new_vdir, "new_sources": len(new_sources),
-            "new_frames": n, "kept": int(kept.sum()), "drift_fraction": drift,
-            "recluster_recommended": batch["recluster_recommended"], "seconds": round(time.time() - started, 1)}
+    result = {"version": new_version, "changed": True, "path": new_vdir, "new_sources": len(new_sources),
+              "new_frames": n, "kept": int(kept.sum()), "drift_fraction": drift,
+              "recluster_recommended": batch["recluster_recommended"]}
+    if config.recluster and batch["recluster_recommended"]:
+        result["reclustered"] = recluster(config, new_version)
+        result.update(version=result["reclustered"]["version"], path=result["reclustered"]["path"])
+    result["seconds"] = round(time.time() - started, 1)
+    return result
 
 
 def _old_matches(duplicate_of: pa.Array, is_dup: np.ndarray, ids: pa.Array) -> int:
@@ -575,7 +644,7 @@ def _batch_summary(meta: pa.Table, reason: np.ndarray, kept: np.ndarray, new_sou
         "duplicates_of_corpus_items": old_dups, "invalid_by_rule": invalid_by_rule,
         "per_dataset": per_dataset, "embed_errors": embed_result.get("errors", 0),
         "drift_fraction": drift, "drift_distance": drift_threshold, "drift_quantile": config.drift_quantile,
-        "recluster_recommended": drift > config.recluster_above,
+        "recluster_recommended": drift >= config.recluster_above,
     }
 
 

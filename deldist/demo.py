@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in result["selections"]:
         print(f"  selection     {run_root}/selections/{name}/  (retained/, removed/, summary.json)")
     print(f"  report        {chain['report']}  (table.csv, table.md)   plot: {chain['plot']}")
+    if result.get("html_report"):
+        print(f"  HTML report   {result['html_report']}  (duplicate groups, outliers, invalid frames)")
     print("  encoder       vit_tiny_patch16_224, RANDOM-INITIALISED (demo only; see configs/demo.yaml)")
     return 0
 

@@ -212,3 +212,30 @@ def test_other_encoder_is_refused(corpus):
             run(cfg)
     finally:
         (corpus["uploads"] / "site_x" / "zz_other.mp4").unlink()
+
+
+def test_recluster_by_flag_publishes_a_reclustered_version(corpus):
+    root = corpus["root"]
+    before = curate_new.latest_version(root, SELECTION)
+    shutil.copy(corpus["videos"][1], corpus["uploads"] / "site_x" / "late_copy.mp4")
+    cfg = corpus["new_cfg"].model_copy(update={"recluster": True, "recluster_above": 0.0,
+                                               "cluster": {"k": 4, "max_iter": 10, "task_cpus": 0.5},
+                                               "dedup": {"task_cpus": 0.5}})
+    result = run(cfg)
+    assert result["recluster_recommended"] and result["version"] == before + 2
+    assert curate_new.latest_version(root, SELECTION) == before + 2
+    manifest = storage.read_manifest(curate_new.version_dir(root, SELECTION))
+    assert manifest["reclustered_from"] == before + 1 and "recluster-v" in manifest["clusters"]
+    batch_ids = []
+    for v in range(2, before + 2):
+        emb = storage.join(curate_new.curated_dir(root, SELECTION), "batches", f"v{v}", "embeddings")
+        if storage.is_published(emb):
+            batch_ids += storage.read_published(emb, ["id"]).column("id").to_pylist()
+    corpus_ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
+    kept = read_version(root, SELECTION, "retained").column("id").to_pylist()
+    removed = read_version(root, SELECTION, "removed").column("id").to_pylist()
+    assert sorted(kept + removed) == sorted(corpus_ids + batch_ids)
+    summary = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION), "summary.json"))
+    assert summary["ratio"] == pytest.approx(0.3, abs=0.02)  # the selection's own rule on the union
+    # the sources ledger carries over: the same uploads are a no-op now
+    assert run(corpus["new_cfg"])["changed"] is False

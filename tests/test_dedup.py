@@ -277,6 +277,25 @@ def test_score_sorted_clusters_on_the_torch_path(cuda_on_cpu):
     np_sims, np_arg = dedup.triu_max_sim(x, 100, 130, 16, 40, 6, device="cpu")
     assert np.abs(sims - np_sims).max() < 1e-6 and np.array_equal(arg, np_arg)
 
+
+@pytest.mark.parametrize("n_retained,n_old,q", [(5, 12, 40), (0, 7, 9), (3, 3, 1), (0, 0, 6), (70, 150, 90)])
+def test_curate_new_scores_on_the_torch_path(cuda_on_cpu, n_retained, n_old, q):
+    from deldist import curate_new
+
+    x = near_dup_rows(n_old + q, 16, seed=q, copies=min(q, 5))
+    on_torch = curate_new.score_cluster_against_corpus(x, n_retained, n_old, 32, 40, 8, device="cuda")
+    on_numpy = curate_new.score_cluster_against_corpus(x, n_retained, n_old, 32, 40, 8, device="cpu")
+    assert np.abs(on_torch[0] - on_numpy[0]).max() < 1e-6
+    sims64 = x.astype(np.float64) @ x.astype(np.float64).T
+    rows = np.arange(n_old, n_old + q)
+    has = on_torch[1] >= 0
+    check_against_float64(sims64, rows[has], [np.arange(r) for r in rows[has]], on_torch[0][has], on_torch[1][has])
+    if n_retained:
+        check_against_float64(sims64, rows, [np.arange(n_retained)] * q, sims64[rows, on_torch[2]], on_torch[2])
+    else:
+        assert np.all(on_torch[2] == -1)
+
+
 # ----------------------------------------------------------------------------- Ray stage
 
 
