@@ -207,6 +207,30 @@ def _check_range(n: int, start: int, stop: int | None) -> int:
     return stop
 
 
+def _triangle_tiles(start: int, stop: int, block_rows: int, col_block: int, diag_rows: int,
+                    ) -> Iterator[tuple[int, int, int, int, bool]]:
+    """The tiles of the strict lower triangle for rows [start, stop), in the order both
+    kernels (NumPy, torch) compute them: (r0, r1, c0, c1, diagonal) = rows r0:r1 against
+    columns c0:c1. A block of ``block_rows`` rows meets every earlier row in column tiles of
+    ``col_block`` (no mask); its diagonal block is cut into sub-blocks of ``diag_rows`` rows,
+    each against the block's rows up to itself (``diagonal``: columns from r0 on, the
+    sub-block's own triangle j >= i, must be masked)."""
+    for b0 in range(start, stop, block_rows):
+        b1 = min(b0 + block_rows, stop)
+        for c0 in range(0, b0, col_block):
+            yield b0, b1, c0, min(c0 + col_block, b0), False
+        for s0 in range(b0, b1, diag_rows):
+            s1 = min(s0 + diag_rows, b1)
+            yield s0, s1, b0, s1, True
+
+
+def _rectangle_tiles(m: int, p: int, block_rows: int, col_block: int) -> Iterator[tuple[int, int, int, int]]:
+    """Tiles (r0, r1, c0, c1) covering an m x p query-key product."""
+    for r0 in range(0, m, block_rows):
+        for c0 in range(0, p, col_block):
+            yield r0, min(r0 + block_rows, m), c0, min(c0 + col_block, p)
+
+
 def _triu_max_sim_numpy(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
                         col_block: int = 16_384, diag_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """:func:`triu_max_sim` in NumPy (float32 sgemm)."""
@@ -217,17 +241,11 @@ def _triu_max_sim_numpy(x: np.ndarray, start: int = 0, stop: int | None = None, 
     if stop <= start:
         return np.zeros(0, np.float32), out_arg
     x = np.ascontiguousarray(x, dtype=np.float32)
-    for r0 in range(start, stop, block_rows):
-        r1 = min(r0 + block_rows, stop)
-        best, arg = out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start]  # views
-        for c0 in range(0, r0, col_block):  # every earlier row: no mask
-            c1 = min(c0 + col_block, r0)
-            _merge_max(best, arg, x[r0:r1] @ x[c0:c1].T, c0)
-        for s0 in range(r0, r1, diag_rows):  # the diagonal block, triangle by sub-block
-            s1 = min(s0 + diag_rows, r1)
-            sims = x[s0:s1] @ x[r0:s1].T  # (s1 - s0, s1 - r0)
-            np.copyto(sims[:, s0 - r0:], -np.inf, where=_upper_mask(diag_rows)[: s1 - s0, : s1 - s0])
-            _merge_max(best[s0 - r0:s1 - r0], arg[s0 - r0:s1 - r0], sims, r0)
+    for r0, r1, c0, c1, diagonal in _triangle_tiles(start, stop, block_rows, col_block, diag_rows):
+        sims = x[r0:r1] @ x[c0:c1].T
+        if diagonal:
+            np.copyto(sims[:, r0 - c0:], -np.inf, where=_upper_mask(diag_rows)[: r1 - r0, : r1 - r0])
+        _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
     if start == 0:
         out_sim[0], out_arg[0] = 0.0, -1
     return out_sim, out_arg
@@ -240,11 +258,8 @@ def _max_sim_to_numpy(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, co
     arg = np.full(len(q), -1, np.int64)
     q = np.ascontiguousarray(q, dtype=np.float32)
     keys = np.ascontiguousarray(keys, dtype=np.float32)
-    for r0 in range(0, len(q), block_rows):
-        r1 = min(r0 + block_rows, len(q))
-        for c0 in range(0, len(keys), col_block):
-            c1 = min(c0 + col_block, len(keys))
-            _merge_max(best[r0:r1], arg[r0:r1], q[r0:r1] @ keys[c0:c1].T, c0)
+    for r0, r1, c0, c1 in _rectangle_tiles(len(q), len(keys), block_rows, col_block):
+        _merge_max(best[r0:r1], arg[r0:r1], q[r0:r1] @ keys[c0:c1].T, c0)
     return best, arg
 
 
@@ -334,17 +349,11 @@ def _triu_max_sim_torch(x: Matrix, start: int = 0, stop: int | None = None,
     out_arg = torch.full((stop - start,), -1, dtype=torch.int64, device=xt.device)
     mask = _upper_mask_torch(diag_rows, xt.device)
     with _ieee_fp32_matmul():
-        for r0 in range(start, stop, block_rows):
-            r1 = min(r0 + block_rows, stop)
-            best, arg = out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start]  # views
-            for c0 in range(0, r0, col_block):  # every earlier row: no mask
-                c1 = min(c0 + col_block, r0)
-                _merge_max_torch(best, arg, xt[r0:r1] @ xt[c0:c1].T, c0)
-            for s0 in range(r0, r1, diag_rows):  # the diagonal block, triangle by sub-block
-                s1 = min(s0 + diag_rows, r1)
-                sims = xt[s0:s1] @ xt[r0:s1].T  # (s1 - s0, s1 - r0)
-                sims[:, s0 - r0:].masked_fill_(mask[: s1 - s0, : s1 - s0], -math.inf)
-                _merge_max_torch(best[s0 - r0:s1 - r0], arg[s0 - r0:s1 - r0], sims, r0)
+        for r0, r1, c0, c1, diagonal in _triangle_tiles(start, stop, block_rows, col_block, diag_rows):
+            sims = xt[r0:r1] @ xt[c0:c1].T
+            if diagonal:
+                sims[:, r0 - c0:].masked_fill_(mask[: r1 - r0, : r1 - r0], -math.inf)
+            _merge_max_torch(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
     if start == 0:
         out_sim[0], out_arg[0] = 0.0, -1
     return out_sim.cpu().numpy(), out_arg.cpu().numpy()
@@ -359,11 +368,8 @@ def _max_sim_to_torch(q: Matrix, keys: Matrix, block_rows: int = 256,
     best = torch.full((len(qt),), -math.inf, dtype=torch.float32, device=qt.device)
     arg = torch.full((len(qt),), -1, dtype=torch.int64, device=qt.device)
     with _ieee_fp32_matmul():
-        for r0 in range(0, len(qt), block_rows):
-            r1 = min(r0 + block_rows, len(qt))
-            for c0 in range(0, len(kt), col_block):
-                c1 = min(c0 + col_block, len(kt))
-                _merge_max_torch(best[r0:r1], arg[r0:r1], qt[r0:r1] @ kt[c0:c1].T, c0)
+        for r0, r1, c0, c1 in _rectangle_tiles(len(qt), len(kt), block_rows, col_block):
+            _merge_max_torch(best[r0:r1], arg[r0:r1], qt[r0:r1] @ kt[c0:c1].T, c0)
     return best.cpu().numpy(), arg.cpu().numpy()
 
 
