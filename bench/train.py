@@ -9,7 +9,7 @@ single-process PyTorch loop, same MAE, batch and threads per worker, measured in
 
 Prints img/s and the per-worker ratios ray_train / plain (model).
 
-    .venv/bin/python bench/train.py [--workdir /tmp/bt] [--size 112] [--batch 32] [--threads 1]
+    .venv/bin/python bench/train.py [--workdir /tmp/bt] [--sample small] [--size 112] [--batch 32] [--threads 1]
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from deldist.models import build_mae, param_groups  # noqa: E402
 MODEL = "deldist_vit_micro_patch16"
 
 
-def prepare(workdir: Path) -> str:
+def prepare(workdir: Path, size: str) -> str:
     """Sample videos -> fake embeddings of every frame -> frame store (128 px). Returns the run root."""
-    data = workdir / "sample"
+    data = workdir / f"sample-{size}"
     if not (data / "ground_truth.parquet").exists():
-        sample.generate(str(data), size="tiny", seed=0)
-    root = str(workdir / "run")
+        sample.generate(str(data), size=size, seed=0)
+    root = str(workdir / f"run-{size}")
     if not storage.is_published(storage.join(root, "embeddings")):
         truth = pq.read_table(data / "ground_truth.parquet").to_pylist()
         rows = [{"id": f"{r['source_key']}#{r['frame_index']}", "source": str(data / "videos" / r["source_key"]),
@@ -100,6 +100,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (and for plain)")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--sample", default="small", choices=["tiny", "small", "demo"],
+                        help="generator set: epochs of the tiny one (219 frames) last ~1 s, too short to time")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     import ray
@@ -107,7 +109,7 @@ def main() -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     workdir = Path(args.workdir)
-    root = prepare(workdir)
+    root = prepare(workdir, args.sample)
     jpegs = storage.read_published(storage.join(root, "frames", "all"), ["jpeg"]).column("jpeg").to_pylist()
     mae_args = {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}
     steps = max(8, len(jpegs) // args.batch)
