@@ -7,7 +7,8 @@ single-process PyTorch loop, same MAE, batch and threads per worker, measured in
                    decoding/augmenting in CPU tasks; img/s per worker from the run's metrics
                    (epoch wall time, data waits included; first epoch dropped as warm-up)
 
-Prints img/s and the per-worker ratios ray_train / plain (model).
+Prints img/s and the per-worker ratios ray_train / plain (model), with and without each
+epoch's wait for its first batch (the data pipeline's start-up, a fixed cost per epoch).
 
     .venv/bin/python bench/train.py [--workdir /tmp/bt] [--sample small] [--size 112] [--batch 32] [--threads 1]
 """
@@ -80,8 +81,9 @@ def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: i
 
 
 def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int, epochs: int, mae_args: dict,
-                   name: str) -> tuple[float, float]:
-    """(img/s per worker, img/s total): median over epochs 2.. of the run's per-epoch metrics."""
+                   name: str) -> tuple[float, float, float]:
+    """(img/s per worker, img/s total, steady img/s per worker = without each epoch's wait for its
+    first batch): medians over epochs 2.. of the run's per-epoch metrics."""
     # the workers must leave CPU for the Ray Data tasks that decode and augment (2-CPU cluster)
     cpus = min(float(threads), (2.0 - 0.5) / workers)
     cfg = pretrain.Config(output=root, name=name, model=MODEL, image_size=size, epochs=epochs, warmup_epochs=1,
@@ -90,7 +92,8 @@ def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int,
     pretrain.run(cfg)
     history = storage.read_json(storage.join(pretrain.run_dir(root, name), "metrics.json"))[1:]
     per_worker = statistics.median(h["img_per_s_per_worker"] for h in history)
-    return per_worker, statistics.median(h["img_per_s"] for h in history)
+    steady = statistics.median(h["img_per_s_steady"] / workers for h in history)
+    return per_worker, statistics.median(h["img_per_s"] for h in history), steady
 
 
 def main() -> int:
@@ -119,7 +122,10 @@ def main() -> int:
     results["plain_with_data_img_s"] = plain_loop(jpegs, args.size, args.batch, steps, args.threads, True, mae_args)
     for n in args.workers:
         name = f"bench-{n}w-{int(time.time())}"
-        per_worker, total = ray_train_rate(root, n, args.size, args.batch, args.threads, args.epochs, mae_args, name)
+        per_worker, total, steady = ray_train_rate(root, n, args.size, args.batch, args.threads, args.epochs,
+                                                   mae_args, name)
+        results[f"ray_train_{n}w_steady_img_s_per_worker"] = steady
+        results[f"ratio_{n}w_steady_per_worker_vs_plain_model"] = steady / results["plain_model_img_s"]
         results[f"ray_train_{n}w_img_s_per_worker"] = per_worker
         results[f"ray_train_{n}w_img_s_total"] = total
         results[f"ratio_{n}w_per_worker_vs_plain_model"] = per_worker / results["plain_model_img_s"]

@@ -398,11 +398,14 @@ def train_loop(cfg: dict[str, Any], session: Any = None) -> None:
         loss_sum, images, started = 0.0, 0, time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=True, dtypes=torch.uint8,
                                            local_shuffle_buffer_size=cfg["shuffle_buffer"] or None)
+        first_wait = None  # wait for the epoch's first batch (the data pipeline starting up)
         for i, batch in enumerate(batches):
             if i >= steps_per_epoch:
                 break
             if i < skip:
                 continue
+            if first_wait is None:
+                first_wait = time.perf_counter() - started
             maybe_inject_failure(cfg, state["step"] + 1, rank, world)
             x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
             with autocast(device, cfg["precision"]):
@@ -420,10 +423,15 @@ def train_loop(cfg: dict[str, Any], session: Any = None) -> None:
                                snapshot())
         seconds = time.perf_counter() - started
         steps_done = max(1, min(steps_per_epoch, state["step"] - epoch * steps_per_epoch) - skip)
-        loss_total, images_total, worker_rate = all_reduce_sum([loss_sum, images, images / max(seconds, 1e-9)], device)
+        first_wait = first_wait or 0.0
+        # steady rate: without the wait for the first batch, a fixed cost per epoch that only
+        # matters when epochs last seconds (tests, benchmarks), not hours
+        loss_total, images_total, worker_rate, steady_rate = all_reduce_sum(
+            [loss_sum, images, images / max(seconds, 1e-9), images / max(seconds - first_wait, 1e-9)], device)
         state["epoch"] = epoch + 1
         row = {"epoch": epoch + 1, "step": state["step"], "loss": loss_total / (world * steps_done),
                "lr": optimizer.param_groups[0]["lr"], "img_per_s": worker_rate, "img_per_s_per_worker": worker_rate / world,
+               "img_per_s_steady": steady_rate, "first_batch_wait_s": first_wait,
                "images": int(images_total), "seconds": seconds}
         state["history"].append(row)
         if rank == 0:
