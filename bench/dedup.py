@@ -177,7 +177,8 @@ def child_stage(workdir: str, block_rows: int, rounds: int) -> dict:
     _save(workdir, "stage", max_sim, dup_row)
     return {"seconds": min(times), "seconds_all": times, "cold_seconds": cold,
             "score_tasks_total_s": summary["seconds"]["score_tasks_total"], "gather_tasks_total_s": summary["seconds"]["gather_tasks_total"],
-            "tasks": summary["tasks"], "split_clusters": summary["split_clusters"], "peak_gib": memory.peak_gib}
+            "tasks": summary["tasks"], "split_clusters": summary["split_clusters"], "peak_gib": memory.peak_gib,
+            "breakdown_s": summary["seconds"]}
 
 
 def sgemm_gflops(size: int = 1024) -> float:
@@ -290,6 +291,7 @@ def main() -> None:
             "stage_cold_s": round(min(x["cold_seconds"] for x in runs["stage"]), 3),
             "speedup_stage_vs_plain_end_to_end": round(results["plain"]["end_to_end_seconds"] / stage, 2),
             "stage_score_tasks_total_s": round(results["stage"]["score_tasks_total_s"], 3),
+            "stage_breakdown_s": {k: round(v, 3) for k, v in results["stage"]["breakdown_s"].items()},
             "speedup_kernel_vs_plain": round(plain / kernel, 2), "speedup_stage_vs_plain": round(plain / stage, 2),
             "kernel_over_floor": round(kernel / floor, 2), "stage_over_floor": round(stage / floor, 2),
             "plain_over_floor": round(plain / floor, 2),

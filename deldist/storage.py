@@ -152,10 +152,22 @@ def write_csv(uri: str, rows: list[dict[str, Any]]) -> None:
     write_bytes(uri, buf.getvalue().encode())
 
 
+def column_codecs(schema: pa.Schema) -> dict[str, str]:
+    """Parquet codec per column: none for float vectors (embeddings, centroids: zstd saves ~8 %
+    of their size but makes every read 4-5x slower, measured 0.77 vs 0.17 s per 50k x 768) and
+    for binary columns (JPEG bytes are compressed already); zstd for everything else."""
+    def incompressible(t: pa.DataType) -> bool:
+        if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+            return pa.types.is_floating(t.value_type)
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+    return {f.name: "none" if incompressible(f.type) else "zstd" for f in schema}
+
+
 def write_table(table: pa.Table, uri: str) -> None:
-    """Write one Parquet file (zstd) atomically."""
+    """Write one Parquet file (codecs per :func:`column_codecs`) atomically."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression=column_codecs(table.schema) or "zstd")
     write_bytes(uri, sink.getvalue().to_pybytes())
 
 

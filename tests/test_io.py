@@ -43,3 +43,22 @@ def test_manifest_csv_with_centers(tmp_path):
     bad.write_text("path\nx.mp4\n")
     with pytest.raises(ValueError, match="uri"):
         list_sources(str(tmp_path), manifest=str(bad))
+
+
+def test_write_table_leaves_vectors_and_jpegs_uncompressed(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deldist import storage
+
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    table = pa.table({"id": [f"a#{i}" for i in range(64)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16),
+                      "jpeg": pa.array([b"\xff\xd8" * 8] * 64, pa.binary())})
+    path = tmp_path / "t.parquet"
+    storage.write_table(table, str(path))
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression for i in range(meta.num_columns)}
+    assert codecs == {"id": "ZSTD", "embedding": "UNCOMPRESSED", "jpeg": "UNCOMPRESSED"}
+    assert pq.read_table(path).equals(table)
