@@ -78,7 +78,7 @@ class Config(StageConfig):
     torch_threads: int | None = None  # default: max(1, ceil(encoder_cpus))
     decode_cpus: float = 0.5
     decode_threads: int = 1  # FFmpeg threads per decode task
-    decode_memory_mb: int = 512  # reserved per decode task
+    decode_memory_mb: int = 768  # reserved per decode task (~500 MiB measured per decode worker here)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     rows_per_part: int = 2048

@@ -50,6 +50,8 @@ class Segmentation(BaseModel):
     batch_size: int = Field(8, ge=1, description="per worker")
     lr: float = Field(1e-4, gt=0, description="encoder peak lr (the head gets lr * head_lr_scale)")
     head_lr_scale: float = Field(10.0, gt=0)
+    layer_decay: float | None = Field(0.75, gt=0, le=1, description="layer-wise lr decay of the encoder (MAE "
+                                                                    "finetuning recipe); null: one lr for all blocks")
     weight_decay: float = Field(0.05, ge=0)
     hidden: int = Field(256, ge=1, description="MLP head width")
     dice_weight: float = Field(1.0, ge=0)
@@ -200,8 +202,10 @@ def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cfg["torch_threads"])
     model = SegmentationViT(_encoder(cfg), num_classes=2, hidden=seg["hidden"])
-    groups = [dict(g, lr=seg["lr"]) for g in param_groups(model.encoder, seg["weight_decay"])]
-    groups += [dict(g, lr=seg["lr"] * seg["head_lr_scale"]) for g in param_groups(model.head, seg["weight_decay"])]
+    groups = [dict(g, lr=seg["lr"] * g.pop("lr_scale", 1.0))
+              for g in param_groups(model.encoder, seg["weight_decay"], seg["layer_decay"])]
+    groups += [dict(g, lr=seg["lr"] * seg["head_lr_scale"], head=True)
+               for g in param_groups(model.head, seg["weight_decay"])]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     steps_per_epoch = cfg["steps_per_epoch"]
     total = steps_per_epoch * seg["epochs"]
@@ -241,7 +245,8 @@ def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
         loss_total, n_total = all_reduce_sum([loss_sum, n], device)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "step": state["step"], "loss": loss_total / max(1, n_total),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+               "lr": max(g["lr"] for g in optimizer.param_groups if not g.get("head")),  # the last block's
+               "seconds": time.perf_counter() - started}
         state["history"].append(row)
         if rank == 0:
             write_metrics(cfg["run_dir"], state["history"], prefix="segmentation_metrics")

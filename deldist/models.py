@@ -26,7 +26,7 @@ from torch import nn
 __all__ = [  # timm's register_model appends the tiny ViT names registered below
     "sincos_pos_embed_2d", "patchify", "unpatchify", "num_visible", "random_masking", "masked_patch_loss",
     "MaskedAutoencoderViT", "build_mae", "SegmentationViT", "ClassifierViT", "dice_ce_loss",
-    "param_groups", "lr_at_step", "scaled_lr", "lr_lambda", "trainable",
+    "param_groups", "vit_depth", "lr_at_step", "scaled_lr", "lr_lambda", "trainable",
 ]
 
 # ------------------------------------------------------------------ small ViTs for tests and demos
@@ -339,19 +339,39 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float 
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "dist_token", "reg_token")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def vit_depth(name: str, num_layers: int) -> int:
+    """Depth of a ViT parameter for layer-wise lr decay: patch / position embeddings and tokens
+    0, ``blocks.i.*`` i + 1, everything after the blocks (final norm) ``num_layers`` + 1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
     """AdamW parameter groups: ``weight_decay`` on weight matrices, none on norms, biases and
     tokens / position embeddings (1-D parameters and :data:`_NO_DECAY_NAMES`). Frozen
-    parameters are left out."""
-    decay, no_decay = [], []
+    parameters are left out.
+
+    layer_decay (a ViT encoder; MAE / BEiT finetuning): each group also carries ``lr_scale`` =
+    layer_decay ** (L + 1 - depth) (:func:`vit_depth`, L = number of blocks), so the patch
+    embedding learns slowest and the last block fastest; callers multiply their lr by it.
+    """
+    num_layers = len(getattr(model, "blocks", ()))
+    groups: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES
+        depth = vit_depth(name, num_layers) if layer_decay is not None else 0
+        groups.setdefault((depth, no_decay), []).append(p)
+    if layer_decay is None:
+        return [{"params": groups.get((0, True), []), "weight_decay": 0.0},
+                {"params": groups.get((0, False), []), "weight_decay": weight_decay}]
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr_scale": layer_decay ** (num_layers + 1 - depth)}
+            for (depth, no_decay), params in sorted(groups.items())]
 
 
 def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:

@@ -159,3 +159,25 @@ def test_encoder_export_loads_in_build_encoder(tmp_path):
         with torch.no_grad():
             assert torch.equal(encoder.forward_features(x), expected)
         assert not report.random_init
+
+
+def test_layer_decay_scales_lr_by_depth():
+    import timm
+
+    import deldist.models  # noqa: F401  (registers the tiny ViTs)
+
+    vit = timm.create_model("deldist_vit_micro_patch16", pretrained=False, num_classes=0)
+    depth = len(vit.blocks)
+    groups = param_groups(vit, 0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(vit.named_parameters())
+    assert len(scale_of) == len(params) == sum(len(g["params"]) for g in groups)  # each parameter once
+    assert scale_of[id(params["patch_embed.proj.weight"])] == 0.5 ** (depth + 1)
+    assert scale_of[id(params["pos_embed"])] == 0.5 ** (depth + 1)
+    assert scale_of[id(params["blocks.0.attn.qkv.weight"])] == 0.5 ** depth
+    assert scale_of[id(params[f"blocks.{depth - 1}.mlp.fc1.weight"])] == 0.5
+    assert scale_of[id(params["norm.weight"])] == 1.0
+    assert decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.05 and decay_of[id(params["blocks.0.norm1.weight"])] == 0.0
+    # without layer_decay: the two plain groups, no lr_scale
+    assert [sorted(g) for g in param_groups(vit, 0.05)] == [["params", "weight_decay"]] * 2
