@@ -123,7 +123,8 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None)
 
 
 def normalize_checked(x: np.ndarray, ids: Sequence[str] | pa.Array | None = None) -> np.ndarray:
-    """Validate embeddings (n, D) and return them L2-normalised as a new float32 array.
+    """Validate embeddings (n, D) and return them L2-normalised float32 (``x`` itself when
+    every row is unit norm already, else a new array).
 
     Raises :class:`EmbeddingError` naming up to five offending ids when a row holds NaN/inf
     or has (near-)zero norm: such a row has no direction, so no cosine to anything.
@@ -131,7 +132,7 @@ def normalize_checked(x: np.ndarray, ids: Sequence[str] | pa.Array | None = None
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise EmbeddingError(f"embeddings must be 2-D (n, D), got shape {x.shape}")
-    squared = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # NaN / inf rows give NaN / inf
+    squared = np.einsum("ij,ij->i", x, x)  # NaN / inf rows give NaN / inf
     bad_nan = np.flatnonzero(~np.isfinite(squared))
     bad_zero = np.flatnonzero(squared < 1e-24)
 
@@ -144,6 +145,8 @@ def normalize_checked(x: np.ndarray, ids: Sequence[str] | pa.Array | None = None
         raise EmbeddingError(f"{len(bad_nan)} embeddings contain NaN or inf, e.g. {_names(bad_nan)}")
     if len(bad_zero):
         raise EmbeddingError(f"{len(bad_zero)} embeddings are zero vectors, e.g. {_names(bad_zero)}")
+    if len(squared) and float(np.abs(squared - 1.0).max()) < 2e-6:
+        return x  # unit already (what deldist embed writes): no copy, no rescaling error
     return x * (1.0 / np.sqrt(squared)).astype(np.float32)[:, None]
 
 

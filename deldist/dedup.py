@@ -94,7 +94,7 @@ class Config(StageConfig):
     num_buckets: int | None = Field(None, ge=1, description="packed tasks (default: 2 x cluster CPUs / task_cpus)")
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (each runs single-threaded BLAS)")
-    io_cpus: float = Field(0.5, gt=0, description="CPUs per shuffle (read) task")
+    io_cpus: float = Field(1.0, gt=0, description="CPUs per shuffle (read) task: Parquet decode and routing are CPU-bound")
     use_gpu: bool | None = Field(None, description="score on GPUs (torch) (default: when the cluster has GPUs)")
     task_gpus: float = Field(0.5, gt=0, le=1, description="GPU share per scoring task when use_gpu (0.5: two tasks "
                                                            "per GPU, one's gather/write overlaps the other's matmuls)")
