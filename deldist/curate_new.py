@@ -46,7 +46,7 @@ One writer at a time per corpus and selection: two concurrent runs would both wr
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -213,25 +213,29 @@ def _publish_table(dir_uri: str, shared: Sequence[str], table: pa.Table | None, 
     return sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths)
 
 
+def sources_ledger(frame_sources: pa.Table, version: int, failed: Iterable[str]) -> pa.Table:
+    """A version's ``sources`` rows for what it brought in: every source with embedded frames
+    (status embedded, its frame count) and every source in ``failed`` without any (status
+    error, 0 frames: seen, so a rerun does not retry it). frame_sources: one ``source`` row per
+    embedded frame."""
+    counts = frame_sources.group_by("source").aggregate([("source", "count")])
+    errors = sorted(set(failed) - set(counts.column("source").to_pylist()))
+
+    def rows(sources: Any, status: str, frames: Any) -> pa.Table:
+        n = len(sources)
+        return pa.table({"source": pa.array(sources, pa.string()), "version": pa.array(np.full(n, version, np.int32)),
+                         "status": pa.array([status] * n, pa.string()), "frames": frames},
+                        schema=VERSION_SOURCES_SCHEMA)
+
+    return pa.concat_tables([rows(counts.column("source"), "embedded", counts.column("source_count").cast(pa.int64())),
+                             rows(errors, "error", pa.array(np.zeros(len(errors), np.int64)))])
+
+
 def _sources_of_corpus(corpus: str) -> pa.Table:
-    emb = storage.read_published(storage.join(corpus, "embeddings"), columns=["source"])
-    counts = emb.group_by("source").aggregate([("source", "count")])
-    tables = [pa.table({"source": counts.column("source"), "version": pa.array(np.ones(counts.num_rows, np.int32)),
-                        "status": pa.array(["embedded"] * counts.num_rows, pa.string()),
-                        "frames": counts.column("source_count").cast(pa.int64())}, schema=VERSION_SOURCES_SCHEMA)]
     errors_dir = storage.join(corpus, "errors")
-    if storage.is_published(errors_dir):
-        tables.append(_error_sources(errors_dir, 1, set(counts.column("source").to_pylist())))
-    return pa.concat_tables(tables)
-
-
-def _error_sources(errors_dir: str, version: int, embedded: set[str]) -> pa.Table:
-    """Sources that failed as a whole (no frame embedded): seen, so not retried by a rerun."""
-    errors = storage.read_published(errors_dir, columns=["source"])
-    failed = sorted(set(errors.column("source").to_pylist()) - embedded)
-    return pa.table({"source": pa.array(failed, pa.string()), "version": pa.array(np.full(len(failed), version, np.int32)),
-                     "status": pa.array(["error"] * len(failed), pa.string()),
-                     "frames": pa.array(np.zeros(len(failed), np.int64))}, schema=VERSION_SOURCES_SCHEMA)
+    failed = storage.read_published(errors_dir, ["source"]).column("source").to_pylist() \
+        if storage.is_published(errors_dir) else []
+    return sources_ledger(storage.read_published(storage.join(corpus, "embeddings"), ["source"]), 1, failed)
 
 
 def _publish_selection_version(run_root: str, selection: str, cur: str, version: int, sources: Sequence[str],
@@ -386,12 +390,11 @@ def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
                              time.perf_counter() - began, 0.0)
 
 
-def _comparison_set(manifest: dict[str, Any], vdir: str, clusters: set[int]) -> pa.Table:
+def _comparison_set(assignments: pa.Table, vdir: str, clusters: set[int]) -> pa.Table:
     """Every corpus item of ``clusters`` (retained or removed, for whatever reason: a copy of a
     rejected frame is covered too) -> table (id, cluster, retained), ordered by cluster with the
-    retained items first, then by id."""
-    assignments = pa.concat_tables([storage.read_published(a, ["id", "cluster"]) for a in manifest["assignments"]])
-    assignments = assignments.filter(pc.is_in(assignments.column("cluster"),
+    retained items first, then by id. assignments: the version's (id, cluster) rows."""
+    assignments = assignments.select(["id", "cluster"]).filter(pc.is_in(assignments.column("cluster"),
                                               value_set=pa.array(sorted(clusters), pa.int32())))
     retained = storage.read_published(storage.join(vdir, "retained"), ["id"]).column("id")
     table = assignments.append_column("retained", pc.is_in(assignments.column("id"), value_set=retained))
@@ -458,7 +461,7 @@ def run(config: Config) -> dict[str, Any]:
     distance = assigned.column("distance").to_numpy()
 
     # 4. filters: the corpus selection's rules
-    seen_assign = pa.concat_tables([storage.read_published(a, ["cluster", "distance"])
+    seen_assign = pa.concat_tables([storage.read_published(a, ["id", "cluster", "distance"])
                                     for a in manifest["assignments"]])
     seen_cluster = seen_assign.column("cluster").to_numpy().astype(np.int64)
     seen_distance = seen_assign.column("distance").to_numpy()
@@ -492,7 +495,7 @@ def run(config: Config) -> dict[str, Any]:
     direct = representative = pa.nulls(n, pa.string())
     if valid.any():
         touched = set(np.unique(cluster[valid]).tolist())
-        old = _comparison_set(manifest, vdir, touched)
+        old = _comparison_set(seen_assign, vdir, touched)
         old_cluster = old.column("cluster").to_numpy().astype(np.int64)
         old_count = np.bincount(old_cluster, minlength=len(centroids))
         old_rank = np.arange(len(old_cluster)) - np.searchsorted(old_cluster, old_cluster)  # sorted by cluster
@@ -572,20 +575,7 @@ def run(config: Config) -> dict[str, Any]:
         "duplicate_of": duplicate_of.take(pa.array(removed_rows)),
         "max_sim": pa.array(np.where(is_dup, max_sim, np.nan)[removed_rows], pa.float32(), from_pandas=True),
     }, schema=REMOVED_SCHEMA)
-    frames = meta.group_by("source").aggregate([("source", "count")])
-    embedded_sources = pa.table({"source": frames.column("source"),
-                                 "version": pa.array(np.full(frames.num_rows, new_version, np.int32)),
-                                 "status": pa.array(["embedded"] * frames.num_rows, pa.string()),
-                                 "frames": frames.column("source_count").cast(pa.int64())}, schema=VERSION_SOURCES_SCHEMA)
-    batch_uris = {s.uri for s in new_sources} | set(new_skipped)
-    failed = _error_sources(storage.join(batch_root, "errors"), new_version,
-                            set(frames.column("source").to_pylist()))
-    failed = failed.filter(pc.is_in(failed.column("source"), value_set=pa.array(sorted(batch_uris), pa.string())))
-    unseen = sorted(batch_uris - set(frames.column("source").to_pylist()) - set(failed.column("source").to_pylist()))
-    no_frames = pa.table({"source": pa.array(unseen, pa.string()),
-                          "version": pa.array(np.full(len(unseen), new_version, np.int32)),
-                          "status": pa.array(["error"] * len(unseen), pa.string()),
-                          "frames": pa.array(np.zeros(len(unseen), np.int64))}, schema=VERSION_SOURCES_SCHEMA)
+    ledger = sources_ledger(meta.select(["source"]), new_version, [s.uri for s in new_sources] + new_skipped)
 
     # 7. publish the version, then point latest at it
     parent_paths = {t: storage.published_paths(storage.join(vdir, t))[1] for t in ("retained", "removed", "sources")}
@@ -596,7 +586,7 @@ def run(config: Config) -> dict[str, Any]:
                                   REMOVED_SCHEMA),
     }
     _publish_table(storage.join(new_vdir, "sources"), parent_paths["sources"],
-                   pa.concat_tables([embedded_sources, failed, no_frames]), VERSION_SOURCES_SCHEMA)
+                   ledger, VERSION_SOURCES_SCHEMA)
     parent_summary = storage.read_json(storage.join(vdir, "summary.json"))
     batch = _batch_summary(meta, reason, kept, new_sources, new_skipped, embed_result, drift, drift_threshold,
                            config, invalid_by_rule, old_dups=_old_matches(duplicate_of, is_dup, ids))
