@@ -3,12 +3,15 @@ single-process PyTorch loop, same MAE, batch and threads per worker, measured in
 
   plain (model)    one process, batches pre-decoded in memory: forward + backward + AdamW only
   plain (+ data)   one process, JPEG decode + RandomResizedCrop + flip in the loop, then the step
+  plain DDP xN     N such processes (torch.multiprocessing, gloo DistributedDataParallel), no Ray:
+                   what N workers can reach on this machine without Ray Train or Ray Data
   ray_train xN     deldist.pretrain.run on a local Ray cluster, N workers (gloo DDP), Ray Data
                    decoding/augmenting in CPU tasks; img/s per worker from the run's metrics
                    (epoch wall time, data waits included; first epoch dropped as warm-up)
 
-Prints img/s and the per-worker ratios ray_train / plain (model), with and without each
-epoch's wait for its first batch (the data pipeline's start-up, a fixed cost per epoch).
+Prints img/s and the per-worker ratios ray_train / plain (model) and ray_train / plain DDP
+with the same number of processes, with and without the wait for the data stream's first
+batch (the pipeline's start-up, once per run).
 
     .venv/bin/python bench/train.py [--workdir /tmp/bt] [--sample small] [--size 112] [--batch 32] [--threads 1]
 """
@@ -21,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,13 +57,16 @@ def prepare(workdir: Path, size: str) -> str:
 
 
 def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: int, with_data: bool,
-               mae_args: dict) -> float:
-    """img/s of forward + backward + AdamW on one process (after 2 warm-up steps)."""
+               mae_args: dict, rank: int = 0) -> float:
+    """img/s of forward + backward + AdamW on this process (after 2 warm-up steps); DDP when a
+    process group is initialised."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_mae(MODEL, size, **mae_args)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    rng = np.random.default_rng(0)
+    if torch.distributed.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    rng = np.random.default_rng(rank)
     mean = torch.tensor(pretrain.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(pretrain.IMAGENET_STD).view(1, 3, 1, 1) * 255
     fixed = [torch.from_numpy(pretrain.augment_jpegs([jpegs[j % len(jpegs)] for j in range(i * batch, (i + 1) * batch)],
@@ -78,6 +85,38 @@ def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: i
         loss.backward()
         opt.step()
     return steps * batch / (time.perf_counter() - start)
+
+
+def _ddp_process(rank: int, world: int, port: int, jpegs: list[bytes], args: tuple, results: Any) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    results.put(plain_loop(jpegs, *args, rank=rank))
+    torch.distributed.destroy_process_group()
+
+
+def plain_ddp_rate(jpegs: list[bytes], world: int, size: int, batch: int, steps: int, threads: int,
+                   with_data: bool, mae_args: dict) -> float:
+    """img/s per process of ``world`` plain DDP processes (gloo on loopback), no Ray."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    args = (size, batch, steps, threads, with_data, mae_args)
+    procs = [ctx.Process(target=_ddp_process, args=(r, world, port, jpegs, args, results)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+        if proc.exitcode:
+            raise RuntimeError(f"plain DDP process exited with {proc.exitcode}")
+    return statistics.mean(results.get() for _ in range(world))
 
 
 def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int, epochs: int, mae_args: dict,
@@ -121,6 +160,10 @@ def main() -> int:
     results["plain_model_img_s"] = plain_loop(jpegs, args.size, args.batch, steps, args.threads, False, mae_args)
     results["plain_with_data_img_s"] = plain_loop(jpegs, args.size, args.batch, steps, args.threads, True, mae_args)
     for n in args.workers:
+        if n > 1:
+            for label, with_data in (("model", False), ("with_data", True)):
+                results[f"plain_ddp_{n}p_{label}_img_s_per_process"] = plain_ddp_rate(
+                    jpegs, n, args.size, args.batch, steps, args.threads, with_data, mae_args)
         name = f"bench-{n}w-{int(time.time())}"
         per_worker, total, steady = ray_train_rate(root, n, args.size, args.batch, args.threads, args.epochs,
                                                    mae_args, name)
@@ -130,6 +173,11 @@ def main() -> int:
         results[f"ray_train_{n}w_img_s_total"] = total
         results[f"ratio_{n}w_per_worker_vs_plain_model"] = per_worker / results["plain_model_img_s"]
         results[f"ratio_{n}w_per_worker_vs_plain_with_data"] = per_worker / results["plain_with_data_img_s"]
+        if n > 1:
+            ddp = results[f"plain_ddp_{n}p_model_img_s_per_process"]
+            results[f"ratio_{n}w_per_worker_vs_plain_ddp_model"] = per_worker / ddp
+            results[f"ratio_{n}w_per_worker_vs_plain_ddp_with_data"] = \
+                per_worker / results[f"plain_ddp_{n}p_with_data_img_s_per_process"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=1))
     return 0
 

@@ -3,7 +3,11 @@
 Data: the frame store (``deldist materialize``), optionally restricted to a selection's
 retained ids, streams through Ray Data: JPEG decode + RandomResizedCrop(scale 0.2-1) +
 horizontal flip run in CPU tasks, and each worker reads its shard with
-``iter_torch_batches`` (uint8; normalised on the worker's device).
+``iter_torch_batches`` (uint8; normalised on the worker's device). One Ray Data execution
+covers several epochs (``epochs_per_stream``: each epoch's parts in a fresh seeded order), so
+the pipeline is not stopped and restarted at every epoch boundary: Ray Data starts a new
+execution, with a wait of a second or more for the first batch, each time a shard is iterated.
+Epochs are counted in steps (frames // global batch).
 
 Optimisation follows MAE: AdamW(betas 0.9, 0.95), weight decay 0.05 except norms, biases and
 tokens, lr = base_lr * global batch / 256, per-step linear warmup then cosine; bf16 autocast on
@@ -11,7 +15,7 @@ GPU. Checkpoints (model, optimizer, scheduler, epoch, step, metric history) go t
 ``storage_path`` (local or s3://) every ``checkpoint_every_steps`` steps and every
 ``checkpoint_every_epochs`` epochs. ``FailureConfig(max_failures)`` restarts the workers from
 the last checkpoint when one dies, and rerunning with the same ``name`` resumes from it (a
-mid-epoch checkpoint resumes at the same step: the rest of that epoch's batches are drawn).
+mid-epoch checkpoint resumes at the same step, drawing the rest of that epoch from a new stream).
 
 Outputs under ``<output>/pretrain/<name>/`` (published): ``encoder.safetensors`` (a plain
 timm state dict: ``deldist embed weights=<it> model=<model>`` loads it), ``encoder.json``,
@@ -76,8 +80,12 @@ class Config(StageConfig):
     checkpoint_every_epochs: int = Field(1, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1: unlimited)")
-    augment_cpus: float = Field(0.25, gt=0)
+    augment_cpus: float = Field(0.25, gt=0, description="CPUs of each decode + augment actor")
+    augment_actors: int | None = Field(
+        None, ge=1, description="most decode + augment actors; default: the CPUs the workers leave / augment_cpus")
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer")
+    epochs_per_stream: int | None = Field(
+        None, ge=1, description="epochs per Ray Data execution; default: all, up to 4096 part reads per execution")
     engine: Literal["ray_train", "local"] = Field(
         "ray_train", description="local: the same loop in the driver process, one worker (small demos)")
     inject_failure_at_step: int | None = Field(
@@ -139,39 +147,36 @@ def augment_jpegs(jpegs: list[bytes], size: int, scale: tuple[float, float], rng
     return out
 
 
-_ID_SETS: dict[str, set] = {}
+class AugmentParts:
+    """Ray Data actor-pool stage over frame-store part URIs (one per row): reads each part's
+    (id, jpeg), drops ids outside the selection and yields {"image": uint8 (<= rows, 3, size,
+    size)} batches, augmented with fresh randomness (a new crop every epoch).
 
+    An actor pool, not tasks: the pool's processes live as long as the stream. Short
+    fractional-CPU tasks made Ray start a new worker process (imports: ~1.5 s of CPU) for many
+    of them once the cluster's workers outnumber its CPUs, which a Train run's actors always
+    do: 4.7 ms of CPU per 112 px image against 0.5 ms in a pool (bench/RESULTS.md)."""
 
-def _kept_ids(ref: Any) -> set:
-    """The id set behind an ObjectRef, fetched once per worker process."""
-    import ray
+    def __init__(self, size: int, scale: tuple[float, float], rows: int, keep_ids: Any = None):
+        import ray
 
-    key = ref.hex()
-    if key not in _ID_SETS:
-        _ID_SETS[key] = set(ray.get(ref))
-    return _ID_SETS[key]
+        self.size, self.scale, self.rows = size, tuple(scale), rows
+        # keep_ids: ObjectRef of the selection's id list, or None = keep all
+        self.keep = set(ray.get(keep_ids)) if keep_ids is not None else None
+        self.rng = np.random.default_rng()
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        import pyarrow.parquet as pq
 
-def read_augment_part(batch: dict[str, np.ndarray], size: int, scale: tuple[float, float], rows: int,
-                      keep_ids: Any = None) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data map_batches over frame-store part paths (one per row): read each part's
-    (id, jpeg), drop ids not in ``keep_ids`` (ObjectRef of a list, or None = keep all) and yield
-    {"image": uint8 (<= rows, 3, size, size)} batches, augmented with fresh randomness (a new
-    crop every epoch)."""
-    import pyarrow.parquet as pq
-
-    keep = _kept_ids(keep_ids) if keep_ids is not None else None
-    rng = np.random.default_rng()
-    for uri in batch["uri"]:
-        fs, path = storage.resolve(str(uri))
-        parquet = pq.ParquetFile(fs.open_input_file(path))
-        for record_batch in parquet.iter_batches(batch_size=rows, columns=["id", "jpeg"]):
-            ids = record_batch.column(0).to_pylist()
-            jpegs = record_batch.column(1).to_pylist()
-            if keep is not None:
-                jpegs = [j for i, j in zip(ids, jpegs) if i in keep]
-            if jpegs:
-                yield {"image": augment_jpegs(jpegs, size, scale, rng)}
+        for uri in batch["uri"]:
+            fs, path = storage.resolve(str(uri))
+            parquet = pq.ParquetFile(fs.open_input_file(path))
+            for record_batch in parquet.iter_batches(batch_size=self.rows, columns=["id", "jpeg"]):
+                jpegs = record_batch.column(1).to_pylist()
+                if self.keep is not None:
+                    jpegs = [j for i, j in zip(record_batch.column(0).to_pylist(), jpegs) if i in self.keep]
+                if jpegs:
+                    yield {"image": augment_jpegs(jpegs, self.size, self.scale, self.rng)}
 
 
 # ------------------------------------------------------------------ worker helpers (shared with finetune)
@@ -391,21 +396,16 @@ def train_loop(cfg: dict[str, Any], session: Any = None) -> None:
         return {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "state": state, "fingerprint": cfg["fingerprint"]}
 
+    batches = TrainingBatches(shard, cfg["batch_size"], cfg["shuffle_buffer"])
     while state["epoch"] < cfg["epochs"]:
         epoch = state["epoch"]
-        skip = state["step"] - epoch * steps_per_epoch  # batches of this epoch done before a resume
+        # after a resume mid-epoch, the epoch's remaining steps are drawn from a new stream
+        steps = (epoch + 1) * steps_per_epoch - state["step"]
         model.train()
         loss_sum, images, started = 0.0, 0, time.perf_counter()
-        batches = shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=True, dtypes=torch.uint8,
-                                           local_shuffle_buffer_size=cfg["shuffle_buffer"] or None)
-        first_wait = None  # wait for the epoch's first batch (the data pipeline starting up)
-        for i, batch in enumerate(batches):
-            if i >= steps_per_epoch:
-                break
-            if i < skip:
-                continue
-            if first_wait is None:
-                first_wait = time.perf_counter() - started
+        batches.reset_waits()
+        for i in range(steps):
+            batch = batches.next()
             maybe_inject_failure(cfg, state["step"] + 1, rank, world)
             x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
             with autocast(device, cfg["precision"]):
@@ -418,28 +418,70 @@ def train_loop(cfg: dict[str, Any], session: Any = None) -> None:
             loss_sum += float(loss.detach())
             images += x.shape[0]
             every = cfg["checkpoint_every_steps"]
-            if every and state["step"] % every == 0 and i + 1 < steps_per_epoch:
-                session.report({"step": state["step"], "epoch": epoch, "loss": loss_sum / max(1, i + 1 - skip)},
-                               snapshot())
+            if every and state["step"] % every == 0 and i + 1 < steps:
+                session.report({"step": state["step"], "epoch": epoch, "loss": loss_sum / (i + 1)}, snapshot())
         seconds = time.perf_counter() - started
-        steps_done = max(1, min(steps_per_epoch, state["step"] - epoch * steps_per_epoch) - skip)
-        first_wait = first_wait or 0.0
-        # steady rate: without the wait for the first batch, a fixed cost per epoch that only
-        # matters when epochs last seconds (tests, benchmarks), not hours
+        # steady rate: without the waits for a new stream's first batch, a fixed cost per
+        # stream that only matters when a stream lasts seconds (tests, benchmarks), not hours
         loss_total, images_total, worker_rate, steady_rate = all_reduce_sum(
-            [loss_sum, images, images / max(seconds, 1e-9), images / max(seconds - first_wait, 1e-9)], device)
+            [loss_sum, images, images / max(seconds, 1e-9),
+             images / max(seconds - batches.start_wait, 1e-9)], device)
         state["epoch"] = epoch + 1
-        row = {"epoch": epoch + 1, "step": state["step"], "loss": loss_total / (world * steps_done),
+        row = {"epoch": epoch + 1, "step": state["step"], "loss": loss_total / (world * max(1, steps)),
                "lr": optimizer.param_groups[0]["lr"], "img_per_s": worker_rate, "img_per_s_per_worker": worker_rate / world,
-               "img_per_s_steady": steady_rate, "first_batch_wait_s": first_wait,
-               "images": int(images_total), "seconds": seconds}
+               "img_per_s_steady": steady_rate, "first_batch_wait_s": batches.start_wait,
+               "data_wait_s": batches.wait, "images": int(images_total), "seconds": seconds}
         state["history"].append(row)
         if rank == 0:
             write_metrics(cfg["run_dir"], state["history"])
         due = (epoch + 1) % cfg["checkpoint_every_epochs"] == 0 or epoch + 1 == cfg["epochs"]
         session.report(row, snapshot() if due else None)
+    batches.close()
     if rank == 0:
         export_encoder(core, cfg, state)
+
+
+class TrainingBatches:
+    """Batches from a worker's shard across epochs: one iteration of the shard (one Ray Data
+    execution of ``epochs_per_stream`` epochs) after another. Every worker's shard holds the
+    same number of rows (``streaming_split(equal=True)``), so all workers run dry at the same
+    step and start the next execution together. Records the time spent waiting for data:
+    ``wait`` in total and ``start_wait`` for the first batch of a new execution."""
+
+    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int):
+        self.shard, self.batch_size, self.shuffle_buffer = shard, batch_size, shuffle_buffer
+        self.stream: Iterator[dict[str, Any]] | None = None
+        self.wait = self.start_wait = 0.0
+
+    def reset_waits(self) -> None:
+        self.wait = self.start_wait = 0.0
+
+    def next(self) -> dict[str, Any]:
+        import torch
+
+        started = time.perf_counter()
+        for _ in range(2):
+            fresh = self.stream is None
+            if fresh:
+                self.stream = iter(self.shard.iter_torch_batches(
+                    batch_size=self.batch_size, drop_last=True, dtypes=torch.uint8,
+                    local_shuffle_buffer_size=self.shuffle_buffer or None))
+            try:
+                batch = next(self.stream)
+            except StopIteration:
+                self.stream = None
+                if fresh:
+                    break
+                continue
+            waited = time.perf_counter() - started
+            self.wait += waited
+            if fresh:
+                self.start_wait += waited
+            return batch
+        raise RuntimeError("the training data stream yields no full batch")
+
+    def close(self) -> None:
+        self.stream = None  # drops the iterator: Ray Data stops the execution
 
 
 def export_encoder(mae: Any, cfg: dict[str, Any], state: dict[str, Any]) -> None:
@@ -465,6 +507,7 @@ def training_frames(config: Config) -> tuple[Any, int, Any]:
     """(Ray Dataset of uint8 augmented images, number of frames, ObjectRef of kept ids or None)."""
     import pyarrow.compute as pc
     import ray
+    from ray.data import ActorPoolStrategy
 
     frames = config.frames or storage.join(config.output, "frames", "all")
     _, paths = storage.published_paths(frames)
@@ -482,11 +525,36 @@ def training_frames(config: Config) -> tuple[Any, int, Any]:
     # one read task per part (ray.data.read_parquet is not used: in this environment its path
     # resolution imports fsspec's HTTP filesystem, which needs aiohttp)
     uris = [storage.to_uri(frames, p) for p in paths]
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris)).randomize_block_order()
-    ds = ds.map_batches(read_augment_part, batch_size=1, num_cpus=config.augment_cpus,
-                        fn_kwargs={"size": config.image_size, "scale": tuple(config.crop_scale),
-                                   "rows": 64, "keep_ids": keep_ref})
+    order = stream_order(len(uris), config.epochs, config.epochs_per_stream, config.seed)
+    ds = ray.data.from_items([{"uri": uris[j]} for j in order], override_num_blocks=len(order))
+    ds = ds.map_batches(AugmentParts, batch_size=1, num_cpus=config.augment_cpus,
+                        compute=ActorPoolStrategy(min_size=1, max_size=augment_actors(config)),
+                        fn_constructor_kwargs={"size": config.image_size, "scale": tuple(config.crop_scale),
+                                               "rows": 64, "keep_ids": keep_ref})
     return ds, n, keep_ref
+
+
+def augment_actors(config: Config) -> int:
+    """The augment pool's largest size: ``augment_actors``, else what the cluster's CPUs leave
+    beside the training workers (at least 1)."""
+    import ray
+
+    if config.augment_actors:
+        return config.augment_actors
+    spare = ray.cluster_resources().get("CPU", 0.0) - config.num_workers * config.cpus_per_worker
+    return max(1, int(spare // config.augment_cpus + 1e-9))
+
+
+MAX_PART_READS_PER_STREAM = 4096
+
+
+def stream_order(n_parts: int, epochs: int, epochs_per_stream: int | None, seed: int) -> list[int]:
+    """Part indices of one training stream: ``epochs_per_stream`` epochs (default: all
+    ``epochs``, capped so a stream holds at most 4096 part reads), each a seeded permutation
+    of all parts. Ray Data runs its tasks roughly in this order, so epochs stay apart."""
+    per_stream = epochs_per_stream or max(1, min(epochs, MAX_PART_READS_PER_STREAM // max(1, n_parts)))
+    rng = np.random.default_rng(seed)
+    return [int(j) for _ in range(per_stream) for j in rng.permutation(n_parts)]
 
 
 def loop_config(config: Config, n_frames: int, use_gpu: bool) -> dict[str, Any]:
@@ -550,7 +618,7 @@ def _fit(config: Config, cfg: dict[str, Any], ds: Any, use_gpu: bool) -> None:
     if spare < config.augment_cpus:
         print(f"deldist pretrain: warning: the {config.num_workers} workers reserve "
               f"{config.num_workers * config.cpus_per_worker:g} of the cluster's CPUs, leaving {spare:g} for the Ray "
-              f"Data tasks that decode and augment (augment_cpus={config.augment_cpus:g} each); training waits for "
+              f"Data actors that decode and augment (augment_cpus={config.augment_cpus:g} each); training waits for "
               "data until the cluster grows. Lower cpus_per_worker (torch_threads sets the threads).")
 
     trainer = TorchTrainer(

@@ -104,3 +104,43 @@ def test_pretrain_config_checks():
         pretrain.Config(output="x", crop_scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="global batch"):
         pretrain.loop_config(pretrain.Config(output="x", batch_size=64, num_workers=2), 100, False)
+
+
+def test_stream_order_epochs_are_permutations():
+    order = pretrain.stream_order(5, epochs=3, epochs_per_stream=None, seed=0)
+    assert len(order) == 15 and all(sorted(order[e * 5:(e + 1) * 5]) == list(range(5)) for e in range(3))
+    assert order[:5] != order[5:10] or order[5:10] != order[10:]  # a fresh order per epoch
+    assert order == pretrain.stream_order(5, 3, None, 0)  # seeded
+    assert len(pretrain.stream_order(5, 3, 1, 0)) == 5
+    # capped at MAX_PART_READS_PER_STREAM part reads (at least one epoch)
+    assert len(pretrain.stream_order(1000, 400, None, 0)) == 4000
+    assert len(pretrain.stream_order(9000, 400, None, 0)) == 9000
+
+
+def test_training_stream_yields_each_selected_frame_once_per_epoch(ray_session, tmp_path):
+    """One Ray Data execution covers every epoch: each retained frame (a solid grey level,
+    which survives crop, flip and JPEG) comes out exactly ``epochs`` times, the others never."""
+    root = str(tmp_path / "run")
+    levels = list(range(8, 8 + 10 * 24, 10))  # 24 frames in 3 parts
+    paths = []
+    for p in range(3):
+        rows = [{"id": f"f{lv}", "jpeg": _jpeg(np.full((24, 32, 3), lv, np.uint8)), "width": 32, "height": 24}
+                for lv in levels[p * 8:(p + 1) * 8]]
+        part = storage.join(root, "frames", "all", "data", f"part-{p}.parquet")
+        storage.write_table(pa.Table.from_pylist(rows), part)
+        paths.append(storage.resolve(part)[1])
+    storage.publish(storage.join(root, "frames", "all"), paths, {})
+    kept = levels[::2]
+    retained = storage.join(root, "selections", "half", "retained", "part-0.parquet")
+    storage.write_table(pa.table({"id": [f"f{lv}" for lv in kept]}), retained)
+    storage.publish(storage.join(root, "selections", "half", "retained"), [storage.resolve(retained)[1]], {})
+
+    config = pretrain.Config(output=root, selection="half", image_size=16, epochs=3, model=MODEL)
+    ds, n_frames, _ = pretrain.training_frames(config)
+    assert n_frames == len(kept)
+    images = np.concatenate([b["image"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+    assert images.shape == (3 * len(kept), 3, 16, 16)
+    seen = np.rint(images.reshape(len(images), -1).mean(axis=1)).astype(int)
+    assert np.abs(images.astype(int) - seen[:, None, None, None]).max() <= 3
+    nearest = [min(levels, key=lambda lv: abs(lv - s)) for s in seen]
+    assert sorted(nearest) == sorted(kept * 3)
