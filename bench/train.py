@@ -120,14 +120,14 @@ def plain_ddp_rate(jpegs: list[bytes], world: int, size: int, batch: int, steps:
 
 
 def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int, epochs: int, mae_args: dict,
-                   name: str) -> tuple[float, float, float]:
+                   name: str, buffer_mb: float | None) -> tuple[float, float, float]:
     """(img/s per worker, img/s total, steady img/s per worker = without each epoch's wait for its
     first batch): medians over epochs 2.. of the run's per-epoch metrics."""
     # the workers must leave CPU for the Ray Data tasks that decode and augment (2-CPU cluster)
     cpus = min(float(threads), (2.0 - 0.5) / workers)
     cfg = pretrain.Config(output=root, name=name, model=MODEL, image_size=size, epochs=epochs, warmup_epochs=1,
                           batch_size=batch, num_workers=workers, cpus_per_worker=cpus,
-                          torch_threads=threads, max_failures=0, **mae_args)
+                          torch_threads=threads, max_failures=0, data_buffer_mb=buffer_mb, **mae_args)
     pretrain.run(cfg)
     history = storage.read_json(storage.join(pretrain.run_dir(root, name), "metrics.json"))[1:]
     per_worker = statistics.median(h["img_per_s_per_worker"] for h in history)
@@ -145,6 +145,9 @@ def main() -> int:
     parser.add_argument("--sample", default="small", choices=["tiny", "small", "demo"],
                         help="generator set: epochs of the tiny one (219 frames) last ~1 s, too short to time")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--buffer-mb", type=float, default=8.0,
+                        help="data_buffer_mb: keeps the decode + augment work running beside training, as in "
+                             "a run whose epochs do not fit the object store (0: Ray Data's default)")
     args = parser.parse_args()
     import ray
 
@@ -166,7 +169,7 @@ def main() -> int:
                     jpegs, n, args.size, args.batch, steps, args.threads, with_data, mae_args)
         name = f"bench-{n}w-{int(time.time())}"
         per_worker, total, steady = ray_train_rate(root, n, args.size, args.batch, args.threads, args.epochs,
-                                                   mae_args, name)
+                                                   mae_args, name, args.buffer_mb or None)
         results[f"ray_train_{n}w_steady_img_s_per_worker"] = steady
         results[f"ratio_{n}w_steady_per_worker_vs_plain_model"] = steady / results["plain_model_img_s"]
         results[f"ray_train_{n}w_img_s_per_worker"] = per_worker

@@ -81,9 +81,12 @@ class Config(StageConfig):
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1: unlimited)")
     augment_cpus: float = Field(0.25, gt=0, description="CPUs of each decode + augment actor")
+    augment_nice: int = Field(5, ge=0, le=19, description="niceness added to the decode + augment actors")
     augment_actors: int | None = Field(
-        None, ge=1, description="most decode + augment actors; default: the CPUs the workers leave / augment_cpus")
+        None, ge=1, description="decode + augment actors; default: one per CPU the training workers leave")
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer")
+    data_buffer_mb: float | None = Field(
+        None, gt=0, description="object-store MiB the training stream may fill ahead of the workers; default Ray Data's")
     epochs_per_stream: int | None = Field(
         None, ge=1, description="epochs per Ray Data execution; default: all, up to 4096 part reads per execution")
     engine: Literal["ray_train", "local"] = Field(
@@ -155,12 +158,16 @@ class AugmentParts:
     An actor pool, not tasks: the pool's processes live as long as the stream. Short
     fractional-CPU tasks made Ray start a new worker process (imports: ~1.5 s of CPU) for many
     of them once the cluster's workers outnumber its CPUs, which a Train run's actors always
-    do: 4.7 ms of CPU per 112 px image against 0.5 ms in a pool (bench/RESULTS.md)."""
+    do: 4.7 ms of CPU per 112 px image against 0.5 ms in a pool (bench/RESULTS.md). ``nice``
+    lowers the actor's CPU priority, so on CPU-bound nodes training runs first and the data
+    work fills the gaps (the trainers wait for each other in every all-reduce)."""
 
-    def __init__(self, size: int, scale: tuple[float, float], rows: int, keep_ids: Any = None):
+    def __init__(self, size: int, scale: tuple[float, float], rows: int, keep_ids: Any = None, nice: int = 0):
         import ray
 
         self.size, self.scale, self.rows = size, tuple(scale), rows
+        if nice:
+            os.nice(nice)
         # keep_ids: ObjectRef of the selection's id list, or None = keep all
         self.keep = set(ray.get(keep_ids)) if keep_ids is not None else None
         self.rng = np.random.default_rng()
@@ -528,21 +535,22 @@ def training_frames(config: Config) -> tuple[Any, int, Any]:
     order = stream_order(len(uris), config.epochs, config.epochs_per_stream, config.seed)
     ds = ray.data.from_items([{"uri": uris[j]} for j in order], override_num_blocks=len(order))
     ds = ds.map_batches(AugmentParts, batch_size=1, num_cpus=config.augment_cpus,
-                        compute=ActorPoolStrategy(min_size=1, max_size=augment_actors(config)),
+                        compute=ActorPoolStrategy(size=augment_actors(config)),
                         fn_constructor_kwargs={"size": config.image_size, "scale": tuple(config.crop_scale),
-                                               "rows": 64, "keep_ids": keep_ref})
+                                               "rows": 64, "keep_ids": keep_ref, "nice": config.augment_nice})
     return ds, n, keep_ref
 
 
 def augment_actors(config: Config) -> int:
-    """The augment pool's largest size: ``augment_actors``, else what the cluster's CPUs leave
-    beside the training workers (at least 1)."""
+    """Size of the decode + augment pool: ``augment_actors``, else one actor per CPU the
+    training workers leave in the cluster now (at least 1). A fixed size: an autoscaling pool
+    stops idle actors while the stream is backpressured and starts new processes later."""
     import ray
 
     if config.augment_actors:
         return config.augment_actors
     spare = ray.cluster_resources().get("CPU", 0.0) - config.num_workers * config.cpus_per_worker
-    return max(1, int(spare // config.augment_cpus + 1e-9))
+    return max(1, int(spare + 1e-9))
 
 
 MAX_PART_READS_PER_STREAM = 4096
@@ -611,16 +619,22 @@ def run(config: Config) -> dict[str, Any]:
 
 def _fit(config: Config, cfg: dict[str, Any], ds: Any, use_gpu: bool) -> None:
     import ray
-    from ray.train import ScalingConfig
+    from ray.data import ExecutionResources
+    from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spare = ray.cluster_resources().get("CPU", 0.0) - config.num_workers * config.cpus_per_worker
-    if spare < config.augment_cpus:
+    needed = augment_actors(config) * config.augment_cpus
+    if spare < needed:
         print(f"deldist pretrain: warning: the {config.num_workers} workers reserve "
-              f"{config.num_workers * config.cpus_per_worker:g} of the cluster's CPUs, leaving {spare:g} for the Ray "
-              f"Data actors that decode and augment (augment_cpus={config.augment_cpus:g} each); training waits for "
-              "data until the cluster grows. Lower cpus_per_worker (torch_threads sets the threads).")
+              f"{config.num_workers * config.cpus_per_worker:g} of the cluster's CPUs, leaving {spare:g} for the "
+              f"{augment_actors(config)} Ray Data actors that decode and augment ({needed:g} CPUs); training waits "
+              "for data until the cluster grows. Lower cpus_per_worker (torch_threads sets the threads) or "
+              "augment_actors.")
 
+    ingest_options = DataConfig.default_ingest_options()
+    if config.data_buffer_mb:
+        ingest_options.resource_limits = ExecutionResources(object_store_memory=config.data_buffer_mb * 2**20)
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -629,6 +643,7 @@ def _fit(config: Config, cfg: dict[str, Any], ds: Any, use_gpu: bool) -> None:
         run_config=ray_run_config(config.storage_path, storage.join(config.output, "pretrain", "_ray"), config.name,
                                   config.max_failures, config.checkpoints_to_keep),
         datasets={"train": ds},
+        dataset_config=DataConfig(execution_options=ingest_options),
     )
     trainer.fit()
 
