@@ -162,16 +162,18 @@ def load_pairs(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
     return {"image": np.stack(images), "mask": np.stack(masks)}
 
 
-def flip_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Random horizontal and vertical flips, the same for an image and its mask."""
-    rng = np.random.default_rng()
-    images, masks = batch["image"].copy(), batch["mask"].copy()
-    for i in range(len(images)):
-        if rng.random() < 0.5:
-            images[i], masks[i] = images[i][:, :, ::-1], masks[i][:, ::-1]
-        if rng.random() < 0.5:
-            images[i], masks[i] = images[i][:, ::-1, :], masks[i][::-1, :]
-    return {"image": images, "mask": masks}
+def flip_pairs(images: Any, masks: Any, generator: Any) -> tuple[Any, Any]:
+    """Random horizontal and vertical flips, each with p = 0.5 per sample, the same for an image
+    (B, 3, H, W) and its mask (B, H, W); draws from ``generator`` (a CPU torch.Generator). Done
+    on the worker's device: a Ray Data stage for it started new tasks every epoch."""
+    import torch
+
+    for dim, draws in ((-1, torch.rand(len(images), generator=generator)),
+                       (-2, torch.rand(len(images), generator=generator))):
+        flip = (draws < 0.5).to(images.device)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(dim), images)
+        masks = torch.where(flip.view(-1, 1, 1), masks.flip(dim), masks)
+    return images, masks
 
 
 # ------------------------------------------------------------------ segmentation (Ray Train worker)
@@ -224,6 +226,8 @@ def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
     mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1) * 255
     train = session.dataset("train")
+    # a resumed run draws other flips than the run it resumes
+    flips = torch.Generator().manual_seed(cfg["seed"] * 7919 + rank * 104729 + state["step"])
     while state["epoch"] < seg["epochs"]:
         model.train()
         loss_sum, n, started = 0.0, 0, time.perf_counter()
@@ -231,10 +235,11 @@ def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
                                                            dtypes={"image": torch.uint8, "mask": torch.long})):
             if i >= steps_per_epoch:
                 break
-            x = normalize(batch["image"].to(device), mean, std)
+            images, masks = flip_pairs(batch["image"].to(device), batch["mask"].to(device), flips)
+            x = normalize(images, mean, std)
             with autocast(device, cfg["precision"]):
                 logits = model(x)
-            loss = dice_ce_loss(logits, batch["mask"].to(device), seg["dice_weight"])
+            loss = dice_ce_loss(logits, masks, seg["dice_weight"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -295,7 +300,7 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
         return (ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
                 .map_batches(load_pairs, batch_size=8, num_cpus=config.load_cpus, fn_kwargs={"size": config.image_size}))
 
-    train = dataset(train_idx).materialize().map_batches(flip_pairs, batch_size=32, num_cpus=config.load_cpus)
+    train = dataset(train_idx).materialize()
     test = dataset(test_idx).materialize()
     steps_per_epoch = len(train_idx) // (seg.batch_size * config.num_workers)
     if steps_per_epoch == 0:

@@ -80,3 +80,18 @@ def test_few_shot_classification(ray_session, tiny_sample, tmp_path):
 def test_needs_weights_or_random_init(tmp_path):
     with pytest.raises(ValueError, match="random_init"):
         finetune.run(finetune.Config(output=str(tmp_path)))
+
+
+def test_flip_pairs_keeps_image_and_mask_aligned():
+    import torch
+
+    b, h, w = 64, 6, 8
+    base = torch.arange(h * w).view(h, w)
+    masks = base.expand(b, h, w).clone()
+    images = torch.stack([base, base + 1000, base + 2000]).expand(b, 3, h, w).clone()
+    out_images, out_masks = finetune.flip_pairs(images, masks, torch.Generator().manual_seed(0))
+    assert torch.equal(out_images[:, 0], out_masks) and torch.equal(out_images[:, 2], out_masks + 2000)
+    flips = {(False, False): base, (True, False): base.flip(-1), (False, True): base.flip(-2),
+             (True, True): base.flip(-1).flip(-2)}
+    kinds = [next(k for k, f in flips.items() if torch.equal(m, f)) for m in out_masks]  # StopIteration: no flip
+    assert set(kinds) == set(flips)  # all four occur in 64 draws
