@@ -2,7 +2,7 @@
 
 Data: the frame store (``deldist materialize``), optionally restricted to a selection's
 retained ids, streams through Ray Data: JPEG decode + RandomResizedCrop(scale 0.2-1) +
-horizontal flip run in CPU tasks, and each worker reads its shard with
+horizontal flip run in a pool of CPU actors, and each worker reads its shard with
 ``iter_torch_batches`` (uint8; normalised on the worker's device). One Ray Data execution
 covers several epochs (``epochs_per_stream``: each epoch's parts in a fresh seeded order), so
 the pipeline is not stopped and restarted at every epoch boundary: Ray Data starts a new
@@ -529,8 +529,8 @@ def training_frames(config: Config) -> tuple[Any, int, Any]:
             raise ValueError(f"{len(retained) - n} of selection {config.selection!r}'s ids are not in the frame "
                              f"store {frames}: materialize that selection (or all frames) first")
         keep_ref = ray.put(retained.to_pylist())
-    # one read task per part (ray.data.read_parquet is not used: in this environment its path
-    # resolution imports fsspec's HTTP filesystem, which needs aiohttp)
+    # one actor call per part read (ray.data.read_parquet is not used: in this environment its
+    # path resolution imports fsspec's HTTP filesystem, which needs aiohttp)
     uris = [storage.to_uri(frames, p) for p in paths]
     order = stream_order(len(uris), config.epochs, config.epochs_per_stream, config.seed)
     ds = ray.data.from_items([{"uri": uris[j]} for j in order], override_num_blocks=len(order))
