@@ -231,7 +231,9 @@ def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
     while state["epoch"] < seg["epochs"]:
         model.train()
         loss_sum, n, started = 0.0, 0, time.perf_counter()
+        # a new order every epoch: blocks reshuffled (randomize_block_order) + a local buffer
         for i, batch in enumerate(train.iter_torch_batches(batch_size=seg["batch_size"], drop_last=True,
+                                                           local_shuffle_buffer_size=4 * seg["batch_size"],
                                                            dtypes={"image": torch.uint8, "mask": torch.long})):
             if i >= steps_per_epoch:
                 break
@@ -300,7 +302,7 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
         return (ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8, 64)))
                 .map_batches(load_pairs, batch_size=8, num_cpus=config.load_cpus, fn_kwargs={"size": config.image_size}))
 
-    train = dataset(train_idx).materialize()
+    train = dataset(train_idx).materialize().randomize_block_order()
     test = dataset(test_idx).materialize()
     steps_per_epoch = len(train_idx) // (seg.batch_size * config.num_workers)
     if steps_per_epoch == 0:
