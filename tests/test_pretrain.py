@@ -135,12 +135,22 @@ def test_training_stream_yields_each_selected_frame_once_per_epoch(ray_session, 
     storage.write_table(pa.table({"id": [f"f{lv}" for lv in kept]}), retained)
     storage.publish(storage.join(root, "selections", "half", "retained"), [storage.resolve(retained)[1]], {})
 
-    config = pretrain.Config(output=root, selection="half", image_size=16, epochs=3, model=MODEL)
+    config = pretrain.Config(output=root, selection="half", image_size=32, epochs=3, model=MODEL)
     ds, n_frames, _ = pretrain.training_frames(config)
     assert n_frames == len(kept)
     images = np.concatenate([b["image"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
-    assert images.shape == (3 * len(kept), 3, 16, 16)
+    assert images.shape == (3 * len(kept), 3, 32, 32)
     seen = np.rint(images.reshape(len(images), -1).mean(axis=1)).astype(int)
     assert np.abs(images.astype(int) - seen[:, None, None, None]).max() <= 3
     nearest = [min(levels, key=lambda lv: abs(lv - s)) for s in seen]
     assert sorted(nearest) == sorted(kept * 3)
+
+    # the training loop draws all three epochs from that one stream: only epoch 1 waits for a
+    # stream to start (engine local: the same loop in this process)
+    summary = pretrain.run(config.model_copy(update={
+        "engine": "local", "batch_size": 4, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
+        "warmup_epochs": 1, "shuffle_buffer": 0}))
+    history = storage.read_json(storage.join(summary["run_dir"], "metrics.json"))
+    assert [h["step"] for h in history] == [3, 6, 9]
+    assert history[0]["first_batch_wait_s"] > 0
+    assert [h["first_batch_wait_s"] for h in history[1:]] == [0.0, 0.0]
