@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from deldist import storage
+from deldist.arrays import equal_runs
 from deldist.config import StageConfig
 from deldist.schema import ASSIGNMENTS_SCHEMA, centroids_schema
 
@@ -392,8 +393,7 @@ def _best_candidate(x: np.ndarray, centroids: np.ndarray, candidates: np.ndarray
     labels = np.empty(n, np.int64)
     mover_sim = np.full(n, -np.inf, np.float32)
     order = np.argsort(candidates[:, 0], kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(candidates[order, 0])) + 1]
-    for s, e in zip(starts, np.r_[starts[1:], n]):
+    for s, e in zip(*equal_runs(candidates[order, 0])):
         rows = order[s:e]
         own = candidates[rows]
         union = np.union1d(own, movers)

@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from deldist import embed, storage
+from deldist.arrays import equal_runs
 from deldist.cluster import assign_shard, plan_shards, read_centroids
 from deldist.config import StageConfig
 from deldist.dedup import (
@@ -366,8 +367,7 @@ def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
     cluster = meta.column("cluster").to_numpy()
     is_new = meta.column("is_new").to_numpy(zero_copy_only=False)
     retained = meta.column("retained").to_numpy(zero_copy_only=False)
-    starts = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1] if len(cluster) else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], len(cluster)]
+    starts, ends = equal_runs(cluster)
     rows, sims, dups, reps = [], [], [], []
     xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
     for s, e in zip(starts, ends):

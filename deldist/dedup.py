@@ -54,6 +54,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from deldist import storage
+from deldist.arrays import equal_runs
 from deldist.cluster import (
     EmbeddingError,
     EmptyInputError,
@@ -130,8 +131,8 @@ def rank_within_clusters(ids: pa.Array | pa.ChunkedArray, cluster: np.ndarray, d
     order = pc.sort_indices(table, sort_keys=[("cluster", "ascending"), ("key", direction),
                                               ("id", "ascending")]).to_numpy()
     sorted_cluster = np.asarray(cluster)[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_cluster)) + 1]
-    run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+    starts, ends = equal_runs(sorted_cluster)
+    run_start = np.repeat(starts, ends - starts)
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n) - run_start
     return rank
@@ -386,8 +387,7 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
     max_sim = np.zeros(n, np.float32)
     dup = np.full(n, -1, np.int64)
     if n:
-        starts = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1]
-        ends = np.r_[starts[1:], n]
+        starts, ends = equal_runs(cluster)
         expected = np.arange(n) - np.repeat(starts, ends - starts)
         if not np.array_equal(np.asarray(rank), expected):
             raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deldist import storage
+from deldist.arrays import equal_runs
 from deldist.cluster import EmptyInputError
 from deldist.config import StageConfig
 from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_SCHEMA
@@ -166,8 +167,7 @@ def cluster_quantiles(cluster: np.ndarray, distance: np.ndarray, quantile: float
         return out
     order = np.lexsort((distance, cluster))
     c_sorted, d_sorted = cluster[order], distance[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(c_sorted)) + 1]
-    ends = np.r_[starts[1:], len(order)]
+    starts, ends = equal_runs(c_sorted)
     position = starts + quantile * (ends - 1 - starts)  # fractional index of the quantile
     lo = np.floor(position).astype(np.int64)
     hi = np.minimum(lo + 1, ends - 1)
@@ -449,8 +449,7 @@ def _temporal_bucket(threshold: float, *slices: tuple[pa.Table, np.ndarray]) -> 
     rep_rows = np.full(len(rows), -1, np.int64)
     sims = np.zeros(len(rows), np.float32)
     if len(rows):
-        starts = np.r_[0, np.flatnonzero(np.diff(code)) + 1]
-        for s, e in zip(starts, np.r_[starts[1:], len(rows)]):
+        for s, e in zip(*equal_runs(code)):
             rep, sim = temporal_collapse(x[s:e], threshold)
             rep_rows[s:e] = np.where(rep >= 0, rows[s + np.maximum(rep, 0)], -1)
             sims[s:e] = sim
