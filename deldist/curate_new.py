@@ -447,7 +447,7 @@ def run(config: Config) -> dict[str, Any]:
     if not embed_result.get("published"):
         raise RuntimeError("embedding the uploads did not finish (max_sources?); rerun curate-new to continue")
     batch_emb = storage.join(batch_root, "embeddings")
-    meta = storage.read_published(batch_emb, ["id", "source", "dataset", *QUALITY_COLUMNS])
+    meta = storage.read_published(batch_emb, ["id", "source", "frame_index", "dataset", *QUALITY_COLUMNS])
     n = meta.num_rows
     ids = meta.column("id").combine_chunks()
 
@@ -470,7 +470,9 @@ def run(config: Config) -> dict[str, Any]:
     if manifest.get("invalid") is not None and n:
         quality = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in QUALITY_COLUMNS}
         groups = pc.dictionary_encode(meta.column("source").combine_chunks()).indices.to_numpy()
-        for rule, mask in invalid_mask(quality, InvalidThresholds(**manifest["invalid"]), groups=groups).items():
+        frame_index = meta.column("frame_index").to_numpy(zero_copy_only=False)
+        for rule, mask in invalid_mask(quality, InvalidThresholds(**manifest["invalid"]), groups,
+                                       frame_index).items():
             invalid |= mask
             invalid_by_rule[rule] = int(mask.sum())
     outlier = np.zeros(n, bool)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -73,6 +74,9 @@ class InvalidThresholds(BaseModel):
     blur_relative: float | None = Field(
         0.2, description="blurred: Laplacian variance below this fraction of its source's median "
                          "(adapts to each video's texture; a one-frame source is never flagged)")
+    blur_window: int | None = Field(
+        None, ge=1, description="relative blur: the median over this many sampled frames on each side "
+                                "instead of the whole source (videos whose scenes differ in texture)")
 
 
 class Config(StageConfig):
@@ -119,19 +123,46 @@ def group_median(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """(n,) median of ``values`` (n,) within each item's group (groups: (n,) int codes)."""
     values = np.asarray(values, np.float64)
     order = np.lexsort((values, groups))
-    sorted_groups = groups[order]
-    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-    stops = np.r_[starts[1:], len(order)]
+    starts, stops = equal_runs(groups[order])
     medians = np.array([np.median(values[order[a:b]]) for a, b in zip(starts, stops)])
     out = np.empty(len(values))
     out[order] = np.repeat(medians, stops - starts)
     return out
 
 
+def local_median(values: np.ndarray, groups: np.ndarray, order: np.ndarray, window: int,
+                 chunk: int = 65_536) -> np.ndarray:
+    """(n,) float64: for each item, the median of ``values`` (n,) over the items of its group
+    (groups: (n,) int codes) within ``window`` positions on each side when the group is sorted
+    by ``order`` (n,), e.g. frame index. NaN values are left out. Windows are built in chunks of
+    rows: (chunk, 2 * window + 1) at a time."""
+    values = np.asarray(values, np.float64)
+    n = len(values)
+    out = np.empty(n)
+    if not n:
+        return out
+    by_position = np.lexsort((np.asarray(order), groups))
+    v = np.pad(values[by_position], window, constant_values=np.nan)
+    g = np.pad(np.asarray(groups)[by_position].astype(np.int64), window, constant_values=-1)
+    width = 2 * window + 1
+    v_windows = np.lib.stride_tricks.sliding_window_view(v, width)  # row i: positions i-window..i+window
+    g_windows = np.lib.stride_tricks.sliding_window_view(g, width)
+    sorted_out = np.empty(n)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        block = np.where(g_windows[a:b] == g_windows[a:b, window:window + 1], v_windows[a:b], np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN, never flagged
+            sorted_out[a:b] = np.nanmedian(block, axis=1)
+    out[by_position] = sorted_out
+    return out
+
+
 def invalid_mask(quality: dict[str, np.ndarray], rules: InvalidThresholds,
-                 groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 groups: np.ndarray | None = None, frame_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per rule, a bool (n,) mask of frames it flags. quality: column -> float (n,) (NaN = unknown);
-    groups: (n,) int source codes for the relative blur rule (skipped without them)."""
+    groups: (n,) int source codes for the relative blur rule (skipped without them); frame_index:
+    (n,) frame order within each source, for its ``blur_window`` form."""
     def col(name: str) -> np.ndarray:
         return np.asarray(quality[name], dtype=np.float64)
 
@@ -150,7 +181,13 @@ def invalid_mask(quality: dict[str, np.ndarray], rules: InvalidThresholds,
         if rules.min_blur is not None:
             masks["blurred"] = col("blur") < rules.min_blur
         if rules.blur_relative is not None and groups is not None and len(groups):
-            relative = col("blur") < rules.blur_relative * group_median(col("blur"), groups)
+            if rules.blur_window is None:
+                around = group_median(col("blur"), groups)
+            elif frame_index is None:
+                raise ValueError("blur_window needs each frame's frame_index")
+            else:
+                around = local_median(col("blur"), groups, frame_index, rules.blur_window)
+            relative = col("blur") < rules.blur_relative * around
             masks["blurred"] = masks.get("blurred", False) | relative
     return masks
 
@@ -492,7 +529,8 @@ def run(config: Config) -> dict[str, Any]:
     else:
         quality = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in QUALITY_COLUMNS}
         sources = pc.dictionary_encode(meta.column("source").combine_chunks()).indices.to_numpy()
-        invalid_rules = invalid_mask(quality, config.invalid, groups=sources) if config.invalid else {}
+        frame_index = meta.column("frame_index").to_numpy(zero_copy_only=False)
+        invalid_rules = invalid_mask(quality, config.invalid, sources, frame_index) if config.invalid else {}
         invalid = np.zeros(n, bool)
         for mask in invalid_rules.values():
             invalid |= mask

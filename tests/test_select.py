@@ -243,6 +243,7 @@ def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     assert random_summary["kept_count"] == round(full["ratio"] * len(all_ids))
 
     ours, rand = full["ground_truth"], full_r["ground_truth"]
+    print("COVERAGE", ours["scene_coverage"], rand["scene_coverage"], ours["random_baseline"]["scene_coverage"], full["removed_by_reason"])
     assert ours["frames"] == len(all_ids) and ours["invalid_recall"] == 1.0
     assert ours["scene_coverage"] > rand["scene_coverage"]
     assert ours["invalid_recall"] > rand["invalid_recall"]
@@ -281,16 +282,44 @@ def test_eps_selection_and_bad_config(ray_session, tmp_path):
 
 
 def test_relative_blur_rule_adapts_per_source():
-    from deldist.select import InvalidThresholds, group_median, invalid_mask
+    from deldist.select import InvalidThresholds, group_median, invalid_mask, local_median
 
     groups = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    frames = np.array([0, 1, 2, 3, 0, 5, 10, 0])
     blur = np.array([100.0, 90.0, 10.0, 110.0, 8.0, 9.0, 1.0, 0.5])
     np.testing.assert_allclose(group_median(blur, groups), [95, 95, 95, 95, 8, 8, 8, 0.5])
+    # a window wider than every source: the source's median
+    np.testing.assert_allclose(local_median(blur, groups, frames, 8), [95, 95, 95, 95, 8, 8, 8, 0.5])
     rules = InvalidThresholds(min_brightness=None, max_dark=None, max_brightness=None,
                               max_saturated=None, min_contrast=None, blur_relative=0.2)
     quality = {"blur": blur}
     # 10 < 0.2 * 95 in source 0; 1 < 0.2 * 8 in source 1; a one-frame source is never flagged;
     # 8 and 9 are sharp for their (smooth) source though below source 0's blurred frame
-    assert invalid_mask(quality, rules, groups)["blurred"].tolist() == [False, False, True, False,
-                                                                         False, False, True, False]
+    assert invalid_mask(quality, rules, groups, frames)["blurred"].tolist() == [False, False, True, False,
+                                                                                 False, False, True, False]
     assert "blurred" not in invalid_mask(quality, rules, None)
+
+
+def test_relative_blur_rule_judges_each_scene_by_its_own_texture():
+    """One video: a textured scene (blur ~100) then a shorter smooth one (~8), one motion-blurred
+    frame in each. The source median (~90) flags the whole smooth scene; with ``blur_window`` the
+    median of the frames around each frame flags the two blurred frames only, in any order."""
+    from deldist.select import InvalidThresholds, invalid_mask, local_median
+
+    rng = np.random.default_rng(0)
+    blur = np.r_[rng.uniform(90, 110, 24), rng.uniform(7, 9, 16)]
+    blur[5], blur[30] = 10.0, 1.0
+    frames = np.arange(40) * 3  # every third decoded frame was sampled
+    shuffle = rng.permutation(40)
+    rules = InvalidThresholds(min_brightness=None, max_dark=None, max_brightness=None,
+                              max_saturated=None, min_contrast=None, blur_relative=0.2, blur_window=8)
+    flagged = invalid_mask({"blur": blur[shuffle]}, rules, np.zeros(40, np.int64), frames[shuffle])["blurred"]
+    assert sorted(shuffle[flagged].tolist()) == [5, 30]
+    # the default, whole-source median flags the smooth scene
+    whole = rules.model_copy(update={"blur_window": None})
+    flagged = invalid_mask({"blur": blur[shuffle]}, whole, np.zeros(40, np.int64), frames[shuffle])["blurred"]
+    assert set(range(24, 40)) <= set(shuffle[flagged].tolist())
+    # against a brute-force float64 reference
+    ref = [np.median([blur[j] for j in range(max(0, i - 8), min(40, i + 9))]) for i in range(40)]
+    got = local_median(blur[shuffle], np.zeros(40, np.int64), frames[shuffle], 8, chunk=7)
+    np.testing.assert_allclose(got, np.asarray(ref)[shuffle])
