@@ -6,7 +6,7 @@ single-process PyTorch loop, same MAE, batch and threads per worker, measured in
   plain DDP xN     N such processes (torch.multiprocessing, gloo DistributedDataParallel), no Ray:
                    what N workers can reach on this machine without Ray Train or Ray Data
   ray_train xN     deldist.pretrain.run on a local Ray cluster, N workers (gloo DDP), Ray Data
-                   decoding/augmenting in CPU tasks; img/s per worker from the run's metrics
+                   decoding/augmenting in a CPU actor pool; img/s per worker from the run's metrics
                    (epoch wall time, data waits included; first epoch dropped as warm-up)
 
 Prints img/s and the per-worker ratios ray_train / plain (model) and ray_train / plain DDP
@@ -121,9 +121,9 @@ def plain_ddp_rate(jpegs: list[bytes], world: int, size: int, batch: int, steps:
 
 def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int, epochs: int, mae_args: dict,
                    name: str, buffer_mb: float | None) -> tuple[float, float, float]:
-    """(img/s per worker, img/s total, steady img/s per worker = without each epoch's wait for its
-    first batch): medians over epochs 2.. of the run's per-epoch metrics."""
-    # the workers must leave CPU for the Ray Data tasks that decode and augment (2-CPU cluster)
+    """(img/s per worker, img/s total, steady img/s per worker = without the wait for a new data
+    stream's first batch): medians over epochs 2.. of the run's per-epoch metrics."""
+    # the workers must leave CPU for the Ray Data actors that decode and augment (2-CPU cluster)
     cpus = min(float(threads), (2.0 - 0.5) / workers)
     cfg = pretrain.Config(output=root, name=name, model=MODEL, image_size=size, epochs=epochs, warmup_epochs=1,
                           batch_size=batch, num_workers=workers, cpus_per_worker=cpus,

@@ -545,12 +545,14 @@ def augment_actors(config: Config) -> int:
     """Size of the decode + augment pool: ``augment_actors``, else one actor per CPU the
     training workers leave in the cluster now (at least 1). A fixed size: an autoscaling pool
     stops idle actors while the stream is backpressured and starts new processes later."""
+    return config.augment_actors or max(1, int(spare_cpus(config) + 1e-9))
+
+
+def spare_cpus(config: Config) -> float:
+    """The cluster's CPUs now, less what the training workers reserve."""
     import ray
 
-    if config.augment_actors:
-        return config.augment_actors
-    spare = ray.cluster_resources().get("CPU", 0.0) - config.num_workers * config.cpus_per_worker
-    return max(1, int(spare + 1e-9))
+    return ray.cluster_resources().get("CPU", 0.0) - config.num_workers * config.cpus_per_worker
 
 
 MAX_PART_READS_PER_STREAM = 1024  # from_items makes a block per read: 4096 took 5 s in the driver
@@ -618,17 +620,16 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def _fit(config: Config, cfg: dict[str, Any], ds: Any, use_gpu: bool) -> None:
-    import ray
     from ray.data import ExecutionResources
     from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    spare = ray.cluster_resources().get("CPU", 0.0) - config.num_workers * config.cpus_per_worker
-    needed = augment_actors(config) * config.augment_cpus
+    spare, actors = spare_cpus(config), augment_actors(config)
+    needed = actors * config.augment_cpus
     if spare < needed:
         print(f"deldist pretrain: warning: the {config.num_workers} workers reserve "
               f"{config.num_workers * config.cpus_per_worker:g} of the cluster's CPUs, leaving {spare:g} for the "
-              f"{augment_actors(config)} Ray Data actors that decode and augment ({needed:g} CPUs); training waits "
+              f"{actors} Ray Data actors that decode and augment ({needed:g} CPUs); training waits "
               "for data until the cluster grows. Lower cpus_per_worker (torch_threads sets the threads) or "
               "augment_actors.")
 
