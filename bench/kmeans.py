@@ -101,6 +101,7 @@ def write_embeddings(emb_dir: str, x: np.ndarray, rows_per_part: int = 8192) -> 
             "dataset": ["synthetic"] * len(rows),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[start:stop].reshape(-1)), dim),
             **{q: pa.array(np.full(len(rows), 0.5, np.float32)) for q in QUALITY_COLUMNS},
+            "phash": pa.array(np.zeros(len(rows), np.uint64)),
         }, schema=schema)
         path = storage.join(emb_dir, storage.new_part_name())
         storage.write_table(table, path)

@@ -58,29 +58,16 @@ from deldist import embed, storage
 from deldist.arrays import equal_runs
 from deldist.cluster import assign_shard, plan_shards, read_centroids
 from deldist.config import StageConfig
-from deldist.dedup import (
-    Device,
-    Matrix,
-    gather_sorted,
-    max_sim_to,
-    plan_buckets,
-    rank_within_clusters,
-    scores_table,
-    shuffle_by_bucket,
-    to_device,
-    triu_max_sim,
-    write_scores_part,
-)
+from deldist.dedup import gather_sorted, keep_first_exact, plan_buckets, rank_within_clusters, shuffle_by_bucket
 from deldist.io import list_sources
 from deldist.schema import (
     ASSIGNMENTS_SCHEMA,
     QUALITY_COLUMNS,
     REMOVED_SCHEMA,
     RETAINED_SCHEMA,
-    SCORES_SCHEMA,
     VERSION_SOURCES_SCHEMA,
 )
-from deldist.select import REASONS, InvalidThresholds, cluster_quantiles, decide, invalid_mask
+from deldist.select import REASONS, Decision, cluster_quantiles, invalid_mask
 
 # embeddings/_run.json keys that fix what a frame's embedding is; a batch must match them
 ENCODER_KEYS = ("model", "weights_sha256", "random_init", "pooling", "image_size", "mean", "std",
@@ -102,9 +89,7 @@ class Config(StageConfig):
     recluster: bool = Field(False, description="re-cluster corpus + uploads (a new version) when recommended")
     cluster: dict[str, Any] = Field(default_factory=dict, description="deldist cluster settings for re-clustering")
     dedup: dict[str, Any] = Field(default_factory=dict, description="deldist dedup settings for re-clustering")
-    block_rows: int = Field(256, ge=1)
-    col_block: int = Field(16_384, ge=1)
-    diag_rows: int = Field(64, ge=1)
+    block_rows: int = Field(512, ge=1, description="rows per block of the dedup against the corpus")
     num_buckets: int | None = Field(None, ge=1, description="scoring tasks (default: 2 x cluster CPUs / task_cpus)")
     shard_rows: int = Field(65_536, ge=1)
     task_cpus: float = Field(1.0, gt=0)
@@ -144,31 +129,6 @@ def drift_fraction(distance: np.ndarray, threshold: float) -> float:
     """Fraction of items whose distance to the nearest centroid exceeds ``threshold``."""
     distance = np.asarray(distance, np.float64)
     return float((distance > threshold).mean()) if len(distance) else 0.0
-
-
-def score_cluster_against_corpus(x: Matrix, n_retained: int, n_old: int, block_rows: int = 256,
-                                 col_block: int = 16_384, diag_rows: int = 64, device: Device = "cpu",
-                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One cluster's new rows against its corpus rows and the earlier new rows.
-
-    x: (n_old + q, D) unit rows: the corpus's retained rows (``n_retained``), its other rows,
-    then the q new rows in rank order. Returns for the new rows: max_sim float32 (q,) to any
-    earlier row and argmax int64 (q,) into x (-1 and 0 when there is none: the cluster's first
-    item), and the nearest retained corpus row int64 (q,) (-1 when the cluster has none), the
-    item a removed copy stands for. Corpus-corpus pairs are not computed.
-    device: as in :func:`deldist.dedup.triu_max_sim`; ``x`` may be a tensor already there.
-    """
-    x = to_device(x, device)  # one copy for both kernels (a no-op for a tensor already there)
-    ret_sim, ret_arg = max_sim_to(x[n_old:], x[:n_retained], block_rows, col_block, device)
-    rest_sim, rest_arg = triu_max_sim(x[n_retained:], n_old - n_retained, len(x) - n_retained,
-                                      block_rows, col_block, diag_rows, device)
-    rest_sim = np.where(rest_arg >= 0, rest_sim, -np.inf)
-    rest_arg = np.where(rest_arg >= 0, rest_arg + n_retained, -1)
-    use_rest = rest_sim > ret_sim  # ties go to the retained row
-    max_sim = np.where(use_rest, rest_sim, ret_sim)
-    arg = np.where(use_rest, rest_arg, ret_arg)
-    max_sim = np.where(arg >= 0, max_sim, 0.0).astype(np.float32)
-    return max_sim, arg, ret_arg
 
 
 # ----------------------------------------------------------------------------- versions (I/O)
@@ -246,9 +206,9 @@ def _publish_selection_version(run_root: str, selection: str, cur: str, version:
     removed parts shared), then point ``latest.json`` at it."""
     sel_dir = storage.join(run_root, "selections", selection)
     summary = storage.read_json(storage.join(sel_dir, "summary.json"))
-    if summary.get("method") != "meddel":
+    if summary.get("method") not in ("meddel", "semdedup"):
         raise ValueError(f"selection {selection!r} is a {summary.get('method')} selection; curate-new extends a "
-                         "MedDEL selection (its threshold and filters are applied to the uploads)")
+                         "MedDEL or SemDeDup selection (its threshold and rules are applied to the uploads)")
     if summary.get("similarity_threshold") is None:
         raise ValueError(f"selection {selection!r} has no similarity threshold (built without eps / target_ratio)")
     clusters_dir = storage.join(run_root, "clusters")
@@ -265,9 +225,7 @@ def _publish_selection_version(run_root: str, selection: str, cur: str, version:
         "version": version, "selection": selection, "clusters": clusters_dir, "embeddings": embeddings,
         "assignments": [storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))],
         "similarity_threshold": summary["similarity_threshold"],
-        "keep": scores_manifest.get("keep", "hard"), "seed": scores_manifest.get("seed", 0),
-        "outlier_distance": params.get("outlier_distance"), "outlier_quantile": params.get("outlier_quantile"),
-        "invalid": params.get("invalid"), "temporal_threshold": params.get("temporal_threshold"),
+        "keep": scores_manifest.get("keep", "easy"), "seed": scores_manifest.get("seed", 0),
         "selection_parameters": params, **extra,
     }
     storage.write_json(storage.join(vdir, "summary.json"), {**summary, "version": version, **extra})
@@ -356,57 +314,191 @@ def _assign(emb_dir: str, dim: int, centroids: np.ndarray, out_dir: str, config:
     return storage.read_published(out_dir)
 
 
-def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int, device: Device,
-                  *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
-    """Task body: score the new rows of one bucket's clusters against the corpus rows and the
-    earlier new rows on ``device``; writes a scores part (``duplicate_of`` = the item matched
-    directly, ``representative`` = the nearest retained corpus item)."""
-    began = time.perf_counter()
+def represented_items(vdir: str) -> pa.Table:
+    """The corpus items an upload may be a copy of -> (id, stand_in): every retained item (its
+    own stand-in) and every item removed as a copy of another (duplicate, near_copy, temporal)
+    with the retained item standing for it. Items removed as invalid or outliers are not in it:
+    an upload is never removed because of a frame that was rejected for its own sake."""
+    retained = storage.read_published(storage.join(vdir, "retained"), ["id"]).column("id").combine_chunks()
+    removed = storage.read_published(storage.join(vdir, "removed"), ["id", "duplicate_of"])
+    linked = removed.filter(pc.is_valid(removed.column("duplicate_of")))
+    ids = pa.concat_arrays([retained, linked.column("id").combine_chunks()])
+    parent = pa.concat_arrays([pa.nulls(len(retained), pa.string()), linked.column("duplicate_of").combine_chunks()])
+    stand_in = retained_roots(ids, parent, np.r_[np.ones(len(retained), bool), np.zeros(linked.num_rows, bool)])
+    table = pa.table({"id": ids, "stand_in": stand_in})
+    return table.filter(pc.is_valid(table.column("stand_in")))
+
+
+def _selection_rules(manifest: dict[str, Any]) -> Any:
+    """The corpus selection's settings (a :class:`deldist.select.Config`) from the version manifest."""
+    from deldist import select
+
+    params = {k: v for k, v in manifest["selection_parameters"].items()
+              if k not in ("output", "embeddings", "clusters", "scores", "ground_truth")}
+    return select.Config.model_validate({**params, "output": "-"})
+
+
+def _filter_uploads(rules: Any, meta: pa.Table, ids: pa.Array, cluster: np.ndarray, distance: np.ndarray,
+                    seen_cluster: np.ndarray, seen_distance: np.ndarray, k: int, batch_emb: str,
+                    dim: int) -> Decision:
+    """The corpus selection's quality, outlier and temporal rules on the uploads."""
+    n = meta.num_rows
+    decision = Decision.empty(n)
+    extra = rules.deldist_rules
+    if extra.quality is not None and n:
+        quality = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in QUALITY_COLUMNS}
+        groups = pc.dictionary_encode(meta.column("source").combine_chunks()).indices.to_numpy()
+        masks = invalid_mask(quality, extra.quality, groups, meta.column("frame_index").to_numpy())
+        decision.remove(np.logical_or.reduce([np.zeros(n, bool), *masks.values()]), "invalid", "quality", "deldist",
+                        extra.quality.model_dump(), flagged_by_check={r: int(m.sum()) for r, m in masks.items()})
+    if rules.outlier_distance is not None:
+        decision.remove(distance > rules.outlier_distance, "outlier", "outlier_distance", "MedDEL §3.2",
+                        {"outlier_distance": rules.outlier_distance})
+    if extra.outlier_quantile is not None and n:
+        # the per-cluster quantile of the clusters as they are now (corpus + uploads): new content
+        # far from the old items is drift, not an outlier, unless it is extreme in its cluster too
+        limits = cluster_quantiles(np.r_[seen_cluster, cluster], np.r_[seen_distance, distance],
+                                   extra.outlier_quantile, k)
+        decision.remove(distance > limits[cluster], "outlier", "outlier_quantile", "deldist",
+                        {"outlier_quantile": extra.outlier_quantile})
+    if extra.temporal_threshold is not None and n:
+        from deldist.select import _temporal
+
+        collapsed, rep_row, sim = _temporal(rules, batch_emb, dim, meta, decision.reason < 0)
+        decision.remove(collapsed, "temporal", "temporal", "deldist", {"temporal_threshold": extra.temporal_threshold},
+                        link=rep_row, score=sim)
+    return decision
+
+
+def _near_copies_of_corpus(rules: Any, meta: pa.Table, ids: pa.Array, corpus_embeddings: list[str],
+                           represented: pa.Table, decision: Decision) -> None:
+    """deldist's near-copy rule on the uploads: the corpus's represented frames
+    (:func:`represented_items`) first, as kept, then the uploads sharpest first. A copy of a new
+    frame links to it; a copy of a corpus frame names that frame's retained stand-in in
+    ``decision.info["copy_of_corpus"]``."""
+    import ray
+
+    from deldist.nearcopy import distributed_pairs, near_copies
+    from deldist.select import near_copy_order
+
+    rule = rules.deldist_rules.near_copy
+    hashes_of = pa.concat_tables([storage.read_published(d, ["id", "phash"]) for d in corpus_embeddings])
+    corpus = represented.join(hashes_of, "id", join_type="inner")
+    r, n = corpus.num_rows, meta.num_rows
+    hashes = np.r_[corpus.column("phash").to_numpy(), meta.column("phash").to_numpy()].astype(np.uint64)
+    candidate = np.r_[np.ones(r, bool), decision.reason < 0]
+    preference = np.r_[np.arange(r), r + near_copy_order(meta.column("blur").to_numpy(), ids)]
+    tasks = max(1, int(ray.cluster_resources().get("CPU", 1.0) // rule.task_cpus))
+    near, copy_of, hamming = near_copies(hashes, candidate, preference, rule.max_hamming,
+                                         fixed=np.r_[np.ones(r, bool), np.zeros(n, bool)],
+                                         pair_finder=lambda u, h: distributed_pairs(u, h, tasks, rule.task_cpus))
+    near, copy_of, hamming = near[r:], copy_of[r:], hamming[r:]
+    of_new = copy_of >= r
+    decision.remove(near, "near_copy", "near_copy", "deldist", rule.model_dump(),
+                    link=np.where(of_new, copy_of - r, -1), score=(1.0 - hamming / 64.0).astype(np.float32))
+    to_corpus = near & ~of_new
+    taken = pc.take(corpus.column("stand_in").combine_chunks(), pa.array(np.where(to_corpus, copy_of, 0))) if r \
+        else pa.nulls(n, pa.string())
+    decision.info["copy_of_corpus"] = pc.if_else(pa.array(to_corpus), taken, pa.nulls(n, pa.string()))
+
+
+def _dedup_against_corpus(config: Config, manifest: dict[str, Any], seen_assign: pa.Table, represented: pa.Table,
+                          batch_emb: str, ids: pa.Array, cluster: np.ndarray, distance: np.ndarray,
+                          candidate: np.ndarray, threshold: float, dim: int) -> tuple[pa.Array, np.ndarray]:
+    """Per cluster: the corpus's represented items (:func:`represented_items`, as kept), then
+    the candidate uploads in the corpus's rank order, through
+    :func:`deldist.dedup.keep_first_exact` (Ray tasks). Returns (duplicate_of (n,) strings: the
+    retained item standing for what a removed upload duplicates (a corpus item's stand-in, or
+    a kept upload), null when kept or not a candidate; similarity float32 (n,) to the item it
+    matched, NaN)."""
+    import ray
+
+    n = len(candidate)
+    rows = np.flatnonzero(candidate)
+    new_cluster = cluster[rows]
+    new_rank = rank_within_clusters(ids.take(pa.array(rows)), new_cluster, distance[rows],
+                                    manifest.get("keep", "easy"), manifest.get("seed", 0))
+    touched = np.unique(new_cluster)
+    old = seen_assign.select(["id", "cluster"]).join(represented, "id", join_type="inner")
+    old = old.filter(pc.is_in(old.column("cluster"), value_set=pa.array(touched.astype(np.int32))))
+    old_cluster = old.column("cluster").to_numpy().astype(np.int64)
+    k = int(max(cluster.max(initial=0), old_cluster.max(initial=0))) + 1
+    sizes = np.bincount(new_cluster, minlength=k) + np.bincount(old_cluster, minlength=k)
+    n_buckets = config.num_buckets or max(1, 2 * int(ray.cluster_resources().get("CPU", 1.0) // config.task_cpus))
+    buckets = plan_buckets(sizes, n_buckets, split_rows=int(sizes.max()) + 1, bucket_rows=1 << 40)
+    bucket_of = np.full(k, -1, np.int32)
+    for b, bucket in enumerate(buckets):
+        bucket_of[bucket.clusters] = b
+    # corpus rows first in each cluster (negative ranks), then the uploads in rank order
+    old_lookup = pa.table({"id": old.column("id"), "bucket": bucket_of[old_cluster],
+                           "cluster": old_cluster.astype(np.int32), "rank": -1 - np.arange(len(old_cluster)),
+                           "row": np.full(len(old_cluster), -1, np.int64)})
+    new_lookup = pa.table({"id": ids.take(pa.array(rows)), "bucket": bucket_of[new_cluster],
+                           "cluster": new_cluster.astype(np.int32), "rank": new_rank, "row": rows})
+    slices: list[list[Any]] = [[] for _ in buckets]
+    stats = []
+    for emb_dir, lookup in [*[(d, old_lookup) for d in manifest["embeddings"]], (batch_emb, new_lookup)]:
+        per_bucket, route_stats = shuffle_by_bucket(emb_dir, dim, lookup, len(buckets), config.shard_rows,
+                                                    config.io_cpus)
+        for b, refs in enumerate(per_bucket):
+            slices[b] += refs
+        stats.append(route_stats)
+    use_gpu = _use_gpu(config)
+    task = ray.remote(num_cpus=config.task_cpus, **({"num_gpus": config.task_gpus} if use_gpu else {}))(
+        _dedup_bucket)
+    results = ray.get([task.remote(threshold, config.block_rows, *s) for s in slices])
+    found = sum(r["rows"] - r["missing"] for refs in stats for r in ray.get(refs))
+    if found != old_lookup.num_rows + new_lookup.num_rows:
+        raise RuntimeError(f"found {found} of the {old_lookup.num_rows + new_lookup.num_rows} embeddings needed: "
+                           "the embeddings changed under this version")
+    stand_in = dict(zip(represented.column("id").to_pylist(), represented.column("stand_in").to_pylist()))
+    dup_of = pa.nulls(n, pa.string())
+    sim = np.full(n, np.nan, np.float32)
+    for done_rows, dup_ids, sims in results:
+        dup_ids = pa.array([stand_in.get(d, d) if d is not None else None for d in dup_ids.to_pylist()], pa.string())
+        if len(done_rows):
+            position = np.full(n, -1, np.int64)
+            position[done_rows] = np.arange(len(done_rows))
+            dup_of = pc.if_else(pa.array(position >= 0), pc.take(dup_ids, pa.array(np.maximum(position, 0))), dup_of)
+            sim[done_rows] = sims
+    return dup_of, sim
+
+
+def _dedup_bucket(threshold: float, block_rows: int, *slices: tuple[pa.Table, np.ndarray],
+                  ) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """Task body: the uploads of one bucket's clusters against the corpus's retained rows ->
+    (rows of the uploads, the id each removed one duplicates (null when kept), similarity)."""
     x, meta = gather_sorted(slices)
     ids = meta.column("id").combine_chunks()
-    cluster = meta.column("cluster").to_numpy()
-    is_new = meta.column("is_new").to_numpy(zero_copy_only=False)
-    retained = meta.column("retained").to_numpy(zero_copy_only=False)
-    starts, ends = equal_runs(cluster)
-    rows, sims, dups, reps = [], [], [], []
-    xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
-    for s, e in zip(starts, ends):
-        n_old = int((~is_new[s:e]).sum())
-        if n_old == e - s:
-            continue
-        sim, arg, rep = score_cluster_against_corpus(xd[s:e], int(retained[s:e].sum()), n_old,
-                                                     block_rows, col_block, diag_rows, device)
-        rows.append(np.arange(s + n_old, e))
-        sims.append(sim)
-        dups.append(np.where(arg >= 0, arg + s, -1))
-        reps.append(np.where(rep >= 0, rep + s, -1))
-    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-    rows_a, rep_a = cat(rows, np.int64), cat(reps, np.int64)
-    table = scores_table(ids.take(pa.array(rows_a)), cluster[rows_a], meta.column("rank").to_numpy()[rows_a],
-                         cat(sims, np.float32), cat(dups, np.int64), dup_ids=ids)
-    representative = pc.if_else(pa.array(rep_a >= 0), pc.take(ids, pa.array(np.maximum(rep_a, 0))),
-                                pa.nulls(len(rep_a), pa.string()))
-    return write_scores_part(out_dir, table.append_column("representative", representative),
-                             time.perf_counter() - began, 0.0)
+    row = meta.column("row").to_numpy()
+    new = row >= 0
+    dup = np.full(len(row), -1, np.int64)
+    sim = np.full(len(row), np.nan, np.float32)
+    for s, e in zip(*equal_runs(meta.column("cluster").to_numpy())):
+        fixed = int((~new[s:e]).sum())
+        _, d, v = keep_first_exact(x[s:e], np.ones(e - s, bool), threshold, fixed, block_rows)
+        dup[s:e] = np.where(d >= 0, d + s, -1)
+        sim[s:e] = v
+    dup_ids = pc.if_else(pa.array(dup >= 0), pc.take(ids, pa.array(np.maximum(dup, 0))),
+                         pa.nulls(len(dup), pa.string()))
+    return row[new], dup_ids.filter(pa.array(new)), sim[new]
 
 
-def _comparison_set(assignments: pa.Table, vdir: str, clusters: set[int]) -> pa.Table:
-    """Every corpus item of ``clusters`` (retained or removed, for whatever reason: a copy of a
-    rejected frame is covered too) -> table (id, cluster, retained), ordered by cluster with the
-    retained items first, then by id. assignments: the version's (id, cluster) rows."""
-    assignments = assignments.select(["id", "cluster"]).filter(pc.is_in(assignments.column("cluster"),
-                                              value_set=pa.array(sorted(clusters), pa.int32())))
-    retained = storage.read_published(storage.join(vdir, "retained"), ["id"]).column("id")
-    table = assignments.append_column("retained", pc.is_in(assignments.column("id"), value_set=retained))
-    order = pc.sort_indices(table, sort_keys=[("cluster", "ascending"), ("retained", "descending"),
-                                              ("id", "ascending")])
-    return table.take(order)
+def _stand_ins(ids: pa.Array, linked: pa.Array, kept: np.ndarray) -> pa.Array:
+    """duplicate_of of every upload: the retained item it stands for, following links between
+    uploads (``linked``: the id each removed upload was matched to, an upload or a corpus
+    item; null for none) to a kept upload or a corpus item (retained by construction)."""
+    n = len(ids)
+    corpus = pc.unique(linked.filter(pc.invert(pc.fill_null(pc.is_in(linked, value_set=ids), True))))
+    chain_ids = pa.concat_arrays([ids, corpus])
+    chain_parent = pa.concat_arrays([pc.if_else(pa.array(kept), pa.nulls(n, pa.string()), linked),
+                                     pa.nulls(len(corpus), pa.string())])
+    roots = retained_roots(chain_ids, chain_parent, np.r_[kept, np.ones(len(corpus), bool)]).slice(0, n)
+    return pc.if_else(pa.array(kept), pa.nulls(n, pa.string()), roots)
 
 
 def run(config: Config) -> dict[str, Any]:
     """Curate the new uploads under ``config.input`` into a new corpus version (module doc)."""
-    import ray
-
     from deldist.runtime import init_ray
 
     started = time.time()
@@ -447,7 +539,9 @@ def run(config: Config) -> dict[str, Any]:
     if not embed_result.get("published"):
         raise RuntimeError("embedding the uploads did not finish (max_sources?); rerun curate-new to continue")
     batch_emb = storage.join(batch_root, "embeddings")
-    meta = storage.read_published(batch_emb, ["id", "source", "frame_index", "dataset", *QUALITY_COLUMNS])
+    rules = _selection_rules(manifest)
+    meta = storage.read_published(batch_emb, ["id", "source", "frame_index", "dataset", *QUALITY_COLUMNS,
+                                              *(["phash"] if rules.deldist_rules.near_copy is not None else [])])
     n = meta.num_rows
     ids = meta.column("id").combine_chunks()
 
@@ -460,122 +554,46 @@ def run(config: Config) -> dict[str, Any]:
     cluster = assigned.column("cluster").to_numpy().astype(np.int64)
     distance = assigned.column("distance").to_numpy()
 
-    # 4. filters: the corpus selection's rules
+    # 4. the corpus selection's rules: quality, outliers, temporal, near copies
     seen_assign = pa.concat_tables([storage.read_published(a, ["id", "cluster", "distance"])
                                     for a in manifest["assignments"]])
     seen_cluster = seen_assign.column("cluster").to_numpy().astype(np.int64)
     seen_distance = seen_assign.column("distance").to_numpy()
-    invalid = np.zeros(n, bool)
-    invalid_by_rule: dict[str, int] = {}
-    if manifest.get("invalid") is not None and n:
-        quality = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in QUALITY_COLUMNS}
-        groups = pc.dictionary_encode(meta.column("source").combine_chunks()).indices.to_numpy()
-        frame_index = meta.column("frame_index").to_numpy(zero_copy_only=False)
-        for rule, mask in invalid_mask(quality, InvalidThresholds(**manifest["invalid"]), groups,
-                                       frame_index).items():
-            invalid |= mask
-            invalid_by_rule[rule] = int(mask.sum())
-    outlier = np.zeros(n, bool)
-    if manifest.get("outlier_distance") is not None:
-        outlier |= distance > manifest["outlier_distance"]
-    if manifest.get("outlier_quantile") is not None and n:
-        # the per-cluster quantile of the clusters as they are now (corpus + uploads): new content
-        # far from the old items is drift, not an outlier, unless it is extreme in its cluster too
-        limits = cluster_quantiles(np.r_[seen_cluster, cluster], np.r_[seen_distance, distance],
-                                   manifest["outlier_quantile"], len(centroids))
-        outlier |= distance > limits[cluster]
+    decision = _filter_uploads(rules, meta, ids, cluster, distance, seen_cluster, seen_distance, len(centroids),
+                               batch_emb, dim)
+    represented = represented_items(vdir)
+    if rules.deldist_rules.near_copy is not None and n:
+        _near_copies_of_corpus(rules, meta, ids, manifest["embeddings"], represented, decision)
     drift_threshold = float(np.quantile(seen_distance, config.drift_quantile))
     drift = drift_fraction(distance, drift_threshold)
 
-    # 5. dedup the valid new items against the corpus and each other
-    valid = ~invalid & ~outlier
-    new_rank = rank_within_clusters(ids.filter(pa.array(valid)), cluster[valid], distance[valid],
-                                    manifest.get("keep", "hard"), manifest.get("seed", 0))
-    scores_dir = storage.join(batch_root, "scores")
-    max_sim = np.zeros(n, np.float32)
-    first = np.zeros(n, bool)
-    direct = representative = pa.nulls(n, pa.string())
-    if valid.any():
-        touched = set(np.unique(cluster[valid]).tolist())
-        old = _comparison_set(seen_assign, vdir, touched)
-        old_cluster = old.column("cluster").to_numpy().astype(np.int64)
-        old_count = np.bincount(old_cluster, minlength=len(centroids))
-        old_rank = np.arange(len(old_cluster)) - np.searchsorted(old_cluster, old_cluster)  # sorted by cluster
-        new_ids = ids.filter(pa.array(valid))
-        new_cluster = cluster[valid]
-        sizes = old_count + np.bincount(new_cluster, minlength=len(centroids))
-        sizes[~np.isin(np.arange(len(sizes)), list(touched))] = 0
-        n_buckets = config.num_buckets or max(1, 2 * int(ray.cluster_resources().get("CPU", 1.0) // config.task_cpus))
-        buckets = plan_buckets(sizes, n_buckets, split_rows=int(sizes.max()) + 1, bucket_rows=1 << 40)
-        bucket_of = np.full(len(sizes), -1, np.int32)
-        for b, bucket in enumerate(buckets):
-            bucket_of[bucket.clusters] = b
-        old_lookup = pa.table({"id": old.column("id"), "bucket": bucket_of[old_cluster],
-                               "cluster": old_cluster.astype(np.int32), "rank": old_rank,
-                               "is_new": np.zeros(len(old_cluster), bool), "retained": old.column("retained")})
-        new_lookup = pa.table({"id": new_ids, "bucket": bucket_of[new_cluster], "cluster": new_cluster.astype(np.int32),
-                               "rank": old_count[new_cluster] + new_rank, "is_new": np.ones(len(new_cluster), bool),
-                               "retained": np.zeros(len(new_cluster), bool)})
-        slices: list[list[Any]] = [[] for _ in buckets]
-        stats: list[tuple[Any, str]] = []
-        for emb_dir, lookup, what in [*[(d, old_lookup, "corpus") for d in manifest["embeddings"]],
-                                      (batch_emb, new_lookup, "new")]:
-            per_bucket, route_stats = shuffle_by_bucket(emb_dir, dim, lookup, len(buckets), config.shard_rows,
-                                                        config.io_cpus)
-            for b, refs in enumerate(per_bucket):
-                slices[b] += refs
-            stats.append((route_stats, what))
-        use_gpu = _use_gpu(config)
-        task = ray.remote(num_cpus=config.task_cpus, **({"num_gpus": config.task_gpus} if use_gpu else {}))(
-            _score_bucket)
-        parts = ray.get([task.remote(scores_dir, config.block_rows, config.col_block, config.diag_rows,
-                                     "cuda" if use_gpu else "cpu", *s) for s in slices])
-        found = {"corpus": 0, "new": 0}
-        for refs, what in stats:
-            found[what] += sum(r["rows"] - r["missing"] for r in ray.get(refs))
-        for what, expected in (("corpus", old_lookup.num_rows), ("new", new_lookup.num_rows)):
-            if found[what] != expected:
-                raise RuntimeError(f"found {found[what]} of the {expected} {what} embeddings needed: "
-                                   "the embeddings changed under this version")
-        storage.publish(scores_dir, [p["path"] for p in parts], {"schema": storage.schema_hex(SCORES_SCHEMA)})
-        scores = storage.read_published(scores_dir)
-        if scores.num_rows != len(new_ids):
-            raise RuntimeError(f"scored {scores.num_rows} of {len(new_ids)} new items")
-        scores = scores.take(pc.index_in(new_ids, value_set=scores.column("id")))
-        rows = np.flatnonzero(valid)
-        max_sim[rows] = scores.column("max_sim").to_numpy(zero_copy_only=False)
-        first[rows] = scores.column("duplicate_of").is_null().to_numpy(zero_copy_only=False)
-        position = pa.array(np.maximum(np.cumsum(valid) - 1, 0))  # row -> its row among the valid ones
-        direct = pc.if_else(pa.array(valid), pc.take(scores.column("duplicate_of").combine_chunks(), position),
-                            direct)
-        representative = pc.if_else(pa.array(valid), pc.take(scores.column("representative").combine_chunks(),
-                                                              position), representative)
-
+    # 5. dedup: a new item is a duplicate only of a kept item of its cluster (the corpus's
+    # retained items, then the new items kept before it in rank order)
     threshold = float(manifest["similarity_threshold"])
-    reason, _ = decide(n, first=first, max_sim=max_sim, eps=1.0 - threshold, invalid=invalid, outlier=outlier)
+    candidate = decision.reason < 0
+    if candidate.any():
+        dup_of, sim = _dedup_against_corpus(config, manifest, seen_assign, represented, batch_emb, ids, cluster,
+                                            distance, candidate, threshold, dim)
+        duplicate = pc.is_valid(dup_of).to_numpy(zero_copy_only=False)
+        decision.remove(duplicate, "duplicate", "duplicate", "MedDEL §3.2 (against the curated corpus)",
+                        {"similarity_threshold": threshold, "dedup_rule": "kept"}, score=sim)
+        direct = pc.coalesce(dup_of, decision.info.get("copy_of_corpus", pa.nulls(n, pa.string())))
+    else:
+        direct = decision.info.get("copy_of_corpus", pa.nulls(n, pa.string()))
+    reason = decision.reason
     kept = reason < 0
-    is_dup = reason == REASONS.index("duplicate")
-
-    # duplicate_of: the retained item a removed duplicate stands for. Matched to a corpus item:
-    # the nearest retained corpus item of its cluster; matched to an earlier new item: that
-    # item's own representative, followed along the chain.
-    matched_new = pc.fill_null(pc.is_in(direct, value_set=ids), False)
-    parent = pc.if_else(matched_new, direct, pc.coalesce(representative, direct))
-    parent = pc.if_else(pa.array(is_dup), parent, pa.nulls(n, pa.string()))
-    corpus_reps = pc.unique(parent.filter(pc.invert(pc.fill_null(pc.is_in(parent, value_set=ids), True))))
-    chain_ids = pa.concat_arrays([ids, corpus_reps])
-    chain_parent = pa.concat_arrays([parent, pa.nulls(len(corpus_reps), pa.string())])
-    roots = retained_roots(chain_ids, chain_parent, np.r_[kept, np.ones(len(corpus_reps), bool)]).slice(0, n)
-    # no retained item at the end of the chain (no retained corpus item in the cluster): the direct match
-    duplicate_of = pc.if_else(pa.array(is_dup), pc.coalesce(roots, direct), pa.nulls(n, pa.string()))
-
+    # duplicate_of: the retained item a removed item stands for; a frame matched to a new frame
+    # that a later rule removed follows that frame's own link
+    linked_ids = pc.if_else(pa.array(decision.link >= 0), ids.take(pa.array(np.maximum(decision.link, 0))),
+                            direct)
+    duplicate_of = _stand_ins(ids, linked_ids, kept)
     removed_rows = np.flatnonzero(~kept)
     new_retained = pa.table({"id": ids.filter(pa.array(kept))}, schema=RETAINED_SCHEMA)
     new_removed = pa.table({
         "id": ids.take(pa.array(removed_rows)),
         "reason": pa.array(np.asarray(REASONS, dtype=object)[reason[removed_rows]], pa.string()),
         "duplicate_of": duplicate_of.take(pa.array(removed_rows)),
-        "max_sim": pa.array(np.where(is_dup, max_sim, np.nan)[removed_rows], pa.float32(), from_pandas=True),
+        "max_sim": pa.array(decision.score[removed_rows], pa.float32(), from_pandas=True),
     }, schema=REMOVED_SCHEMA)
     ledger = sources_ledger(meta.select(["source"]), new_version, [s.uri for s in new_sources] + new_skipped)
 
@@ -591,7 +609,7 @@ def run(config: Config) -> dict[str, Any]:
                    ledger, VERSION_SOURCES_SCHEMA)
     parent_summary = storage.read_json(storage.join(vdir, "summary.json"))
     batch = _batch_summary(meta, reason, kept, new_sources, new_skipped, embed_result, drift, drift_threshold,
-                           config, invalid_by_rule, old_dups=_old_matches(duplicate_of, is_dup, ids))
+                           config, decision.rules, old_dups=_old_matches(duplicate_of, reason >= 0, ids))
     summary = _version_summary(parent_summary, batch, new_version, counts, config)
     storage.write_json(storage.join(new_vdir, "summary.json"), summary)
     storage.publish(new_vdir, [], {
@@ -614,17 +632,16 @@ def run(config: Config) -> dict[str, Any]:
     return result
 
 
-def _old_matches(duplicate_of: pa.Array, is_dup: np.ndarray, ids: pa.Array) -> int:
-    """Removed duplicates whose retained representative is a corpus item (not from this batch)."""
-    if not is_dup.any():
-        return 0
-    dup = duplicate_of.filter(pa.array(is_dup))
-    return int(len(dup) - pc.sum(pc.is_in(dup, value_set=ids)).as_py())
+def _old_matches(duplicate_of: pa.Array, removed: np.ndarray, ids: pa.Array) -> int:
+    """Removed uploads whose retained stand-in is a corpus item (not from this batch)."""
+    named = duplicate_of.filter(pa.array(removed))
+    named = named.filter(pc.is_valid(named))
+    return int(len(named) - pc.sum(pc.is_in(named, value_set=ids)).as_py()) if len(named) else 0
 
 
 def _batch_summary(meta: pa.Table, reason: np.ndarray, kept: np.ndarray, new_sources: list, new_skipped: list[str],
                    embed_result: dict[str, Any], drift: float, drift_threshold: float, config: Config,
-                   invalid_by_rule: dict[str, int], old_dups: int) -> dict[str, Any]:
+                   rules: list[dict[str, Any]], old_dups: int) -> dict[str, Any]:
     datasets = meta.column("dataset").to_numpy(zero_copy_only=False).astype(str)
     per_dataset = {name: {"input": int((datasets == name).sum()), "kept": int(kept[datasets == name].sum())}
                    for name in sorted(set(datasets.tolist()))}
@@ -633,7 +650,7 @@ def _batch_summary(meta: pa.Table, reason: np.ndarray, kept: np.ndarray, new_sou
         "frames": len(reason), "kept": int(kept.sum()),
         "ratio": float(kept.mean()) if len(kept) else 0.0,
         "removed_by_reason": {REASONS[r]: int((reason == r).sum()) for r in np.unique(reason[reason >= 0])},
-        "duplicates_of_corpus_items": old_dups, "invalid_by_rule": invalid_by_rule,
+        "duplicates_of_corpus_items": old_dups, "rules": rules,
         "per_dataset": per_dataset, "embed_errors": embed_result.get("errors", 0),
         "drift_fraction": drift, "drift_distance": drift_threshold, "drift_quantile": config.drift_quantile,
         "recluster_recommended": drift >= config.recluster_above,

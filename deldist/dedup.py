@@ -66,6 +66,7 @@ from deldist.cluster import (
     read_shard,
 )
 from deldist.config import StageConfig
+from deldist.greedy import keep_first_in_order
 from deldist.schema import SCORES_SCHEMA
 
 if TYPE_CHECKING:
@@ -85,8 +86,15 @@ class Config(StageConfig):
     embeddings: str | None = Field(None, description="default <output>/embeddings")
     clusters: str | None = Field(None, description="default <output>/clusters")
     scores: str | None = Field(None, description="default <output>/dedup/scores")
-    keep: KeepMode = Field("hard", description="rank order within a cluster: hard = farthest from the centroid first")
+    keep: KeepMode = Field("easy", description="rank order within a cluster: easy = nearest the centroid first "
+                                               "(MedDEL), hard = farthest first (SemDeDup)")
     seed: int = Field(0, description="seed of keep=random")
+    neighbours_by_similarity: int = Field(16, ge=0, description="per item, the most similar earlier items kept "
+                                                                  "for the kept-aware selection")
+    neighbours_by_rank: int = Field(16, ge=0, description="per item, the earliest-ranked earlier items kept (those "
+                                                            "most often kept themselves)")
+    neighbour_floor: float = Field(0.5, ge=-1, le=1, description="neighbours below this similarity are not kept; "
+                                                                 "selections need thresholds at or above it")
     block_rows: int = Field(256, ge=1, description="rows per similarity block")
     diag_rows: int = Field(64, ge=1, description="rows per sub-block of a diagonal block")
     col_block: int = Field(16_384, ge=1, description="columns per similarity tile")
@@ -162,6 +170,145 @@ def _merge_max(best: np.ndarray, arg: np.ndarray, sims: np.ndarray, offset: int)
     arg[better] = tile_arg[better]
 
 
+@dataclass(frozen=True)
+class ListSpec:
+    """Which earlier neighbours a row keeps besides its max (see :class:`NeighbourLists`)."""
+
+    by_similarity: int = 16
+    by_rank: int = 16
+    floor: float = 0.5
+
+
+class NeighbourLists:
+    """Per row, the earlier items the kept-aware selection needs (NumPy accumulator).
+
+    Two lists over the earlier items with similarity >= ``floor``: the ``by_similarity``
+    most similar (ties: the earlier) and the ``by_rank`` earliest-ranked. The first finds a
+    row's closest copies; the second its earliest neighbours, which are the ones most often
+    kept (with every sweep threshold the earliest member of a group of copies stays).
+    Tiles of one row must be merged in increasing column order (as the kernels do).
+    :meth:`result` gives the union and ``bound``: no unlisted earlier item has similarity
+    above it, so at a threshold t >= bound a row's list holds every earlier item above t.
+    """
+
+    def __init__(self, rows: int, spec: ListSpec):
+        self.spec = spec
+        self.floor_below = np.float32(np.nextafter(np.float32(spec.floor), np.float32(-np.inf)))
+        self.top_sim = np.full((rows, spec.by_similarity), -np.inf, np.float32)
+        self.top_idx = np.full((rows, spec.by_similarity), -1, np.int64)
+        self.first_sim = np.full((rows, spec.by_rank), -np.inf, np.float32)
+        self.first_idx = np.full((rows, spec.by_rank), -1, np.int64)
+        self.first_count = np.zeros(rows, np.int64)
+
+    def merge(self, r0: int, r1: int, sims: np.ndarray, c0: int) -> None:
+        """Fold the (r1 - r0, cols) tile ``sims`` (columns numbered from ``c0``; masked
+        entries -inf) into rows [r0, r1)."""
+        if self.spec.by_similarity:
+            self._merge_top(r0, r1, sims, c0)
+        if self.spec.by_rank:
+            self._merge_first(r0, r1, sims, c0)
+
+    def _merge_top(self, r0: int, r1: int, sims: np.ndarray, c0: int) -> None:
+        m = self.spec.by_similarity
+        cols = sims.shape[1]
+        if cols > m and self.top_idx[r1 - 1, -1] < 0 and self.top_idx[r0, -1] < 0:
+            # rows meeting their first columns (lists fill in row order): each row's m best by
+            # one selection, no full-tile masks. Exact ties at the cut: any of the tied items.
+            rows = np.arange(r1 - r0)
+            col = np.argpartition(sims, cols - m, axis=1)[:, cols - m:]
+            val = np.take_along_axis(sims, col, 1)
+        else:
+            cut = np.maximum(self.top_sim[r0:r1, -1], self.floor_below)
+            hit = sims > cut[:, None]
+            crowded = np.flatnonzero(np.count_nonzero(hit, axis=1) > m)
+            if len(crowded):  # keep each crowded row's m best (and ties with the m-th)
+                kth = np.partition(sims[crowded], cols - m, axis=1)[:, cols - m]
+                hit[crowded] &= sims[crowded] >= kth[:, None]
+            r, c = np.nonzero(hit)  # row-major: grouped by row
+            if not len(r):
+                return
+            rows, first, counts = np.unique(r, return_index=True, return_counts=True)
+            slot = np.arange(len(r)) - np.repeat(first, counts)
+            col = np.full((len(rows), counts.max()), -1, np.int64)
+            val = np.full(col.shape, -np.inf, np.float32)
+            at = np.repeat(np.arange(len(rows)), counts)
+            col[at, slot] = c
+            val[at, slot] = sims[r, c]
+        val = np.where(val > self.floor_below, val, -np.inf).astype(np.float32)
+        idx = np.where(np.isfinite(val), col + c0, -1)
+        val = np.concatenate([self.top_sim[r0 + rows], val], axis=1)
+        idx = np.concatenate([self.top_idx[r0 + rows], idx], axis=1)
+        val, idx = _sort_rows(val, idx)
+        self.top_sim[r0 + rows], self.top_idx[r0 + rows] = val[:, :m], idx[:, :m]
+
+    def _merge_first(self, r0: int, r1: int, sims: np.ndarray, c0: int) -> None:
+        need = self.spec.by_rank - self.first_count[r0:r1]
+        rows = np.flatnonzero(need > 0)
+        cols = sims.shape[1]
+        lo = 0
+        while len(rows) and lo < cols:
+            # a narrow first chunk fills most rows when neighbours are common; the rest of
+            # the tile only for the rows still short
+            hi = cols if lo else min(cols, 4 * self.spec.by_rank)
+            above = sims[rows, lo:hi] > self.floor_below
+            nth = np.cumsum(above, axis=1, dtype=np.int32)
+            r, c = np.nonzero(above & (nth <= need[rows][:, None]))
+            row = r0 + rows[r]
+            slot = self.first_count[row] + nth[r, c] - 1
+            self.first_sim[row, slot] = sims[rows[r], lo + c]
+            self.first_idx[row, slot] = lo + c + c0
+            self.first_count[r0:r1] += np.bincount(rows[r], minlength=r1 - r0)
+            need = self.spec.by_rank - self.first_count[r0:r1]
+            rows = rows[need[rows] > 0]
+            lo = hi
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(idx int64 (rows, L), sim float32 (rows, L), bound float32 (rows,)): the union of
+        both lists, each row sorted by similarity (descending; ties: lower index first) and
+        padded with -1 / -inf; L = by_similarity + by_rank."""
+        return union_lists(self.top_idx, self.top_sim, self.first_idx, self.first_sim, self.spec.floor)
+
+
+def _sort_rows(val: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of (rows, w) ``val`` / ``idx`` sorted by val descending, ties by idx
+    ascending; padding (idx -1, val -inf) last."""
+    by_idx = np.argsort(np.where(idx < 0, np.iinfo(np.int64).max, idx), axis=1, kind="stable")
+    val, idx = np.take_along_axis(val, by_idx, 1), np.take_along_axis(idx, by_idx, 1)
+    by_val = np.argsort(-val, axis=1, kind="stable")
+    return np.take_along_axis(val, by_val, 1), np.take_along_axis(idx, by_val, 1)
+
+
+def union_lists(top_idx: np.ndarray, top_sim: np.ndarray, first_idx: np.ndarray, first_sim: np.ndarray,
+                floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of the by-similarity and by-rank lists (see :meth:`NeighbourLists.result`)."""
+    idx = np.concatenate([top_idx, first_idx], axis=1)
+    sim = np.concatenate([top_sim, first_sim], axis=1).astype(np.float32)
+    by_idx = np.argsort(idx, axis=1, kind="stable")
+    idx, sim = np.take_along_axis(idx, by_idx, 1), np.take_along_axis(sim, by_idx, 1)
+    repeated = np.zeros(idx.shape, bool)
+    repeated[:, 1:] = (idx[:, 1:] == idx[:, :-1]) & (idx[:, 1:] >= 0)
+    idx[repeated] = -1
+    sim[idx < 0] = -np.inf
+    sim, idx = _sort_rows(sim, idx)
+    rows = len(idx)
+    full = (top_idx[:, -1] >= 0 if top_idx.shape[1] else np.ones(rows, bool)) & \
+           (first_idx[:, -1] >= 0 if first_idx.shape[1] else np.ones(rows, bool))
+    last_top = top_sim[:, -1] if top_sim.shape[1] else np.full(rows, np.inf, np.float32)
+    bound = np.where(full, last_top, np.float32(floor)).astype(np.float32)
+    return idx, sim, bound
+
+
+def triu_neighbours(x: Matrix, start: int = 0, stop: int | None = None, spec: ListSpec = ListSpec(),
+                    block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64,
+                    device: Device = "cpu") -> tuple[np.ndarray, ...]:
+    """:func:`triu_max_sim` plus each row's neighbour lists (:class:`NeighbourLists`), from
+    the same tiles. Returns (max_sim (r,), argmax (r,), idx int64 (r, L), sim float32 (r, L),
+    bound float32 (r,)) for the r = stop - start rows; idx are row numbers of ``x``."""
+    if device == "cpu":
+        return _triu_max_sim_numpy(np.asarray(x), start, stop, block_rows, col_block, diag_rows, spec)
+    return _triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device, spec)
+
+
 def triu_max_sim(x: Matrix, start: int = 0, stop: int | None = None, block_rows: int = 256,
                  col_block: int = 16_384, diag_rows: int = 64, device: Device = "cpu",
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -233,23 +380,26 @@ def _rectangle_tiles(m: int, p: int, block_rows: int, col_block: int) -> Iterato
 
 
 def _triu_max_sim_numpy(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
-                        col_block: int = 16_384, diag_rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`triu_max_sim` in NumPy (float32 sgemm)."""
+                        col_block: int = 16_384, diag_rows: int = 64, spec: ListSpec | None = None,
+                        ) -> tuple[np.ndarray, ...]:
+    """:func:`triu_max_sim` in NumPy (float32 sgemm); with ``spec``, :func:`triu_neighbours`."""
     n = len(x)
     stop = _check_range(n, start, stop)
     out_sim = np.full(stop - start, -np.inf, np.float32)
     out_arg = np.full(stop - start, -1, np.int64)
-    if stop <= start:
-        return np.zeros(0, np.float32), out_arg
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    for r0, r1, c0, c1, diagonal in _triangle_tiles(start, stop, block_rows, col_block, diag_rows):
-        sims = x[r0:r1] @ x[c0:c1].T
-        if diagonal:
-            np.copyto(sims[:, r0 - c0:], -np.inf, where=_upper_mask(diag_rows)[: r1 - r0, : r1 - r0])
-        _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
-    if start == 0:
-        out_sim[0], out_arg[0] = 0.0, -1
-    return out_sim, out_arg
+    lists = NeighbourLists(stop - start, spec) if spec is not None else None
+    if stop > start:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        for r0, r1, c0, c1, diagonal in _triangle_tiles(start, stop, block_rows, col_block, diag_rows):
+            sims = x[r0:r1] @ x[c0:c1].T
+            if diagonal:
+                np.copyto(sims[:, r0 - c0:], -np.inf, where=_upper_mask(diag_rows)[: r1 - r0, : r1 - r0])
+            _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
+            if lists is not None:
+                lists.merge(r0 - start, r1 - start, sims, c0)
+        if start == 0:
+            out_sim[0], out_arg[0] = 0.0, -1
+    return (out_sim, out_arg) if lists is None else (out_sim, out_arg, *lists.result())
 
 
 def _max_sim_to_numpy(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_block: int = 16_384,
@@ -336,28 +486,78 @@ def _merge_max_torch(best: torch.Tensor, arg: torch.Tensor, sims: torch.Tensor, 
     arg.copy_(torch.where(better, tile_arg, arg))
 
 
+class _NeighbourListsTorch:
+    """:class:`NeighbourLists` with its state on a torch device (one tile merge = a few
+    kernels, no host sync but the by-rank scatter). Exact ties at the by-similarity cut may
+    keep a different one of the tied items than the NumPy path."""
+
+    def __init__(self, rows: int, spec: ListSpec, device: Any):
+        import torch
+
+        self.spec = spec
+        full = lambda m, v, dtype: torch.full((rows, m), v, dtype=dtype, device=device)  # noqa: E731
+        self.top_sim, self.top_idx = full(spec.by_similarity, -math.inf, torch.float32), \
+            full(spec.by_similarity, -1, torch.int64)
+        self.first_sim, self.first_idx = full(spec.by_rank, -math.inf, torch.float32), \
+            full(spec.by_rank, -1, torch.int64)
+        self.first_count = torch.zeros(rows, dtype=torch.int64, device=device)
+
+    def merge(self, r0: int, r1: int, sims: Any, c0: int) -> None:
+        import torch
+
+        above = sims >= self.spec.floor
+        m = self.spec.by_similarity
+        if m:
+            vals, inds = torch.topk(sims.masked_fill(~above, -math.inf), min(m, sims.shape[1]), dim=1)
+            inds = torch.where(torch.isfinite(vals), inds + c0, torch.full_like(inds, -1))
+            val = torch.cat([self.top_sim[r0:r1], vals], 1)
+            idx = torch.cat([self.top_idx[r0:r1], inds], 1)
+            by_idx = torch.argsort(torch.where(idx < 0, torch.iinfo(torch.int64).max, idx), dim=1, stable=True)
+            val, idx = val.gather(1, by_idx), idx.gather(1, by_idx)
+            by_val = torch.argsort(-val, dim=1, stable=True)[:, :m]
+            self.top_sim[r0:r1], self.top_idx[r0:r1] = val.gather(1, by_val), idx.gather(1, by_val)
+        if self.spec.by_rank:
+            need = self.spec.by_rank - self.first_count[r0:r1]
+            nth = above.cumsum(1)
+            take = above & (nth <= need[:, None])
+            r, c = take.nonzero(as_tuple=True)
+            slot = self.first_count[r0 + r] + nth[r, c] - 1
+            self.first_sim[r0 + r, slot] = sims[r, c]
+            self.first_idx[r0 + r, slot] = c + c0
+            self.first_count[r0:r1] += take.sum(1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        host = lambda t: t.cpu().numpy()  # noqa: E731
+        return union_lists(host(self.top_idx), host(self.top_sim), host(self.first_idx), host(self.first_sim),
+                           self.spec.floor)
+
+
 def _triu_max_sim_torch(x: Matrix, start: int = 0, stop: int | None = None,
                         block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64,
-                        device: str = "cuda") -> tuple[np.ndarray, np.ndarray]:
-    """:func:`triu_max_sim` in torch on ``device`` (any torch device, also ``"cpu"``)."""
+                        device: str = "cuda", spec: ListSpec | None = None) -> tuple[np.ndarray, ...]:
+    """:func:`triu_max_sim` (with ``spec``: :func:`triu_neighbours`) in torch on ``device``
+    (any torch device, also ``"cpu"``)."""
     import torch
 
     stop = _check_range(len(x), start, stop)
-    if stop <= start:
-        return np.zeros(0, np.float32), np.full(0, -1, np.int64)
     xt = _as_device_tensor(x[:stop], device)  # rows from stop on are never read: not copied
     out_sim = torch.full((stop - start,), -math.inf, dtype=torch.float32, device=xt.device)
     out_arg = torch.full((stop - start,), -1, dtype=torch.int64, device=xt.device)
+    lists = _NeighbourListsTorch(stop - start, spec, xt.device) if spec is not None else None
     mask = _upper_mask_torch(diag_rows, xt.device)
-    with _ieee_fp32_matmul():
-        for r0, r1, c0, c1, diagonal in _triangle_tiles(start, stop, block_rows, col_block, diag_rows):
-            sims = xt[r0:r1] @ xt[c0:c1].T
-            if diagonal:
-                sims[:, r0 - c0:].masked_fill_(mask[: r1 - r0, : r1 - r0], -math.inf)
-            _merge_max_torch(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
-    if start == 0:
-        out_sim[0], out_arg[0] = 0.0, -1
-    return out_sim.cpu().numpy(), out_arg.cpu().numpy()
+    if stop > start:
+        with _ieee_fp32_matmul():
+            for r0, r1, c0, c1, diagonal in _triangle_tiles(start, stop, block_rows, col_block, diag_rows):
+                sims = xt[r0:r1] @ xt[c0:c1].T
+                if diagonal:
+                    sims[:, r0 - c0:].masked_fill_(mask[: r1 - r0, : r1 - r0], -math.inf)
+                _merge_max_torch(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
+                if lists is not None:
+                    lists.merge(r0 - start, r1 - start, sims, c0)
+        if start == 0:
+            out_sim[0], out_arg[0] = 0.0, -1
+    result = (out_sim.cpu().numpy(), out_arg.cpu().numpy())
+    return result if lists is None else (*result, *lists.result())
 
 
 def _max_sim_to_torch(q: Matrix, keys: Matrix, block_rows: int = 256,
@@ -374,18 +574,77 @@ def _max_sim_to_torch(q: Matrix, keys: Matrix, block_rows: int = 256,
     return best.cpu().numpy(), arg.cpu().numpy()
 
 
+def keep_first_exact(x: np.ndarray, candidate: np.ndarray, threshold: float, n_fixed: int = 0,
+                     block_rows: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kept-aware rule computed from the vectors (no neighbour lists): rows in rank
+    order; a candidate row is removed iff its similarity to an earlier *kept* row exceeds
+    ``threshold`` (:mod:`deldist.greedy`). Rows [0, n_fixed) are kept as given (a curated
+    corpus's retained items).
+
+    x: (n, D) float32 unit rows; candidate: (n,) bool. Work: each block of ``block_rows``
+    rows against the rows kept before it, plus its own (block, block) triangle: O(n x kept x
+    D), never O(n^2) memory. Returns (kept bool (n,), duplicate_of int64 (n,): the most
+    similar earlier kept row of a removed candidate (ties: the earliest), else -1;
+    similarity float32 (n,) to it, NaN for none).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    candidate = np.asarray(candidate, bool).copy()
+    candidate[:n_fixed] = True
+    kept = np.zeros(n, bool)
+    kept[:n_fixed] = True
+    dup_of = np.full(n, -1, np.int64)
+    dup_sim = np.full(n, np.nan, np.float32)
+    kept_rows = np.empty((max(n, 1), x.shape[1] if x.ndim == 2 else 0), np.float32)
+    kept_pos = np.empty(max(n, 1), np.int64)
+    kept_rows[:n_fixed], kept_pos[:n_fixed] = x[:n_fixed], np.arange(n_fixed)
+    n_kept = n_fixed
+    for b0 in range(n_fixed, n, block_rows):
+        b1 = min(b0 + block_rows, n)
+        block = x[b0:b1]
+        before_sim = np.full(b1 - b0, -np.inf, np.float32)
+        before_arg = np.full(b1 - b0, -1, np.int64)
+        if n_kept:
+            _merge_max(before_sim, before_arg, block @ kept_rows[:n_kept].T, 0)
+        own = block @ block.T
+        src, dst = np.nonzero(np.tril(own > threshold, -1))
+        open_rows = candidate[b0:b1] & ~(before_sim > threshold)
+        kept_here = keep_first_in_order(open_rows, src, dst)
+        # the best kept link of each row: kept before the block, or kept earlier in it
+        inside = np.where(np.tril(np.ones_like(own, bool), -1) & kept_here[None, :], own, -np.inf)
+        in_arg = inside.argmax(axis=1)
+        in_sim = inside[np.arange(b1 - b0), in_arg]
+        use_inside = in_sim > before_sim  # ties: the row kept before the block (earlier)
+        best_sim = np.where(use_inside, in_sim, before_sim)
+        best_pos = np.where(use_inside, b0 + in_arg, kept_pos[np.maximum(before_arg, 0)])
+        removed = candidate[b0:b1] & ~kept_here
+        kept[b0:b1] = kept_here
+        dup_of[b0:b1] = np.where(removed, best_pos, -1)
+        dup_sim[b0:b1] = np.where(removed, best_sim, np.nan)
+        new = np.flatnonzero(kept_here)
+        kept_rows[n_kept:n_kept + len(new)] = block[new]
+        kept_pos[n_kept:n_kept + len(new)] = b0 + new
+        n_kept += len(new)
+    return kept, dup_of, dup_sim
+
+
 def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
-                          block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64,
-                          device: Device = "cpu") -> pa.Table:
+                          spec: ListSpec = ListSpec(), block_rows: int = 256, col_block: int = 16_384,
+                          diag_rows: int = 64, device: Device = "cpu") -> pa.Table:
     """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
 
     x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
     must be 0..n_c-1 inside each cluster (checked: the ranking and the data must agree).
-    device: as in :func:`triu_max_sim`; ``x`` is copied there once for all its clusters.
+    spec: the neighbour lists kept per row; device: as in :func:`triu_max_sim` (``x`` is
+    copied there once for all its clusters).
     """
     n = len(x)
+    width = spec.by_similarity + spec.by_rank
     max_sim = np.zeros(n, np.float32)
     dup = np.full(n, -1, np.int64)
+    nbr = np.full((n, width), -1, np.int64)
+    nbr_sim = np.full((n, width), -np.inf, np.float32)
+    bound = np.full(n, spec.floor, np.float32)
     if n:
         starts, ends = equal_runs(cluster)
         expected = np.arange(n) - np.repeat(starts, ends - starts)
@@ -393,26 +652,35 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
             raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
         xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
         for s, e in zip(starts, ends):
-            sims, arg = triu_max_sim(xd[s:e], block_rows=block_rows, col_block=col_block, diag_rows=diag_rows,
-                                     device=device)
+            sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = triu_neighbours(
+                xd[s:e], spec=spec, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows, device=device)
             max_sim[s:e] = sims
             dup[s:e] = np.where(arg >= 0, arg + s, -1)
-    return scores_table(ids, cluster, rank, max_sim, dup)
+    return scores_table(ids, cluster, rank, max_sim, dup, nbr, nbr_sim, bound)
 
 
 def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: np.ndarray,
-                 dup_row: np.ndarray, dup_ids: pa.Array | None = None) -> pa.Table:
-    """Assemble SCORES_SCHEMA rows; ``dup_row`` indexes ``dup_ids`` (default ``ids``), -1 = none."""
+                 dup_row: np.ndarray, neighbours: np.ndarray, neighbour_sims: np.ndarray, bound: np.ndarray,
+                 dup_ids: pa.Array | None = None) -> pa.Table:
+    """Assemble SCORES_SCHEMA rows; ``dup_row`` indexes ``dup_ids`` (default ``ids``), -1 = none.
+    neighbours / neighbour_sims: (n, L) ranks within the cluster and similarities, each row
+    valid entries first (-1 padding); bound: (n,) ``unlisted_max_sim``."""
     dup_ids = ids if dup_ids is None else dup_ids
     has_dup = dup_row >= 0
     taken = pc.take(dup_ids, pa.array(np.where(has_dup, dup_row, 0)))
     duplicate_of = pc.if_else(pa.array(has_dup), taken, pa.nulls(len(dup_row), pa.string()))
+    valid = np.asarray(neighbours) >= 0
+    offsets = pa.array(np.r_[0, np.cumsum(valid.sum(axis=1))].astype(np.int32))
     return pa.table({
         "id": ids,
         "cluster": pa.array(np.asarray(cluster, np.int32)),
         "rank": pa.array(np.asarray(rank, np.int64)),
         "max_sim": pa.array(np.asarray(max_sim, np.float32)),
         "duplicate_of": duplicate_of,
+        "neighbours": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(neighbours)[valid].astype(np.int32))),
+        "neighbour_sims": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(neighbour_sims)[valid],
+                                                                     pa.float32())),
+        "unlisted_max_sim": pa.array(np.asarray(bound, np.float32)),
     }, schema=SCORES_SCHEMA)
 
 
@@ -555,7 +823,7 @@ def check_shuffle(stats: list[dict[str, Any]], expected: int, what: str) -> None
                          f"that wrote {what}")
 
 
-def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int, device: Device,
+def _score_bucket(out_dir: str, spec: ListSpec, block_rows: int, col_block: int, diag_rows: int, device: Device,
                   *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
     """Task body: score every (small) cluster of one bucket on ``device`` and write a scores part."""
     began = time.perf_counter()
@@ -564,7 +832,7 @@ def _score_bucket(out_dir: str, block_rows: int, col_block: int, diag_rows: int,
     ids = meta.column("id").combine_chunks()
     gathered = time.perf_counter()
     table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
-                                  block_rows, col_block, diag_rows, device)
+                                  spec, block_rows, col_block, diag_rows, device)
     return write_scores_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
 
 
@@ -577,14 +845,14 @@ def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, p
     return x, meta.column("id").combine_chunks()
 
 
-def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int,
+def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int, spec: ListSpec,
                 block_rows: int, col_block: int, diag_rows: int, device: Device = "cpu") -> dict[str, Any]:
     """Task body: rows [start, stop) of one split cluster -> a scores part (on ``device``: only
     rows [0, stop) are copied there)."""
     began = time.perf_counter()
-    sims, arg = triu_max_sim(x, start, stop, block_rows, col_block, diag_rows, device)
+    sims, arg, nbr, nbr_sim, bound = triu_neighbours(x, start, stop, spec, block_rows, col_block, diag_rows, device)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
-                         np.arange(start, stop), sims, arg, dup_ids=ids)
+                         np.arange(start, stop), sims, arg, nbr, nbr_sim, bound, dup_ids=ids)
     return write_scores_part(out_dir, table, time.perf_counter() - began, 0.0)
 
 
@@ -650,6 +918,7 @@ def run(config: Config) -> dict[str, Any]:
     use_gpu = cluster_gpus() > 0 if config.use_gpu is None else config.use_gpu
     device = "cuda" if use_gpu else "cpu"
     gpu_opts = {"num_gpus": config.task_gpus} if use_gpu else {}
+    spec = ListSpec(config.neighbours_by_similarity, config.neighbours_by_rank, config.neighbour_floor)
     score_bucket = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_bucket)
     gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
     score_rows = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_rows)
@@ -658,12 +927,12 @@ def run(config: Config) -> dict[str, Any]:
         slices = slices_of[b]
         if bucket.row_ranges:
             x_ref, ids_ref = gather.remote(*slices)
-            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e,
+            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec,
                                           config.block_rows, config.col_block, config.diag_rows, device)
                         for a, e in bucket.row_ranges]
         else:
-            pending.append(score_bucket.remote(out_dir, config.block_rows, config.col_block, config.diag_rows,
-                                               device, *slices))
+            pending.append(score_bucket.remote(out_dir, spec, config.block_rows, config.col_block,
+                                               config.diag_rows, device, *slices))
     try:
         check_shuffle(ray.get(route_stats), n, "assignments")
     except ValueError:
@@ -676,7 +945,9 @@ def run(config: Config) -> dict[str, Any]:
         raise RuntimeError(f"scored {scored} rows but {n} were assigned")
     storage.publish(out_dir, [p["path"] for p in parts],
                     {"schema": storage.schema_hex(SCORES_SCHEMA), "rows": n, "keep": config.keep,
-                     "seed": config.seed, "clusters": clusters_dir, "use_gpu": use_gpu})
+                     "seed": config.seed, "clusters": clusters_dir, "use_gpu": use_gpu,
+                     "neighbours_by_similarity": spec.by_similarity, "neighbours_by_rank": spec.by_rank,
+                     "neighbour_floor": spec.floor})
     finished = time.perf_counter()
     return {
         "scores": out_dir, "rows": n, "clusters": int((sizes > 0).sum()), "keep": config.keep,

@@ -29,7 +29,15 @@ from pydantic import model_validator
 import deldist
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.frames import DecodeError, Sampling, decode_image, decode_video, probe_video, quality_stats
+from deldist.frames import (
+    DecodeError,
+    Sampling,
+    decode_image,
+    decode_video,
+    perceptual_hash,
+    probe_video,
+    quality_stats,
+)
 from deldist.io import Source, list_sources, open_source
 from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, embeddings_schema
 
@@ -200,7 +208,8 @@ def _decode_unit(unit: dict[str, Any], cfg: Config, records: list[dict[str, Any]
                                   skip=skip, threads=cfg.decode_threads, stats=stats)
         for index, ts, rgb in frames:
             yield {"id": frame_id(unit["key"], index), "source": unit["uri"], "frame_index": index,
-                   "timestamp_s": ts, "dataset": unit["dataset"], "pixels": rgb, **quality_stats(rgb)}
+                   "timestamp_s": ts, "dataset": unit["dataset"], "pixels": rgb, **quality_stats(rgb),
+                   "phash": perceptual_hash(rgb)}
         if unit["kind"] == "video" and stats["decoded"] == 0 and unit["unit"] == 0:
             raise DecodeError("no decodable video frames")
     except Exception as e:  # recorded per unit; the frames decoded before it are kept
@@ -212,7 +221,8 @@ def _decode_unit(unit: dict[str, Any], cfg: Config, records: list[dict[str, Any]
 
 
 def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    out = {k: np.asarray([r[k] for r in rows]) for k in rows[0] if k != "pixels"}
+    out = {k: np.asarray([r[k] for r in rows]) for k in rows[0] if k not in ("pixels", "phash")}
+    out["phash"] = np.array([r["phash"] for r in rows], np.uint64)
     out["pixels"] = np.stack([r["pixels"] for r in rows])
     for name in QUALITY_COLUMNS:
         out[name] = out[name].astype(np.float32)

@@ -82,6 +82,17 @@ def quality_stats(rgb: np.ndarray) -> dict[str, float]:
     }
 
 
+def perceptual_hash(rgb: np.ndarray) -> int:
+    """64-bit perceptual hash of an RGB uint8 frame (H, W, 3): ``imagehash.phash`` (the signs
+    of the 8 x 8 lowest DCT frequencies of the 32 x 32 grey image against their median),
+    bits packed row-major, first bit most significant. Used by deldist's near-copy rule."""
+    import imagehash
+    from PIL import Image
+
+    bits = imagehash.phash(Image.fromarray(np.ascontiguousarray(rgb))).hash.reshape(-1)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
 def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     scale = short_side / min(width, height)
     return max(short_side, round(width * scale)), max(short_side, round(height * scale))

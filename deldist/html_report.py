@@ -41,7 +41,7 @@ from deldist import storage
 from deldist.schema import QUALITY_COLUMNS
 
 # reasons whose rows name the frame they duplicate (duplicate_of) and their similarity to it
-GROUP_REASONS: tuple[str, ...] = ("duplicate", "temporal")
+GROUP_REASONS: tuple[str, ...] = ("duplicate", "near_copy", "temporal")
 HISTOGRAM = "cluster_sizes.png"
 THUMBS = "thumbs"
 # wanted frames of one video further apart than this are decoded in separate seeks, so a
@@ -185,8 +185,11 @@ def selection_view(summary: dict[str, Any], removed: pa.Table, *, max_per_galler
     outliers = farthest_first(outliers, outlier_distance, max_per_gallery) if outlier_distance \
         else spread_evenly(outliers, max_per_gallery)
     params = summary.get("parameters", {})
-    shown = {k: params.get(k) for k in ("eps", "target_ratio", "outlier_distance", "outlier_quantile",
-                                        "temporal_threshold", "match_selection", "seed") if params.get(k) is not None}
+    shown: dict[str, Any] = {k: params.get(k) for k in ("method", "eps", "target_ratio", "match_selection", "seed")
+                             if params.get(k) is not None}
+    for rule in summary.get("rules", []):  # every rule that ran, whose rule it is, what it removed
+        settings = ", ".join(f"{k}={v}" for k, v in rule.get("parameters", {}).items() if v is not None)
+        shown[f"rule: {rule['rule']}"] = f"{rule['by']}; removed {rule['removed']}" + (f"; {settings}" if settings else "")
     if summary.get("similarity_threshold") is not None:
         shown["similarity_threshold"] = summary["similarity_threshold"]
     return SelectionView(

@@ -3,6 +3,10 @@
 For each selection (``all`` = every embedded frame, retained fraction 1; otherwise
 ``<output>/selections/<name>/`` with its ``summary.json`` ratio and method) the report pretrains
 an MAE on the selection's frames (``deldist pretrain``, run name ``<report>-<selection>``),
+under one of two schedules: ``equal_compute`` (the default, MedDEL §4 and Table 2: "under
+equivalent computational resources", 200 epochs at 100 % ... 4,000 at 5 %, i.e. epochs =
+base epochs / R, so every selection trains about the same number of steps) or
+``equal_epochs`` (every selection the base epochs, so a 5 % selection trains 20x fewer steps);
 finetunes the encoder for segmentation (``deldist finetune``) and scores
 NormDEL = 1 / (1 + exp(-mIoU * exp(-alpha * R))), with mIoU the foreground IoU in [0, 1] and R
 the retained fraction. A random-initialised encoder is finetuned too, as the control (no
@@ -24,7 +28,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -42,6 +46,9 @@ class Config(StageConfig):
     name: str = "report"
     selections: list[str] = Field(default_factory=lambda: [FULL], description=f"selection names; {FULL!r} = all frames")
     alpha: float = Field(1.0, gt=0)
+    schedule: Literal["equal_compute", "equal_epochs"] = Field(
+        "equal_compute", description="equal_compute: pretrain epochs = base epochs / R (MedDEL Table 2); "
+                                     "equal_epochs: the base epochs for every selection")
     control: bool = Field(True, description="also finetune a random-initialised encoder")
     frames: str | None = Field(None, description="frame store; default <output>/frames/all (materialized if missing)")
     frame_size: int = Field(256, ge=16, description="frame store size when it has to be materialized")
@@ -58,6 +65,16 @@ def report_dir(output: str, name: str) -> str:
 
 
 # ------------------------------------------------------------------ table (pure)
+
+
+def schedule_epochs(base_epochs: int, retained: float, schedule: str) -> int:
+    """Pretraining epochs of a selection keeping fraction ``retained`` of the frames.
+    ``equal_compute``: base / R rounded (MedDEL Table 2: 200 at R = 1, 1,000 at 0.2, 4,000 at
+    0.05), the same number of steps as the full data for ``base_epochs``; ``equal_epochs``:
+    ``base_epochs``."""
+    if schedule == "equal_epochs" or retained >= 1.0:
+        return base_epochs
+    return max(1, round(base_epochs / retained))
 
 
 def table_rows(results: list[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
@@ -84,10 +101,11 @@ def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
     """Table 3 style: mIoU and NormDEL in percent per selection."""
     lines = [f"mIoU = foreground (polyp) IoU on the held-out split, %; NormDEL with alpha = {alpha:g}, %; "
              "R = retained fraction of the pretraining frames.", "",
-             "| selection | method | R | frames | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| selection | method | R | frames | epochs | steps | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['selection']} | {r['method']} | {_fmt(r['retained'])} | {_fmt(r.get('frames'))} | "
+                     f"{_fmt(r.get('epochs'))} | {_fmt(r.get('steps'))} | "
                      f"{_fmt(r['miou'], True)} | {_fmt(r['normdel'], True)} | {_fmt(r.get('miou_fg_bg'), True)} | "
                      f"{_fmt(r.get('pretrain_loss'))} |")
     return "\n".join(lines) + "\n"
@@ -109,16 +127,25 @@ def _series(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[float,
     return out
 
 
-def plot_png(rows: list[dict[str, Any]]) -> tuple[bytes, str]:
-    """Two panels (mIoU, NormDEL against R; MedDEL vs random; control as a dashed line) ->
-    (PNG bytes, backend name: "matplotlib" or "pillow")."""
+def steps_caption(rows: list[dict[str, Any]], schedule: str) -> str:
+    """One line on the pretraining budget under the plot: the steps every selection trained."""
+    steps = sorted({int(r["steps"]) for r in rows if r.get("steps")})
+    if not steps:
+        return ""
+    span = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
+    return f"pretraining: {span} steps per selection ({schedule.replace('_', ' ')})"
+
+
+def plot_png(rows: list[dict[str, Any]], caption: str = "") -> tuple[bytes, str]:
+    """Two panels (mIoU, NormDEL against R; MedDEL vs random; control as a dashed line) and
+    ``caption`` below -> (PNG bytes, backend name: "matplotlib" or "pillow")."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _plot_pillow(rows), "pillow"
+        return _plot_pillow(rows, caption), "pillow"
     control = next((r["miou"] for r in rows if r["method"] == "control"), None)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, title in ((axes[0], "miou", "mIoU (%)"), (axes[1], "normdel", "NormDEL (%)")):
@@ -130,14 +157,16 @@ def plot_png(rows: list[dict[str, Any]]) -> tuple[bytes, str]:
         ax.set_xlabel("retained fraction R")
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue(), "matplotlib"
 
 
-def _plot_pillow(rows: list[dict[str, Any]]) -> bytes:
+def _plot_pillow(rows: list[dict[str, Any]], caption: str = "") -> bytes:
     """The same two panels drawn with Pillow (no matplotlib): log-x axes, lines + markers."""
     from PIL import Image, ImageDraw
 
@@ -184,6 +213,8 @@ def _plot_pillow(rows: list[dict[str, Any]]) -> bytes:
             for px, py in px_pts:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
             draw.text((ox + pad + 8, pad + 6 + 14 * i), method, fill=colour)
+    if caption:
+        draw.text((pad, height - 12), caption, fill="black")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -201,19 +232,26 @@ def selection_info(output: str, selection: str) -> dict[str, Any]:
             "kept": summary.get("kept_count")}
 
 
-def _pretrained(config: Config, selection: str, frames: str) -> dict[str, Any]:
+def _pretrained(config: Config, selection: str, frames: str, retained: float) -> dict[str, Any]:
     from deldist import pretrain
 
     name = f"{config.name}-{selection}"
     out = pretrain.run_dir(config.output, name)
+    base = pretrain.Config.model_validate({**config.pretrain, "output": config.output})
+    epochs = schedule_epochs(base.epochs, retained, config.schedule)
     if not storage.is_published(out):
         settings = {**config.pretrain, "output": config.output, "name": name, "frames": frames,
-                    "selection": None if selection == FULL else selection}
+                    "selection": None if selection == FULL else selection, "epochs": epochs,
+                    "warmup_epochs": base.warmup_epochs * epochs / base.epochs}
         pretrain.run(pretrain.Config.model_validate(settings))
     meta = storage.read_manifest(out)
+    if meta.get("epochs") != epochs:
+        raise ValueError(f"{out} holds a pretraining of {meta.get('epochs')} epochs, not the {epochs} the "
+                         f"{config.schedule} schedule gives {selection}; use another report name")
     history = storage.read_json(storage.join(out, "metrics.json"))
-    return {"encoder": storage.join(out, "encoder.safetensors"), "frames": meta["frames"],
-            "pretrain_loss": history[-1]["loss"] if history else None, "model": meta["model"]}
+    return {"encoder": storage.join(out, "encoder.safetensors"), "frames": meta["frames"], "epochs": meta["epochs"],
+            "steps": meta.get("steps"), "pretrain_loss": history[-1]["loss"] if history else None,
+            "model": meta["model"]}
 
 
 def _finetuned(config: Config, name: str, weights: str | None, model: str) -> dict[str, Any]:
@@ -258,11 +296,12 @@ def run(config: Config) -> dict[str, Any]:
     results = []
     for selection in config.selections:
         info = selection_info(config.output, selection)
-        pre = _pretrained(config, selection, frames)
+        pre = _pretrained(config, selection, frames, info["retained"])
         fine = _finetuned(config, f"{config.name}-{selection}", pre["encoder"], pre["model"])
         seg = fine["segmentation"]
         results.append({"selection": selection, **{k: info[k] for k in ("method", "retained")},
-                        "frames": pre["frames"], "miou": seg["miou"], "miou_fg_bg": seg["miou_fg_bg"],
+                        "frames": pre["frames"], "epochs": pre["epochs"], "steps": pre["steps"],
+                        "miou": seg["miou"], "miou_fg_bg": seg["miou_fg_bg"],
                         "iou_fg_per_image": seg.get("iou_fg_per_image"), "dice_fg": seg.get("dice_fg"),
                         "pretrain_loss": pre["pretrain_loss"], **_classification_columns(fine)})
     if config.control:
@@ -270,22 +309,26 @@ def run(config: Config) -> dict[str, Any]:
         fine = _finetuned(config, f"{config.name}-control", None, model)
         seg = fine["segmentation"]
         results.append({"selection": "random-init", "method": "control", "retained": None, "frames": 0,
+                        "epochs": 0, "steps": 0,
                         "miou": seg["miou"], "miou_fg_bg": seg["miou_fg_bg"],
                         "iou_fg_per_image": seg.get("iou_fg_per_image"), "dice_fg": seg.get("dice_fg"),
                         "pretrain_loss": None, **_classification_columns(fine)})
     rows = table_rows(results, config.alpha)
     out = report_dir(config.output, config.name)
-    png, backend = plot_png(rows)
+    caption = steps_caption(rows, config.schedule)
+    png, backend = plot_png(rows, caption)
     storage.write_csv(storage.join(out, "table.csv"), rows)
     files = {"table.md": markdown_table(rows, config.alpha).encode(),
              "plot.png": png}
     for name, data in files.items():
         storage.write_bytes(storage.join(out, name), data)
     report = {"rows": rows, "alpha": config.alpha, "miou": "iou_fg (foreground IoU, held-out split)",
+              "schedule": config.schedule, "caption": caption,
               "plot_backend": backend, "seconds": round(time.time() - started, 1)}
     storage.write_json(storage.join(out, "report.json"), report)
     storage.publish(out, [storage.resolve(storage.join(out, n))[1] for n in ["table.csv", *files, "report.json"]],
-                    {"selections": config.selections, "alpha": config.alpha, "plot_backend": backend})
+                    {"selections": config.selections, "alpha": config.alpha, "plot_backend": backend,
+                     "schedule": config.schedule})
     return {"report": out, "table": storage.join(out, "table.md"), "plot": storage.join(out, "plot.png"),
             "plot_backend": backend, "rows": rows, **({"html": html} if html else {})}
 

@@ -19,6 +19,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
             ("dataset", pa.string()),
             ("embedding", pa.list_(pa.float32(), dim)),
             *[(name, pa.float32()) for name in QUALITY_COLUMNS],
+            ("phash", pa.uint64()),  # 64-bit perceptual hash (deldist.frames.perceptual_hash)
         ]
     )
 
@@ -46,6 +47,10 @@ ASSIGNMENTS_SCHEMA = pa.schema(
     ]
 )
 
+# max_sim / duplicate_of: the highest similarity to any earlier-ranked item of the cluster
+# (SemDeDup's score). neighbours / neighbour_sims: ranks (within the cluster) and similarities
+# of the earlier items a kept-aware selection needs (deldist.dedup.NeighbourLists), most
+# similar first; unlisted_max_sim: no unlisted earlier item is more similar than this.
 SCORES_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -53,6 +58,9 @@ SCORES_SCHEMA = pa.schema(
         ("rank", pa.int64()),
         ("max_sim", pa.float32()),
         ("duplicate_of", pa.string()),
+        ("neighbours", pa.list_(pa.int32())),
+        ("neighbour_sims", pa.list_(pa.float32())),
+        ("unlisted_max_sim", pa.float32()),
     ]
 )
 

@@ -34,6 +34,7 @@ def write_embeddings(emb_dir: str, x: np.ndarray, parts: int = 3, manifest_dim: 
             "dataset": ["a" if i % 2 else "b" for i in rows],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), dim),
             **{q: pa.array(np.full(len(rows), 0.5), pa.float32()) for q in QUALITY_COLUMNS},
+            "phash": pa.array(np.zeros(len(rows), np.uint64)),
         }, schema=schema)
         path = storage.join(emb_dir, storage.new_part_name())
         storage.write_table(table, path)

@@ -35,30 +35,6 @@ def test_retained_roots_follows_chains():
     assert cyc.to_pylist() == [None, None]
 
 
-@pytest.mark.parametrize("n_retained,n_old,q", [(5, 12, 40), (0, 7, 9), (3, 3, 1), (0, 0, 6), (300, 700, 300)])
-def test_scores_against_corpus_match_float64_reference(n_retained, n_old, q):
-    rng = np.random.default_rng(n_old + q)
-    base = rng.normal(size=(4, 32))
-    x = base[rng.integers(0, 4, n_old + q)] + 0.3 * rng.normal(size=(n_old + q, 32))
-    x[n_old + q // 2] = x[max(n_old - 1, 0)]  # an exact copy of a corpus row (or of the first)
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    sims = x.astype(np.float64) @ x.astype(np.float64).T
-    max_sim, arg, rep = curate_new.score_cluster_against_corpus(x, n_retained, n_old, block_rows=64, col_block=128,
-                                                                diag_rows=16)
-    for i in range(q):
-        row = n_old + i
-        if row == 0:
-            assert arg[i] == -1 and max_sim[i] == 0
-        else:
-            assert max_sim[i] == pytest.approx(sims[row, :row].max(), abs=1e-5)
-            assert sims[row, arg[i]] == pytest.approx(sims[row, :row].max(), abs=1e-5)
-        if n_retained:
-            assert sims[row, rep[i]] == pytest.approx(sims[row, :n_retained].max(), abs=1e-5)
-            assert rep[i] < n_retained
-        else:
-            assert rep[i] == -1
-
-
 def test_cluster_quantiles_match_numpy():
     rng = np.random.default_rng(0)
     cluster = rng.integers(0, 5, 200)
@@ -99,9 +75,10 @@ def corpus(ray_session, tiny_sample, tmp_path_factory):
 embed: {{model: vit_tiny_patch16_224, random_init: true, pooling: mean, stride: 2, segment_seconds: 4,
         batch_size: 32}}
 cluster: {{k: 4, max_iter: 20, task_cpus: 0.5}}
-dedup: {{keep: hard, task_cpus: 0.5}}
+dedup: {{task_cpus: 0.5}}
 select:
-  - {{name: {SELECTION}, target_ratio: 0.3, outlier_quantile: 0.98}}
+  - {{name: {SELECTION}, target_ratio: 0.3,
+     deldist_rules: {{quality: {{}}, outlier_quantile: 0.98, near_copy: {{}}}}}}
 """)
     root = str(out / "run")
     cfg = load_config(CurateConfig, str(cfg_path), [f"input={tiny_sample / 'videos'}", f"output={root}"],
@@ -143,14 +120,18 @@ def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     for name in ("reupload", "reencoded"):  # (a), (b): every frame removed
         frames = by_video[name]
         assert not set(frames) & new_retained, name
-        dups = [new_removed[i] for i in frames if new_removed[i]["reason"] == "duplicate"]
-        assert len(dups) >= 0.8 * len(frames), (name, [new_removed[i]["reason"] for i in frames])
-        for r in dups:  # each stands for an old retained frame, matched above the corpus threshold
+        copies = [new_removed[i] for i in frames if new_removed[i]["reason"] in ("duplicate", "near_copy")]
+        assert len(copies) >= 0.8 * len(frames), (name, [new_removed[i]["reason"] for i in frames])
+        for r in copies:  # each stands for an old retained frame (nothing lost)
             assert r["duplicate_of"] in v1_retained, r
-            assert r["max_sim"] > threshold
-    # (a): byte-identical frames match at similarity ~1
-    assert min(new_removed[i]["max_sim"] for i in by_video["reupload"]
-               if new_removed[i]["reason"] == "duplicate") > 0.9999
+            if r["reason"] == "duplicate":  # a duplicate of a kept frame, above the corpus threshold
+                assert r["max_sim"] > threshold
+    # (a): the re-uploads of retained frames are near copies at Hamming distance 0
+    exact = [new_removed[i] for i in by_video["reupload"] if new_removed[i]["reason"] == "near_copy"]
+    assert exact and all(r["max_sim"] == 1.0 for r in exact)
+    summary = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION, 2), "summary.json"))
+    assert [r["rule"] for r in summary["batch"]["rules"]] == ["quality", "outlier_distance", "outlier_quantile",
+                                                               "near_copy", "duplicate"]
     # (c): new content is kept: every scene with frames that pass the filters keeps one, and no
     # frame is removed as a duplicate of a corpus frame
     fresh = by_video["fresh"]
@@ -158,7 +139,7 @@ def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     assert not [i for i in fresh if i in new_removed and new_removed[i]["duplicate_of"] in old_ids]
     scene_of = sample.frame_labels(sample.plan_dataset("tiny", seed=123)[0])["scene_id"]
     passed = {scene_of[int(i.split("#")[1])] for i in fresh
-              if i in new_retained or new_removed[i]["reason"] == "duplicate"}
+              if i in new_retained or new_removed[i]["reason"] in ("duplicate", "near_copy")}
     covered = {scene_of[int(i.split("#")[1])] for i in fresh if i in new_retained}
     assert passed and covered == passed
 
@@ -236,6 +217,12 @@ def test_recluster_by_flag_publishes_a_reclustered_version(corpus):
     removed = read_version(root, SELECTION, "removed").column("id").to_pylist()
     assert sorted(kept + removed) == sorted(corpus_ids + batch_ids)
     summary = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION), "summary.json"))
-    assert summary["ratio"] == pytest.approx(0.3, abs=0.02)  # the selection's own rule on the union
+    # the selection's own rules on the union: 30 %, unless the copies leave fewer candidates,
+    # then every candidate stays and the summary says so
+    if summary["target_reachable"]:
+        assert summary["ratio"] == pytest.approx(0.3, abs=0.005)
+    else:
+        assert summary["ratio"] < 0.3 and "duplicate" not in summary["removed_by_reason"]
+        assert "pass the earlier rules" in summary["target_unreachable_because"]
     # the sources ledger carries over: the same uploads are a no-op now
     assert run(corpus["new_cfg"])["changed"] is False

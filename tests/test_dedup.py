@@ -267,33 +267,91 @@ def test_score_sorted_clusters_on_the_torch_path(cuda_on_cpu):
     ids = pa.array([f"f{i:04d}" for i in range(len(x))])
     rank = dedup.rank_within_clusters(ids, labels, distance, "hard")
     order = np.lexsort((rank, labels))
-    args = (x[order], ids.take(pa.array(order)), labels[order], rank[order], 16, 40, 6)
-    on_torch = dedup.score_sorted_clusters(*args, device="cuda")
-    on_numpy = dedup.score_sorted_clusters(*args, device="cpu")
+    args = (x[order], ids.take(pa.array(order)), labels[order], rank[order], dedup.ListSpec(4, 3, 0.2))
+    on_torch = dedup.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cuda")
+    on_numpy = dedup.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cpu")
     assert on_torch.schema.equals(SCORES_SCHEMA)
     assert np.abs(on_torch.column("max_sim").to_numpy() - on_numpy.column("max_sim").to_numpy()).max() < 1e-6
     assert on_torch.column("duplicate_of").equals(on_numpy.column("duplicate_of"))
+    assert on_torch.column("neighbours").equals(on_numpy.column("neighbours"))  # no exact ties in this data
+    assert np.abs(on_torch.column("unlisted_max_sim").to_numpy() - on_numpy.column("unlisted_max_sim").to_numpy()
+                  ).max() < 1e-6
     sims, arg = dedup.triu_max_sim(x, 100, 130, 16, 40, 6, device="cuda")  # a split cluster's row range
     np_sims, np_arg = dedup.triu_max_sim(x, 100, 130, 16, 40, 6, device="cpu")
     assert np.abs(sims - np_sims).max() < 1e-6 and np.array_equal(arg, np_arg)
 
 
-@pytest.mark.parametrize("n_retained,n_old,q", [(5, 12, 40), (0, 7, 9), (3, 3, 1), (0, 0, 6), (70, 150, 90)])
-def test_curate_new_scores_on_the_torch_path(cuda_on_cpu, n_retained, n_old, q):
-    from deldist import curate_new
+def reference_lists(x: np.ndarray, spec: dedup.ListSpec) -> list[tuple[set, float]]:
+    """float64: per row, the union of its ``by_similarity`` most similar and ``by_rank`` earliest
+    earlier rows with similarity >= floor, and the largest similarity of an earlier row not in it."""
+    sims = x.astype(np.float64) @ x.astype(np.float64).T
+    out = []
+    for i in range(len(x)):
+        above = np.flatnonzero(sims[i, :i] >= spec.floor)
+        top = sorted(above, key=lambda j: (-sims[i, j], j))[: spec.by_similarity]
+        listed = set(top) | set(above[: spec.by_rank].tolist())
+        unlisted = [sims[i, j] for j in range(i) if j not in listed]
+        out.append((listed, max(unlisted, default=-np.inf)))
+    return out
 
-    x = near_dup_rows(n_old + q, 16, seed=q, copies=min(q, 5))
-    on_torch = curate_new.score_cluster_against_corpus(x, n_retained, n_old, 32, 40, 8, device="cuda")
-    on_numpy = curate_new.score_cluster_against_corpus(x, n_retained, n_old, 32, 40, 8, device="cpu")
-    assert np.abs(on_torch[0] - on_numpy[0]).max() < 1e-6
-    sims64 = x.astype(np.float64) @ x.astype(np.float64).T
-    rows = np.arange(n_old, n_old + q)
-    has = on_torch[1] >= 0
-    check_against_float64(sims64, rows[has], [np.arange(r) for r in rows[has]], on_torch[0][has], on_torch[1][has])
-    if n_retained:
-        check_against_float64(sims64, rows, [np.arange(n_retained)] * q, sims64[rows, on_torch[2]], on_torch[2])
-    else:
-        assert np.all(on_torch[2] == -1)
+
+@pytest.mark.parametrize("spec", [dedup.ListSpec(4, 3, 0.3), dedup.ListSpec(0, 5, -1.0), dedup.ListSpec(6, 0, 0.6)])
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+def test_neighbour_lists_match_float64_reference(spec, device):
+    x = near_dup_rows(150, 12, seed=4, copies=30)
+    x[[40, 41, 90]] = x[7]  # exact copies: ties
+    ref = reference_lists(x, spec)
+    for start, stop in [(0, 150), (37, 121)]:  # a whole cluster and a split cluster's row range
+        if device == "cpu":
+            _, _, idx, sim, bound = dedup.triu_neighbours(x, start, stop, spec, 16, 40, 6)
+        else:
+            _, _, idx, sim, bound = dedup._triu_max_sim_torch(x, start, stop, 16, 40, 6, "cpu", spec)
+        sims64 = x.astype(np.float64) @ x.astype(np.float64).T
+        for r, i in enumerate(range(start, stop)):
+            listed = idx[r][idx[r] >= 0]
+            assert np.all(np.diff(sim[r][idx[r] >= 0]) <= 1e-6)  # most similar first
+            np.testing.assert_allclose(sim[r][idx[r] >= 0], sims64[i, listed], atol=1e-5)
+            want, unlisted_max = ref[i]
+            # exact ties at the by-similarity cut may list another of the tied rows
+            assert set(listed.tolist()) == want or np.allclose(sorted(sims64[i, listed]),
+                                                               sorted(sims64[i, list(want)]), atol=1e-5)
+            assert unlisted_max <= bound[r] + 1e-5  # the bound the selection relies on
+
+
+def reference_keep_first(x: np.ndarray, candidate: np.ndarray, threshold: float, fixed: int = 0):
+    """float64 loop: rows in order; a candidate is removed iff its similarity to an earlier kept
+    row exceeds the threshold -> (kept, duplicate_of (most similar kept, earliest on ties), sim)."""
+    x64 = x.astype(np.float64)
+    kept = np.zeros(len(x), bool)
+    dup = np.full(len(x), -1)
+    sim = np.full(len(x), np.nan)
+    for i in range(len(x)):
+        earlier = np.flatnonzero(kept[:i])
+        s = x64[earlier] @ x64[i] if len(earlier) else np.zeros(0)
+        if i < fixed:
+            kept[i] = True
+        elif candidate[i] and len(s) and s.max() > threshold:
+            dup[i], sim[i] = earlier[int(np.argmax(s))], s.max()
+        elif candidate[i]:
+            kept[i] = True
+    return kept, dup, sim
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 512])
+@pytest.mark.parametrize("fixed", [0, 9])
+@pytest.mark.parametrize("threshold", [0.9, 0.995])
+def test_keep_first_exact_matches_float64_reference(block_rows, fixed, threshold):
+    x = near_dup_rows(160, 10, seed=fixed + block_rows, copies=40)
+    x[[50, 51, 120]] = x[3]  # exact copies
+    candidate = np.random.default_rng(1).random(160) < 0.8
+    candidate[3] = False  # the original of the exact copies is removed by an earlier rule
+    kept, dup, sim = dedup.keep_first_exact(x, candidate, threshold, fixed, block_rows)
+    ref_kept, ref_dup, ref_sim = reference_keep_first(x, candidate, threshold, fixed)
+    assert np.array_equal(kept, ref_kept) and np.array_equal(dup, ref_dup)
+    np.testing.assert_allclose(sim[dup >= 0], ref_sim[dup >= 0], atol=1e-5)
+    assert kept[dup[dup >= 0]].all()  # nothing lost: every removed row names a kept one
+    if threshold > 0.99 and not fixed:  # the copies of an original removed by an earlier rule keep one
+        assert kept[50] and dup[51] == dup[120] == 50
 
 
 # ----------------------------------------------------------------------------- Ray stage
@@ -313,6 +371,7 @@ def write_run(root: str, x: np.ndarray, labels: np.ndarray, distance: np.ndarray
             "dataset": ["d"] * len(rows),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), dim),
             **{q: pa.array(np.full(len(rows), 0.5), pa.float32()) for q in QUALITY_COLUMNS},
+            "phash": pa.array(np.zeros(len(rows), np.uint64)),
         }, schema=schema)
         path = storage.join(emb_dir, storage.new_part_name())
         storage.write_table(table, path)
@@ -357,6 +416,17 @@ def test_run_matches_reference_with_a_split_cluster(ray_session, tmp_path, keep)
     dup_row = np.full(len(x), -1)
     dup_row[rows] = [-1 if d is None else row_of[d] for d in scores.column("duplicate_of").to_pylist()]
     assert_matches_reference(x, labels, rank, max_sim, dup_row)
+    # the neighbour lists (default spec) of the split cluster's rows and of the packed ones
+    spec = dedup.ListSpec()
+    for c in (0, 5):
+        members = np.flatnonzero(labels == c)
+        members = members[np.argsort(rank[members])]
+        ref = reference_lists(x[members], spec)
+        for r, row in enumerate(members):
+            k = got.index(ids[row])
+            listed = scores.column("neighbours")[k].as_py()
+            assert set(listed) == ref[r][0]
+            assert ref[r][1] <= scores.column("unlisted_max_sim")[k].as_py() + 1e-5
 
 
 def test_run_rejects_bad_input(ray_session, tmp_path):

@@ -209,8 +209,9 @@ def curated(ray_session, tiny_sample, tmp_path_factory):
         embed={"model": "vit_tiny_patch16_224", "random_init": True, "pooling": "mean", "stride": 3,
                "segment_seconds": 4, "batch_size": 32},
         cluster={"k": 6, "max_iter": 10, "task_cpus": 0.5},
-        dedup={"keep": "hard", "task_cpus": 0.5},
-        select=[{"name": SELECTION, "target_ratio": 0.5, "outlier_quantile": 0.9},
+        dedup={"task_cpus": 0.5},
+        select=[{"name": SELECTION, "target_ratio": 0.5,
+                 "deldist_rules": {"quality": {}, "outlier_quantile": 0.9, "near_copy": {}}},
                 {"name": "random", "method": "random", "match_selection": SELECTION}])
     result = curate.run(config)
     return root, result
@@ -299,8 +300,9 @@ def test_duplicate_groups_match_removed_table(curated):
             assert row["duplicate_of"] == anchor and row["reason"] == member["attrs"]["data-reason"]
             assert sim == pytest.approx(row["max_sim"], abs=1e-6)
             assert f"sim {row['max_sim']:.4f}" in member["text"]
-    # the exact copy makes pairs at similarity ~1 somewhere in the selection
-    assert max(r["max_sim"] for r in rows.values() if r["reason"] == "duplicate") > 0.999
+    # the exact copy's frames are near copies (Hamming distance 0) of the original's kept frames
+    assert max(r["max_sim"] for r in rows.values() if r["reason"] == "near_copy") == 1.0
+    assert all(r["duplicate_of"] in retained for r in rows.values() if r["duplicate_of"])  # nothing lost
 
 
 def test_outlier_and_invalid_galleries(curated):
@@ -432,3 +434,36 @@ def test_report_on_s3_with_unreadable_frames(s3_bucket, tiny_sample):
     assert [f["attrs"]["data-id"] for f in page.find("figure", class_="member")] == [ids[2], ids[1], ids[-1]]
     assert storage.read_manifest(html_report.html_dir(root))["thumbnails"] == {
         "shown": 6, "from_store": 0, "decoded": 5, "missing": 1}
+
+
+def test_report_end_to_end_with_real_training(curated, tiny_sample, tmp_path_factory):
+    """``report`` on the curated tiny run: materialize, MAE pretraining per selection (equal
+    compute: epochs = base / R), segmentation finetuning, the NormDEL table and plot."""
+    from deldist import report
+    from deldist.metrics import normdel
+
+    root, _ = curated
+    copy = str(tmp_path_factory.mktemp("report_e2e") / "run")
+    shutil.copytree(root, copy)
+    settings = report.demo_settings(str(tiny_sample / "kvasir"), quick=True)
+    settings["pretrain"].update(epochs=1, warmup_epochs=0)
+    settings["finetune"]["segmentation"].update(epochs=2)
+    materialize.run(materialize.Config(output=copy, size=64))
+    out = report.run(report.Config(output=copy, name="e2e", selections=["all", SELECTION, "random"], frame_size=64,
+                                   **settings))
+    rows = {r["selection"]: r for r in out["rows"]}
+    assert set(rows) == {"all", SELECTION, "random", "random-init"}
+    total = rows["all"]["frames"]
+    for name in (SELECTION, "random"):
+        r = rows[name]
+        assert r["frames"] == round(r["retained"] * total)
+        assert r["epochs"] == report.schedule_epochs(1, r["retained"], "equal_compute") > 1
+        # equal compute: the same number of steps as the full run, up to one epoch's rounding
+        assert abs(r["steps"] - rows["all"]["steps"]) <= r["steps"] / r["epochs"] + 1
+    for r in out["rows"]:
+        assert 0.0 <= r["miou"] <= 1.0
+        if r["method"] != "control":
+            assert r["normdel"] == pytest.approx(normdel(r["miou"], r["retained"]))
+    saved = storage.read_json(storage.join(out["report"], "report.json"))
+    assert saved["schedule"] == "equal_compute" and saved["caption"].startswith("pretraining: ")
+    assert "| epochs | steps |" in storage.read_bytes(out["table"]).decode()

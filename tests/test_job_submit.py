@@ -21,9 +21,9 @@ CONFIG = """
 embed: {model: vit_tiny_patch16_224, random_init: true, pooling: mean, stride: 3, segment_seconds: 4,
         batch_size: 32}
 cluster: {k: 3, max_iter: 10, task_cpus: 0.5}
-dedup: {keep: hard, task_cpus: 0.5}
+dedup: {task_cpus: 0.5}
 select:
-  - {name: meddel_30, target_ratio: 0.3, outlier_quantile: 0.98}
+  - {name: meddel_30, target_ratio: 0.3, deldist_rules: {outlier_quantile: 0.98}}
 html: false
 """
 

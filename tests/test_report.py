@@ -27,7 +27,7 @@ def test_table_rows_and_markdown(tmp_path):
     assert round(100 * rows[0]["normdel"], 2) == 56.95 and round(100 * rows[1]["normdel"], 2) == 67.21
     assert rows[3]["normdel"] is None
     md = report.markdown_table(rows, 1.0)
-    assert "| meddel-0.05 | meddel | 0.05 | 5 | 75.45 | 67.21 |" in md and "foreground" in md
+    assert "| meddel-0.05 | meddel | 0.05 | 5 | - | - | 75.45 | 67.21 |" in md and "foreground" in md
     storage.write_csv(str(tmp_path / "table.csv"), rows)
     parsed = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
     assert parsed[0]["selection"] == "all" and float(parsed[1]["normdel"]) == pytest.approx(normdel(0.7545, 0.05))
@@ -41,8 +41,19 @@ def test_plot_png():
     assert report._series(_rows(), "miou")["meddel"] == [(0.05, 0.7545), (1.0, 0.7602)]
 
 
-def _fake_runs(root: str, name: str, selections: dict[str, tuple[str, float, float]]) -> None:
-    """Published frame store, pretrain and finetune results as the stages leave them."""
+def test_equal_compute_schedule_follows_meddel_table2():
+    # MedDEL Table 2: 200 epochs at 100 %, 400 at 50 %, 1,000 at 20 %, 2,000 at 10 %, 4,000 at 5 %
+    assert [report.schedule_epochs(200, r, "equal_compute") for r in (1.0, 0.5, 0.2, 0.1, 0.05)] == \
+        [200, 400, 1000, 2000, 4000]
+    assert report.schedule_epochs(200, 0.05, "equal_epochs") == 200
+    assert report.schedule_epochs(3, 0.1999, "equal_compute") == 15
+    rows = [{"steps": 330}, {"steps": 352}, {"steps": 0}]
+    assert report.steps_caption(rows, "equal_compute") == "pretraining: 330-352 steps per selection (equal compute)"
+
+
+def _fake_runs(root: str, name: str, selections: dict[str, tuple[str, float, float]], base_epochs: int = 400) -> None:
+    """Published frame store, pretrain and finetune results as the stages leave them (the
+    pretraining epochs of the equal-compute schedule)."""
     storage.publish(storage.join(root, "frames", "all"), [], {"rows": 0})
     for sel, (method, ratio, miou) in selections.items():
         if sel != report.FULL:
@@ -50,7 +61,9 @@ def _fake_runs(root: str, name: str, selections: dict[str, tuple[str, float, flo
                                {"method": method, "ratio": ratio, "kept_count": int(100 * ratio)})
         pre = pretrain.run_dir(root, f"{name}-{sel}")
         storage.write_json(storage.join(pre, "metrics.json"), [{"epoch": 1, "loss": 0.9}])
-        storage.publish(pre, [], {"frames": int(100 * ratio), "model": "deldist_vit_micro_patch16"})
+        epochs = report.schedule_epochs(base_epochs, ratio if 0 < ratio < 1 else 1.0, "equal_compute")
+        storage.publish(pre, [], {"frames": int(100 * ratio), "model": "deldist_vit_micro_patch16", "epochs": epochs,
+                                  "steps": epochs * max(1, int(100 * ratio) // 64)})
         fine = finetune.run_dir(root, f"{name}-{sel}")
         storage.write_json(storage.join(fine, "summary.json"),
                            {"segmentation": {"miou": miou, "miou_fg_bg": (miou + 0.95) / 2}})
@@ -67,5 +80,8 @@ def test_report_run_reuses_finished_runs(ray_session, tmp_path):
     assert rows["random-init"]["method"] == "control" and rows["random-init"]["normdel"] is None
     directory = report.report_dir(root, "t3")
     assert storage.is_published(directory)
-    assert "| m5 | meddel | 0.05 | 5 | 75.45 | 67.21 |" in storage.read_bytes(out["table"]).decode()
+    assert "| m5 | meddel | 0.05 | 5 | 8000 | 8000 | 75.45 | 67.21 |" in storage.read_bytes(out["table"]).decode()
     assert Image.open(io.BytesIO(storage.read_bytes(out["plot"]))).format == "PNG"
+    # another schedule over the same runs is refused rather than mislabelled
+    with pytest.raises(ValueError, match="equal_epochs schedule"):
+        report.run(report.Config(output=root, name="t3", selections=["all", "m5"], schedule="equal_epochs"))

@@ -13,41 +13,142 @@ from deldist.schema import QUALITY_COLUMNS, embeddings_schema
 # ----------------------------------------------------------------------------- pure functions
 
 
-def test_threshold_for_ratio_keeps_the_requested_fraction():
+def test_any_earlier_rule_threshold_for_ratio():
+    """SemDeDup's rule: the order statistic of max_sim keeps the requested count."""
     rng = np.random.default_rng(0)
     n = 1000
     max_sim = rng.random(n).astype(np.float32)
     first = np.zeros(n, bool)
     first[::50] = True  # 20 first-ranked items
+    everyone = np.ones(n, bool)
     for ratio in (0.05, 0.10, 0.20, 0.33, 0.50):
-        reason, info = select.decide(n, first=first, max_sim=max_sim, target_ratio=ratio)
-        kept = reason < 0
-        assert kept.sum() == round(ratio * n)
-        assert kept[first].all()
-        # the same threshold given as eps reproduces the same selection
-        again, _ = select.decide(n, first=first, max_sim=max_sim, eps=info["eps"])
-        assert np.array_equal(again, reason)
+        t, reachable = select.threshold_for_ratio(max_sim, first, everyone, round(ratio * n))
+        kept = ~select.any_earlier_duplicates(everyone, first, max_sim, t)
+        assert reachable and kept.sum() == round(ratio * n) and kept[first].all()
+    # first-ranked items always stay; removed candidates cannot be kept
+    t, reachable = select.threshold_for_ratio(np.array([0, 0.5, 0, 0.9]), np.array([1, 0, 1, 0], bool),
+                                              np.ones(4, bool), 1)
+    assert not reachable and t == -np.inf
 
 
-def test_threshold_for_ratio_reports_unreachable_targets():
-    first = np.array([True, False, True, False])
-    max_sim = np.array([0, 0.5, 0, 0.9], np.float32)
-    reason, info = select.decide(4, first=first, max_sim=max_sim, target_ratio=0.25)
-    assert (reason < 0).sum() == 2 and not info["target_reachable"]  # first-ranked items always stay
-    invalid = np.array([False, True, False, True])
-    reason, info = select.decide(4, first=first, max_sim=max_sim, target_ratio=1.0, invalid=invalid)
-    assert (reason < 0).sum() == 2 and not info["target_reachable"]
+def test_config_method_defaults_and_deldist_rules():
+    meddel = select.Config(output="x", eps=0.1)
+    assert meddel.outlier_distance == 0.9 and meddel.dedup_rule == "kept"  # the paper's 0.9, kept-aware
+    assert meddel.deldist_rules.quality is None and meddel.deldist_rules.near_copy is None  # off unless named
+    semdedup = select.Config(output="x", method="semdedup", eps=0.1)
+    assert semdedup.outlier_distance is None and semdedup.dedup_rule == "any_earlier"
+    chosen = select.Config(output="x", eps=0.1, outlier_distance=None, dedup_rule="any_earlier",
+                           deldist_rules={"quality": {}, "near_copy": {}})
+    assert chosen.outlier_distance is None and chosen.deldist_rules.near_copy.max_hamming == 6
+    with pytest.raises(ValueError):
+        select.Config(output="x", eps=0.1, deldist_rules={"qualty": {}})  # typo: unknown keys are errors
 
 
-def test_eps_threshold_and_filter_order():
-    max_sim = np.array([0, 0.95, 0.85, 0.99, 0.5], np.float32)
-    first = np.array([True, False, False, False, False])
-    outlier = np.array([False, False, False, True, True])
-    invalid = np.array([False, False, False, False, True])
-    reason, info = select.decide(5, first=first, max_sim=max_sim, eps=0.1, invalid=invalid, outlier=outlier)
-    names = [None if r < 0 else select.REASONS[r] for r in reason]
-    assert names == [None, "duplicate", None, "outlier", "invalid"]
-    assert info["similarity_threshold"] == pytest.approx(0.9)
+def brute_force_kept(x: np.ndarray, cluster: np.ndarray, rank: np.ndarray, candidate: np.ndarray,
+                     threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64 reference of the ``kept`` rule: per cluster in rank order, a candidate is removed
+    iff its similarity to an earlier kept candidate exceeds the threshold -> (kept, duplicate_of
+    row: the most similar such, earliest-ranked on ties)."""
+    x64 = x.astype(np.float64)
+    kept = np.zeros(len(x), bool)
+    dup = np.full(len(x), -1)
+    for c in np.unique(cluster):
+        members = np.flatnonzero(cluster == c)
+        members = members[np.argsort(rank[members])]
+        chosen: list[int] = []
+        for i in members:
+            if not candidate[i]:
+                continue
+            sims = x64[chosen] @ x64[i] if chosen else np.zeros(0)
+            if len(sims) and sims.max() > threshold:
+                dup[i] = chosen[int(np.argmax(sims))]
+            else:
+                kept[i] = True
+                chosen.append(i)
+    return kept, dup
+
+
+def scored(x: np.ndarray, cluster: np.ndarray, spec) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """dedup scores (real kernel) of rows x, ranked by row order within each cluster -> (scores
+    table aligned with the rows, rank, position order)."""
+    ids = pa.array([f"r{i:05d}" for i in range(len(x))])
+    rank = dedup.rank_within_clusters(ids, cluster, np.zeros(len(x)), "random", seed=1)
+    order = np.lexsort((rank, cluster))
+    table = dedup.score_sorted_clusters(x[order], ids.take(pa.array(order)), cluster[order], rank[order], spec,
+                                        block_rows=32, col_block=48, diag_rows=8)
+    back = np.argsort(order)
+    return table.take(pa.array(back)), rank, order
+
+
+@pytest.mark.parametrize("spec", [dedup.ListSpec(2, 2, 0.3), dedup.ListSpec(16, 16, 0.3)])
+def test_kept_rule_from_lists_matches_brute_force(spec):
+    """The neighbour lists + exact fallback give the float64 reference's kept set, with
+    filtered items and exact-duplicate ties, at several thresholds."""
+    rng = np.random.default_rng(2)
+    n, dim = 400, 12
+    cluster = rng.integers(0, 5, n)
+    x = rng.standard_normal((5, dim))[cluster] + 0.45 * rng.standard_normal((n, dim))
+    copies, sources = rng.choice(n, 60, replace=False), rng.integers(0, n, 60)
+    x[copies], cluster[copies] = x[sources], cluster[sources]  # exact copies in the same cluster: ties
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    scores, rank, order = scored(x, cluster, spec)
+    candidate = rng.random(n) < 0.85  # earlier rules removed the others
+    sizes = np.bincount(cluster)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    position = np.argsort(order)
+    edges = select.neighbour_edges(scores, position, starts, spec.floor)
+    for threshold in (0.5, 0.8, 0.9, 0.97):
+        kept_pos, dup_pos, sim_pos, unresolved = select.resolve_kept(candidate[order], edges, threshold)
+        for c in np.unique(cluster[order][unresolved]):  # the exact fallback of those clusters
+            span = slice(starts[c], starts[c] + sizes[c])
+            k, d, v = dedup.keep_first_exact(x[order][span], candidate[order][span], threshold, block_rows=16)
+            kept_pos[span], dup_pos[span] = k, np.where(d >= 0, d + starts[c], -1)
+        kept = kept_pos[position]
+        dup = np.where(dup_pos[position] >= 0, order[np.maximum(dup_pos[position], 0)], -1)
+        ref_kept, ref_dup = brute_force_kept(x, cluster, rank, candidate, threshold)
+        assert np.array_equal(kept, ref_kept), threshold
+        sims = np.einsum("ij,ij->i", x.astype(np.float64), x[np.maximum(dup, 0)].astype(np.float64))
+        removed = candidate & ~kept
+        assert np.all(dup[removed] >= 0) and kept[dup[removed]].all()  # every removal names a kept item
+        assert np.all(sims[removed] > threshold - 1e-6)
+        assert np.array_equal(ref_dup >= 0, candidate & ~ref_kept)
+    if spec.by_similarity == 16:
+        assert not unresolved.any() or unresolved.sum() < n // 10
+    with pytest.raises(ValueError, match="below the scores' neighbour floor"):
+        select.resolve_kept(candidate[order], edges, 0.2)
+
+
+def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
+    """Three near-identical frames, the first-ranked an outlier: SemDeDup's rule removes the other
+    two as its duplicates (the group vanishes); the kept rule keeps the second."""
+    x = np.array([[1, 0.01, 0], [1, 0.02, 0], [1, 0.03, 0], [0, 1, 0]], np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cluster = np.zeros(4, np.int64)
+    scores, rank, order = scored(x, cluster, dedup.ListSpec())
+    candidate = np.ones(4, bool)
+    candidate[np.flatnonzero(rank == 0)[0]] = False
+    first = scores.column("rank").to_numpy() == 0
+    any_earlier = select.any_earlier_duplicates(candidate, first, scores.column("max_sim").to_numpy(), 0.9)
+    edges = select.neighbour_edges(scores, np.argsort(order), np.array([0]), 0.5)
+    kept_pos, _, _, _ = select.resolve_kept(candidate[order], edges, 0.9)
+    kept = kept_pos[np.argsort(order)]
+    group = np.arange(3)
+    if candidate[3]:
+        assert (candidate & ~any_earlier)[group].sum() <= 1
+    assert kept[group].sum() == 1 and kept[3] == candidate[3]
+
+
+def test_search_threshold_and_follow_to_kept():
+    counts = {0.5: 10, 0.6: 30, 0.7: 28, 0.8: 55, 0.9: 90, 1.0: 100}  # not quite monotone
+    grid = np.array(sorted(counts))
+    t, count, ok = select.search_threshold(lambda t: counts[round(t, 1)], grid, 29, tolerance=1)
+    assert (t, count, ok) in ((0.7, 28, True), (0.6, 30, True))
+    t, count, ok = select.search_threshold(lambda t: counts[round(t, 1)], grid, 5, tolerance=1)
+    assert (t, count, ok) == (0.5, 10, False)
+    link = np.array([-1, 0, 1, -1, 3, 5, 4, -1])
+    kept = np.array([1, 0, 0, 0, 0, 0, 0, 1], bool)
+    # 2 -> 1 -> 0 (kept); 4 -> 3 (removed, no link): none; 5 <-> 6 via 4: none
+    assert select.follow_to_kept(link, kept).tolist() == [0, 0, 0, -1, -1, -1, -1, 7]
 
 
 def test_outlier_mask_absolute_and_per_cluster_quantile():
@@ -177,6 +278,7 @@ def synthetic_videos(seed: int = 0, dim: int = 32):
         "brightness": pa.array(rows["brightness"], pa.float32()),
         "contrast": pa.array(np.full(n, 0.2), pa.float32()), "blur": pa.array(np.full(n, 200.0), pa.float32()),
         "saturated": pa.array(np.zeros(n), pa.float32()), "dark": pa.array(rows["dark"], pa.float32()),
+        "phash": pa.array(rng.integers(0, 2**63, n).astype(np.uint64)),
     }, schema=embeddings_schema(dim))
     assert set(QUALITY_COLUMNS) <= set(embeddings.column_names)
     ground_truth = pa.table({"source_key": rows["source_key"], "frame_index": pa.array(rows["frame_index"], pa.int64()),
@@ -215,6 +317,24 @@ def assert_partition(all_ids: set[str], retained: pa.Table, removed: pa.Table, s
     assert sum(d["kept"] for d in summary["per_dataset"].values()) == len(kept)
 
 
+def assert_duplicates_point_at_retained(root: str, retained: pa.Table, removed: pa.Table, threshold: float | None,
+                                        embeddings: pa.Table) -> None:
+    """Nothing lost: every removed item with a duplicate_of names a retained id; a duplicate's
+    similarity to it (float64, from the embeddings) exceeds the threshold."""
+    kept = set(retained.column("id").to_pylist())
+    linked = removed.filter(pa.compute.is_valid(removed.column("duplicate_of")))
+    assert set(linked.column("duplicate_of").to_pylist()) <= kept
+    if threshold is None:
+        return
+    dup = linked.filter(pa.compute.equal(linked.column("reason"), "duplicate"))
+    row = {i: r for r, i in enumerate(embeddings.column("id").to_pylist())}
+    x = np.stack(embeddings.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
+    a = np.array([row[i] for i in dup.column("id").to_pylist()], int)
+    b = np.array([row[i] for i in dup.column("duplicate_of").to_pylist()], int)
+    sims = np.einsum("ij,ij->i", x[a], x[b]) if len(a) else np.zeros(0)
+    assert np.all(sims > threshold - 1e-6)
+
+
 def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     root = f"s3://{s3_bucket}/select-chain"
     embeddings, ground_truth = synthetic_videos()
@@ -224,17 +344,23 @@ def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     all_ids = set(embeddings.column("id").to_pylist())
 
     cluster.run(cluster.Config(output=root, k=30, max_iter=10, task_cpus=0.5))
-    dedup.run(dedup.Config(output=root, keep="hard", task_cpus=0.5))
+    dedup.run(dedup.Config(output=root, task_cpus=0.5))  # keep: easy (MedDEL)
 
+    rules = {"quality": {}, "outlier_quantile": 0.999}
     summary = select.run(select.Config(output=root, name="meddel5", target_ratio=0.05, ground_truth=gt_uri,
-                                       outlier_quantile=0.999))
+                                       deldist_rules=rules))
     retained, removed, full = read_selection(root, "meddel5")
     assert_partition(all_ids, retained, removed, full)
     assert summary["ratio"] == pytest.approx(0.05, abs=0.005)
-    assert full["target_reachable"] and {"invalid", "duplicate", "outlier"} <= set(full["removed_by_reason"])
+    assert full["target_reachable"] and {"invalid", "duplicate"} <= set(full["removed_by_reason"])
+    assert [(r["rule"], r["by"].split()[0]) for r in full["rules"]] == [
+        ("quality", "deldist"), ("outlier_distance", "MedDEL"), ("outlier_quantile", "deldist"),
+        ("duplicate", "MedDEL")]
+    assert sum(r["removed"] for r in full["rules"]) == full["removed_count"]
     dup = removed.filter(pa.compute.equal(removed.column("reason"), "duplicate"))
     assert dup.column("duplicate_of").null_count == 0
     assert pa.compute.min(dup.column("max_sim")).as_py() > full["similarity_threshold"]
+    assert_duplicates_point_at_retained(root, retained, removed, full["similarity_threshold"], embeddings)
 
     random_summary = select.run(select.Config(output=root, name="random5", method="random",
                                               match_selection="meddel5", ground_truth=gt_uri, seed=1))
@@ -243,21 +369,42 @@ def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     assert random_summary["kept_count"] == round(full["ratio"] * len(all_ids))
 
     ours, rand = full["ground_truth"], full_r["ground_truth"]
-    print("COVERAGE", ours["scene_coverage"], rand["scene_coverage"], ours["random_baseline"]["scene_coverage"], full["removed_by_reason"])
     assert ours["frames"] == len(all_ids) and ours["invalid_recall"] == 1.0
     assert ours["scene_coverage"] > rand["scene_coverage"]
     assert ours["invalid_recall"] > rand["invalid_recall"]
     assert ours["scene_coverage"] > ours["random_baseline"]["scene_coverage"]
 
-    select.run(select.Config(output=root, name="temporal", eps=0.1, temporal_threshold=0.98, task_cpus=0.5))
+    # the kept rule against a float64 brute force of the same rule, filters on
+    select.run(select.Config(output=root, name="eps", eps=0.05, deldist_rules=rules))
+    retained_e, removed_e, full_e = read_selection(root, "eps")
+    assert_partition(all_ids, retained_e, removed_e, full_e)
+    scores = storage.read_published(storage.join(root, "dedup", "scores"), ["id", "cluster", "rank"])
+    scores = scores.take(pa.compute.index_in(embeddings.column("id"), value_set=scores.column("id")))
+    x = np.stack(embeddings.column("embedding").to_numpy(zero_copy_only=False))
+    filtered = set(removed_e.filter(pa.compute.not_equal(removed_e.column("reason"), "duplicate"))
+                   .column("id").to_pylist())
+    candidate = np.array([i not in filtered for i in embeddings.column("id").to_pylist()])
+    ref_kept, _ = brute_force_kept(x, scores.column("cluster").to_numpy(), scores.column("rank").to_numpy(),
+                                   candidate, 0.95)
+    assert set(retained_e.column("id").to_pylist()) == set(np.asarray(embeddings.column("id"))[ref_kept])
+    assert_duplicates_point_at_retained(root, retained_e, removed_e, 0.95, embeddings)
+    # SemDeDup's rule on the same scores removes at least as much: also duplicates of removed items
+    select.run(select.Config(output=root, name="any", eps=0.05, deldist_rules=rules, dedup_rule="any_earlier"))
+    retained_a, removed_a, full_a = read_selection(root, "any")
+    assert set(retained_a.column("id").to_pylist()) <= set(retained_e.column("id").to_pylist())
+    assert full_a["dedup_rule"] == "any_earlier" and full_e["dedup_rule"] == "kept"
+
+    select.run(select.Config(output=root, name="temporal", eps=0.1, task_cpus=0.5,
+                             deldist_rules={**rules, "temporal_threshold": 0.98}))
     retained_t, removed_t, full_t = read_selection(root, "temporal")
     assert_partition(all_ids, retained_t, removed_t, full_t)
     saved = full_t["temporal"]
-    assert saved["collapsed_frames"] >= full_t["removed_by_reason"]["temporal"] > 0  # some were invalid first
-    assert 0 < saved["pairwise_work_saved"] < 1 and 0 <= saved["also_semantic_duplicates"] <= 1
+    assert saved["collapsed_frames"] == full_t["removed_by_reason"]["temporal"] > 0  # candidates only
+    assert 0 < saved["pairwise_work_saved"] < 1
     temporal_rows = removed_t.filter(pa.compute.equal(removed_t.column("reason"), "temporal"))
     assert temporal_rows.column("duplicate_of").null_count == 0
     assert pa.compute.min(temporal_rows.column("max_sim")).as_py() > 0.98
+    assert_duplicates_point_at_retained(root, retained_t, removed_t, 0.9, embeddings)
 
 
 def test_eps_selection_and_bad_config(ray_session, tmp_path):
@@ -268,7 +415,7 @@ def test_eps_selection_and_bad_config(ray_session, tmp_path):
         select.run(select.Config(output=root, eps=0.1))
     cluster.run(cluster.Config(output=root, k=12, max_iter=5, task_cpus=0.5))
     dedup.run(dedup.Config(output=root, keep="easy", task_cpus=0.5))
-    select.run(select.Config(output=root, name="eps", eps=0.1, invalid=None))
+    select.run(select.Config(output=root, name="eps", eps=0.1, outlier_distance=None))
     retained, removed, summary = read_selection(root, "eps")
     assert_partition(set(embeddings.column("id").to_pylist()), retained, removed, summary)
     assert set(summary["removed_by_reason"]) == {"duplicate"}
