@@ -2,9 +2,12 @@
 
 Sources: the photographs and medical images that ship inside scikit-image's wheel
 (``skimage.data``: astronaut, coffee, chelsea, hubble deep field, retina, immunohistochemistry,
-cells, ...), plus scikit-learn's two sample photographs; nothing is downloaded. Images of
+cells, the left view of the stereo motorcycle, ...), scikit-learn's two sample photographs and
+matplotlib's portrait of Grace Hopper; nothing is downloaded. Images of
 400 px or more on both sides are cut into 2 x 2 disjoint tiles, each its own group (more
-groups, and groups that look alike: tiles of one photograph). Every group holds its original
+groups, and groups that look alike: tiles of one photograph); textures (brick, grass, cells,
+the deep field, ...) stay whole, since their quadrants show the same thing and any encoder
+would rightly call them duplicates. Every group holds its original
 and copies made the way uploads get copied: JPEG re-encodes, a half-resolution re-export,
 brightness and gamma changes, sensor noise, a 1 % crop and a 1 degree rotation.
 
@@ -26,7 +29,10 @@ from PIL import Image, ImageEnhance
 SKIMAGE_SOURCES = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "rocket", "brick",
                    "grass", "gravel", "moon", "retina", "immunohistochemistry", "cell")
 SKLEARN_SOURCES = ("china.jpg", "flower.jpg")
-TILE_FROM = 400  # px: images at least this large on both sides become 2 x 2 tiles
+TILE_FROM = 400  # px: photographs at least this large on both sides become 2 x 2 tiles
+# textures: their quadrants show the same thing (any encoder calls them duplicates), so each
+# stays one group
+TEXTURES = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry", "cell")
 MAX_SIDE = 384  # px: groups are scaled down to this (deldist embeds at 224 px)
 
 
@@ -83,17 +89,21 @@ def source_images() -> Iterator[tuple[str, Image.Image]]:
     import skimage.data
     from sklearn.datasets import load_sample_image
 
+    import matplotlib.cbook
+
     for name in SKIMAGE_SOURCES:
         yield name, _as_rgb(getattr(skimage.data, name)())
+    yield "motorcycle", _as_rgb(skimage.data.stereo_motorcycle()[0])  # the left view only
     for name in SKLEARN_SOURCES:
         yield name.split(".")[0], _as_rgb(load_sample_image(name))
+    yield "grace_hopper", _as_rgb(np.asarray(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg"))))
 
 
 def groups() -> Iterator[tuple[str, Image.Image]]:
-    """(group source name, image): large sources as 2 x 2 disjoint tiles."""
+    """(group source name, image): large photographs as 2 x 2 disjoint tiles."""
     for name, image in source_images():
         w, h = image.size
-        if min(w, h) >= TILE_FROM:
+        if min(w, h) >= TILE_FROM and name not in TEXTURES:
             tiles = [(f"{name}_t{2 * i + j}", image.crop((j * w // 2, i * h // 2, (j + 1) * w // 2, (i + 1) * h // 2)))
                      for i in range(2) for j in range(2)]
         else:
@@ -129,3 +139,36 @@ def group_figures(kept_keys: list[str], table: pa.Table) -> dict[str, int]:
     n_groups = len(set(group_of.values()))
     return {"groups": n_groups, "groups_kept": len(kept_groups), "groups_lost": n_groups - len(kept_groups),
             "frames_kept": len(kept_keys), "redundant_kept": len(kept_keys) - len(kept_groups)}
+
+
+def evaluate(root: str, table: pa.Table, max_hamming: int | None = None) -> dict[str, dict[str, int]]:
+    """The near-copy figures on a curated copy of the set (``root``: a run root with embeddings,
+    clusters and dedup scores of ``images/``), each as :func:`group_figures`:
+
+    - ``near_copy``: deldist's near-copy pass alone at ``max_hamming`` (default: its default);
+    - ``budget``: near-copy pass + MedDEL dedup with ``target_ratio`` = groups / frames;
+    - ``hash_only``: perceptual hashes alone at the same budget: the smallest Hamming bound that
+      keeps at most one frame per group on average (the hash-only baseline).
+    """
+    from deldist import select, storage
+
+    n_groups = len(set(table.column("group").to_pylist()))
+    rule = {} if max_hamming is None else {"max_hamming": max_hamming}
+    ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
+
+    def kept_keys(name: str, **settings: object) -> list[str]:
+        select.run(select.Config.model_validate({"output": root, "name": name, **settings}))
+        kept = storage.read_published(storage.join(root, "selections", name, "retained")).column("id").to_pylist()
+        return [k.split("#")[0].split("images/", 1)[-1] for k in kept]
+
+    out = {"near_copy": group_figures(kept_keys("copies_near", outlier_distance=None,
+                                                deldist_rules={"near_copy": rule}), table),
+           "budget": group_figures(kept_keys("copies_budget", target_ratio=n_groups / len(ids),
+                                             deldist_rules={"near_copy": rule}), table)}
+    for bound in range(0, 33, 2):  # pHash distances are even
+        figures = group_figures(kept_keys("copies_hash", outlier_distance=None,
+                                          deldist_rules={"near_copy": {"max_hamming": bound}}), table)
+        if figures["frames_kept"] <= n_groups:
+            out["hash_only"] = {**figures, "max_hamming": bound}
+            break
+    return out

@@ -133,8 +133,9 @@ class NearCopyRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_hamming: int = Field(6, ge=0, le=32, description="Hamming distance of 64-bit perceptual hashes at or below "
-                                                         "which a frame is a copy of a kept frame")
+    max_hamming: int = Field(10, ge=0, le=32, description="Hamming distance of 64-bit perceptual hashes at or "
+                                                          "below which a frame is a copy of a kept frame (lower it "
+                                                          "for runs of millions of frames: see chance_pairs)")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per join task")
 
 
@@ -905,7 +906,7 @@ def _rules(config: Config, meta: pa.Table, ids: pa.Array, paths: dict[str, str],
 
 
 def _near_copy_rule(config: Config, meta: pa.Table, ids: pa.Array, decision: Decision) -> None:
-    from deldist.nearcopy import distributed_pairs, near_copies
+    from deldist.nearcopy import chance_pairs, distributed_pairs, near_copies
     from deldist.runtime import init_ray
 
     rule = config.deldist_rules.near_copy
@@ -922,7 +923,8 @@ def _near_copy_rule(config: Config, meta: pa.Table, ids: pa.Array, decision: Dec
         rule.max_hamming, pair_finder=lambda unique, h: distributed_pairs(unique, h, tasks, rule.task_cpus))
     decision.remove(near, "near_copy", "near_copy", "deldist", rule.model_dump(), link=copy_of,
                     score=(1.0 - hamming / 64.0).astype(np.float32),
-                    keep_order="sharpest first (highest variance of the Laplacian), ties by id")
+                    keep_order="sharpest first (highest variance of the Laplacian), ties by id",
+                    chance_pairs=chance_pairs(int((decision.reason < 0).sum()), rule.max_hamming))
 
 
 def _duplicate_rule(config: Config, ids: pa.Array, paths: dict[str, str], dim: int | None,
