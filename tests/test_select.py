@@ -39,7 +39,7 @@ def test_config_method_defaults_and_deldist_rules():
     assert semdedup.outlier_distance is None and semdedup.dedup_rule == "any_earlier"
     chosen = select.Config(output="x", eps=0.1, outlier_distance=None, dedup_rule="any_earlier",
                            deldist_rules={"quality": {}, "near_copy": {}})
-    assert chosen.outlier_distance is None and chosen.deldist_rules.near_copy.max_hamming == 6
+    assert chosen.outlier_distance is None and chosen.deldist_rules.near_copy.max_hamming == 10
     with pytest.raises(ValueError):
         select.Config(output="x", eps=0.1, deldist_rules={"qualty": {}})  # typo: unknown keys are errors
 
