@@ -21,18 +21,17 @@ One run:
 2. Embed them into ``batches/vN/embeddings`` with the corpus's encoder and sampling (checked
    against the corpus's fingerprint), ids prefixed ``vN/`` so they never collide.
 3. Assign every new frame to the corpus centroids (cosine distance to the nearest).
-4. The filters the corpus selection used: invalid-frame rules; outliers by the absolute
-   distance or by the per-cluster distance quantile of the corpus (thresholds come from the
-   corpus's distances, so the rule does not move with each batch).
-5. Dedup, per cluster: the corpus items first (already decided), then the valid new items in
-   the corpus's rank order (hard / easy / random). Each new item gets its max cosine similarity
-   to any earlier item, corpus or new, and is removed when that exceeds the corpus selection's
-   threshold. The corpus items compared against are the retained ones and those removed as
-   duplicates (so a re-uploaded copy of a frame the corpus dropped as a duplicate is caught
-   too). ``duplicate_of`` of a removed new item names the retained item it stands for: chains
-   of duplicates are followed to their retained root (a chain that ends at an item removed for
-   another reason keeps the item matched directly); ``max_sim`` is the similarity to the item
-   matched directly (the one the threshold was applied to).
+4. The corpus selection's rules (its ``selection_parameters``): deldist's quality filter,
+   MedDEL's outlier distance, deldist's outlier quantile (over the clusters as they are now,
+   corpus + uploads, so new content is drift, not an outlier), temporal collapse, and the
+   near-copy pass against the corpus (:func:`represented_items` first, kept) and the uploads.
+5. Dedup, per cluster: the corpus's represented items (retained, or removed as a copy of a
+   retained item; never one removed as invalid or outlier) come first and count as kept, then
+   the candidate uploads in the corpus's rank order through
+   :func:`deldist.dedup.keep_first_exact`: an upload is removed when its similarity to a kept
+   item exceeds the corpus selection's threshold. ``duplicate_of`` names the retained item
+   standing for what it matched (chains through uploads removed by later rules are followed);
+   ``max_sim`` is the similarity to the item matched.
 6. Drift: the fraction of new items farther from their nearest centroid than the corpus's
    ``drift_quantile`` distance. At ``recluster_above`` or more the summary recommends re-clustering.
 7. Publish ``vN`` (its tables, then summary and manifest), then ``latest.json``.

@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, Union
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -179,6 +180,45 @@ class ListSpec:
     floor: float = 0.5
 
 
+@numba.njit(cache=True)
+def _merge_tile(sims, c0, r0, top_sim, top_idx, first_sim, first_idx, first_count, floor_below, best,
+                arg):  # pragma: no cover - compiled
+    """One pass over a similarity tile: each row's max (the first on ties), its
+    ``by_similarity`` most similar columns (sorted insertion; ties keep the earlier column)
+    and its first ``by_rank`` columns at or above the floor. Columns must arrive in
+    increasing order per row."""
+    m = top_sim.shape[1]
+    mr = first_sim.shape[1]
+    for r in range(sims.shape[0]):
+        row = r0 + r
+        cut = top_sim[row, m - 1] if m else np.inf
+        row_best = best[r]
+        row_arg = arg[r]
+        for c in range(sims.shape[1]):
+            s = sims[r, c]
+            if s > row_best:
+                row_best = s
+                row_arg = c0 + c
+            if s <= floor_below:
+                continue
+            if s > cut:
+                pos = m - 1
+                while pos > 0 and top_sim[row, pos - 1] < s:
+                    top_sim[row, pos] = top_sim[row, pos - 1]
+                    top_idx[row, pos] = top_idx[row, pos - 1]
+                    pos -= 1
+                top_sim[row, pos] = s
+                top_idx[row, pos] = c0 + c
+                cut = top_sim[row, m - 1]
+            k = first_count[row]
+            if k < mr:
+                first_sim[row, k] = s
+                first_idx[row, k] = c0 + c
+                first_count[row] = k + 1
+        best[r] = row_best
+        arg[r] = row_arg
+
+
 class NeighbourLists:
     """Per row, the earlier items the kept-aware selection needs (NumPy accumulator).
 
@@ -200,67 +240,12 @@ class NeighbourLists:
         self.first_idx = np.full((rows, spec.by_rank), -1, np.int64)
         self.first_count = np.zeros(rows, np.int64)
 
-    def merge(self, r0: int, r1: int, sims: np.ndarray, c0: int) -> None:
+    def merge(self, r0: int, r1: int, sims: np.ndarray, c0: int, best: np.ndarray, arg: np.ndarray) -> None:
         """Fold the (r1 - r0, cols) tile ``sims`` (columns numbered from ``c0``; masked
-        entries -inf) into rows [r0, r1)."""
-        if self.spec.by_similarity:
-            self._merge_top(r0, r1, sims, c0)
-        if self.spec.by_rank:
-            self._merge_first(r0, r1, sims, c0)
-
-    def _merge_top(self, r0: int, r1: int, sims: np.ndarray, c0: int) -> None:
-        m = self.spec.by_similarity
-        cols = sims.shape[1]
-        if cols > m and self.top_idx[r1 - 1, -1] < 0 and self.top_idx[r0, -1] < 0:
-            # rows meeting their first columns (lists fill in row order): each row's m best by
-            # one selection, no full-tile masks. Exact ties at the cut: any of the tied items.
-            rows = np.arange(r1 - r0)
-            col = np.argpartition(sims, cols - m, axis=1)[:, cols - m:]
-            val = np.take_along_axis(sims, col, 1)
-        else:
-            cut = np.maximum(self.top_sim[r0:r1, -1], self.floor_below)
-            hit = sims > cut[:, None]
-            crowded = np.flatnonzero(np.count_nonzero(hit, axis=1) > m)
-            if len(crowded):  # keep each crowded row's m best (and ties with the m-th)
-                kth = np.partition(sims[crowded], cols - m, axis=1)[:, cols - m]
-                hit[crowded] &= sims[crowded] >= kth[:, None]
-            r, c = np.nonzero(hit)  # row-major: grouped by row
-            if not len(r):
-                return
-            rows, first, counts = np.unique(r, return_index=True, return_counts=True)
-            slot = np.arange(len(r)) - np.repeat(first, counts)
-            col = np.full((len(rows), counts.max()), -1, np.int64)
-            val = np.full(col.shape, -np.inf, np.float32)
-            at = np.repeat(np.arange(len(rows)), counts)
-            col[at, slot] = c
-            val[at, slot] = sims[r, c]
-        val = np.where(val > self.floor_below, val, -np.inf).astype(np.float32)
-        idx = np.where(np.isfinite(val), col + c0, -1)
-        val = np.concatenate([self.top_sim[r0 + rows], val], axis=1)
-        idx = np.concatenate([self.top_idx[r0 + rows], idx], axis=1)
-        val, idx = _sort_rows(val, idx)
-        self.top_sim[r0 + rows], self.top_idx[r0 + rows] = val[:, :m], idx[:, :m]
-
-    def _merge_first(self, r0: int, r1: int, sims: np.ndarray, c0: int) -> None:
-        need = self.spec.by_rank - self.first_count[r0:r1]
-        rows = np.flatnonzero(need > 0)
-        cols = sims.shape[1]
-        lo = 0
-        while len(rows) and lo < cols:
-            # a narrow first chunk fills most rows when neighbours are common; the rest of
-            # the tile only for the rows still short
-            hi = cols if lo else min(cols, 4 * self.spec.by_rank)
-            above = sims[rows, lo:hi] > self.floor_below
-            nth = np.cumsum(above, axis=1, dtype=np.int32)
-            r, c = np.nonzero(above & (nth <= need[rows][:, None]))
-            row = r0 + rows[r]
-            slot = self.first_count[row] + nth[r, c] - 1
-            self.first_sim[row, slot] = sims[rows[r], lo + c]
-            self.first_idx[row, slot] = lo + c + c0
-            self.first_count[r0:r1] += np.bincount(rows[r], minlength=r1 - r0)
-            need = self.spec.by_rank - self.first_count[r0:r1]
-            rows = rows[need[rows] > 0]
-            lo = hi
+        entries -inf) into rows [r0, r1), and into their running max ``best`` / ``arg``
+        (views of rows [r0, r1))."""
+        _merge_tile(sims, c0, r0, self.top_sim, self.top_idx, self.first_sim, self.first_idx, self.first_count,
+                    self.floor_below, best, arg)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(idx int64 (rows, L), sim float32 (rows, L), bound float32 (rows,)): the union of
@@ -394,9 +379,11 @@ def _triu_max_sim_numpy(x: np.ndarray, start: int = 0, stop: int | None = None, 
             sims = x[r0:r1] @ x[c0:c1].T
             if diagonal:
                 np.copyto(sims[:, r0 - c0:], -np.inf, where=_upper_mask(diag_rows)[: r1 - r0, : r1 - r0])
-            _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
-            if lists is not None:
-                lists.merge(r0 - start, r1 - start, sims, c0)
+            if lists is None:
+                _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
+            else:
+                lists.merge(r0 - start, r1 - start, sims, c0, out_sim[r0 - start:r1 - start],
+                            out_arg[r0 - start:r1 - start])
         if start == 0:
             out_sim[0], out_arg[0] = 0.0, -1
     return (out_sim, out_arg) if lists is None else (out_sim, out_arg, *lists.result())

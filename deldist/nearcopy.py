@@ -73,7 +73,7 @@ def plan_join(n: int, max_distance: int) -> JoinPlan:
                 continue
             near = [sum(math.comb(w, k) for k in range(radius + 1)) for _, w in bands]
             values = [min(n, 2 ** w) for _, w in bands]
-            probes = sum(u * v * math.log2(max(u, 2)) for u, v in zip(values, near))
+            probes = sum(u * v * (1.0 if w <= 24 else math.log2(max(u, 2))) for (_, w), u, v in zip(bands, values, near))
             candidates = n * (n - 1) / 2 * sum(v / 2.0 ** w for (_, w), v in zip(bands, near))
             cost = probes + 2.0 * candidates
             if best is None or cost < best[0]:
@@ -115,14 +115,16 @@ def _popcount(x: np.uint64) -> np.int64:  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _band_join(hashes, order, values, starts, sizes, masks, max_distance, earlier_shifts, earlier_widths, radius,
-               out_i, out_j, out_d):  # pragma: no cover - compiled
+def _band_join(hashes, order, values, starts, sizes, run_of, masks, max_distance, earlier_shifts, earlier_widths,
+               radius, out_i, out_j, out_d):  # pragma: no cover - compiled
     """Compiled core of :func:`band_pairs`: pairs of runs whose band values differ by a mask,
-    verified on all bits and on the earlier bands. Writes into out_* while they have room;
-    returns how many pairs qualified (call again with larger arrays when it exceeds them)."""
+    verified on all bits and on the earlier bands. ``run_of``: band value -> run (-1 none),
+    dense, or empty to search ``values``. Writes into out_* while they have room; returns how
+    many pairs qualified (call again with larger arrays when it exceeds them)."""
     found = 0
     cap = out_i.shape[0]
     u = values.shape[0]
+    dense = run_of.shape[0] > 0
     for a in range(u):
         for m in range(masks.shape[0]):
             mask = masks[m]
@@ -132,14 +134,21 @@ def _band_join(hashes, order, values, starts, sizes, masks, max_distance, earlie
                 partner = values[a] ^ mask
                 if partner <= values[a]:
                     continue
-                b = np.searchsorted(values, partner)
-                if b >= u or values[b] != partner:
-                    continue
+                if dense:
+                    b = run_of[partner]
+                    if b < 0:
+                        continue
+                else:
+                    b = np.searchsorted(values, partner)
+                    if b >= u or values[b] != partner:
+                        continue
             for p in range(starts[a], starts[a] + sizes[a]):
                 first = p + 1 if b == a else starts[b]
+                x = order[p]
+                hx = hashes[x]
                 for q in range(first, starts[b] + sizes[b]):
-                    x, y = order[p], order[q]
-                    diff = hashes[x] ^ hashes[y]
+                    y = order[q]
+                    diff = hx ^ hashes[y]
                     d = _popcount(diff)
                     if d > max_distance:
                         continue
@@ -171,8 +180,12 @@ def band_pairs(hashes: np.ndarray, plan: JoinPlan, band: int, flips: Sequence[in
     values, starts, sizes = np.unique(key[order], return_index=True, return_counts=True)
     masks = np.array([m for m in _flip_masks(width, plan.radius) if bin(int(m)).count("1") in flips], np.uint32)
     earlier = np.array(plan.bands[:band], np.int64).reshape(-1, 2)
+    run_of = np.zeros(0, np.int64)
+    if width <= 24:  # a dense value -> run table: O(1) partner lookups
+        run_of = np.full(1 << width, -1, np.int64)
+        run_of[values] = np.arange(len(values))
     args = (np.ascontiguousarray(hashes, np.uint64), order.astype(np.int64), values.astype(np.uint32),
-            starts.astype(np.int64), sizes.astype(np.int64), masks, np.int64(max_distance),
+            starts.astype(np.int64), sizes.astype(np.int64), run_of, masks, np.int64(max_distance),
             np.ascontiguousarray(earlier[:, 0]), np.ascontiguousarray(earlier[:, 1]), np.int64(plan.radius))
     room = max(1024, len(hashes))
     while True:
