@@ -11,7 +11,9 @@ Each variant runs in its own subprocess (clean peak memory) on 2 CPUs:
   kernel   one process: deldist.dedup.triu_max_sim per cluster (blockwise, lower triangle
            only, NumPy sgemm) on the same in-memory matrix, clusters over 2 threads x 1 BLAS thread
   stage    deldist.dedup.run on a local Ray cluster (num_cpus=2) from Parquet: read + shuffle
-           by cluster + score (2 tasks x 1 BLAS thread) + write dedup/scores/
+           by cluster + score (2 tasks x 1 BLAS thread) + write dedup/scores/; the stage also
+           keeps every item's neighbour lists (16 + 16 earlier items above 0.5, the default),
+           which the plain loop and the kernel variant do not compute
 
 floor = sum over clusters of n_c^2 * D * 2 FLOPs / the float32 matmul rate of 2 cores measured
 in this run (torch.mm, best of 2 threads and 2 x 1 thread): the full matrix's flops, which is
@@ -110,7 +112,9 @@ def child_plain(workdir: str, rounds: int) -> dict:
         x2 = embedding_matrix(emb.column("embedding"))
         read_s.append(time.perf_counter() - start)
         sims2, dup2 = _plain_loop(x2, order2, bounds2)
-        table = scores_table(ids, labels, rank, sims2, dup2)
+        n2 = len(sims2)  # SemDeDup's scores: no neighbour lists
+        table = scores_table(ids, labels, rank, sims2, dup2, np.full((n2, 0), -1), np.zeros((n2, 0), np.float32),
+                             np.full(n2, np.inf, np.float32))
         storage.write_table(table, os.path.join(workdir, "plain_scores.parquet"))
         end_to_end.append(time.perf_counter() - start)
         del emb, x2, table
@@ -150,20 +154,22 @@ def child_kernel(workdir: str, block_rows: int, rounds: int) -> dict:
     return {"seconds": min(times), "seconds_all": times, "loaded_gib": loaded_gib, "peak_gib": self_peak_rss_gib()}
 
 
-def child_stage(workdir: str, block_rows: int, rounds: int) -> dict:
+def child_stage(workdir: str, block_rows: int, rounds: int, lists: int = 16) -> dict:
     from deldist import dedup, storage
 
     ray_start()
     # the first run on the same data starts and warms the worker pool (imports, first-touch
     # memory); it is reported as the cold time, the timed runs after it as the stage time
     start = time.perf_counter()
-    dedup.run(dedup.Config(output=workdir, block_rows=block_rows))
+    settings = dict(output=workdir, block_rows=block_rows, keep="hard", neighbours_by_similarity=lists,
+                    neighbours_by_rank=lists)
+    dedup.run(dedup.Config(**settings))
     cold = time.perf_counter() - start
     times, runs = [], []
     with TreeMemory() as memory:
         for _ in range(rounds):
             start = time.perf_counter()
-            runs.append(dedup.run(dedup.Config(output=workdir, block_rows=block_rows)))
+            runs.append(dedup.run(dedup.Config(**settings)))
             times.append(time.perf_counter() - start)
     summary = runs[int(np.argmin(times))]
     scores = storage.read_published(os.path.join(workdir, "dedup", "scores"))
@@ -221,6 +227,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved repetitions of every variant; each variant's fastest counts")
+    parser.add_argument("--lists", type=int, default=16,
+                        help="the stage's neighbour lists per item (by similarity and by rank each; 0: none)")
     parser.add_argument("--child", choices=["plain", "kernel", "stage"])
     parser.add_argument("--workdir")
     args = parser.parse_args()
@@ -230,7 +238,7 @@ def main() -> None:
         elif args.child == "kernel":
             result = child_kernel(args.workdir, args.block_rows, args.rounds)
         else:
-            result = child_stage(args.workdir, args.block_rows, args.rounds)
+            result = child_stage(args.workdir, args.block_rows, args.rounds, args.lists)
         print(json.dumps(result))
         return
 
@@ -268,7 +276,7 @@ def main() -> None:
               f"max {sizes.max()}, sum n_c^2 = {pairs_full:.3g} (generated in {time.perf_counter() - t:.0f} s)",
               flush=True)
 
-        extra = ["--block-rows", str(args.block_rows), "--rounds", "1"]
+        extra = ["--block-rows", str(args.block_rows), "--rounds", "1", "--lists", str(args.lists)]
         runs: dict[str, list[dict]] = {"plain": [], "kernel": [], "stage": []}
         rates = []
         for r in range(args.rounds):  # interleaved, so a burst of load hits every variant alike

@@ -254,28 +254,43 @@ class NeighbourLists:
         return union_lists(self.top_idx, self.top_sim, self.first_idx, self.first_sim, self.spec.floor)
 
 
-def _sort_rows(val: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row of (rows, w) ``val`` / ``idx`` sorted by val descending, ties by idx
-    ascending; padding (idx -1, val -inf) last."""
-    by_idx = np.argsort(np.where(idx < 0, np.iinfo(np.int64).max, idx), axis=1, kind="stable")
-    val, idx = np.take_along_axis(val, by_idx, 1), np.take_along_axis(idx, by_idx, 1)
-    by_val = np.argsort(-val, axis=1, kind="stable")
-    return np.take_along_axis(val, by_val, 1), np.take_along_axis(idx, by_val, 1)
+@numba.njit(cache=True)
+def _union_rows(top_idx, top_sim, first_idx, first_sim, out_idx, out_sim):  # pragma: no cover - compiled
+    """Per row: the by-similarity list, then the by-rank entries it lacks, sorted by
+    similarity descending (ties: lower index first) by insertion; -1 / -inf padding."""
+    m, mr = top_idx.shape[1], first_idx.shape[1]
+    for r in range(top_idx.shape[0]):
+        k = 0
+        for e in range(m + mr):
+            i = top_idx[r, e] if e < m else first_idx[r, e - m]
+            v = top_sim[r, e] if e < m else first_sim[r, e - m]
+            if i < 0:
+                continue
+            seen = False
+            for p in range(k):
+                if out_idx[r, p] == i:
+                    seen = True
+                    break
+            if seen:
+                continue
+            p = k
+            while p > 0 and (out_sim[r, p - 1] < v or (out_sim[r, p - 1] == v and out_idx[r, p - 1] > i)):
+                out_idx[r, p] = out_idx[r, p - 1]
+                out_sim[r, p] = out_sim[r, p - 1]
+                p -= 1
+            out_idx[r, p] = i
+            out_sim[r, p] = v
+            k += 1
 
 
 def union_lists(top_idx: np.ndarray, top_sim: np.ndarray, first_idx: np.ndarray, first_sim: np.ndarray,
                 floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Union of the by-similarity and by-rank lists (see :meth:`NeighbourLists.result`)."""
-    idx = np.concatenate([top_idx, first_idx], axis=1)
-    sim = np.concatenate([top_sim, first_sim], axis=1).astype(np.float32)
-    by_idx = np.argsort(idx, axis=1, kind="stable")
-    idx, sim = np.take_along_axis(idx, by_idx, 1), np.take_along_axis(sim, by_idx, 1)
-    repeated = np.zeros(idx.shape, bool)
-    repeated[:, 1:] = (idx[:, 1:] == idx[:, :-1]) & (idx[:, 1:] >= 0)
-    idx[repeated] = -1
-    sim[idx < 0] = -np.inf
-    sim, idx = _sort_rows(sim, idx)
-    rows = len(idx)
+    rows = len(top_idx)
+    idx = np.full((rows, top_idx.shape[1] + first_idx.shape[1]), -1, np.int64)
+    sim = np.full(idx.shape, -np.inf, np.float32)
+    _union_rows(np.ascontiguousarray(top_idx, np.int64), np.ascontiguousarray(top_sim, np.float32),
+                np.ascontiguousarray(first_idx, np.int64), np.ascontiguousarray(first_sim, np.float32), idx, sim)
     full = (top_idx[:, -1] >= 0 if top_idx.shape[1] else np.ones(rows, bool)) & \
            (first_idx[:, -1] >= 0 if first_idx.shape[1] else np.ones(rows, bool))
     last_top = top_sim[:, -1] if top_sim.shape[1] else np.full(rows, np.inf, np.float32)

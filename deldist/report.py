@@ -339,7 +339,7 @@ def run(config: Config) -> dict[str, Any]:
 def demo_settings(kvasir: str, quick: bool = True) -> dict[str, dict[str, Any]]:
     """Tiny settings for a few-minute run on 2 CPU cores: a 4-block 192-wide ViT at 64 px."""
     pre = {"model": "deldist_vit_micro_patch16", "image_size": 64, "decoder_dim": 64, "decoder_depth": 1,
-           "decoder_heads": 4, "epochs": 3 if quick else 20, "warmup_epochs": 1, "batch_size": 16,
+           "decoder_heads": 4, "epochs": 1 if quick else 20, "warmup_epochs": 0.2 if quick else 1, "batch_size": 16,
            "base_lr": 1.5e-3, "cpus_per_worker": 1.0, "torch_threads": 2, "engine": "local"}
     fine = {"model": "deldist_vit_micro_patch16", "image_size": 64, "tasks": ["segmentation"],
             "segmentation": {"data": kvasir, "epochs": 8 if quick else 30, "batch_size": 4, "lr": 3e-4,

@@ -435,13 +435,6 @@ def near_copy_order(blur: np.ndarray, ids: pa.Array) -> np.ndarray:
     return rank
 
 
-def chain_errors(reason: np.ndarray, duplicate_of: np.ndarray, kept: np.ndarray) -> int:
-    """How many removed items with a ``duplicate_of`` (position, -1 none) point at an item
-    that is not kept; 0 for a selection whose every group keeps its stand-in."""
-    linked = (reason >= 0) & (duplicate_of >= 0)
-    return int((linked & ~np.asarray(kept, bool)[np.maximum(duplicate_of, 0)]).sum())
-
-
 def temporal_collapse(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Collapse near-identical consecutive frames of one video.
 
