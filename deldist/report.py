@@ -85,7 +85,7 @@ def table_rows(results: list[dict[str, Any]], alpha: float) -> list[dict[str, An
         row = dict(r)
         row["normdel"] = normdel(r["miou"], r["retained"], alpha) if r["retained"] is not None else None
         rows.append(row)
-    order = {"full": 0, "meddel": 1, "random": 2, "control": 4}
+    order = {"full": 0, "meddel": 1, "meddel+deldist": 1.5, "semdedup": 1.7, "random": 2, "control": 4}
     return sorted(rows, key=lambda r: (order.get(r["method"], 3), -(r["retained"] or 0), r["selection"]))
 
 
@@ -118,7 +118,7 @@ def _series(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[float,
     """method -> [(R, value)] sorted by R; the full-data point joins both curves at R = 1."""
     full = [(1.0, r[key]) for r in rows if r["method"] == "full" and r[key] is not None]
     out: dict[str, list[tuple[float, float]]] = {}
-    for method in ("meddel", "random"):
+    for method in ("meddel", "meddel+deldist", "semdedup", "random"):
         pts = [(r["retained"], r[key]) for r in rows if r["method"] == method and r[key] is not None]
         if pts:
             out[method] = sorted(pts + full)
@@ -171,7 +171,8 @@ def _plot_pillow(rows: list[dict[str, Any]], caption: str = "") -> bytes:
     from PIL import Image, ImageDraw
 
     width, height, pad = 460, 320, 48
-    colours = {"meddel": (200, 40, 40), "random": (40, 90, 200), "full": (0, 0, 0)}
+    colours = {"meddel": (200, 40, 40), "meddel+deldist": (230, 140, 20), "semdedup": (120, 60, 160),
+               "random": (40, 90, 200), "full": (0, 0, 0)}
     img = Image.new("RGB", (2 * width, height), "white")
     draw = ImageDraw.Draw(img)
     control = next((r["miou"] for r in rows if r["method"] == "control"), None)
@@ -228,8 +229,10 @@ def selection_info(output: str, selection: str) -> dict[str, Any]:
     if selection == FULL:
         return {"method": "full", "retained": 1.0}
     summary = storage.read_json(storage.join(output, "selections", selection, "summary.json"))
-    return {"method": summary.get("method", "meddel"), "retained": float(summary["ratio"]),
-            "kept": summary.get("kept_count")}
+    method = summary.get("method", "meddel")
+    if any(rule.get("by") == "deldist" for rule in summary.get("rules", [])):
+        method += "+deldist"  # the paper's method with deldist's own rules on top
+    return {"method": method, "retained": float(summary["ratio"]), "kept": summary.get("kept_count")}
 
 
 def _pretrained(config: Config, selection: str, frames: str, retained: float) -> dict[str, Any]:
