@@ -86,7 +86,7 @@ def write_embeddings(emb_dir: str, x: np.ndarray, rows_per_part: int = 8192) -> 
     import pyarrow as pa
 
     from deldist import storage
-    from deldist.schema import QUALITY_COLUMNS, embeddings_schema
+    from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
     n, dim = x.shape
     ids = ids_for(n)
@@ -99,7 +99,7 @@ def write_embeddings(emb_dir: str, x: np.ndarray, rows_per_part: int = 8192) -> 
             "id": ids[start:stop], "source": [f"s3://in/{i.split('#')[0]}" for i in ids[start:stop]],
             "frame_index": pa.array(rows % 5000, pa.int64()), "timestamp_s": pa.array((rows % 5000) / 2.0),
             "dataset": ["synthetic"] * len(rows),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[start:stop].reshape(-1)), dim),
+            "embedding": embedding_array(x[start:stop]),
             **{q: pa.array(np.full(len(rows), 0.5, np.float32)) for q in QUALITY_COLUMNS},
             "phash": pa.array(np.zeros(len(rows), np.uint64)),
         }, schema=schema)

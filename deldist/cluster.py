@@ -98,15 +98,26 @@ class Config(StageConfig):
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> np.ndarray:
-    """Arrow ``embedding`` column (fixed_size_list or list of float) -> float32 (n, D).
+    """Arrow ``embedding`` column -> float32 (n, D): the fixed-size binary column of
+    :func:`deldist.schema.embedding_type` (zero-copy per chunk), or a fixed_size_list / list of
+    float (older runs, centroids).
 
     Raises :class:`EmbeddingError` on nulls or when the width differs from ``dim``.
     """
     if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks > 1 and pa.types.is_fixed_size_binary(column.type):
+            parts = [embedding_matrix(chunk, dim) for chunk in column.chunks]
+            return np.concatenate(parts)
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     n = len(column)
     if column.null_count:
         raise EmbeddingError(f"{column.null_count} of {n} embeddings are null")
+    if pa.types.is_fixed_size_binary(column.type):
+        width = column.type.byte_width // 4
+        if dim is not None and width != dim:
+            raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
+        data = column.buffers()[1]
+        return np.frombuffer(data, dtype="<f4", count=n * width, offset=column.offset * width * 4).reshape(n, width)
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
@@ -115,7 +126,7 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None)
         if n and (lengths != width).any():
             raise EmbeddingError(f"embeddings have mixed widths {sorted(set(lengths.tolist()))[:5]}")
     else:
-        raise EmbeddingError(f"embedding column has type {column.type}, expected a list of float32")
+        raise EmbeddingError(f"embedding column has type {column.type}, expected float32 vectors")
     if dim is not None and width != dim:
         raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
     values = pc.list_flatten(column)

@@ -39,7 +39,7 @@ from deldist.frames import (
     quality_stats,
 )
 from deldist.io import Source, list_sources, open_source
-from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, embeddings_schema
+from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -275,7 +275,7 @@ def _write_part(batch: dict[str, np.ndarray], data_dir: str, dim: int) -> dict[s
     schema = embeddings_schema(dim)
     emb = np.ascontiguousarray(batch["embedding"], dtype=np.float32)
     columns = {name: batch[name] for name in schema.names if name != "embedding"}
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+    columns["embedding"] = embedding_array(emb)
     table = pa.table({n: columns[n] for n in schema.names}).cast(schema)
     storage.write_table(table, storage.join(data_dir, storage.new_part_name()))
     return {"rows": np.array([len(emb)])}

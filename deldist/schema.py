@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 # Cheap per-frame statistics computed at decode time (deldist.frames.quality_stats).
 QUALITY_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "blur", "saturated", "dark")
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    """The ``embedding`` column: D little-endian float32 values as one fixed-size binary value.
+    Parquet reads it as one byte copy, ~10x faster than a fixed_size_list<float32>[D] column,
+    whose repetition levels are decoded value by value (0.07 vs 0.7 s per 50k x 768 here).
+    :func:`embedding_array` writes it; ``deldist.cluster.embedding_matrix`` reads it (and
+    list columns) back as an (n, D) float32 matrix."""
+    return pa.binary(4 * dim)
+
+
+def embedding_array(x: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(n, D) float -> the ``embedding`` column (zero-copy from a little-endian float32 matrix)."""
+    x = np.ascontiguousarray(x, dtype="<f4")
+    n, dim = x.shape
+    return pa.FixedSizeBinaryArray.from_buffers(embedding_type(dim), n, [None, pa.py_buffer(x)])
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -17,7 +34,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
             ("frame_index", pa.int64()),
             ("timestamp_s", pa.float64()),
             ("dataset", pa.string()),
-            ("embedding", pa.list_(pa.float32(), dim)),
+            ("embedding", embedding_type(dim)),
             *[(name, pa.float32()) for name in QUALITY_COLUMNS],
             ("phash", pa.uint64()),  # 64-bit perceptual hash (deldist.frames.perceptual_hash)
         ]

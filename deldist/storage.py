@@ -159,15 +159,18 @@ def column_codecs(schema: pa.Schema) -> dict[str, str]:
     def incompressible(t: pa.DataType) -> bool:
         if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
             return pa.types.is_floating(t.value_type)
-        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
 
     return {f.name: "none" if incompressible(f.type) else "zstd" for f in schema}
 
 
 def write_table(table: pa.Table, uri: str) -> None:
-    """Write one Parquet file (codecs per :func:`column_codecs`) atomically."""
+    """Write one Parquet file atomically: codecs per :func:`column_codecs`, dictionary encoding
+    only for the compressed columns (a dictionary of distinct vectors or JPEGs is waste)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=column_codecs(table.schema) or "zstd")
+    codecs = column_codecs(table.schema)
+    pq.write_table(table, sink, compression=codecs or "zstd",
+                   use_dictionary=[name for name, codec in codecs.items() if codec != "none"])
     write_bytes(uri, sink.getvalue().to_pybytes())
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from deldist import cluster, storage
-from deldist.schema import QUALITY_COLUMNS, embeddings_schema
+from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 
 def clustered(n: int, dim: int, centers: int, seed: int, spread: float = 0.5) -> np.ndarray:
@@ -32,7 +32,7 @@ def write_embeddings(emb_dir: str, x: np.ndarray, parts: int = 3, manifest_dim: 
             "frame_index": pa.array(rows, pa.int64()),
             "timestamp_s": pa.array(rows / 15.0, pa.float64()),
             "dataset": ["a" if i % 2 else "b" for i in rows],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), dim),
+            "embedding": embedding_array(x[rows]),
             **{q: pa.array(np.full(len(rows), 0.5), pa.float32()) for q in QUALITY_COLUMNS},
             "phash": pa.array(np.zeros(len(rows), np.uint64)),
         }, schema=schema)

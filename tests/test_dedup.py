@@ -8,7 +8,7 @@ import pytest
 
 from deldist import dedup, storage
 from deldist.cluster import EmbeddingError, EmptyInputError
-from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, SCORES_SCHEMA, embeddings_schema
+from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, SCORES_SCHEMA, embedding_array, embeddings_schema
 
 
 def clustered_with_sizes(sizes: list[int], dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -369,7 +369,7 @@ def write_run(root: str, x: np.ndarray, labels: np.ndarray, distance: np.ndarray
             "id": [ids[i] for i in rows], "source": [f"vid{i % 3}.mp4" for i in rows],
             "frame_index": pa.array(rows, pa.int64()), "timestamp_s": pa.array(rows * 0.5),
             "dataset": ["d"] * len(rows),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), dim),
+            "embedding": embedding_array(x[rows]),
             **{q: pa.array(np.full(len(rows), 0.5), pa.float32()) for q in QUALITY_COLUMNS},
             "phash": pa.array(np.zeros(len(rows), np.uint64)),
         }, schema=schema)

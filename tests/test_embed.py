@@ -18,6 +18,7 @@ import pytest
 from deldist import storage
 from deldist.config import load_config
 from deldist.embed import Config, run
+from deldist.cluster import embedding_matrix
 from deldist.schema import embeddings_schema
 
 STRIDE = 3
@@ -94,7 +95,7 @@ def test_ids_schema_and_norms(first_run, s3_input):
     for key, n_frames in per_video.items():
         assert sum(i.startswith(key + "#") for i in ids) == -(-n_frames // STRIDE)
     assert table.schema.equals(embeddings_schema(192))
-    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    emb = embedding_matrix(table.column("embedding"))
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     rows = {r["id"]: r for r in table.select(["id", "source", "dataset", "timestamp_s", "frame_index"]).to_pylist()}
     some_video = next(iter(per_video))
@@ -124,7 +125,7 @@ def test_identical_frames_identical_embeddings(first_run, s3_input):
     output, _ = first_run
     _, _, images = s3_input
     table = storage.read_published(storage.join(output, "embeddings"), columns=["id", "embedding"])
-    emb = {r["id"]: np.asarray(r["embedding"], np.float64) for r in table.to_pylist()}
+    emb = dict(zip(table.column("id").to_pylist(), embedding_matrix(table.column("embedding")).astype(np.float64)))
     a, b = emb[f"kvasir/{images[0]}#0"], emb["dups/copy_of_first.jpg#0"]
     np.testing.assert_allclose(a, b, atol=1e-5)
     # clearly different content: a colour-bar (invalid) frame vs a mucosa frame of a video
@@ -172,6 +173,6 @@ def test_resume_after_interruption(first_run, s3_input, s3_bucket):
     assert len(ids) == len(set(ids)) and set(ids) == _expected_ids(truth, images)
     # same frames, same embeddings as the uninterrupted run
     ref = storage.read_published(storage.join(first_run[0], "embeddings"), columns=["id", "embedding"])
-    ref_emb = dict(zip(ref.column("id").to_pylist(), ref.column("embedding").to_pylist()))
-    for i, e in zip(ids, table.column("embedding").to_pylist()):
+    ref_emb = dict(zip(ref.column("id").to_pylist(), embedding_matrix(ref.column("embedding"))))
+    for i, e in zip(ids, embedding_matrix(table.column("embedding"))):
         np.testing.assert_allclose(e, ref_emb[i], atol=1e-4)

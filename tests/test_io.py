@@ -51,10 +51,12 @@ def test_write_table_leaves_vectors_and_jpegs_uncompressed(tmp_path):
     import pyarrow.parquet as pq
 
     from deldist import storage
+    from deldist.cluster import embedding_matrix
+    from deldist.schema import embedding_array
 
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     table = pa.table({"id": [f"a#{i}" for i in range(64)],
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16),
+                      "embedding": embedding_array(x),
                       "jpeg": pa.array([b"\xff\xd8" * 8] * 64, pa.binary())})
     path = tmp_path / "t.parquet"
     storage.write_table(table, str(path))
@@ -62,3 +64,6 @@ def test_write_table_leaves_vectors_and_jpegs_uncompressed(tmp_path):
     codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression for i in range(meta.num_columns)}
     assert codecs == {"id": "ZSTD", "embedding": "UNCOMPRESSED", "jpeg": "UNCOMPRESSED"}
     assert pq.read_table(path).equals(table)
+    np.testing.assert_array_equal(embedding_matrix(pq.read_table(path).column("embedding")), x)
+    encodings = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert not any("DICTIONARY" in e for e in encodings["embedding"] + encodings["jpeg"])  # vectors: plain

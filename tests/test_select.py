@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from deldist import cluster, dedup, select, storage
-from deldist.schema import QUALITY_COLUMNS, embeddings_schema
+from deldist.cluster import embedding_matrix
+from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -274,7 +275,7 @@ def synthetic_videos(seed: int = 0, dim: int = 32):
     embeddings = pa.table({
         "id": rows["id"], "source": rows["source"], "frame_index": pa.array(rows["frame_index"], pa.int64()),
         "timestamp_s": pa.array(np.asarray(rows["frame_index"]) / 30.0), "dataset": rows["dataset"],
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), dim),
+        "embedding": embedding_array(x),
         "brightness": pa.array(rows["brightness"], pa.float32()),
         "contrast": pa.array(np.full(n, 0.2), pa.float32()), "blur": pa.array(np.full(n, 200.0), pa.float32()),
         "saturated": pa.array(np.zeros(n), pa.float32()), "dark": pa.array(rows["dark"], pa.float32()),
@@ -293,7 +294,7 @@ def publish_embeddings(emb_dir: str, table: pa.Table, parts: int = 3) -> None:
         path = storage.join(emb_dir, storage.new_part_name())
         storage.write_table(table.take(pa.array(rows)), path)
         files.append(storage.resolve(path)[1])
-    dim = table.schema.field("embedding").type.list_size
+    dim = table.schema.field("embedding").type.byte_width // 4
     storage.publish(emb_dir, files, {"dim": dim, "model": "synthetic", "schema": storage.schema_hex(table.schema)})
 
 
@@ -328,7 +329,7 @@ def assert_duplicates_point_at_retained(root: str, retained: pa.Table, removed: 
         return
     dup = linked.filter(pa.compute.equal(linked.column("reason"), "duplicate"))
     row = {i: r for r, i in enumerate(embeddings.column("id").to_pylist())}
-    x = np.stack(embeddings.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
+    x = embedding_matrix(embeddings.column("embedding")).astype(np.float64)
     a = np.array([row[i] for i in dup.column("id").to_pylist()], int)
     b = np.array([row[i] for i in dup.column("duplicate_of").to_pylist()], int)
     sims = np.einsum("ij,ij->i", x[a], x[b]) if len(a) else np.zeros(0)
@@ -380,7 +381,7 @@ def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     assert_partition(all_ids, retained_e, removed_e, full_e)
     scores = storage.read_published(storage.join(root, "dedup", "scores"), ["id", "cluster", "rank"])
     scores = scores.take(pa.compute.index_in(embeddings.column("id"), value_set=scores.column("id")))
-    x = np.stack(embeddings.column("embedding").to_numpy(zero_copy_only=False))
+    x = embedding_matrix(embeddings.column("embedding"))
     filtered = set(removed_e.filter(pa.compute.not_equal(removed_e.column("reason"), "duplicate"))
                    .column("id").to_pylist())
     candidate = np.array([i not in filtered for i in embeddings.column("id").to_pylist()])
