@@ -8,7 +8,7 @@ Each variant runs in its own subprocess (clean peak memory) on 2 CPUs:
            max (the SemDeDup reference code's loop), timed with 2 and with 1 torch threads (the
            faster counts), on the in-memory matrix and end to end (read the same Parquet
            embeddings + assignments, group, loop, write)
-  kernel   one process: deldist.dedup.triu_max_sim per cluster (blockwise, lower triangle
+  kernel   one process: deldist.pairwise.triu_max_sim per cluster (blockwise, lower triangle
            only, NumPy sgemm) on the same in-memory matrix, clusters over 2 threads x 1 BLAS thread
   stage    deldist.dedup.run on a local Ray cluster (num_cpus=2) from Parquet: read + shuffle
            by cluster + score (2 tasks x 1 BLAS thread) + write dedup/scores/; the stage also
@@ -80,7 +80,7 @@ def child_plain(workdir: str, rounds: int) -> dict:
     import torch
 
     from deldist import storage
-    from deldist.cluster import embedding_matrix
+    from deldist.shards import embedding_matrix
     from deldist.dedup import rank_within_clusters, scores_table
 
     x, order, bounds = _load(workdir)
@@ -130,7 +130,7 @@ def child_kernel(workdir: str, block_rows: int, rounds: int) -> dict:
     Started with OPENBLAS_NUM_THREADS=1."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deldist.dedup import triu_max_sim
+    from deldist.pairwise import triu_max_sim
 
     x, order, bounds = _load(workdir)
     loaded_gib = self_peak_rss_gib()

@@ -191,7 +191,7 @@ def ray_start() -> None:
 def child_faiss(workdir: str, k: int, iters: int, seed: int, threads: int) -> dict:
     import faiss
 
-    from deldist.cluster import objective
+    from deldist.kmeans import objective
 
     faiss.omp_set_num_threads(threads)
     x = np.load(os.path.join(workdir, "x.npy"))

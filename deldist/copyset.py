@@ -86,10 +86,9 @@ def _as_rgb(array: np.ndarray) -> Image.Image:
 
 def source_images() -> Iterator[tuple[str, Image.Image]]:
     """(name, RGB image) of every source, from the installed scikit-image / scikit-learn."""
+    import matplotlib.cbook
     import skimage.data
     from sklearn.datasets import load_sample_image
-
-    import matplotlib.cbook
 
     for name in SKIMAGE_SOURCES:
         yield name, _as_rgb(getattr(skimage.data, name)())

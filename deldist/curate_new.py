@@ -28,7 +28,7 @@ One run:
 5. Dedup, per cluster: the corpus's represented items (retained, or removed as a copy of a
    retained item; never one removed as invalid or outlier) come first and count as kept, then
    the candidate uploads in the corpus's rank order through
-   :func:`deldist.dedup.keep_first_exact`: an upload is removed when its similarity to a kept
+   :func:`deldist.pairwise.keep_first_exact`: an upload is removed when its similarity to a kept
    item exceeds the corpus selection's threshold. ``duplicate_of`` names the retained item
    standing for what it matched (chains through uploads removed by later rules are followed);
    ``max_sim`` is the similarity to the item matched.
@@ -55,10 +55,11 @@ from pydantic import Field
 
 from deldist import embed, storage
 from deldist.arrays import equal_runs
-from deldist.cluster import assign_shard, plan_shards, read_centroids
+from deldist.cluster import assign_shard, read_centroids
 from deldist.config import StageConfig
-from deldist.dedup import gather_sorted, keep_first_exact, plan_buckets, rank_within_clusters, shuffle_by_bucket
+from deldist.dedup import rank_within_clusters
 from deldist.io import list_sources
+from deldist.pairwise import keep_first_exact
 from deldist.schema import (
     ASSIGNMENTS_SCHEMA,
     QUALITY_COLUMNS,
@@ -67,6 +68,7 @@ from deldist.schema import (
     VERSION_SOURCES_SCHEMA,
 )
 from deldist.select import REASONS, Decision, cluster_quantiles, invalid_mask
+from deldist.shards import gather_sorted, plan_buckets, plan_shards, shuffle_by_bucket
 
 # embeddings/_run.json keys that fix what a frame's embedding is; a batch must match them
 ENCODER_KEYS = ("model", "weights_sha256", "random_init", "pooling", "image_size", "mean", "std",
@@ -406,7 +408,7 @@ def _dedup_against_corpus(config: Config, manifest: dict[str, Any], seen_assign:
                           candidate: np.ndarray, threshold: float, dim: int) -> tuple[pa.Array, np.ndarray]:
     """Per cluster: the corpus's represented items (:func:`represented_items`, as kept), then
     the candidate uploads in the corpus's rank order, through
-    :func:`deldist.dedup.keep_first_exact` (Ray tasks). Returns (duplicate_of (n,) strings: the
+    :func:`deldist.pairwise.keep_first_exact` (Ray tasks). Returns (duplicate_of (n,) strings: the
     retained item standing for what a removed upload duplicates (a corpus item's stand-in, or
     a kept upload), null when kept or not a candidate; similarity float32 (n,) to the item it
     matched, NaN)."""

@@ -38,8 +38,14 @@ from deldist.frames import (
     probe_video,
     quality_stats,
 )
+from deldist.ids import frame_id, split_id
 from deldist.io import Source, list_sources, open_source
-from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, embedding_array, embeddings_schema
+from deldist.schema import (
+    ERRORS_SCHEMA,
+    QUALITY_COLUMNS,
+    embedding_array,
+    embeddings_schema,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,15 +115,6 @@ class Config(StageConfig):
 
 
 # ---------------------------------------------------------------- progress bookkeeping (pure)
-
-
-def frame_id(key: str, frame_index: int) -> str:
-    return f"{key}#{frame_index}"
-
-
-def split_id(frame_id_: str) -> tuple[str, int]:
-    key, index = frame_id_.rsplit("#", 1)
-    return key, int(index)
 
 
 def unit_of(frame_index: int, segment_frames: int) -> int:

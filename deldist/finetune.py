@@ -180,8 +180,8 @@ def flip_pairs(images: Any, masks: Any, generator: Any) -> tuple[Any, Any]:
 
 
 def _encoder(cfg: dict[str, Any]) -> Any:
-    from deldist.encoders import build_encoder, load_weights
     import deldist.models  # noqa: F401  (registers deldist's tiny ViT names)
+    from deldist.encoders import build_encoder, load_weights
 
     encoder = build_encoder(cfg["model"], cfg["image_size"], cfg["seed"])
     load_weights(encoder, cfg["weights"], cfg["random_init"])
@@ -195,7 +195,15 @@ def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
 
     from deldist.metrics import confusion_counts, per_image_fg_iou, segmentation_scores
     from deldist.models import SegmentationViT, dice_ce_loss, lr_lambda, param_groups
-    from deldist.pretrain import LocalSession, RayTrainSession, all_reduce_sum, autocast, normalize, worker_device, write_metrics
+    from deldist.pretrain import (
+        LocalSession,
+        RayTrainSession,
+        all_reduce_sum,
+        autocast,
+        normalize,
+        worker_device,
+        write_metrics,
+    )
 
     seg = cfg["segmentation"]
     session = session or RayTrainSession()

@@ -64,11 +64,6 @@ def store_uri(output: str, selection: str | None) -> str:
 # ------------------------------------------------------------------ planning (pure)
 
 
-def split_frame_id(frame_id: str) -> tuple[str, int]:
-    key, index = frame_id.rsplit("#", 1)
-    return key, int(index)
-
-
 def plan_tasks(rows: list[dict[str, Any]], frames_per_task: int, images_per_task: int) -> list[dict[str, Any]]:
     """Group wanted frames into decode tasks.
 
@@ -110,7 +105,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 def _decoded_frames(task: dict[str, Any], cfg: Config, errors: list[dict[str, Any]]) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (id, rgb (size, size, 3)) for the task's frames; append an error row per id missed."""
-    from deldist.frames import decode_image, decode_video, Sampling
+    from deldist.frames import Sampling, decode_image, decode_video
     from deldist.io import open_source
 
     if task["kind"] == "image":

@@ -13,7 +13,7 @@ def embedding_type(dim: int) -> pa.DataType:
     """The ``embedding`` column: D little-endian float32 values as one fixed-size binary value.
     Parquet reads it as one byte copy, ~10x faster than a fixed_size_list<float32>[D] column,
     whose repetition levels are decoded value by value (0.07 vs 0.7 s per 50k x 768 here).
-    :func:`embedding_array` writes it; ``deldist.cluster.embedding_matrix`` reads it (and
+    :func:`embedding_array` writes it; ``deldist.shards.embedding_matrix`` reads it (and
     list columns) back as an (n, D) float32 matrix."""
     return pa.binary(4 * dim)
 
@@ -66,7 +66,7 @@ ASSIGNMENTS_SCHEMA = pa.schema(
 
 # max_sim / duplicate_of: the highest similarity to any earlier-ranked item of the cluster
 # (SemDeDup's score). neighbours / neighbour_sims: ranks (within the cluster) and similarities
-# of the earlier items a kept-aware selection needs (deldist.dedup.NeighbourLists), most
+# of the earlier items a kept-aware selection needs (deldist.pairwise.NeighbourLists), most
 # similar first; unlisted_max_sim: no unlisted earlier item is more similar than this.
 SCORES_SCHEMA = pa.schema(
     [

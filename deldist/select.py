@@ -37,10 +37,10 @@ Duplicates, two rules (``dedup_rule``):
   threshold to an earlier-ranked item that is *kept*; its ``duplicate_of`` is such an item
   (the most similar one its neighbour list holds). A group of copies therefore always keeps a member, also when its first
   member was removed as invalid or outlier. Resolved from the neighbour lists the dedup
-  stage stored (:class:`deldist.dedup.NeighbourLists`) in rank order
+  stage stored (:class:`deldist.pairwise.NeighbourLists`) in rank order
   (:func:`deldist.greedy.keep_first_in_order`); the clusters where a list cannot decide (all
   its listed neighbours above the threshold were removed, and an unlisted one might be
-  above it) are computed exactly from the vectors (:func:`deldist.dedup.keep_first_exact`,
+  above it) are computed exactly from the vectors (:func:`deldist.pairwise.keep_first_exact`,
   Ray tasks). A threshold sweep or a ``target_ratio`` search never reruns the pairwise stage.
 - ``any_earlier`` (default for ``semdedup``): SemDeDup's reference code: removed when the
   similarity to *any* earlier-ranked item of the cluster exceeds the threshold, kept or
@@ -79,10 +79,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deldist import storage
 from deldist.arrays import equal_runs
-from deldist.cluster import EmptyInputError
 from deldist.config import StageConfig
 from deldist.greedy import best_kept_link, keep_first_in_order
 from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_SCHEMA
+from deldist.shards import EmptyInputError
 
 # similarity threshold (1 - eps) -> (frames retained, fraction retained) in MedDEL's Table 2
 MEDDEL_TABLE2: dict[float, tuple[int, float]] = {
@@ -336,7 +336,7 @@ def resolve_kept(candidate: np.ndarray, edges: NeighbourEdges, threshold: float,
     candidate (ties: the earliest; an unlisted kept item may be more similar, never less
     than the threshold), -1; similarity float64 (n,), NaN; unresolved bool (n,): items kept here whose
     lists cannot rule out an unlisted kept neighbour above the threshold; they and the items
-    after them in their cluster need :func:`deldist.dedup.keep_first_exact`).
+    after them in their cluster need :func:`deldist.pairwise.keep_first_exact`).
     """
     if threshold < edges.floor:
         raise ValueError(f"similarity threshold {threshold:.4f} is below the scores' neighbour floor "
@@ -617,7 +617,7 @@ def _temporal(config: Config, emb_dir: str, dim: int | None, meta: pa.Table, can
     similarity (n,)) aligned with ``meta``'s rows."""
     import ray
 
-    from deldist.dedup import shuffle_by_bucket
+    from deldist.shards import shuffle_by_bucket
 
     n = meta.num_rows
     rows = np.flatnonzero(candidate)
@@ -646,7 +646,7 @@ def _temporal(config: Config, emb_dir: str, dim: int | None, meta: pa.Table, can
 def _temporal_bucket(threshold: float, *slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, ...]:
     """Task body: temporal collapse of every video in one bucket -> (rows, representative
     rows (-1 kept), similarity), rows being indices into the driver's table."""
-    from deldist.dedup import gather_sorted
+    from deldist.shards import gather_sorted
 
     x, meta = gather_sorted(slices, keys=("source_code", "frame_index"))
     rows = meta.column("row").to_numpy()
@@ -677,7 +677,7 @@ class ExactFallback:
     def _gather(self, clusters: Sequence[int]) -> None:
         import ray
 
-        from deldist.dedup import gather_sorted, plan_buckets, shuffle_by_bucket
+        from deldist.shards import gather_sorted, plan_buckets, shuffle_by_bucket
 
         missing = sorted(set(int(c) for c in clusters) - set(self.where))
         if not missing:
@@ -707,11 +707,11 @@ class ExactFallback:
 
     def run(self, clusters: Sequence[int], threshold: float, candidate: np.ndarray,
             ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """:func:`deldist.dedup.keep_first_exact` on each cluster -> [(cluster, kept, duplicate_of
+        """:func:`deldist.pairwise.keep_first_exact` on each cluster -> [(cluster, kept, duplicate_of
         position, similarity)]; candidate: (n,) bool in position order."""
         import ray
 
-        from deldist.dedup import keep_first_exact
+        from deldist.pairwise import keep_first_exact
 
         self._gather(clusters)
         by_ref: dict[int, tuple[Any, list[tuple[int, int, int, np.ndarray]]]] = {}

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import cluster, storage
+from deldist import cluster, kmeans, shards, storage
 from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 
@@ -49,7 +49,7 @@ def faiss_objective(x: np.ndarray, k: int, niter: int, seed: int = 1) -> float:
 
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, max_points_per_centroid=10**6)
     km.train(x)
-    return cluster.objective(x, km.centroids)
+    return kmeans.objective(x, km.centroids)
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -57,9 +57,9 @@ def faiss_objective(x: np.ndarray, k: int, niter: int, seed: int = 1) -> float:
 
 def test_local_kmeans_matches_faiss_objective():
     x = clustered(2500, 32, 30, seed=0)
-    centroids, history = cluster.kmeans_local(x, 30, max_iter=10, tol=0.0, seed=0, n_shards=3)
+    centroids, history = kmeans.kmeans_local(x, 30, max_iter=10, tol=0.0, seed=0, n_shards=3)
     assert len(history) == 10  # tol=0: never stops early
-    ours = cluster.objective(x, centroids)
+    ours = kmeans.objective(x, centroids)
     assert ours <= 1.01 * faiss_objective(x, 30, 10)
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))  # Lloyd never gets worse
@@ -67,16 +67,16 @@ def test_local_kmeans_matches_faiss_objective():
 
 def test_bounds_skip_work_but_not_results():
     x = clustered(3000, 16, 20, seed=7)
-    with_bounds, history = cluster.kmeans_local(x, 20, max_iter=8, tol=0.0, seed=1, n_shards=2)
-    plain, plain_history = cluster.kmeans_local(x, 20, max_iter=8, tol=0.0, seed=1, n_shards=2, use_bounds=False)
+    with_bounds, history = kmeans.kmeans_local(x, 20, max_iter=8, tol=0.0, seed=1, n_shards=2)
+    plain, plain_history = kmeans.kmeans_local(x, 20, max_iter=8, tol=0.0, seed=1, n_shards=2, use_bounds=False)
     assert np.allclose(history, plain_history, rtol=1e-6)
     assert np.allclose(with_bounds, plain, atol=1e-5)
     # later passes search only the rows whose cluster could change
-    c0 = cluster.normalize_rows(x[:20])
-    stats, bounds = cluster.partial_stats([x], c0, n_far=0)
-    c1, _ = cluster.update_centroids(stats, c0)
-    again, _ = cluster.partial_stats([x], c1, n_far=0, bounds=bounds, shift=cluster.centroid_shift(c0, c1))
-    full, _ = cluster.partial_stats([x], c1, n_far=0)
+    c0 = kmeans.normalize_rows(x[:20])
+    stats, bounds = kmeans.partial_stats([x], c0, n_far=0)
+    c1, _ = kmeans.update_centroids(stats, c0)
+    again, _ = kmeans.partial_stats([x], c1, n_far=0, bounds=bounds, shift=kmeans.centroid_shift(c0, c1))
+    full, _ = kmeans.partial_stats([x], c1, n_far=0)
     assert stats.searched == 3000 and again.searched < 3000
     assert np.array_equal(again.counts, full.counts) and again.objective == pytest.approx(full.objective)
 
@@ -84,10 +84,10 @@ def test_bounds_skip_work_but_not_results():
 def test_update_reseeds_empty_clusters_with_farthest_points():
     x = np.abs(clustered(300, 8, 3, seed=1))  # positive orthant
     away = -x.sum(axis=0, keepdims=True)  # negative cosine to every row: attracts nothing
-    stale = cluster.normalize_rows(np.vstack([x[:2], away]))
-    stats, _ = cluster.partial_stats([x], stale, n_far=4)
+    stale = kmeans.normalize_rows(np.vstack([x[:2], away]))
+    stats, _ = kmeans.partial_stats([x], stale, n_far=4)
     assert stats.counts[2] == 0
-    new, n_empty = cluster.update_centroids(stats, stale)
+    new, n_empty = kmeans.update_centroids(stats, stale)
     assert n_empty == 1
     farthest = stats.far_points[np.argmax(stats.far_distance)]
     assert np.allclose(new[2], farthest / np.linalg.norm(farthest), atol=1e-6)
@@ -95,31 +95,31 @@ def test_update_reseeds_empty_clusters_with_farthest_points():
 
 def test_kmeans_plus_plus_picks_distinct_points_even_with_duplicates():
     x = np.repeat(clustered(5, 8, 5, seed=2), 20, axis=0)  # 5 distinct points, 100 rows
-    c = cluster.kmeans_plus_plus(x, 5, np.random.default_rng(0))
+    c = kmeans.kmeans_plus_plus(x, 5, np.random.default_rng(0))
     assert len(np.unique(np.round(c, 5), axis=0)) == 5
 
 
 def test_bad_vectors_are_named():
     x = clustered(10, 4, 2, seed=3)
     x[3] = np.nan
-    with pytest.raises(cluster.EmbeddingError, match="NaN.*id-3"):
-        cluster.normalize_checked(x, [f"id-{i}" for i in range(10)])
+    with pytest.raises(shards.EmbeddingError, match="NaN.*id-3"):
+        shards.normalize_checked(x, [f"id-{i}" for i in range(10)])
     x[3] = 0.0
-    with pytest.raises(cluster.EmbeddingError, match="zero vectors.*id-3"):
-        cluster.normalize_checked(x, [f"id-{i}" for i in range(10)])
-    with pytest.raises(cluster.EmbeddingError, match="dimension mismatch"):
-        cluster.nearest_centroid(clustered(5, 4, 1, seed=0), clustered(3, 6, 1, seed=0))
+    with pytest.raises(shards.EmbeddingError, match="zero vectors.*id-3"):
+        shards.normalize_checked(x, [f"id-{i}" for i in range(10)])
+    with pytest.raises(shards.EmbeddingError, match="dimension mismatch"):
+        kmeans.nearest_centroid(clustered(5, 4, 1, seed=0), clustered(3, 6, 1, seed=0))
     with pytest.raises(ValueError, match="k=9"):
-        cluster.kmeans_plus_plus(x[:5], 9, np.random.default_rng(0))
+        kmeans.kmeans_plus_plus(x[:5], 9, np.random.default_rng(0))
 
 
 def test_plan_shards_packs_row_groups(tmp_path):
     emb = str(tmp_path / "embeddings")
     write_embeddings(emb, clustered(100, 4, 2, seed=0), parts=5)
-    shards = cluster.plan_shards(emb, shard_rows=45)
-    assert sum(s.num_rows for s in shards) == 100
-    assert all(s.num_rows <= 45 for s in shards) and len(shards) == 3
-    rows = sum(cluster.read_shard(emb, s, ["id"]).num_rows for s in shards)
+    planned = shards.plan_shards(emb, shard_rows=45)
+    assert sum(s.num_rows for s in planned) == 100
+    assert all(s.num_rows <= 45 for s in planned) and len(planned) == 3
+    rows = sum(shards.read_shard(emb, s, ["id"]).num_rows for s in planned)
     assert rows == 100
 
 
@@ -136,7 +136,7 @@ def test_run_end_to_end_matches_faiss(ray_session, tmp_path):
     centroids = cluster.read_centroids(storage.join(root, "clusters"))
     assert centroids.shape == (30, 32) and centroids.dtype == np.float32
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
-    assert cluster.objective(x, centroids) <= 1.01 * faiss_objective(x, 30, 10)
+    assert kmeans.objective(x, centroids) <= 1.01 * faiss_objective(x, 30, 10)
 
     assignments = storage.read_published(storage.join(root, "clusters", "assignments"))
     assert assignments.schema.equals(cluster.ASSIGNMENTS_SCHEMA)
@@ -164,7 +164,7 @@ def test_run_rejects_bad_input(ray_session, tmp_path):
     x = clustered(50, 8, 2, seed=6)
     empty = str(tmp_path / "empty")
     write_embeddings(storage.join(empty, "embeddings"), x[:0], parts=1)
-    with pytest.raises(cluster.EmptyInputError):
+    with pytest.raises(shards.EmptyInputError):
         cluster.run(cluster.Config(output=empty, k=2))
 
     small = str(tmp_path / "small")
@@ -175,13 +175,13 @@ def test_run_rejects_bad_input(ray_session, tmp_path):
 
     wrong_dim = str(tmp_path / "dim")
     write_embeddings(storage.join(wrong_dim, "embeddings"), x, parts=1, manifest_dim=16)
-    with pytest.raises(cluster.EmbeddingError, match="does not match"):
+    with pytest.raises(shards.EmbeddingError, match="does not match"):
         cluster.run(cluster.Config(output=wrong_dim, k=2, task_cpus=0.5))
 
     nan = str(tmp_path / "nan")
     bad = x.copy()
     bad[7] = np.nan
     write_embeddings(storage.join(nan, "embeddings"), bad, parts=1)
-    with pytest.raises(cluster.EmbeddingError, match="v2.mp4#7"):
+    with pytest.raises(shards.EmbeddingError, match="v2.mp4#7"):
         cluster.run(cluster.Config(output=nan, k=2, task_cpus=0.5))
     assert not storage.is_published(storage.join(nan, "clusters"))

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import dedup, storage
-from deldist.cluster import EmbeddingError, EmptyInputError
+from deldist import dedup, pairwise, pairwise_torch, shards, storage, tiles
+from deldist.shards import EmbeddingError, EmptyInputError
 from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, SCORES_SCHEMA, embedding_array, embeddings_schema
 
 
@@ -91,7 +91,7 @@ def test_exact_ties_go_to_the_earliest_item():
     full = x.astype(np.float64) @ x.T.astype(np.float64)
     first = [-1] + [int(np.argmax(full[i, :i])) for i in range(1, 200)]
     for block_rows, col_block, diag_rows in [(16, 40, 6), (7, 5, 3), (256, 16_384, 32)]:
-        _, arg = dedup.triu_max_sim(x, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows)
+        _, arg = pairwise.triu_max_sim(x, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows)
         assert arg.tolist() == first
 
 
@@ -109,22 +109,22 @@ def test_rank_modes():
 
 
 def test_row_ranges_cover_the_triangle_evenly():
-    ranges = dedup.split_rows_by_area(1000, 4)
+    ranges = shards.split_rows_by_area(1000, 4)
     assert ranges[0][0] == 0 and ranges[-1][1] == 1000
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     work = [b * b - a * a for a, b in ranges]
     assert max(work) < 1.1 * min(work)
     x, labels, _ = clustered_with_sizes([300], 16, seed=2)
-    whole, arg = dedup.triu_max_sim(x, block_rows=32)
-    pieces = [dedup.triu_max_sim(x, a, b, block_rows=32, col_block=50, diag_rows=7)
-              for a, b in dedup.split_rows_by_area(300, 3)]
+    whole, arg = pairwise.triu_max_sim(x, block_rows=32)
+    pieces = [pairwise.triu_max_sim(x, a, b, block_rows=32, col_block=50, diag_rows=7)
+              for a, b in shards.split_rows_by_area(300, 3)]
     assert np.allclose(np.concatenate([p[0] for p in pieces]), whole, atol=1e-6)  # gemm shapes differ
     assert np.array_equal(np.concatenate([p[1] for p in pieces]), arg)
 
 
 def test_plan_buckets_packs_small_and_splits_huge():
     sizes = np.array([5, 0, 400, 7, 9, 3, 2])
-    buckets = dedup.plan_buckets(sizes, n_buckets=2, split_rows=100, bucket_rows=1000)
+    buckets = shards.plan_buckets(sizes, n_buckets=2, split_rows=100, bucket_rows=1000)
     split = [b for b in buckets if b.row_ranges]
     assert len(split) == 1 and split[0].clusters == [2] and len(split[0].row_ranges) >= 2
     packed = sorted(c for b in buckets if not b.row_ranges for c in b.clusters)
@@ -132,9 +132,9 @@ def test_plan_buckets_packs_small_and_splits_huge():
 
 
 def test_empty_and_single_inputs():
-    sims, arg = dedup.triu_max_sim(np.zeros((0, 8), np.float32))
+    sims, arg = pairwise.triu_max_sim(np.zeros((0, 8), np.float32))
     assert len(sims) == 0 and len(arg) == 0
-    sims, arg = dedup.triu_max_sim(np.ones((1, 8), np.float32) / np.sqrt(8))
+    sims, arg = pairwise.triu_max_sim(np.ones((1, 8), np.float32) / np.sqrt(8))
     assert sims.tolist() == [0.0] and arg.tolist() == [-1]
     assert len(dedup.rank_within_clusters(pa.array([], pa.string()), np.array([]), np.array([]))) == 0
 
@@ -187,7 +187,7 @@ def check_against_float64(sims64: np.ndarray, rows: np.ndarray, cols: list[np.nd
 def test_torch_triu_matches_float64_reference(block_rows, col_block, diag_rows, start, stop):
     x = near_dup_rows(300, 24, seed=block_rows + start, copies=40)  # larger than every block
     sims64 = x.astype(np.float64) @ x.astype(np.float64).T
-    max_sim, arg = dedup._triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device="cpu")
+    max_sim, arg = pairwise_torch.triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device="cpu")
     stop = len(x) if stop is None else stop
     assert max_sim.dtype == np.float32 and arg.dtype == np.int64 and len(max_sim) == len(arg) == stop - start
     rows = np.arange(start, stop)
@@ -195,7 +195,7 @@ def test_torch_triu_matches_float64_reference(block_rows, col_block, diag_rows, 
     if start == 0 and stop > 0:
         assert max_sim[0] == 0.0 and arg[0] == -1
     assert np.all((arg >= 0) == (rows > 0)) and np.all(arg < rows)
-    np_sim, np_arg = dedup.triu_max_sim(x, start, stop, block_rows, col_block, diag_rows)  # the NumPy path
+    np_sim, np_arg = pairwise.triu_max_sim(x, start, stop, block_rows, col_block, diag_rows)  # the NumPy path
     assert np.abs(np_sim - max_sim).max(initial=0) < 1e-6
 
 
@@ -204,30 +204,30 @@ def test_torch_exact_ties_go_to_the_earliest_item(block_rows, col_block, diag_ro
     x = exact_unit_rows(200, seed=4)  # 6 distinct rows: every row after the first few has exact twins
     sims64 = x.astype(np.float64) @ x.astype(np.float64).T
     for start, stop in [(0, 200), (90, 200), (3, 4)]:
-        max_sim, arg = dedup._triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device="cpu")
+        max_sim, arg = pairwise_torch.triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device="cpu")
         rows = np.arange(start, stop)
         check_against_float64(sims64, rows, [np.arange(r) for r in rows], max_sim, arg, exact=True)
     rng = np.random.default_rng(0)  # the integer rows of the NumPy tie test
     x = rng.integers(0, 3, (5, 8)).astype(np.float32)[rng.integers(0, 5, 200)]
     full = x.astype(np.float64) @ x.T.astype(np.float64)
     first = [-1] + [int(np.argmax(full[i, :i])) for i in range(1, 200)]
-    _, arg = dedup._triu_max_sim_torch(x, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows,
+    _, arg = pairwise_torch.triu_max_sim_torch(x, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows,
                                        device="cpu")
     assert arg.tolist() == first
 
 
 def test_torch_single_row_and_empty():
     one = np.ones((1, 8), np.float32) / np.sqrt(8)
-    for x in (one, dedup.to_device(one, "cpu")):
-        max_sim, arg = dedup._triu_max_sim_torch(x, device="cpu")
+    for x in (one, pairwise.to_device(one, "cpu")):
+        max_sim, arg = pairwise_torch.triu_max_sim_torch(x, device="cpu")
         assert max_sim.tolist() == [0.0] and arg.tolist() == [-1]
-    max_sim, arg = dedup._triu_max_sim_torch(np.zeros((0, 8), np.float32), device="cpu")
+    max_sim, arg = pairwise_torch.triu_max_sim_torch(np.zeros((0, 8), np.float32), device="cpu")
     assert max_sim.shape == arg.shape == (0,) and max_sim.dtype == np.float32 and arg.dtype == np.int64
     x = near_dup_rows(10, 8, seed=1)
-    max_sim, arg = dedup._triu_max_sim_torch(x, 6, 7, device="cpu")  # one row of a range, start > 0
+    max_sim, arg = pairwise_torch.triu_max_sim_torch(x, 6, 7, device="cpu")  # one row of a range, start > 0
     assert arg[0] == int(np.argmax(x[6].astype(np.float64) @ x[:6].T.astype(np.float64)))
     with pytest.raises(ValueError, match="outside"):
-        dedup._triu_max_sim_torch(x, 4, 11, device="cpu")
+        pairwise_torch.triu_max_sim_torch(x, 4, 11, device="cpu")
 
 
 @pytest.mark.parametrize("block_rows,col_block", [(32, 50), (7, 5), (256, 16_384)])
@@ -236,21 +236,21 @@ def test_torch_max_sim_to_matches_float64_reference(block_rows, col_block):
     q = np.concatenate([near_dup_rows(70, 24, seed=block_rows + 1), keys[[5, 229, 0]]])  # exact copies of keys
     sims64 = np.concatenate([q, keys]).astype(np.float64) @ np.concatenate([q, keys]).astype(np.float64).T
     key_cols = np.arange(len(q), len(q) + len(keys))
-    max_sim, arg = dedup._max_sim_to_torch(q, keys, block_rows, col_block, device="cpu")
+    max_sim, arg = pairwise_torch.max_sim_to_torch(q, keys, block_rows, col_block, device="cpu")
     assert max_sim.dtype == np.float32 and arg.dtype == np.int64 and len(arg) == len(q)
     check_against_float64(sims64, np.arange(len(q)), [key_cols] * len(q), max_sim, arg + len(q))
-    np_sim, np_arg = dedup.max_sim_to(q, keys, block_rows, col_block)  # the NumPy path
+    np_sim, np_arg = pairwise.max_sim_to(q, keys, block_rows, col_block)  # the NumPy path
     assert np.abs(np_sim - max_sim).max() < 1e-6
 
     keys = exact_unit_rows(120, seed=2)  # exact ties: the first key wins
     q = exact_unit_rows(40, seed=3)
-    max_sim, arg = dedup._max_sim_to_torch(q, keys, block_rows, col_block, device="cpu")
+    max_sim, arg = pairwise_torch.max_sim_to_torch(q, keys, block_rows, col_block, device="cpu")
     full = q.astype(np.float64) @ keys.T.astype(np.float64)
     assert arg.tolist() == np.argmax(full, axis=1).tolist() and np.array_equal(max_sim, full.max(axis=1))
 
-    max_sim, arg = dedup._max_sim_to_torch(q, keys[:0], block_rows, col_block, device="cpu")  # no keys
+    max_sim, arg = pairwise_torch.max_sim_to_torch(q, keys[:0], block_rows, col_block, device="cpu")  # no keys
     assert np.all(max_sim == -np.inf) and np.all(arg == -1)
-    max_sim, arg = dedup._max_sim_to_torch(q[:0], keys, block_rows, col_block, device="cpu")
+    max_sim, arg = pairwise_torch.max_sim_to_torch(q[:0], keys, block_rows, col_block, device="cpu")
     assert len(max_sim) == len(arg) == 0
 
 
@@ -258,8 +258,8 @@ def test_torch_max_sim_to_matches_float64_reference(block_rows, col_block):
 def cuda_on_cpu(monkeypatch):
     """device="cuda" runs the torch kernels, with every tensor placed on the CPU: exercises the
     device plumbing (one copy per bucket, slices per cluster) without a GPU."""
-    place = dedup._as_device_tensor
-    monkeypatch.setattr(dedup, "_as_device_tensor", lambda x, device: place(x, "cpu"))
+    place = pairwise_torch.as_device_tensor
+    monkeypatch.setattr(pairwise_torch, "as_device_tensor", lambda x, device: place(x, "cpu"))
 
 
 def test_score_sorted_clusters_on_the_torch_path(cuda_on_cpu):
@@ -267,7 +267,7 @@ def test_score_sorted_clusters_on_the_torch_path(cuda_on_cpu):
     ids = pa.array([f"f{i:04d}" for i in range(len(x))])
     rank = dedup.rank_within_clusters(ids, labels, distance, "hard")
     order = np.lexsort((rank, labels))
-    args = (x[order], ids.take(pa.array(order)), labels[order], rank[order], dedup.ListSpec(4, 3, 0.2))
+    args = (x[order], ids.take(pa.array(order)), labels[order], rank[order], tiles.ListSpec(4, 3, 0.2))
     on_torch = dedup.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cuda")
     on_numpy = dedup.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cpu")
     assert on_torch.schema.equals(SCORES_SCHEMA)
@@ -276,12 +276,12 @@ def test_score_sorted_clusters_on_the_torch_path(cuda_on_cpu):
     assert on_torch.column("neighbours").equals(on_numpy.column("neighbours"))  # no exact ties in this data
     assert np.abs(on_torch.column("unlisted_max_sim").to_numpy() - on_numpy.column("unlisted_max_sim").to_numpy()
                   ).max() < 1e-6
-    sims, arg = dedup.triu_max_sim(x, 100, 130, 16, 40, 6, device="cuda")  # a split cluster's row range
-    np_sims, np_arg = dedup.triu_max_sim(x, 100, 130, 16, 40, 6, device="cpu")
+    sims, arg = pairwise.triu_max_sim(x, 100, 130, 16, 40, 6, device="cuda")  # a split cluster's row range
+    np_sims, np_arg = pairwise.triu_max_sim(x, 100, 130, 16, 40, 6, device="cpu")
     assert np.abs(sims - np_sims).max() < 1e-6 and np.array_equal(arg, np_arg)
 
 
-def reference_lists(x: np.ndarray, spec: dedup.ListSpec) -> list[tuple[set, float]]:
+def reference_lists(x: np.ndarray, spec: tiles.ListSpec) -> list[tuple[set, float]]:
     """float64: per row, the union of its ``by_similarity`` most similar and ``by_rank`` earliest
     earlier rows with similarity >= floor, and the largest similarity of an earlier row not in it."""
     sims = x.astype(np.float64) @ x.astype(np.float64).T
@@ -295,7 +295,7 @@ def reference_lists(x: np.ndarray, spec: dedup.ListSpec) -> list[tuple[set, floa
     return out
 
 
-@pytest.mark.parametrize("spec", [dedup.ListSpec(4, 3, 0.3), dedup.ListSpec(0, 5, -1.0), dedup.ListSpec(6, 0, 0.6)])
+@pytest.mark.parametrize("spec", [tiles.ListSpec(4, 3, 0.3), tiles.ListSpec(0, 5, -1.0), tiles.ListSpec(6, 0, 0.6)])
 @pytest.mark.parametrize("device", ["cpu", "torch"])
 def test_neighbour_lists_match_float64_reference(spec, device):
     x = near_dup_rows(150, 12, seed=4, copies=30)
@@ -303,9 +303,9 @@ def test_neighbour_lists_match_float64_reference(spec, device):
     ref = reference_lists(x, spec)
     for start, stop in [(0, 150), (37, 121)]:  # a whole cluster and a split cluster's row range
         if device == "cpu":
-            _, _, idx, sim, bound = dedup.triu_neighbours(x, start, stop, spec, 16, 40, 6)
+            _, _, idx, sim, bound = pairwise.triu_neighbours(x, start, stop, spec, 16, 40, 6)
         else:
-            _, _, idx, sim, bound = dedup._triu_max_sim_torch(x, start, stop, 16, 40, 6, "cpu", spec)
+            _, _, idx, sim, bound = pairwise_torch.triu_max_sim_torch(x, start, stop, 16, 40, 6, "cpu", spec)
         sims64 = x.astype(np.float64) @ x.astype(np.float64).T
         for r, i in enumerate(range(start, stop)):
             listed = idx[r][idx[r] >= 0]
@@ -345,7 +345,7 @@ def test_keep_first_exact_matches_float64_reference(block_rows, fixed, threshold
     x[[50, 51, 120]] = x[3]  # exact copies
     candidate = np.random.default_rng(1).random(160) < 0.8
     candidate[3] = False  # the original of the exact copies is removed by an earlier rule
-    kept, dup, sim = dedup.keep_first_exact(x, candidate, threshold, fixed, block_rows)
+    kept, dup, sim = pairwise.keep_first_exact(x, candidate, threshold, fixed, block_rows)
     ref_kept, ref_dup, ref_sim = reference_keep_first(x, candidate, threshold, fixed)
     assert np.array_equal(kept, ref_kept) and np.array_equal(dup, ref_dup)
     np.testing.assert_allclose(sim[dup >= 0], ref_sim[dup >= 0], atol=1e-5)
@@ -417,7 +417,7 @@ def test_run_matches_reference_with_a_split_cluster(ray_session, tmp_path, keep)
     dup_row[rows] = [-1 if d is None else row_of[d] for d in scores.column("duplicate_of").to_pylist()]
     assert_matches_reference(x, labels, rank, max_sim, dup_row)
     # the neighbour lists (default spec) of the split cluster's rows and of the packed ones
-    spec = dedup.ListSpec()
+    spec = tiles.ListSpec()
     for c in (0, 5):
         members = np.flatnonzero(labels == c)
         members = members[np.argsort(rank[members])]

@@ -18,7 +18,7 @@ import pytest
 from deldist import storage
 from deldist.config import load_config
 from deldist.embed import Config, run
-from deldist.cluster import embedding_matrix
+from deldist.shards import embedding_matrix
 from deldist.schema import embeddings_schema
 
 STRIDE = 3

@@ -51,7 +51,7 @@ def test_write_table_leaves_vectors_and_jpegs_uncompressed(tmp_path):
     import pyarrow.parquet as pq
 
     from deldist import storage
-    from deldist.cluster import embedding_matrix
+    from deldist.shards import embedding_matrix
     from deldist.schema import embedding_array
 
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import cluster, dedup, select, storage
-from deldist.cluster import embedding_matrix
+from deldist import cluster, dedup, pairwise, select, storage, tiles
+from deldist.shards import embedding_matrix
 from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 # ----------------------------------------------------------------------------- pure functions
@@ -81,7 +81,7 @@ def scored(x: np.ndarray, cluster: np.ndarray, spec) -> tuple[pa.Table, np.ndarr
     return table.take(pa.array(back)), rank, order
 
 
-@pytest.mark.parametrize("spec", [dedup.ListSpec(2, 2, 0.3), dedup.ListSpec(16, 16, 0.3)])
+@pytest.mark.parametrize("spec", [tiles.ListSpec(2, 2, 0.3), tiles.ListSpec(16, 16, 0.3)])
 def test_kept_rule_from_lists_matches_brute_force(spec):
     """The neighbour lists + exact fallback give the float64 reference's kept set, with
     filtered items and exact-duplicate ties, at several thresholds."""
@@ -102,7 +102,7 @@ def test_kept_rule_from_lists_matches_brute_force(spec):
         kept_pos, dup_pos, sim_pos, unresolved = select.resolve_kept(candidate[order], edges, threshold)
         for c in np.unique(cluster[order][unresolved]):  # the exact fallback of those clusters
             span = slice(starts[c], starts[c] + sizes[c])
-            k, d, v = dedup.keep_first_exact(x[order][span], candidate[order][span], threshold, block_rows=16)
+            k, d, v = pairwise.keep_first_exact(x[order][span], candidate[order][span], threshold, block_rows=16)
             kept_pos[span], dup_pos[span] = k, np.where(d >= 0, d + starts[c], -1)
         kept = kept_pos[position]
         dup = np.where(dup_pos[position] >= 0, order[np.maximum(dup_pos[position], 0)], -1)
@@ -125,7 +125,7 @@ def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
     x = np.array([[1, 0.01, 0], [1, 0.02, 0], [1, 0.03, 0], [0, 1, 0]], np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cluster = np.zeros(4, np.int64)
-    scores, rank, order = scored(x, cluster, dedup.ListSpec())
+    scores, rank, order = scored(x, cluster, tiles.ListSpec())
     candidate = np.ones(4, bool)
     candidate[np.flatnonzero(rank == 0)[0]] = False
     first = scores.column("rank").to_numpy() == 0

@@ -1,0 +1,277 @@
+"""Pairwise max-similarity kernels, pure math (no Ray, no I/O).
+
+- :func:`triu_max_sim`: for rank-ordered unit rows ``x`` (n, D), each row's highest cosine
+  similarity to the rows before it, and which row (the first on exact ties).
+- :func:`triu_neighbours`: the same, plus each row's neighbour lists (:class:`NeighbourLists`):
+  what the kept-aware selection needs to decide, at any threshold, whether an earlier *kept*
+  row is above it.
+- :func:`max_sim_to`: each query row's max similarity to a set of key rows.
+- :func:`keep_first_exact`: the kept-aware rule computed from the vectors.
+
+All follow the tile plan of :mod:`deldist.tiles`. ``device="cpu"`` runs NumPy (float32 sgemm)
+with the per-tile merges compiled by numba; any other torch device runs
+:mod:`deldist.pairwise_torch`: one host-to-device copy per call, results back as NumPy, the
+same results up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from deldist import pairwise_torch
+from deldist.greedy import keep_first_in_order
+from deldist.tiles import (
+    Device,
+    ListSpec,
+    Matrix,
+    check_range,
+    rectangle_tiles,
+    triangle_tiles,
+    union_lists,
+)
+
+_MASKS: dict[int, np.ndarray] = {}
+
+
+def _upper_mask(size: int) -> np.ndarray:
+    """Boolean (size, size) mask of j >= i: what row i of a diagonal block may not see."""
+    mask = _MASKS.get(size)
+    if mask is None:
+        mask = np.triu(np.ones((size, size), dtype=bool))
+        _MASKS[size] = mask
+    return mask
+
+
+def _merge_max(best: np.ndarray, arg: np.ndarray, sims: np.ndarray, offset: int) -> None:
+    """Fold a (rows, cols) similarity tile into the running row max ``best`` / ``arg``
+    (in place; columns are numbered from ``offset``). Larger wins; on exact ties the lower
+    column wins, so the result is the first argmax whatever the tile order."""
+    tile_arg = sims.argmax(axis=1)
+    tile_best = sims[np.arange(len(sims)), tile_arg]
+    tile_arg += offset
+    better = (tile_best > best) | ((tile_best == best) & (tile_arg < arg))
+    best[better] = tile_best[better]
+    arg[better] = tile_arg[better]
+
+
+@numba.njit(cache=True)
+def _merge_tile(sims, c0, r0, top_sim, top_idx, first_sim, first_idx, first_count, floor_below, best,
+                arg):  # pragma: no cover - compiled
+    """One pass over a similarity tile: each row's max (the first on ties), its
+    ``by_similarity`` most similar columns (sorted insertion; ties keep the earlier column)
+    and its first ``by_rank`` columns at or above the floor. Columns must arrive in
+    increasing order per row."""
+    m = top_sim.shape[1]
+    mr = first_sim.shape[1]
+    for r in range(sims.shape[0]):
+        row = r0 + r
+        cut = top_sim[row, m - 1] if m else np.inf
+        row_best = best[r]
+        row_arg = arg[r]
+        for c in range(sims.shape[1]):
+            s = sims[r, c]
+            if s > row_best:
+                row_best = s
+                row_arg = c0 + c
+            if s <= floor_below:
+                continue
+            if s > cut:
+                pos = m - 1
+                while pos > 0 and top_sim[row, pos - 1] < s:
+                    top_sim[row, pos] = top_sim[row, pos - 1]
+                    top_idx[row, pos] = top_idx[row, pos - 1]
+                    pos -= 1
+                top_sim[row, pos] = s
+                top_idx[row, pos] = c0 + c
+                cut = top_sim[row, m - 1]
+            k = first_count[row]
+            if k < mr:
+                first_sim[row, k] = s
+                first_idx[row, k] = c0 + c
+                first_count[row] = k + 1
+        best[r] = row_best
+        arg[r] = row_arg
+
+
+class NeighbourLists:
+    """Per row, the earlier items the kept-aware selection needs (NumPy accumulator).
+
+    Two lists over the earlier items with similarity >= ``floor``: the ``by_similarity``
+    most similar (ties: the earlier) and the ``by_rank`` earliest-ranked. The first finds a
+    row's closest copies; the second its earliest neighbours, which are the ones most often
+    kept (with every sweep threshold the earliest member of a group of copies stays).
+    Tiles of one row must be merged in increasing column order (as the kernels do).
+    :meth:`result` gives the union and ``bound``: no unlisted earlier item has similarity
+    above it, so at a threshold t >= bound a row's list holds every earlier item above t.
+    """
+
+    def __init__(self, rows: int, spec: ListSpec):
+        self.spec = spec
+        self.floor_below = np.float32(np.nextafter(np.float32(spec.floor), np.float32(-np.inf)))
+        self.top_sim = np.full((rows, spec.by_similarity), -np.inf, np.float32)
+        self.top_idx = np.full((rows, spec.by_similarity), -1, np.int64)
+        self.first_sim = np.full((rows, spec.by_rank), -np.inf, np.float32)
+        self.first_idx = np.full((rows, spec.by_rank), -1, np.int64)
+        self.first_count = np.zeros(rows, np.int64)
+
+    def merge(self, r0: int, r1: int, sims: np.ndarray, c0: int, best: np.ndarray, arg: np.ndarray) -> None:
+        """Fold the (r1 - r0, cols) tile ``sims`` (columns numbered from ``c0``; masked
+        entries -inf) into rows [r0, r1), and into their running max ``best`` / ``arg``
+        (views of rows [r0, r1))."""
+        _merge_tile(sims, c0, r0, self.top_sim, self.top_idx, self.first_sim, self.first_idx, self.first_count,
+                    self.floor_below, best, arg)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(idx int64 (rows, L), sim float32 (rows, L), bound float32 (rows,)): the union of
+        both lists, each row sorted by similarity (descending; ties: lower index first) and
+        padded with -1 / -inf; L = by_similarity + by_rank."""
+        return union_lists(self.top_idx, self.top_sim, self.first_idx, self.first_sim, self.spec.floor)
+
+
+def triu_neighbours(x: Matrix, start: int = 0, stop: int | None = None, spec: ListSpec = ListSpec(),
+                    block_rows: int = 256, col_block: int = 16_384, diag_rows: int = 64,
+                    device: Device = "cpu") -> tuple[np.ndarray, ...]:
+    """:func:`triu_max_sim` plus each row's neighbour lists (:class:`NeighbourLists`), from
+    the same tiles. Returns (max_sim (r,), argmax (r,), idx int64 (r, L), sim float32 (r, L),
+    bound float32 (r,)) for the r = stop - start rows; idx are row numbers of ``x``."""
+    if device == "cpu":
+        return _triu_max_sim_numpy(np.asarray(x), start, stop, block_rows, col_block, diag_rows, spec)
+    return pairwise_torch.triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device, spec)
+
+
+def triu_max_sim(x: Matrix, start: int = 0, stop: int | None = None, block_rows: int = 256,
+                 col_block: int = 16_384, diag_rows: int = 64, device: Device = "cpu",
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Max similarity of each row to the rows before it.
+
+    x: (n, D) float32 rows in rank order (unit norm). For rows i in [start, stop):
+    ``max_sim[i - start] = max_{j < i} <x_i, x_j>`` and ``argmax[i - start]`` that j (the
+    first one on exact ties); row 0 gets max_sim 0 and argmax -1.
+
+    Blockwise (float32 matmuls): a block of ``block_rows`` rows is multiplied against all
+    rows before it in column tiles of ``col_block`` (large, efficient products, no mask); its
+    own diagonal block is covered by sub-blocks of ``diag_rows`` rows, each against the
+    block's rows up to itself with only its own triangle masked. Work: n^2 / 2 + n * diag_rows
+    / 2 dot products (about half of the full n x n matrix); memory: O(block_rows x col_block)
+    besides ``x``.
+
+    device: ``"cpu"`` runs NumPy's BLAS; another torch device (``"cuda"``) runs the same
+    blocks in torch there, rows [0, stop) of ``x`` copied once (``x`` may also be a tensor
+    already on that device, e.g. a bucket moved once by :func:`to_device`).
+    Returns (max_sim float32 (stop - start,), argmax int64 (stop - start,)), NumPy.
+    """
+    if device == "cpu":
+        return _triu_max_sim_numpy(np.asarray(x), start, stop, block_rows, col_block, diag_rows)
+    return pairwise_torch.triu_max_sim_torch(x, start, stop, block_rows, col_block, diag_rows, device)
+
+
+def max_sim_to(q: Matrix, keys: Matrix, block_rows: int = 256,
+               col_block: int = 16_384, device: Device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Max similarity of each query row to any key row, blockwise.
+
+    q: (m, D), keys: (p, D) float32 unit rows (NumPy, or tensors on ``device``); device as in
+    :func:`triu_max_sim`. Returns (max_sim float32 (m,), argmax int64 (m,) into keys, the
+    first on exact ties); -inf and -1 when there are no keys.
+    """
+    if device == "cpu":
+        return _max_sim_to_numpy(np.asarray(q), np.asarray(keys), block_rows, col_block)
+    return pairwise_torch.max_sim_to_torch(q, keys, block_rows, col_block, device)
+
+
+def _triu_max_sim_numpy(x: np.ndarray, start: int = 0, stop: int | None = None, block_rows: int = 256,
+                        col_block: int = 16_384, diag_rows: int = 64, spec: ListSpec | None = None,
+                        ) -> tuple[np.ndarray, ...]:
+    """:func:`triu_max_sim` in NumPy (float32 sgemm); with ``spec``, :func:`triu_neighbours`."""
+    n = len(x)
+    stop = check_range(n, start, stop)
+    out_sim = np.full(stop - start, -np.inf, np.float32)
+    out_arg = np.full(stop - start, -1, np.int64)
+    lists = NeighbourLists(stop - start, spec) if spec is not None else None
+    if stop > start:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        for r0, r1, c0, c1, diagonal in triangle_tiles(start, stop, block_rows, col_block, diag_rows):
+            sims = x[r0:r1] @ x[c0:c1].T
+            if diagonal:
+                np.copyto(sims[:, r0 - c0:], -np.inf, where=_upper_mask(diag_rows)[: r1 - r0, : r1 - r0])
+            if lists is None:
+                _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
+            else:
+                lists.merge(r0 - start, r1 - start, sims, c0, out_sim[r0 - start:r1 - start],
+                            out_arg[r0 - start:r1 - start])
+        if start == 0:
+            out_sim[0], out_arg[0] = 0.0, -1
+    return (out_sim, out_arg) if lists is None else (out_sim, out_arg, *lists.result())
+
+
+def _max_sim_to_numpy(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_block: int = 16_384,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`max_sim_to` in NumPy (float32 sgemm)."""
+    best = np.full(len(q), -np.inf, np.float32)
+    arg = np.full(len(q), -1, np.int64)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    for r0, r1, c0, c1 in rectangle_tiles(len(q), len(keys), block_rows, col_block):
+        _merge_max(best[r0:r1], arg[r0:r1], q[r0:r1] @ keys[c0:c1].T, c0)
+    return best, arg
+
+
+def to_device(x: np.ndarray, device: Device) -> Matrix:
+    """The matrix the kernels on ``device`` read: ``x`` itself for ``"cpu"`` (NumPy), else a
+    float32 tensor on ``device`` (one host-to-device copy; callers then slice it per
+    cluster instead of copying every cluster)."""
+    return x if device == "cpu" else pairwise_torch.as_device_tensor(x, device)
+
+
+def keep_first_exact(x: np.ndarray, candidate: np.ndarray, threshold: float, n_fixed: int = 0,
+                     block_rows: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kept-aware rule computed from the vectors (no neighbour lists): rows in rank
+    order; a candidate row is removed iff its similarity to an earlier *kept* row exceeds
+    ``threshold`` (:mod:`deldist.greedy`). Rows [0, n_fixed) are kept as given (a curated
+    corpus's retained items).
+
+    x: (n, D) float32 unit rows; candidate: (n,) bool. Work: each block of ``block_rows``
+    rows against the rows kept before it, plus its own (block, block) triangle: O(n x kept x
+    D), never O(n^2) memory. Returns (kept bool (n,), duplicate_of int64 (n,): the most
+    similar earlier kept row of a removed candidate (ties: the earliest), else -1;
+    similarity float32 (n,) to it, NaN for none).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    candidate = np.asarray(candidate, bool).copy()
+    candidate[:n_fixed] = True
+    kept = np.zeros(n, bool)
+    kept[:n_fixed] = True
+    dup_of = np.full(n, -1, np.int64)
+    dup_sim = np.full(n, np.nan, np.float32)
+    kept_rows = np.empty((max(n, 1), x.shape[1] if x.ndim == 2 else 0), np.float32)
+    kept_pos = np.empty(max(n, 1), np.int64)
+    kept_rows[:n_fixed], kept_pos[:n_fixed] = x[:n_fixed], np.arange(n_fixed)
+    n_kept = n_fixed
+    for b0 in range(n_fixed, n, block_rows):
+        b1 = min(b0 + block_rows, n)
+        block = x[b0:b1]
+        before_sim = np.full(b1 - b0, -np.inf, np.float32)
+        before_arg = np.full(b1 - b0, -1, np.int64)
+        if n_kept:
+            _merge_max(before_sim, before_arg, block @ kept_rows[:n_kept].T, 0)
+        own = block @ block.T
+        src, dst = np.nonzero(np.tril(own > threshold, -1))
+        open_rows = candidate[b0:b1] & ~(before_sim > threshold)
+        kept_here = keep_first_in_order(open_rows, src, dst)
+        # the best kept link of each row: kept before the block, or kept earlier in it
+        inside = np.where(np.tril(np.ones_like(own, bool), -1) & kept_here[None, :], own, -np.inf)
+        in_arg = inside.argmax(axis=1)
+        in_sim = inside[np.arange(b1 - b0), in_arg]
+        use_inside = in_sim > before_sim  # ties: the row kept before the block (earlier)
+        best_sim = np.where(use_inside, in_sim, before_sim)
+        best_pos = np.where(use_inside, b0 + in_arg, kept_pos[np.maximum(before_arg, 0)])
+        removed = candidate[b0:b1] & ~kept_here
+        kept[b0:b1] = kept_here
+        dup_of[b0:b1] = np.where(removed, best_pos, -1)
+        dup_sim[b0:b1] = np.where(removed, best_sim, np.nan)
+        new = np.flatnonzero(kept_here)
+        kept_rows[n_kept:n_kept + len(new)] = block[new]
+        kept_pos[n_kept:n_kept + len(new)] = b0 + new
+        n_kept += len(new)
+    return kept, dup_of, dup_sim

@@ -1,0 +1,302 @@
+"""Reading embedding tables in shards, and the bucket shuffle: the plumbing several stages share.
+
+- :func:`plan_shards` / :func:`read_shard`: a published table cut into row-group shards of about
+  ``shard_rows`` rows, each read by one task.
+- :func:`embedding_matrix` / :func:`normalize_checked`: an ``embedding`` column as a checked,
+  unit-norm (n, D) float32 matrix.
+- :func:`plan_buckets` / :func:`shuffle_by_bucket` / :func:`gather_sorted`: route every embedded
+  row to the task ("bucket") that owns its group (a cluster, a video): each shard is read once,
+  split by bucket in the object store, and each bucket task gathers its slices in key order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from deldist import storage
+
+
+class EmbeddingError(ValueError):
+    """Embeddings that cannot be clustered: NaN/inf, zero vectors, wrong dimension."""
+
+
+class EmptyInputError(ValueError):
+    """The published input table has no rows."""
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> np.ndarray:
+    """Arrow ``embedding`` column -> float32 (n, D): the fixed-size binary column of
+    :func:`deldist.schema.embedding_type` (zero-copy per chunk), or a fixed_size_list / list of
+    float (older runs, centroids).
+
+    Raises :class:`EmbeddingError` on nulls or when the width differs from ``dim``.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks > 1 and pa.types.is_fixed_size_binary(column.type):
+            parts = [embedding_matrix(chunk, dim) for chunk in column.chunks]
+            return np.concatenate(parts)
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    n = len(column)
+    if column.null_count:
+        raise EmbeddingError(f"{column.null_count} of {n} embeddings are null")
+    if pa.types.is_fixed_size_binary(column.type):
+        width = column.type.byte_width // 4
+        if dim is not None and width != dim:
+            raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
+        data = column.buffers()[1]
+        return np.frombuffer(data, dtype="<f4", count=n * width, offset=column.offset * width * 4).reshape(n, width)
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        width = int(lengths[0]) if n else (dim or 0)
+        if n and (lengths != width).any():
+            raise EmbeddingError(f"embeddings have mixed widths {sorted(set(lengths.tolist()))[:5]}")
+    else:
+        raise EmbeddingError(f"embedding column has type {column.type}, expected float32 vectors")
+    if dim is not None and width != dim:
+        raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
+    values = pc.list_flatten(column)
+    flat = values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(n, width), dtype=np.float32)
+
+
+def normalize_checked(x: np.ndarray, ids: Sequence[str] | pa.Array | None = None) -> np.ndarray:
+    """Validate embeddings (n, D) and return them L2-normalised float32 (``x`` itself when
+    every row is unit norm already, else a new array).
+
+    Raises :class:`EmbeddingError` naming up to five offending ids when a row holds NaN/inf
+    or has (near-)zero norm: such a row has no direction, so no cosine to anything.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise EmbeddingError(f"embeddings must be 2-D (n, D), got shape {x.shape}")
+    squared = np.einsum("ij,ij->i", x, x)  # NaN / inf rows give NaN / inf
+    bad_nan = np.flatnonzero(~np.isfinite(squared))
+    bad_zero = np.flatnonzero(squared < 1e-24)
+
+    def _names(rows: np.ndarray) -> list[str]:
+        if ids is None:
+            return [f"row {int(r)}" for r in rows[:5]]
+        return [str(ids[int(r)]) for r in rows[:5]]
+
+    if len(bad_nan):
+        raise EmbeddingError(f"{len(bad_nan)} embeddings contain NaN or inf, e.g. {_names(bad_nan)}")
+    if len(bad_zero):
+        raise EmbeddingError(f"{len(bad_zero)} embeddings are zero vectors, e.g. {_names(bad_zero)}")
+    if len(squared) and float(np.abs(squared - 1.0).max()) < 2e-6:
+        return x  # unit already (what deldist embed writes): no copy, no rescaling error
+    return x * (1.0 / np.sqrt(squared)).astype(np.float32)[:, None]
+
+
+def as_tensor(a: np.ndarray) -> Any:
+    """Zero-copy torch view of a numpy array, also of read-only ones (Ray object-store
+    arrays): torch warns that writes would be undefined; nothing here writes to them."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A read unit: row groups of one or more Parquet files (paths inside the run root's fs)."""
+
+    pieces: tuple[tuple[str, tuple[int, ...]], ...]
+    num_rows: int
+
+
+def _file_row_groups(fs: Any, path: str) -> list[int]:
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def plan_shards(dir_uri: str, shard_rows: int, min_shards: int = 1) -> list[Shard]:
+    """Split a published table into shards of at most ``shard_rows`` rows, smaller when
+    needed to get about ``min_shards`` shards (parallelism). Shards hold whole row groups
+    (consecutive small files are packed together), so a row group larger than the target is
+    one shard on its own. Reads only the Parquet footers."""
+    fs, paths = storage.published_paths(dir_uri)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        row_groups = list(pool.map(lambda p: _file_row_groups(fs, p), paths))
+    total = sum(sum(g) for g in row_groups)
+    shard_rows = max(1, min(shard_rows, math.ceil(total / max(1, min_shards))))
+    shards: list[Shard] = []
+    pieces: list[tuple[str, tuple[int, ...]]] = []
+    rows = 0
+    for path, groups in zip(paths, row_groups):
+        current: list[int] = []
+        for i, n in enumerate(groups):
+            if n == 0:
+                continue
+            if rows and rows + n > shard_rows:
+                if current:
+                    pieces.append((path, tuple(current)))
+                    current = []
+                shards.append(Shard(tuple(pieces), rows))
+                pieces, rows = [], 0
+            current.append(i)
+            rows += n
+        if current:
+            pieces.append((path, tuple(current)))
+    if rows:
+        shards.append(Shard(tuple(pieces), rows))
+    return shards
+
+
+def read_shard(dir_uri: str, shard: Shard, columns: list[str]) -> pa.Table:
+    """The rows of one shard (only ``columns``)."""
+    fs, _ = storage.resolve(dir_uri)
+    tables = []
+    for path, groups in shard.pieces:
+        with fs.open_input_file(path) as f:
+            tables.append(pq.ParquetFile(f).read_row_groups(list(groups), columns=columns))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def split_rows_by_area(n: int, parts: int) -> list[tuple[int, int]]:
+    """Row ranges of a lower-triangle computation on n rows with about equal work each
+    (row i costs ~i, so boundaries go at n * sqrt(p / parts))."""
+    parts = max(1, min(parts, n))
+    bounds = sorted({0, n, *(int(round(n * math.sqrt(p / parts))) for p in range(1, parts))})
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+@dataclass
+class Bucket:
+    """A scoring unit: several small clusters, or one split cluster (``row_ranges``)."""
+
+    clusters: list[int] = field(default_factory=list)
+    rows: int = 0
+    cost: float = 0.0
+    row_ranges: list[tuple[int, int]] = field(default_factory=list)
+
+
+def cluster_cost(n: int | np.ndarray) -> Any:
+    """Relative work of scoring a cluster of n rows: n^2/2 pair dot products plus per-row cost."""
+    return n * (n / 2.0 + 64.0)
+
+
+def plan_buckets(sizes: np.ndarray, n_buckets: int, split_rows: int, bucket_rows: int) -> list[Bucket]:
+    """Pack clusters (sizes: (k,) members per cluster id) into scoring buckets.
+
+    Clusters larger than ``split_rows`` get a bucket of their own, cut into row ranges of
+    about the average packed bucket's work (at least 2 ranges). The rest are packed
+    largest-first into the least-loaded of ``n_buckets`` buckets (more when the rows would
+    exceed ``bucket_rows`` per bucket).
+    """
+    sizes = np.asarray(sizes)
+    present = np.flatnonzero(sizes > 0)
+    small = [int(c) for c in present if sizes[c] <= split_rows]
+    huge = [int(c) for c in present if sizes[c] > split_rows]
+    total_cost = float(cluster_cost(sizes[present].astype(np.float64)).sum())
+    small_rows = int(sizes[small].sum()) if small else 0
+    n_packed = max(1, n_buckets, math.ceil(small_rows / bucket_rows)) if small else 0
+    n_packed = min(n_packed, len(small))
+    target = total_cost / max(1, n_buckets)
+    buckets: list[Bucket] = []
+    for c in huge:
+        n = int(sizes[c])
+        ranges = split_rows_by_area(n, max(2, math.ceil(cluster_cost(n) / max(target, 1.0))))
+        buckets.append(Bucket([c], n, float(cluster_cost(n)), ranges))
+    packed = [Bucket() for _ in range(n_packed)]
+    for c in sorted(small, key=lambda c: -int(sizes[c])):
+        b = min(packed, key=lambda b: b.cost)
+        b.clusters.append(c)
+        b.rows += int(sizes[c])
+        b.cost += float(cluster_cost(int(sizes[c])))
+    return buckets + [b for b in packed if b.clusters]
+
+
+def route_shard(emb_dir: str, shard: Shard, dim: int | None, lookup: pa.Table,
+                n_buckets: int) -> list[Any]:
+    """Task body of the shuffle: read one embeddings shard and split its rows by bucket.
+
+    lookup: ``id``, ``bucket`` int32 and any extra columns (copied to every slice) for each
+    expected id. Returns n_buckets slices ``(meta table (id, extra columns...), matrix (m, D)
+    float32 unit rows)`` and, last, ``{"rows", "missing", "missing_examples"}`` where
+    missing counts embedded ids absent from ``lookup``.
+    """
+    table = read_shard(emb_dir, shard, ["id", "embedding"])
+    ids = table.column("id").combine_chunks()
+    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
+    position = pc.index_in(ids, value_set=lookup.column("id"))
+    found = pc.is_valid(position).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(found)
+    pos = position.filter(pa.array(found)).to_numpy(zero_copy_only=False).astype(np.int64)
+    bucket = lookup.column("bucket").to_numpy()[pos]
+    order = np.argsort(bucket, kind="stable")
+    rows, pos, bucket = rows[order], pos[order], bucket[order]
+    bounds = np.searchsorted(bucket, np.arange(n_buckets + 1))
+    extra = {name: lookup.column(name).to_numpy() for name in lookup.column_names
+             if name not in ("id", "bucket")}
+    out: list[Any] = []
+    for b in range(n_buckets):
+        r, p = rows[bounds[b]:bounds[b + 1]], pos[bounds[b]:bounds[b + 1]]
+        meta = pa.table({"id": ids.take(pa.array(r)), **{k: v[p] for k, v in extra.items()}})
+        out.append((meta, np.ascontiguousarray(x[r])))
+    missing = int((~found).sum())
+    examples = ids.filter(pa.array(~found)).slice(0, 5).to_pylist() if missing else []
+    out.append({"rows": len(x), "missing": missing, "missing_examples": examples})
+    return out
+
+
+def gather_sorted(slices: Sequence[tuple[pa.Table, np.ndarray]], keys: tuple[str, str] = ("cluster", "rank"),
+                  ) -> tuple[np.ndarray, pa.Table]:
+    """Concatenate shuffle slices ordered by ``keys`` (primary, secondary) with a single copy
+    of the vectors -> (matrix (n, D) float32, meta table in the same order)."""
+    meta = pa.concat_tables([m for m, _ in slices])
+    n = meta.num_rows
+    dim = max((x.shape[1] for _, x in slices if x.ndim == 2), default=0)
+    order = np.lexsort((meta.column(keys[1]).to_numpy(), meta.column(keys[0]).to_numpy()))
+    destination = np.empty(n, np.int64)
+    destination[order] = np.arange(n)
+    x = np.empty((n, dim), np.float32)
+    offset = 0
+    for _, part in slices:
+        m = len(part)
+        if m:
+            x[destination[offset:offset + m]] = part
+        offset += m
+    return x, meta.take(pa.array(order))
+
+
+def shuffle_by_bucket(emb_dir: str, dim: int | None, lookup: pa.Table, n_buckets: int, shard_rows: int,
+                      io_cpus: float) -> tuple[list[list[Any]], Any]:
+    """Start the shuffle of ``embeddings/`` rows into ``n_buckets`` buckets (Ray tasks).
+
+    Returns (per bucket: the list of slice refs, one per shard; a ref-list of the per-shard
+    stats). Raises nothing itself: call :func:`check_shuffle` on the stats.
+    """
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    shards = plan_shards(emb_dir, shard_rows, min_shards=max(1, int(2 * cpus / io_cpus)))
+    lookup_ref = ray.put(lookup)
+    route = ray.remote(num_cpus=io_cpus, num_returns=n_buckets + 1)(route_shard)
+    routed = [route.remote(emb_dir, s, dim, lookup_ref, n_buckets) for s in shards]
+    per_bucket = [[r[b] for r in routed] for b in range(n_buckets)]
+    return per_bucket, [r[-1] for r in routed]
+
+
+def check_shuffle(stats: list[dict[str, Any]], expected: int, what: str) -> None:
+    """Every embedded id must be in the lookup and every lookup id embedded."""
+    missing = sum(s["missing"] for s in stats)
+    embedded = sum(s["rows"] for s in stats)
+    if missing or embedded != expected:
+        examples = [e for s in stats for e in s["missing_examples"]][:5]
+        raise ValueError(f"embeddings and {what} disagree: {embedded} embedded rows, {expected} in {what}, "
+                         f"{missing} embedded ids missing from {what} (e.g. {examples}); re-run the stage "
+                         f"that wrote {what}")
