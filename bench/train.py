@@ -34,7 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deldist import materialize, pretrain, sample, storage  # noqa: E402
+from deldist.frames import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from deldist.models import build_mae, param_groups  # noqa: E402
+from deldist.trainer import normalize  # noqa: E402
 
 MODEL = "deldist_vit_micro_patch16"
 
@@ -67,8 +69,8 @@ def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: i
     if torch.distributed.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model)
     rng = np.random.default_rng(rank)
-    mean = torch.tensor(pretrain.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(pretrain.IMAGENET_STD).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     fixed = [torch.from_numpy(pretrain.augment_jpegs([jpegs[j % len(jpegs)] for j in range(i * batch, (i + 1) * batch)],
                                                      size, (0.2, 1.0), rng)) for i in range(4)]
     start = 0.0
@@ -80,7 +82,7 @@ def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: i
             images = torch.from_numpy(pretrain.augment_jpegs([jpegs[j] for j in chosen], size, (0.2, 1.0), rng))
         else:
             images = fixed[step % 4]
-        loss, _, _ = model(pretrain.normalize(images, mean, std))
+        loss, _, _ = model(normalize(images, mean, std))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -42,6 +42,7 @@ norm before use (the contract says they already are; this absorbs float drift).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -65,6 +66,7 @@ from deldist.kmeans import (
     update_centroids,
     use_threads,
 )
+from deldist.layout import RunLayout
 from deldist.schema import ASSIGNMENTS_SCHEMA, centroids_schema
 from deldist.shards import (
     EmptyInputError,
@@ -241,125 +243,159 @@ def _rowwise_dot(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, chunk
     return out
 
 
-def _default_tasks(task_cpus: float) -> int:
-    import ray
+@dataclass
+class Plan:
+    """What a cluster run works on: the embeddings' shards and how the work is spread."""
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // task_cpus))
+    layout: RunLayout
+    dim: int | None
+    shards: list[Shard]
+    n_total: int
+    n_tasks: int
+    use_gpu: bool
+    threads: int
+
+    @property
+    def gpu_opts(self) -> dict[str, Any]:
+        return {"num_gpus": 1} if self.use_gpu else {}
+
+
+@dataclass
+class Fit:
+    """The fit's result and the object-store references the final assignment reuses."""
+
+    centroids: np.ndarray
+    shift: np.ndarray | None
+    matrices: list[Any]
+    id_refs: list[Any]
+    bounds_refs: list[Any]
+    groups: list[list[int]]
+    n_fit: int
+    history: list[float] = field(default_factory=list)
+    searched: list[float] = field(default_factory=list)
+    pass_seconds: list[float] = field(default_factory=list)
+    reseeded: int = 0
+    converged: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def run(config: Config) -> dict[str, Any]:
     """Fit spherical k-means on ``embeddings/`` and publish ``clusters/`` (see module doc)."""
-    import ray
-
-    from deldist.runtime import cluster_gpus, init_ray
+    from deldist.runtime import init_ray
 
     init_ray()
+    plan = _plan(config, RunLayout.of(config))
+    fit = _fit(config, plan)
     started = time.perf_counter()
-    emb_dir = config.embeddings or storage.join(config.output, "embeddings")
-    out_dir = config.clusters or storage.join(config.output, "clusters")
-    assign_dir = storage.join(out_dir, "assignments")
-    manifest = storage.read_manifest(emb_dir)
-    dim = manifest.get("dim")
-    n_tasks = config.num_tasks or _default_tasks(config.task_cpus)
-    shards = plan_shards(emb_dir, config.shard_rows, min_shards=4 * n_tasks)
+    results = _assign_all(config, plan, fit)
+    fit.seconds["assign"] = time.perf_counter() - started
+    return _publish(config, plan, fit, results)
+
+
+def _plan(config: Config, layout: RunLayout) -> Plan:
+    from deldist.runtime import task_slots, use_gpu
+
+    n_tasks = config.num_tasks or task_slots(config.task_cpus)
+    shards = plan_shards(layout.embeddings, config.shard_rows, min_shards=4 * n_tasks)
     n_total = sum(s.num_rows for s in shards)
     if n_total == 0:
-        raise EmptyInputError(f"{emb_dir} has no rows: nothing to cluster")
+        raise EmptyInputError(f"{layout.embeddings} has no rows: nothing to cluster")
     if config.k > n_total:
         raise ValueError(f"k={config.k} exceeds the number of embeddings ({n_total}); lower k")
-    use_gpu = cluster_gpus() > 0 if config.use_gpu is None else config.use_gpu
-    threads = _threads(config.task_cpus)
-    gpu_opts = {"num_gpus": 1} if use_gpu else {}
+    return Plan(layout, storage.read_manifest(layout.embeddings).get("dim"), shards, n_total, n_tasks,
+                use_gpu(config.use_gpu), _threads(config.task_cpus))
 
-    # 1-2. load the fit sample once into the object store
+
+def _fit(config: Config, plan: Plan) -> Fit:
+    """Load the fit sample once into the object store, initialise on a small sample in a task
+    (the driver never holds the data), then Lloyd passes: only centroids (and their shifts) go
+    out, only k x D sums come back; each group's bounds stay in the object store between passes."""
+    import ray
+
+    started = time.perf_counter()
     load = ray.remote(num_cpus=config.io_cpus, num_returns=3)(_load_fit_shard)
-    loads = [load.remote(emb_dir, s, dim, config.fit_fraction, config.seed, i)
-             for i, s in enumerate(shards)]
-    matrices = [ref for ref, _, _ in loads]
-    id_refs = [ref for _, _, ref in loads]
+    loads = [load.remote(plan.layout.embeddings, s, plan.dim, config.fit_fraction, config.seed, i)
+             for i, s in enumerate(plan.shards)]
+    matrices, id_refs = [ref for ref, _, _ in loads], [ref for _, _, ref in loads]
     row_counts = [int(c) for c in ray.get([count for _, count, _ in loads])]
     del loads  # the matrices must be freed once the fit is done
     n_fit = int(sum(row_counts))
     if config.k > n_fit:
         raise ValueError(f"k={config.k} exceeds the {n_fit} rows of the fit sample "
-                         f"(fit_fraction={config.fit_fraction} of {n_total}); lower k or raise fit_fraction")
+                         f"(fit_fraction={config.fit_fraction} of {plan.n_total}); lower k or raise fit_fraction")
     loaded = time.perf_counter()
-
-    # 3. initialisation on a small sample, in a task (the driver never holds the data)
-    m = max(config.k, config.init_sample_size or default_init_sample_size(config.k, n_fit))
-    m = min(m, n_fit)
-    take = proportional_counts(row_counts, m)
+    m = min(max(config.k, config.init_sample_size or default_init_sample_size(config.k, n_fit)), n_fit)
     sample_task = ray.remote(num_cpus=0.01)(_sample_rows)
     samples = [sample_task.remote(mat, t, config.seed, i)
-               for i, (mat, t) in enumerate(zip(matrices, take)) if t > 0]
-    init_task = ray.remote(num_cpus=config.task_cpus)(_init_task)
-    centroids = ray.get(init_task.remote(config.k, config.init, config.seed, *samples))
-    del samples
+               for i, (mat, t) in enumerate(zip(matrices, proportional_counts(row_counts, m))) if t > 0]
+    centroids = ray.get(ray.remote(num_cpus=config.task_cpus)(_init_task).remote(config.k, config.init,
+                                                                                  config.seed, *samples))
+    groups = balanced_groups(row_counts, plan.n_tasks)
+    fit = Fit(centroids, None, matrices, id_refs, [None] * len(groups), groups, n_fit)
     initialised = time.perf_counter()
-
-    # 4. Lloyd iterations: only centroids (and their shifts) go out, only k x D sums come
-    #    back; each group's bounds stay in the object store between passes
-    groups = balanced_groups(row_counts, n_tasks)
-    stats_task = ray.remote(num_cpus=config.task_cpus, num_returns=2, **gpu_opts)(_stats_task)
-    n_far = min(config.k, 256)
-    history: list[float] = []
-    searched: list[float] = []
-    reseeded = 0
-    converged = False
-    bounds_refs: list[Any] = [None] * len(groups)
-    shift = None
-    pass_seconds: list[float] = []
+    stats_task = ray.remote(num_cpus=config.task_cpus, num_returns=2, **plan.gpu_opts)(_stats_task)
     for _ in range(config.max_iter):
         pass_started = time.perf_counter()
-        c_ref, s_ref = ray.put(centroids), ray.put(shift)
-        calls = [stats_task.remote(c_ref, s_ref, n_far, use_gpu, threads, bounds_refs[g] if config.bounds else None,
-                                   *[matrices[i] for i in group])
+        c_ref, s_ref = ray.put(fit.centroids), ray.put(fit.shift)
+        calls = [stats_task.remote(c_ref, s_ref, min(config.k, 256), plan.use_gpu, plan.threads,
+                                   fit.bounds_refs[g] if config.bounds else None, *[matrices[i] for i in group])
                  for g, group in enumerate(groups)]
-        bounds_refs = [b for _, b in calls]
+        fit.bounds_refs = [b for _, b in calls]
         stats = reduce_stats(ray.get([p for p, _ in calls]))
-        new_centroids, n_empty = update_centroids(stats, centroids)
-        shift, centroids = centroid_shift(centroids, new_centroids), new_centroids
-        reseeded += n_empty
-        history.append(stats.objective)
-        searched.append(stats.searched / n_fit)
-        pass_seconds.append(time.perf_counter() - pass_started)
-        if has_converged(history, config.tol):
-            converged = True
+        new_centroids, n_empty = update_centroids(stats, fit.centroids)
+        fit.shift, fit.centroids = centroid_shift(fit.centroids, new_centroids), new_centroids
+        fit.reseeded += n_empty
+        fit.history.append(stats.objective)
+        fit.searched.append(stats.searched / n_fit)
+        fit.pass_seconds.append(time.perf_counter() - pass_started)
+        if has_converged(fit.history, config.tol):
+            fit.converged = True
             break
-    fitted = time.perf_counter()
+    fit.seconds = {"load": loaded - started, "init": initialised - loaded, "fit": time.perf_counter() - initialised}
+    return fit
 
-    # 5. one full assignment pass with the final centroids
-    c_ref, s_ref = ray.put(centroids), ray.put(shift)
-    if config.fit_fraction >= 1.0:  # every row is in the object store: no re-read, bounds apply
-        assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_assign_loaded)
-        results = ray.get([assign.remote(assign_dir, c_ref, s_ref, bounds_refs[g] if config.bounds else None,
-                                         use_gpu, threads, len(group), *[matrices[i] for i in group],
-                                         *[id_refs[i] for i in group])
-                           for g, group in enumerate(groups)])
-    else:  # stream every row from Parquet once
-        assign = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(assign_shard)
-        results = ray.get([assign.remote(emb_dir, s, dim, c_ref, assign_dir, use_gpu, threads) for s in shards])
-    del bounds_refs, matrices, id_refs
+
+def _assign_all(config: Config, plan: Plan, fit: Fit) -> list[dict[str, Any]]:
+    """One full assignment pass with the final centroids: from the object store when the fit
+    saw every row (bounds apply), else every row streamed from Parquet once."""
+    import ray
+
+    assign_dir = storage.join(plan.layout.clusters, "assignments")
+    c_ref, s_ref = ray.put(fit.centroids), ray.put(fit.shift)
+    if config.fit_fraction >= 1.0:
+        assign = ray.remote(num_cpus=config.task_cpus, **plan.gpu_opts)(_assign_loaded)
+        results = ray.get([assign.remote(assign_dir, c_ref, s_ref, fit.bounds_refs[g] if config.bounds else None,
+                                         plan.use_gpu, plan.threads, len(group), *[fit.matrices[i] for i in group],
+                                         *[fit.id_refs[i] for i in group])
+                           for g, group in enumerate(fit.groups)])
+    else:
+        assign = ray.remote(num_cpus=config.task_cpus, **plan.gpu_opts)(assign_shard)
+        results = ray.get([assign.remote(plan.layout.embeddings, s, plan.dim, c_ref, assign_dir, plan.use_gpu,
+                                         plan.threads) for s in plan.shards])
+    fit.bounds_refs, fit.matrices, fit.id_refs = [], [], []
+    return results
+
+
+def _publish(config: Config, plan: Plan, fit: Fit, results: list[dict[str, Any]]) -> dict[str, Any]:
+    out_dir = plan.layout.clusters
     sizes = np.sum([r["counts"] for r in results], axis=0).astype(np.int64)
     full_objective = float(sum(r["objective"] for r in results))
-    storage.publish(assign_dir, [r["path"] for r in results],
-                    {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": n_total})
-    centroids_path = storage.join(out_dir, "centroids.parquet")
-    storage.write_table(centroids_table(centroids, sizes), centroids_path)
+    storage.publish(storage.join(out_dir, "assignments"), [r["path"] for r in results],
+                    {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": plan.n_total})
+    storage.write_table(centroids_table(fit.centroids, sizes), plan.layout.centroids)
     summary = {
-        "k": config.k, "dim": int(centroids.shape[1]), "rows": n_total, "fit_rows": n_fit,
-        "iterations": len(history), "converged": converged, "objective": full_objective,
-        "searched_fraction": [round(f, 4) for f in searched],
-        "pass_seconds": [round(t, 3) for t in pass_seconds],
-        "mean_distance": full_objective / n_total, "fit_objective_history": history,
-        "reseeded_clusters": reseeded, "empty_clusters": int((sizes == 0).sum()),
+        "k": config.k, "dim": int(fit.centroids.shape[1]), "rows": plan.n_total, "fit_rows": fit.n_fit,
+        "iterations": len(fit.history), "converged": fit.converged, "objective": full_objective,
+        "searched_fraction": [round(f, 4) for f in fit.searched],
+        "pass_seconds": [round(t, 3) for t in fit.pass_seconds],
+        "mean_distance": full_objective / plan.n_total, "fit_objective_history": fit.history,
+        "reseeded_clusters": fit.reseeded, "empty_clusters": int((sizes == 0).sum()),
         "largest_cluster": int(sizes.max()), "init": config.init, "seed": config.seed,
-        "fit_fraction": config.fit_fraction, "use_gpu": use_gpu, "fit_tasks": len(groups),
-        "seconds": {"load": loaded - started, "init": initialised - loaded,
-                    "fit": fitted - initialised, "assign": time.perf_counter() - fitted},
+        "fit_fraction": config.fit_fraction, "use_gpu": plan.use_gpu, "fit_tasks": len(fit.groups),
+        "seconds": fit.seconds,
     }
-    storage.publish(out_dir, [storage.resolve(centroids_path)[1]],
-                    {**summary, "assignments": "assignments", "embeddings": emb_dir,
-                     "schema": storage.schema_hex(centroids_schema(int(centroids.shape[1])))})
+    storage.publish(out_dir, [storage.resolve(plan.layout.centroids)[1]],
+                    {**summary, "assignments": "assignments", "embeddings": plan.layout.embeddings,
+                     "schema": storage.schema_hex(centroids_schema(int(fit.centroids.shape[1])))})
     summary["clusters"] = out_dir
     return summary

@@ -45,12 +45,12 @@ One writer at a time per corpus and selection: two concurrent runs would both wr
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from deldist import embed, storage
@@ -59,7 +59,9 @@ from deldist.cluster import assign_shard, read_centroids
 from deldist.config import StageConfig
 from deldist.dedup import rank_within_clusters
 from deldist.io import list_sources
+from deldist.layout import RunLayout
 from deldist.pairwise import keep_first_exact
+from deldist.rules import Decision, cluster_quantiles, counts_by_reason
 from deldist.schema import (
     ASSIGNMENTS_SCHEMA,
     QUALITY_COLUMNS,
@@ -67,8 +69,27 @@ from deldist.schema import (
     RETAINED_SCHEMA,
     VERSION_SOURCES_SCHEMA,
 )
-from deldist.select import REASONS, Decision, cluster_quantiles, invalid_mask
-from deldist.shards import gather_sorted, plan_buckets, plan_shards, shuffle_by_bucket
+from deldist.select import build_tables
+from deldist.shards import (
+    bucket_count,
+    bucket_of_groups,
+    gather_sorted,
+    plan_buckets,
+    plan_shards,
+    shuffle_by_bucket,
+)
+from deldist.versions import (
+    create_first_version,
+    curated_dir,
+    latest_version,
+    publish_selection_version,
+    publish_table,
+    represented_items,
+    retained_roots,
+    set_latest,
+    sources_ledger,
+    version_dir,
+)
 
 # embeddings/_run.json keys that fix what a frame's embedding is; a batch must match them
 ENCODER_KEYS = ("model", "weights_sha256", "random_init", "pooling", "image_size", "mean", "std",
@@ -102,30 +123,6 @@ class Config(StageConfig):
 # ----------------------------------------------------------------------------- math (pure)
 
 
-def retained_roots(ids: pa.Array, parent: pa.Array, retained: np.ndarray) -> pa.Array:
-    """The retained item each item stands for, following ``parent`` links (duplicate_of).
-
-    ids: (n,) unique strings; parent: (n,) the id each item duplicates (null for none; an id not
-    in ``ids`` ends the chain); retained: (n,) bool. Retained items are their own root; an item
-    whose chain ends at a non-retained item has a null root. Returns (n,) strings.
-    """
-    n = len(ids)
-    link = pc.index_in(parent, value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    retained = np.asarray(retained, bool)
-    root = np.where(retained, np.arange(n), link)
-    for _ in range(64):  # pointer jumping: settles chains of any length in log2(length) rounds
-        hop = np.where(root >= 0, root, 0)
-        settled = (root < 0) | retained[hop]
-        jumped = np.where(settled, root, root[hop])
-        if np.array_equal(jumped, root):
-            break
-        root = jumped
-    ok = root >= 0
-    ok &= retained[np.where(ok, root, 0)]  # chains ending at a non-retained item (or cycling) have no root
-    taken = pc.take(ids, pa.array(np.where(ok, root, 0)))
-    return pc.if_else(pa.array(ok), taken, pa.nulls(n, pa.string()))
-
-
 def drift_fraction(distance: np.ndarray, threshold: float) -> float:
     """Fraction of items whose distance to the nearest centroid exceeds ``threshold``."""
     distance = np.asarray(distance, np.float64)
@@ -133,113 +130,6 @@ def drift_fraction(distance: np.ndarray, threshold: float) -> float:
 
 
 # ----------------------------------------------------------------------------- versions (I/O)
-
-
-def curated_dir(corpus: str, selection: str) -> str:
-    return storage.join(corpus, "curated", selection)
-
-
-def latest_version(corpus: str, selection: str) -> int:
-    """The published version ``latest.json`` points at; 0 when none exists yet."""
-    path = storage.join(curated_dir(corpus, selection), "latest.json")
-    return int(storage.read_json(path)["version"]) if storage.exists(path) else 0
-
-
-def version_dir(corpus: str, selection: str, version: int | None = None) -> str:
-    """``curated/<selection>/v<version>`` (default: the latest)."""
-    version = latest_version(corpus, selection) if version is None else version
-    if version < 1:
-        raise FileNotFoundError(f"{curated_dir(corpus, selection)} has no version yet; run deldist curate-new")
-    return storage.join(curated_dir(corpus, selection), f"v{version}")
-
-
-def read_version(corpus: str, selection: str, table: str, version: int | None = None,
-                 columns: list[str] | None = None) -> pa.Table:
-    """One table (``retained``, ``removed`` or ``sources``) of a version (default: latest)."""
-    return storage.read_published(storage.join(version_dir(corpus, selection, version), table), columns)
-
-
-def _set_latest(cur: str, version: int) -> None:
-    storage.write_json(storage.join(cur, "latest.json"), {"version": version, "path": f"v{version}"})
-
-
-def _publish_table(dir_uri: str, shared: Sequence[str], table: pa.Table | None, schema: pa.Schema) -> int:
-    """Publish ``dir_uri`` listing the parent's parts (``shared``) plus ``table`` as a new part."""
-    files = list(shared)
-    if table is not None and table.num_rows:
-        path = storage.join(dir_uri, storage.new_part_name())
-        storage.write_table(table, path)
-        files.append(storage.resolve(path)[1])
-    storage.publish(dir_uri, files, {"schema": storage.schema_hex(schema)})
-    fs, paths = storage.published_paths(dir_uri)
-    return sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths)
-
-
-def sources_ledger(frame_sources: pa.Table, version: int, failed: Iterable[str]) -> pa.Table:
-    """A version's ``sources`` rows for what it brought in: every source with embedded frames
-    (status embedded, its frame count) and every source in ``failed`` without any (status
-    error, 0 frames: seen, so a rerun does not retry it). frame_sources: one ``source`` row per
-    embedded frame."""
-    counts = frame_sources.group_by("source").aggregate([("source", "count")])
-    errors = sorted(set(failed) - set(counts.column("source").to_pylist()))
-
-    def rows(sources: Any, status: str, frames: Any) -> pa.Table:
-        n = len(sources)
-        return pa.table({"source": pa.array(sources, pa.string()), "version": pa.array(np.full(n, version, np.int32)),
-                         "status": pa.array([status] * n, pa.string()), "frames": frames},
-                        schema=VERSION_SOURCES_SCHEMA)
-
-    return pa.concat_tables([rows(counts.column("source"), "embedded", counts.column("source_count").cast(pa.int64())),
-                             rows(errors, "error", pa.array(np.zeros(len(errors), np.int64)))])
-
-
-def _sources_of_corpus(corpus: str) -> pa.Table:
-    errors_dir = storage.join(corpus, "errors")
-    failed = storage.read_published(errors_dir, ["source"]).column("source").to_pylist() \
-        if storage.is_published(errors_dir) else []
-    return sources_ledger(storage.read_published(storage.join(corpus, "embeddings"), ["source"]), 1, failed)
-
-
-def _publish_selection_version(run_root: str, selection: str, cur: str, version: int, sources: Sequence[str],
-                               sources_table: pa.Table | None, embeddings: list[str],
-                               extra: dict[str, Any]) -> dict[str, Any]:
-    """Publish ``cur/v<version>`` from selection ``selection`` of ``run_root`` (its retained /
-    removed parts shared), then point ``latest.json`` at it."""
-    sel_dir = storage.join(run_root, "selections", selection)
-    summary = storage.read_json(storage.join(sel_dir, "summary.json"))
-    if summary.get("method") not in ("meddel", "semdedup"):
-        raise ValueError(f"selection {selection!r} is a {summary.get('method')} selection; curate-new extends a "
-                         "MedDEL or SemDeDup selection (its threshold and rules are applied to the uploads)")
-    if summary.get("similarity_threshold") is None:
-        raise ValueError(f"selection {selection!r} has no similarity threshold (built without eps / target_ratio)")
-    clusters_dir = storage.join(run_root, "clusters")
-    clusters_manifest = storage.read_manifest(clusters_dir)
-    scores_manifest = storage.read_manifest(storage.join(run_root, "dedup", "scores"))
-    vdir = storage.join(cur, f"v{version}")
-    for table in ("retained", "removed"):
-        schema = RETAINED_SCHEMA if table == "retained" else REMOVED_SCHEMA
-        _publish_table(storage.join(vdir, table), storage.published_paths(storage.join(sel_dir, table))[1], None,
-                       schema)
-    _publish_table(storage.join(vdir, "sources"), sources, sources_table, VERSION_SOURCES_SCHEMA)
-    params = summary.get("parameters", {})
-    manifest = {
-        "version": version, "selection": selection, "clusters": clusters_dir, "embeddings": embeddings,
-        "assignments": [storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))],
-        "similarity_threshold": summary["similarity_threshold"],
-        "keep": scores_manifest.get("keep", "easy"), "seed": scores_manifest.get("seed", 0),
-        "selection_parameters": params, **extra,
-    }
-    storage.write_json(storage.join(vdir, "summary.json"), {**summary, "version": version, **extra})
-    storage.publish(vdir, [], manifest)
-    _set_latest(cur, version)
-    return manifest
-
-
-def create_first_version(corpus: str, selection: str) -> dict[str, Any]:
-    """``v1``: the corpus selection as curated, its retained / removed parts shared."""
-    return _publish_selection_version(corpus, selection, curated_dir(corpus, selection), 1, [],
-                                      _sources_of_corpus(corpus), [storage.join(corpus, "embeddings")],
-                                      {"parent": None})
 
 
 def recluster(config: Config, version: int) -> dict[str, Any]:
@@ -269,7 +159,7 @@ def recluster(config: Config, version: int) -> dict[str, Any]:
               if k not in ("output", "embeddings", "clusters", "scores", "ground_truth")}
     select.run(select.Config.model_validate({**params, "output": root, "name": config.selection}))
     sources = storage.published_paths(storage.join(vdir, "sources"))[1]
-    result = _publish_selection_version(root, config.selection, cur, new_version, sources, None, [emb_dir],
+    result = publish_selection_version(root, config.selection, cur, new_version, sources, None, [emb_dir],
                                         {"parent": version, "reclustered_from": version})
     summary = storage.read_json(storage.join(cur, f"v{new_version}", "summary.json"))
     print(f"deldist curate-new: v{new_version}: re-clustered corpus + uploads (k={result.get('k', old_clusters.get('k'))}), "
@@ -297,9 +187,9 @@ def _check_same_encoder(corpus_fp: dict[str, Any], batch_fp: dict[str, Any]) -> 
 
 
 def _use_gpu(config: Config) -> bool:
-    from deldist.runtime import cluster_gpus
+    from deldist.runtime import use_gpu
 
-    return cluster_gpus() > 0 if config.use_gpu is None else config.use_gpu
+    return use_gpu(config.use_gpu)
 
 
 def _assign(emb_dir: str, dim: int, centroids: np.ndarray, out_dir: str, config: Config) -> pa.Table:
@@ -315,21 +205,6 @@ def _assign(emb_dir: str, dim: int, centroids: np.ndarray, out_dir: str, config:
     return storage.read_published(out_dir)
 
 
-def represented_items(vdir: str) -> pa.Table:
-    """The corpus items an upload may be a copy of -> (id, stand_in): every retained item (its
-    own stand-in) and every item removed as a copy of another (duplicate, near_copy, temporal)
-    with the retained item standing for it. Items removed as invalid or outliers are not in it:
-    an upload is never removed because of a frame that was rejected for its own sake."""
-    retained = storage.read_published(storage.join(vdir, "retained"), ["id"]).column("id").combine_chunks()
-    removed = storage.read_published(storage.join(vdir, "removed"), ["id", "duplicate_of"])
-    linked = removed.filter(pc.is_valid(removed.column("duplicate_of")))
-    ids = pa.concat_arrays([retained, linked.column("id").combine_chunks()])
-    parent = pa.concat_arrays([pa.nulls(len(retained), pa.string()), linked.column("duplicate_of").combine_chunks()])
-    stand_in = retained_roots(ids, parent, np.r_[np.ones(len(retained), bool), np.zeros(linked.num_rows, bool)])
-    table = pa.table({"id": ids, "stand_in": stand_in})
-    return table.filter(pc.is_valid(table.column("stand_in")))
-
-
 def _selection_rules(manifest: dict[str, Any]) -> Any:
     """The corpus selection's settings (a :class:`deldist.select.Config`) from the version manifest."""
     from deldist import select
@@ -339,36 +214,19 @@ def _selection_rules(manifest: dict[str, Any]) -> Any:
     return select.Config.model_validate({**params, "output": "-"})
 
 
-def _filter_uploads(rules: Any, meta: pa.Table, ids: pa.Array, cluster: np.ndarray, distance: np.ndarray,
+def _filter_uploads(rules: Any, meta: pa.Table, cluster: np.ndarray, distance: np.ndarray,
                     seen_cluster: np.ndarray, seen_distance: np.ndarray, k: int, batch_emb: str,
                     dim: int) -> Decision:
-    """The corpus selection's quality, outlier and temporal rules on the uploads."""
-    n = meta.num_rows
-    decision = Decision.empty(n)
-    extra = rules.deldist_rules
-    if extra.quality is not None and n:
-        quality = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in QUALITY_COLUMNS}
-        groups = pc.dictionary_encode(meta.column("source").combine_chunks()).indices.to_numpy()
-        masks = invalid_mask(quality, extra.quality, groups, meta.column("frame_index").to_numpy())
-        decision.remove(np.logical_or.reduce([np.zeros(n, bool), *masks.values()]), "invalid", "quality", "deldist",
-                        extra.quality.model_dump(), flagged_by_check={r: int(m.sum()) for r, m in masks.items()})
-    if rules.outlier_distance is not None:
-        decision.remove(distance > rules.outlier_distance, "outlier", "outlier_distance", "MedDEL §3.2",
-                        {"outlier_distance": rules.outlier_distance})
-    if extra.outlier_quantile is not None and n:
-        # the per-cluster quantile of the clusters as they are now (corpus + uploads): new content
-        # far from the old items is drift, not an outlier, unless it is extreme in its cluster too
-        limits = cluster_quantiles(np.r_[seen_cluster, cluster], np.r_[seen_distance, distance],
-                                   extra.outlier_quantile, k)
-        decision.remove(distance > limits[cluster], "outlier", "outlier_quantile", "deldist",
-                        {"outlier_quantile": extra.outlier_quantile})
-    if extra.temporal_threshold is not None and n:
-        from deldist.select import _temporal
+    """The corpus selection's filters on the uploads (:func:`deldist.select.apply_filters`), the
+    outlier quantile taken over the clusters as they are now (corpus + uploads): new content
+    far from the old items is drift, not an outlier, unless it is extreme in its cluster too."""
+    from deldist.select import apply_filters
 
-        collapsed, rep_row, sim = _temporal(rules, batch_emb, dim, meta, decision.reason < 0)
-        decision.remove(collapsed, "temporal", "temporal", "deldist", {"temporal_threshold": extra.temporal_threshold},
-                        link=rep_row, score=sim)
-    return decision
+    limit = None
+    if rules.deldist_rules.outlier_quantile is not None and meta.num_rows:
+        limit = cluster_quantiles(np.r_[seen_cluster, cluster], np.r_[seen_distance, distance],
+                                  rules.deldist_rules.outlier_quantile, k)[cluster]
+    return apply_filters(rules, meta, cluster, distance, batch_emb, dim, quantile_limit=limit)
 
 
 def _near_copies_of_corpus(rules: Any, meta: pa.Table, ids: pa.Array, corpus_embeddings: list[str],
@@ -377,10 +235,9 @@ def _near_copies_of_corpus(rules: Any, meta: pa.Table, ids: pa.Array, corpus_emb
     (:func:`represented_items`) first, as kept, then the uploads sharpest first. A copy of a new
     frame links to it; a copy of a corpus frame names that frame's retained stand-in in
     ``decision.info["copy_of_corpus"]``."""
-    import ray
 
-    from deldist.nearcopy import distributed_pairs, near_copies
-    from deldist.select import near_copy_order
+    from deldist.nearcopy import near_copies, ray_pair_finder
+    from deldist.rules import near_copy_order
 
     rule = rules.deldist_rules.near_copy
     hashes_of = pa.concat_tables([storage.read_published(d, ["id", "phash"]) for d in corpus_embeddings])
@@ -389,10 +246,9 @@ def _near_copies_of_corpus(rules: Any, meta: pa.Table, ids: pa.Array, corpus_emb
     hashes = np.r_[corpus.column("phash").to_numpy(), meta.column("phash").to_numpy()].astype(np.uint64)
     candidate = np.r_[np.ones(r, bool), decision.reason < 0]
     preference = np.r_[np.arange(r), r + near_copy_order(meta.column("blur").to_numpy(), ids)]
-    tasks = max(1, int(ray.cluster_resources().get("CPU", 1.0) // rule.task_cpus))
     near, copy_of, hamming = near_copies(hashes, candidate, preference, rule.max_hamming,
                                          fixed=np.r_[np.ones(r, bool), np.zeros(n, bool)],
-                                         pair_finder=lambda u, h: distributed_pairs(u, h, tasks, rule.task_cpus))
+                                         pair_finder=ray_pair_finder(rule.task_cpus))
     near, copy_of, hamming = near[r:], copy_of[r:], hamming[r:]
     of_new = copy_of >= r
     decision.remove(near, "near_copy", "near_copy", "deldist", rule.model_dump(),
@@ -425,11 +281,9 @@ def _dedup_against_corpus(config: Config, manifest: dict[str, Any], seen_assign:
     old_cluster = old.column("cluster").to_numpy().astype(np.int64)
     k = int(max(cluster.max(initial=0), old_cluster.max(initial=0))) + 1
     sizes = np.bincount(new_cluster, minlength=k) + np.bincount(old_cluster, minlength=k)
-    n_buckets = config.num_buckets or max(1, 2 * int(ray.cluster_resources().get("CPU", 1.0) // config.task_cpus))
-    buckets = plan_buckets(sizes, n_buckets, split_rows=int(sizes.max()) + 1, bucket_rows=1 << 40)
-    bucket_of = np.full(k, -1, np.int32)
-    for b, bucket in enumerate(buckets):
-        bucket_of[bucket.clusters] = b
+    buckets = plan_buckets(sizes, bucket_count(config.num_buckets, config.task_cpus), split_rows=int(sizes.max()) + 1,
+                           bucket_rows=1 << 40)
+    bucket_of = bucket_of_groups(buckets, k)
     # corpus rows first in each cluster (negative ranks), then the uploads in rank order
     old_lookup = pa.table({"id": old.column("id"), "bucket": bucket_of[old_cluster],
                            "cluster": old_cluster.astype(np.int32), "rank": -1 - np.arange(len(old_cluster)),
@@ -498,12 +352,70 @@ def _stand_ins(ids: pa.Array, linked: pa.Array, kept: np.ndarray) -> pa.Array:
     return pc.if_else(pa.array(kept), pa.nulls(n, pa.string()), roots)
 
 
+@dataclass
+class Batch:
+    """One curate-new run: the version it extends and the one it makes."""
+
+    config: Config
+    version: int  # the latest published version
+    manifest: dict[str, Any]  # that version's manifest
+    sources: list[Any]  # new media sources
+    skipped: list[str]  # new files that are not media (recorded, never retried)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.config.corpus)
+
+    @property
+    def new_version(self) -> int:
+        return self.version + 1
+
+    @property
+    def root(self) -> str:
+        """``curated/<selection>/batches/v<N>``: the batch's embeddings, errors, assignments."""
+        return self.layout.batch(self.config.selection, self.new_version)
+
+    @property
+    def embeddings(self) -> str:
+        return storage.join(self.root, "embeddings")
+
+
 def run(config: Config) -> dict[str, Any]:
     """Curate the new uploads under ``config.input`` into a new corpus version (module doc)."""
     from deldist.runtime import init_ray
 
     started = time.time()
     init_ray()
+    batch = _new_batch(config)
+    if not batch.sources and not batch.skipped:
+        path = version_dir(config.corpus, config.selection, batch.version)
+        print(f"deldist curate-new: no new sources under {config.input}; latest stays v{batch.version}")
+        return {"version": batch.version, "changed": False, "new_sources": 0, "path": path}
+    embed_result = _embed_uploads(batch)
+    rules = _selection_rules(batch.manifest)
+    meta = storage.read_published(batch.embeddings, ["id", "source", "frame_index", "dataset", *QUALITY_COLUMNS,
+                                                     *(["phash"] if rules.deldist_rules.near_copy is not None else [])])
+    ids = meta.column("id").combine_chunks()
+    centroids = read_centroids(batch.manifest["clusters"])
+    cluster, distance = _assign_uploads(batch, ids, centroids)
+    seen = pa.concat_tables([storage.read_published(a, ["id", "cluster", "distance"])
+                             for a in batch.manifest["assignments"]])
+    decision, duplicate_of = _apply_rules(batch, rules, meta, ids, cluster, distance, seen, centroids)
+    drift_threshold = float(np.quantile(seen.column("distance").to_numpy(), config.drift_quantile))
+    drift = drift_fraction(distance, drift_threshold)
+    summary = _batch_summary(meta, decision, batch, embed_result, drift, drift_threshold,
+                             old_dups=_old_matches(duplicate_of, decision.reason >= 0, ids))
+    result = _publish_version(batch, build_tables(ids, decision, duplicate_of), meta, summary)
+    if config.recluster and summary["recluster_recommended"]:
+        result["reclustered"] = recluster(config, batch.new_version)
+        result.update(version=result["reclustered"]["version"], path=result["reclustered"]["path"])
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def _new_batch(config: Config) -> Batch:
+    """The latest version (v1 made from the selection on the first run; a version published
+    without its latest.json recovered) and the sources no version has seen."""
     cur = curated_dir(config.corpus, config.selection)
     version = latest_version(config.corpus, config.selection)
     if version == 0:
@@ -511,126 +423,95 @@ def run(config: Config) -> dict[str, Any]:
         version = 1
     if storage.is_published(storage.join(cur, f"v{version + 1}")):  # published, latest.json not yet written
         version += 1
-        _set_latest(cur, version)
+        set_latest(cur, version)
     vdir = storage.join(cur, f"v{version}")
-    manifest = storage.read_manifest(vdir)
-
-    # 1. what is new
     seen = set(storage.read_published(storage.join(vdir, "sources"), ["source"]).column("source").to_pylist())
     sources, skipped = list_sources(config.input, config.manifest)
-    new_sources = [s for s in sources if s.uri not in seen]
-    new_skipped = [u for u in skipped if u not in seen]
-    if not new_sources and not new_skipped:
-        print(f"deldist curate-new: no new sources under {config.input}; latest stays v{version}")
-        return {"version": version, "changed": False, "new_sources": 0, "path": vdir}
-    new_version = version + 1
-    batch_root = storage.join(cur, "batches", f"v{new_version}")
-    new_vdir = storage.join(cur, f"v{new_version}")
+    return Batch(config, version, storage.read_manifest(vdir), [s for s in sources if s.uri not in seen],
+                 [u for u in skipped if u not in seen])
 
-    # 2. embed the new sources with the corpus's encoder (checked before any work)
-    batch_manifest = storage.join(batch_root, "sources.csv")
-    corpus_emb = manifest["embeddings"][0]
+
+def _embed_uploads(batch: Batch) -> dict[str, Any]:
+    """Embed the new sources with the corpus's encoder and sampling (checked before any work)."""
+    config = batch.config
+    listing = storage.join(batch.root, "sources.csv")
+    corpus_emb = batch.manifest["embeddings"][0]
     corpus_fp = storage.read_json(storage.join(corpus_emb, "_run.json"))
-    emb_cfg = _batch_embed_config(config, corpus_fp, storage.read_manifest(corpus_emb), batch_root,
-                                  batch_manifest, f"v{new_version}/")
+    emb_cfg = _batch_embed_config(config, corpus_fp, storage.read_manifest(corpus_emb), batch.root, listing,
+                                  f"v{batch.new_version}/")
     _check_same_encoder(corpus_fp, embed.fingerprint(emb_cfg))
-    storage.write_csv(batch_manifest, [{"uri": s.uri, "dataset": s.dataset} for s in new_sources]
-                      + [{"uri": u, "dataset": ""} for u in new_skipped])
-    embed_result = embed.run(emb_cfg)
-    if not embed_result.get("published"):
+    storage.write_csv(listing, [{"uri": s.uri, "dataset": s.dataset} for s in batch.sources]
+                      + [{"uri": u, "dataset": ""} for u in batch.skipped])
+    result = embed.run(emb_cfg)
+    if not result.get("published"):
         raise RuntimeError("embedding the uploads did not finish (max_sources?); rerun curate-new to continue")
-    batch_emb = storage.join(batch_root, "embeddings")
-    rules = _selection_rules(manifest)
-    meta = storage.read_published(batch_emb, ["id", "source", "frame_index", "dataset", *QUALITY_COLUMNS,
-                                              *(["phash"] if rules.deldist_rules.near_copy is not None else [])])
-    n = meta.num_rows
-    ids = meta.column("id").combine_chunks()
+    return result
 
-    # 3. assign to the corpus centroids
-    centroids = read_centroids(manifest["clusters"])
-    dim = int(centroids.shape[1])
-    assigned = _assign(batch_emb, dim, centroids, storage.join(batch_root, "assignments"), config) if n else \
-        ASSIGNMENTS_SCHEMA.empty_table()
+
+def _assign_uploads(batch: Batch, ids: pa.Array, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each upload's nearest corpus centroid and its cosine distance, in the order of ``ids``."""
+    assigned = _assign(batch.embeddings, int(centroids.shape[1]), centroids, storage.join(batch.root, "assignments"),
+                       batch.config) if len(ids) else ASSIGNMENTS_SCHEMA.empty_table()
     assigned = assigned.take(pc.index_in(ids, value_set=assigned.column("id")))
-    cluster = assigned.column("cluster").to_numpy().astype(np.int64)
-    distance = assigned.column("distance").to_numpy()
+    return assigned.column("cluster").to_numpy().astype(np.int64), assigned.column("distance").to_numpy()
 
-    # 4. the corpus selection's rules: quality, outliers, temporal, near copies
-    seen_assign = pa.concat_tables([storage.read_published(a, ["id", "cluster", "distance"])
-                                    for a in manifest["assignments"]])
-    seen_cluster = seen_assign.column("cluster").to_numpy().astype(np.int64)
-    seen_distance = seen_assign.column("distance").to_numpy()
-    decision = _filter_uploads(rules, meta, ids, cluster, distance, seen_cluster, seen_distance, len(centroids),
-                               batch_emb, dim)
+
+def _apply_rules(batch: Batch, rules: Any, meta: pa.Table, ids: pa.Array, cluster: np.ndarray,
+                 distance: np.ndarray, seen: pa.Table, centroids: np.ndarray) -> tuple[Decision, pa.Array]:
+    """The corpus selection's rules on the uploads -> (decision, duplicate_of ids): the filters,
+    near copies against the corpus, then duplicates of the corpus's represented items or of
+    uploads kept before them, in the corpus's rank order."""
+    dim, n = int(centroids.shape[1]), meta.num_rows
+    vdir = version_dir(batch.config.corpus, batch.config.selection, batch.version)
+    decision = _filter_uploads(rules, meta, cluster, distance, seen.column("cluster").to_numpy().astype(np.int64),
+                               seen.column("distance").to_numpy(), len(centroids), batch.embeddings, dim)
     represented = represented_items(vdir)
     if rules.deldist_rules.near_copy is not None and n:
-        _near_copies_of_corpus(rules, meta, ids, manifest["embeddings"], represented, decision)
-    drift_threshold = float(np.quantile(seen_distance, config.drift_quantile))
-    drift = drift_fraction(distance, drift_threshold)
-
-    # 5. dedup: a new item is a duplicate only of a kept item of its cluster (the corpus's
-    # retained items, then the new items kept before it in rank order)
-    threshold = float(manifest["similarity_threshold"])
+        _near_copies_of_corpus(rules, meta, ids, batch.manifest["embeddings"], represented, decision)
+    direct = decision.info.get("copy_of_corpus", pa.nulls(n, pa.string()))
     candidate = decision.reason < 0
     if candidate.any():
-        dup_of, sim = _dedup_against_corpus(config, manifest, seen_assign, represented, batch_emb, ids, cluster,
-                                            distance, candidate, threshold, dim)
-        duplicate = pc.is_valid(dup_of).to_numpy(zero_copy_only=False)
-        decision.remove(duplicate, "duplicate", "duplicate", "MedDEL §3.2 (against the curated corpus)",
-                        {"similarity_threshold": threshold, "dedup_rule": "kept"}, score=sim)
-        direct = pc.coalesce(dup_of, decision.info.get("copy_of_corpus", pa.nulls(n, pa.string())))
-    else:
-        direct = decision.info.get("copy_of_corpus", pa.nulls(n, pa.string()))
-    reason = decision.reason
-    kept = reason < 0
-    # duplicate_of: the retained item a removed item stands for; a frame matched to a new frame
-    # that a later rule removed follows that frame's own link
-    linked_ids = pc.if_else(pa.array(decision.link >= 0), ids.take(pa.array(np.maximum(decision.link, 0))),
-                            direct)
-    duplicate_of = _stand_ins(ids, linked_ids, kept)
-    removed_rows = np.flatnonzero(~kept)
-    new_retained = pa.table({"id": ids.filter(pa.array(kept))}, schema=RETAINED_SCHEMA)
-    new_removed = pa.table({
-        "id": ids.take(pa.array(removed_rows)),
-        "reason": pa.array(np.asarray(REASONS, dtype=object)[reason[removed_rows]], pa.string()),
-        "duplicate_of": duplicate_of.take(pa.array(removed_rows)),
-        "max_sim": pa.array(decision.score[removed_rows], pa.float32(), from_pandas=True),
-    }, schema=REMOVED_SCHEMA)
-    ledger = sources_ledger(meta.select(["source"]), new_version, [s.uri for s in new_sources] + new_skipped)
+        threshold = float(batch.manifest["similarity_threshold"])
+        dup_of, sim = _dedup_against_corpus(batch.config, batch.manifest, seen, represented, batch.embeddings, ids,
+                                            cluster, distance, candidate, threshold, dim)
+        decision.remove(pc.is_valid(dup_of).to_numpy(zero_copy_only=False), "duplicate", "duplicate",
+                        "MedDEL §3.2 (against the curated corpus)", {"similarity_threshold": threshold,
+                                                                     "dedup_rule": "kept"}, score=sim)
+        direct = pc.coalesce(dup_of, direct)
+    # a frame matched to an upload that a later rule removed follows that upload's own link
+    linked = pc.if_else(pa.array(decision.link >= 0), ids.take(pa.array(np.maximum(decision.link, 0))), direct)
+    return decision, _stand_ins(ids, linked, decision.reason < 0)
 
-    # 7. publish the version, then point latest at it
-    parent_paths = {t: storage.published_paths(storage.join(vdir, t))[1] for t in ("retained", "removed", "sources")}
-    counts = {
-        "retained": _publish_table(storage.join(new_vdir, "retained"), parent_paths["retained"], new_retained,
-                                   RETAINED_SCHEMA),
-        "removed": _publish_table(storage.join(new_vdir, "removed"), parent_paths["removed"], new_removed,
-                                  REMOVED_SCHEMA),
-    }
-    _publish_table(storage.join(new_vdir, "sources"), parent_paths["sources"],
-                   ledger, VERSION_SOURCES_SCHEMA)
-    parent_summary = storage.read_json(storage.join(vdir, "summary.json"))
-    batch = _batch_summary(meta, reason, kept, new_sources, new_skipped, embed_result, drift, drift_threshold,
-                           config, decision.rules, old_dups=_old_matches(duplicate_of, reason >= 0, ids))
-    summary = _version_summary(parent_summary, batch, new_version, counts, config)
-    storage.write_json(storage.join(new_vdir, "summary.json"), summary)
+
+def _publish_version(batch: Batch, tables: dict[str, pa.Table], meta: pa.Table, summary: dict[str, Any],
+                     ) -> dict[str, Any]:
+    """``v<N>``: its tables (the parent's parts plus this batch's), summary and manifest, then
+    ``latest.json``."""
+    config, manifest = batch.config, batch.manifest
+    cur = curated_dir(config.corpus, config.selection)
+    vdir, new_vdir = storage.join(cur, f"v{batch.version}"), storage.join(cur, f"v{batch.new_version}")
+    ledger = sources_ledger(meta.select(["source"]), batch.new_version,
+                            [s.uri for s in batch.sources] + batch.skipped)
+    parents = {t: storage.published_paths(storage.join(vdir, t))[1] for t in ("retained", "removed", "sources")}
+    counts = {t: publish_table(storage.join(new_vdir, t), parents[t], tables[t], schema)
+              for t, schema in (("retained", RETAINED_SCHEMA), ("removed", REMOVED_SCHEMA))}
+    publish_table(storage.join(new_vdir, "sources"), parents["sources"], ledger, VERSION_SOURCES_SCHEMA)
+    version_summary = _version_summary(storage.read_json(storage.join(vdir, "summary.json")), summary,
+                                       batch.new_version, counts, config)
+    storage.write_json(storage.join(new_vdir, "summary.json"), version_summary)
     storage.publish(new_vdir, [], {
         **{k: v for k, v in manifest.items() if k not in ("version", "parent")},
-        "version": new_version, "parent": version,
-        "embeddings": [*manifest["embeddings"], batch_emb],
-        "assignments": [*manifest["assignments"], storage.join(batch_root, "assignments")],
+        "version": batch.new_version, "parent": batch.version,
+        "embeddings": [*manifest["embeddings"], batch.embeddings],
+        "assignments": [*manifest["assignments"], storage.join(batch.root, "assignments")],
     })
-    _set_latest(cur, new_version)
-    print(f"deldist curate-new: v{new_version}: {len(new_sources)} new sources, {n} frames, kept {int(kept.sum())} "
-          f"({batch['removed_by_reason']}); drift {drift:.3f}"
-          + ("; re-clustering recommended" if batch["recluster_recommended"] else "") + f" -> {new_vdir}")
-    result = {"version": new_version, "changed": True, "path": new_vdir, "new_sources": len(new_sources),
-              "new_frames": n, "kept": int(kept.sum()), "drift_fraction": drift,
-              "recluster_recommended": batch["recluster_recommended"]}
-    if config.recluster and batch["recluster_recommended"]:
-        result["reclustered"] = recluster(config, new_version)
-        result.update(version=result["reclustered"]["version"], path=result["reclustered"]["path"])
-    result["seconds"] = round(time.time() - started, 1)
-    return result
+    set_latest(cur, batch.new_version)
+    print(f"deldist curate-new: v{batch.new_version}: {len(batch.sources)} new sources, {summary['frames']} frames, "
+          f"kept {summary['kept']} ({summary['removed_by_reason']}); drift {summary['drift_fraction']:.3f}"
+          + ("; re-clustering recommended" if summary["recluster_recommended"] else "") + f" -> {new_vdir}")
+    return {"version": batch.new_version, "changed": True, "path": new_vdir, "new_sources": len(batch.sources),
+            "new_frames": summary["frames"], "kept": summary["kept"], "drift_fraction": summary["drift_fraction"],
+            "recluster_recommended": summary["recluster_recommended"]}
 
 
 def _old_matches(duplicate_of: pa.Array, removed: np.ndarray, ids: pa.Array) -> int:
@@ -640,18 +521,19 @@ def _old_matches(duplicate_of: pa.Array, removed: np.ndarray, ids: pa.Array) -> 
     return int(len(named) - pc.sum(pc.is_in(named, value_set=ids)).as_py()) if len(named) else 0
 
 
-def _batch_summary(meta: pa.Table, reason: np.ndarray, kept: np.ndarray, new_sources: list, new_skipped: list[str],
-                   embed_result: dict[str, Any], drift: float, drift_threshold: float, config: Config,
-                   rules: list[dict[str, Any]], old_dups: int) -> dict[str, Any]:
+def _batch_summary(meta: pa.Table, decision: Decision, batch: Batch, embed_result: dict[str, Any], drift: float,
+                   drift_threshold: float, old_dups: int) -> dict[str, Any]:
+    config, reason = batch.config, decision.reason
+    kept = reason < 0
     datasets = meta.column("dataset").to_numpy(zero_copy_only=False).astype(str)
     per_dataset = {name: {"input": int((datasets == name).sum()), "kept": int(kept[datasets == name].sum())}
                    for name in sorted(set(datasets.tolist()))}
     return {
-        "input": config.input, "new_sources": len(new_sources), "skipped_not_media": len(new_skipped),
+        "input": config.input, "new_sources": len(batch.sources), "skipped_not_media": len(batch.skipped),
         "frames": len(reason), "kept": int(kept.sum()),
         "ratio": float(kept.mean()) if len(kept) else 0.0,
-        "removed_by_reason": {REASONS[r]: int((reason == r).sum()) for r in np.unique(reason[reason >= 0])},
-        "duplicates_of_corpus_items": old_dups, "rules": rules,
+        "removed_by_reason": counts_by_reason(reason),
+        "duplicates_of_corpus_items": old_dups, "rules": decision.rules,
         "per_dataset": per_dataset, "embed_errors": embed_result.get("errors", 0),
         "drift_fraction": drift, "drift_distance": drift_threshold, "drift_quantile": config.drift_quantile,
         "recluster_recommended": drift >= config.recluster_above,

@@ -43,6 +43,7 @@ an empty assignments table raises :class:`~deldist.shards.EmptyInputError`.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -53,11 +54,15 @@ from pydantic import Field
 from deldist import storage
 from deldist.arrays import equal_runs
 from deldist.config import StageConfig
+from deldist.layout import RunLayout
 from deldist.pairwise import to_device, triu_neighbours
 from deldist.schema import SCORES_SCHEMA
 from deldist.shards import (
+    Bucket,
     EmbeddingError,
     EmptyInputError,
+    bucket_count,
+    bucket_of_groups,
     check_shuffle,
     gather_sorted,
     plan_buckets,
@@ -249,91 +254,109 @@ def _check_unique(ids: pa.ChunkedArray, what: str) -> None:
         raise ValueError(f"{what} holds {len(ids) - distinct} duplicate ids; ids must be unique")
 
 
+@dataclass
+class Plan:
+    """What a dedup run scores: every assigned item's cluster and rank, packed into buckets."""
+
+    layout: RunLayout
+    dim: int | None
+    lookup: pa.Table  # id, bucket, cluster, rank
+    sizes: np.ndarray  # (k,) items per cluster
+    buckets: list[Bucket]
+
+    @property
+    def n(self) -> int:
+        return self.lookup.num_rows
+
+
 def run(config: Config) -> dict[str, Any]:
     """Score every embedded item against the earlier-ranked items of its cluster and publish
     ``dedup/scores/`` (see the module doc)."""
-    import ray
-
-    from deldist.runtime import cluster_gpus, init_ray
+    from deldist.runtime import init_ray, use_gpu
 
     init_ray()
     started = time.perf_counter()
-    emb_dir = config.embeddings or storage.join(config.output, "embeddings")
-    clusters_dir = config.clusters or storage.join(config.output, "clusters")
-    out_dir = config.scores or storage.join(config.output, "dedup", "scores")
-    emb_manifest = storage.read_manifest(emb_dir)
-    clusters_manifest = storage.read_manifest(clusters_dir)
-    dim = emb_manifest.get("dim")
-    if dim is not None and clusters_manifest.get("dim") is not None and int(dim) != int(clusters_manifest["dim"]):
-        raise EmbeddingError(f"dimension mismatch: {emb_dir} has D={dim} but the centroids in "
-                             f"{clusters_dir} have D={clusters_manifest['dim']}; re-run cluster")
-    assign_dir = storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))
-    assignments = storage.read_published(assign_dir, columns=["id", "cluster", "distance"])
-    n = assignments.num_rows
-    if n == 0:
-        raise EmptyInputError(f"{assign_dir} has no rows: nothing to deduplicate")
-    _check_unique(assignments.column("id"), assign_dir)
+    plan = plan_scores(config, RunLayout.of(config))
+    planned = time.perf_counter()
+    gpu = use_gpu(config.use_gpu)
+    parts, tasks, shards = _score(config, plan, gpu)
+    spec = _list_spec(config)
+    storage.publish(plan.layout.scores, [p["path"] for p in parts],
+                    {"schema": storage.schema_hex(SCORES_SCHEMA), "rows": plan.n, "keep": config.keep,
+                     "seed": config.seed, "clusters": plan.layout.clusters, "use_gpu": gpu,
+                     "neighbours_by_similarity": spec.by_similarity, "neighbours_by_rank": spec.by_rank,
+                     "neighbour_floor": spec.floor})
+    sizes = plan.sizes
+    return {
+        "scores": plan.layout.scores, "rows": plan.n, "clusters": int((sizes > 0).sum()), "keep": config.keep,
+        "largest_cluster": int(sizes.max()), "pairs": int((sizes.astype(np.int64) * (sizes - 1) // 2).sum()),
+        "buckets": len(plan.buckets), "split_clusters": sum(1 for b in plan.buckets if b.row_ranges),
+        "tasks": tasks, "shards": shards, "use_gpu": gpu,
+        "seconds": {"plan": planned - started, "shuffle_and_score": time.perf_counter() - planned,
+                    **{f"{what}_tasks_total": sum(p[f"{what}_seconds"] for p in parts)
+                       for what in ("gather", "score", "write")}},
+    }
+
+
+def _list_spec(config: Config) -> ListSpec:
+    return ListSpec(config.neighbours_by_similarity, config.neighbours_by_rank, config.neighbour_floor)
+
+
+def plan_scores(config: Config, layout: RunLayout) -> Plan:
+    """Read the assignments (metadata only), check them against the embeddings, rank every
+    cluster and pack the clusters into buckets of similar cost."""
+    dim = storage.read_manifest(layout.embeddings).get("dim")
+    clusters_dim = storage.read_manifest(layout.clusters).get("dim")
+    if dim is not None and clusters_dim is not None and int(dim) != int(clusters_dim):
+        raise EmbeddingError(f"dimension mismatch: {layout.embeddings} has D={dim} but the centroids in "
+                             f"{layout.clusters} have D={clusters_dim}; re-run cluster")
+    assignments = storage.read_published(layout.assignments, columns=["id", "cluster", "distance"])
+    if assignments.num_rows == 0:
+        raise EmptyInputError(f"{layout.assignments} has no rows: nothing to deduplicate")
+    _check_unique(assignments.column("id"), layout.assignments)
     cluster = assignments.column("cluster").to_numpy().astype(np.int64)
     if cluster.min() < 0:
-        raise ValueError(f"{assign_dir} has negative cluster ids")
-    rank = rank_within_clusters(assignments.column("id"), cluster,
-                                assignments.column("distance").to_numpy(), config.keep, config.seed)
+        raise ValueError(f"{layout.assignments} has negative cluster ids")
+    rank = rank_within_clusters(assignments.column("id"), cluster, assignments.column("distance").to_numpy(),
+                                config.keep, config.seed)
     sizes = np.bincount(cluster)
-    n_buckets = config.num_buckets or max(1, 2 * int(ray.cluster_resources().get("CPU", 1.0) // config.task_cpus))
-    buckets = plan_buckets(sizes, n_buckets, config.split_rows, config.bucket_rows)
-    bucket_of_cluster = np.full(len(sizes), -1, np.int32)
-    for b, bucket in enumerate(buckets):
-        bucket_of_cluster[bucket.clusters] = b
-    lookup = pa.table({"id": assignments.column("id"), "bucket": bucket_of_cluster[cluster],
+    buckets = plan_buckets(sizes, bucket_count(config.num_buckets, config.task_cpus), config.split_rows,
+                           config.bucket_rows)
+    lookup = pa.table({"id": assignments.column("id"), "bucket": bucket_of_groups(buckets, len(sizes))[cluster],
                        "cluster": cluster.astype(np.int32), "rank": rank})
-    del assignments
-    planned = time.perf_counter()
+    return Plan(layout, dim, lookup, sizes, buckets)
 
-    # shuffle: each embeddings shard is read once and split by bucket
-    slices_of, route_stats = shuffle_by_bucket(emb_dir, dim, lookup, len(buckets), config.shard_rows,
-                                               config.io_cpus)
 
-    # score: packed buckets directly, split clusters gathered once then row-range tasks
-    use_gpu = cluster_gpus() > 0 if config.use_gpu is None else config.use_gpu
-    device = "cuda" if use_gpu else "cpu"
-    gpu_opts = {"num_gpus": config.task_gpus} if use_gpu else {}
-    spec = ListSpec(config.neighbours_by_similarity, config.neighbours_by_rank, config.neighbour_floor)
+def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]], int, int]:
+    """The shuffle (each embeddings shard read once, split by bucket) and the scoring tasks:
+    packed buckets directly, split clusters gathered once then scored by row-range tasks.
+    Returns (the parts written, tasks, shards)."""
+    import ray
+
+    out_dir, spec, device = plan.layout.scores, _list_spec(config), "cuda" if gpu else "cpu"
+    tiles = (config.block_rows, config.col_block, config.diag_rows)
+    slices_of, route_stats = shuffle_by_bucket(plan.layout.embeddings, plan.dim, plan.lookup, len(plan.buckets),
+                                               config.shard_rows, config.io_cpus)
+    gpu_opts = {"num_gpus": config.task_gpus} if gpu else {}
     score_bucket = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_bucket)
     gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
     score_rows = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_rows)
     pending = []
-    for b, bucket in enumerate(buckets):
-        slices = slices_of[b]
+    for bucket, slices in zip(plan.buckets, slices_of):
         if bucket.row_ranges:
             x_ref, ids_ref = gather.remote(*slices)
-            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec,
-                                          config.block_rows, config.col_block, config.diag_rows, device)
+            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec, *tiles, device)
                         for a, e in bucket.row_ranges]
         else:
-            pending.append(score_bucket.remote(out_dir, spec, config.block_rows, config.col_block,
-                                               config.diag_rows, device, *slices))
+            pending.append(score_bucket.remote(out_dir, spec, *tiles, device, *slices))
     try:
-        check_shuffle(ray.get(route_stats), n, "assignments")
+        check_shuffle(ray.get(route_stats), plan.n, "assignments")
     except ValueError:
         for ref in pending:
             ray.cancel(ref)
         raise
     parts = ray.get(pending)
     scored = sum(p["rows"] for p in parts)
-    if scored != n:
-        raise RuntimeError(f"scored {scored} rows but {n} were assigned")
-    storage.publish(out_dir, [p["path"] for p in parts],
-                    {"schema": storage.schema_hex(SCORES_SCHEMA), "rows": n, "keep": config.keep,
-                     "seed": config.seed, "clusters": clusters_dir, "use_gpu": use_gpu,
-                     "neighbours_by_similarity": spec.by_similarity, "neighbours_by_rank": spec.by_rank,
-                     "neighbour_floor": spec.floor})
-    finished = time.perf_counter()
-    return {
-        "scores": out_dir, "rows": n, "clusters": int((sizes > 0).sum()), "keep": config.keep,
-        "largest_cluster": int(sizes.max()), "pairs": int((sizes.astype(np.int64) * (sizes - 1) // 2).sum()),
-        "buckets": len(buckets), "split_clusters": sum(1 for b in buckets if b.row_ranges),
-        "tasks": len(pending), "shards": len(route_stats), "use_gpu": use_gpu,
-        "seconds": {"plan": planned - started, "shuffle_and_score": finished - planned,
-                    **{f"{what}_tasks_total": sum(p[f"{what}_seconds"] for p in parts)
-                       for what in ("gather", "score", "write")}},
-    }
+    if scored != plan.n:
+        raise RuntimeError(f"scored {scored} rows but {plan.n} were assigned")
+    return parts, len(pending), len(route_stats)

@@ -30,6 +30,8 @@ import deldist
 from deldist import storage
 from deldist.config import StageConfig
 from deldist.frames import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DecodeError,
     Sampling,
     decode_image,
@@ -47,8 +49,6 @@ from deldist.schema import (
     embeddings_schema,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_FPS = 2.0
 _EMIT_ROWS = 32  # frames per batch a decode task hands downstream
 

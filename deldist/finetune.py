@@ -26,6 +26,7 @@ import io
 import math
 import posixpath
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -33,7 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.pretrain import IMAGENET_MEAN, IMAGENET_STD
+from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
+from deldist.trainer import (
+    LocalSession,
+    LoopSettings,
+    RayTrainSession,
+    Training,
+    all_reduce_sum,
+    ray_run_config,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -179,114 +188,100 @@ def flip_pairs(images: Any, masks: Any, generator: Any) -> tuple[Any, Any]:
 # ------------------------------------------------------------------ segmentation (Ray Train worker)
 
 
-def _encoder(cfg: dict[str, Any]) -> Any:
+def _encoder(model: str, image_size: int, seed: int, weights: str | None, random_init: bool) -> Any:
     import deldist.models  # noqa: F401  (registers deldist's tiny ViT names)
     from deldist.encoders import build_encoder, load_weights
 
-    encoder = build_encoder(cfg["model"], cfg["image_size"], cfg["seed"])
-    load_weights(encoder, cfg["weights"], cfg["random_init"])
+    encoder = build_encoder(model, image_size, seed)
+    load_weights(encoder, weights, random_init)
     return encoder
 
 
-def segmentation_loop(cfg: dict[str, Any], session: Any = None) -> None:
+@dataclass(frozen=True)
+class SegLoop:
+    """The segmentation loop's configuration (typed)."""
+
+    settings: LoopSettings
+    model: str
+    image_size: int
+    weights: str | None
+    random_init: bool
+    segmentation: Segmentation
+    steps_per_epoch: int
+    n_train: int
+
+
+def segmentation_loop(config: dict[str, Any], session: Any = None) -> None:
     """Ray Train worker (or ``LocalSession``): finetune encoder + MLP head; rank 0 evaluates
-    the test split at the end."""
+    the test split at the end. config: ``{"loop": SegLoop}``."""
+    import torch
+
+    from deldist.models import SegmentationViT, dice_ce_loss, lr_lambda, param_groups
+
+    loop: SegLoop = config["loop"]
+    seg = loop.segmentation
+    session = session or RayTrainSession()
+    model = SegmentationViT(_encoder(loop.model, loop.image_size, loop.settings.seed, loop.weights, loop.random_init),
+                            num_classes=2, hidden=seg.hidden)
+    groups = [dict(g, lr=seg.lr * g.pop("lr_scale", 1.0))
+              for g in param_groups(model.encoder, seg.weight_decay, seg.layer_decay)]
+    groups += [dict(g, lr=seg.lr * seg.head_lr_scale, head=True) for g in param_groups(model.head, seg.weight_decay)]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        loop.steps_per_epoch * seg.epochs, round(seg.warmup_epochs * loop.steps_per_epoch), 1.0, 0.0))
+    run = Training.start(session, model, optimizer, scheduler, loop.settings)
+    train = session.dataset("train")
+    # a resumed run draws other flips than the run it resumes
+    flips = torch.Generator().manual_seed(loop.settings.seed * 7919 + session.rank * 104729 + run.state["step"])
+    while run.state["epoch"] < seg.epochs:
+        run.model.train()
+        loss_sum, n, started = 0.0, 0, time.perf_counter()
+        # a new order every epoch: blocks reshuffled (randomize_block_order) + a local buffer
+        for i, batch in enumerate(train.iter_torch_batches(batch_size=seg.batch_size, drop_last=True,
+                                                           local_shuffle_buffer_size=4 * seg.batch_size,
+                                                           dtypes={"image": torch.uint8, "mask": torch.long})):
+            if i >= loop.steps_per_epoch:
+                break
+            images, masks = flip_pairs(batch["image"].to(run.device), batch["mask"].to(run.device), flips)
+            with run.autocast():
+                logits = run.model(run.inputs(images))
+            loss = dice_ce_loss(logits, masks, seg.dice_weight)
+            run.step(loss)
+            loss_sum += float(loss.detach())
+            n += 1
+        loss_total, n_total = all_reduce_sum([loss_sum, n], run.device)
+        run.end_epoch({"epoch": run.state["epoch"] + 1, "step": run.state["step"], "loss": loss_total / max(1, n_total),
+                       "lr": max(g["lr"] for g in run.optimizer.param_groups if not g.get("head")),  # the last block's
+                       "seconds": time.perf_counter() - started}, "segmentation_metrics")
+    if session.rank == 0:
+        _evaluate_segmentation(run, loop, session.dataset("test"))
+
+
+def _evaluate_segmentation(run: Training, loop: SegLoop, test: Any) -> None:
+    """Rank 0: the test split's foreground IoU (the report's mIoU) and the fg/bg mean ->
+    ``segmentation.json``."""
     import torch
 
     from deldist.metrics import confusion_counts, per_image_fg_iou, segmentation_scores
-    from deldist.models import SegmentationViT, dice_ce_loss, lr_lambda, param_groups
-    from deldist.pretrain import (
-        LocalSession,
-        RayTrainSession,
-        all_reduce_sum,
-        autocast,
-        normalize,
-        worker_device,
-        write_metrics,
-    )
 
-    seg = cfg["segmentation"]
-    session = session or RayTrainSession()
-    rank = session.rank
-    device = session.device if isinstance(session, LocalSession) else worker_device(cfg["use_gpu"], cfg["torch_threads"])
-    if device.type == "cpu":
-        torch.set_num_threads(cfg["torch_threads"])
-    model = SegmentationViT(_encoder(cfg), num_classes=2, hidden=seg["hidden"])
-    groups = [dict(g, lr=seg["lr"] * g.pop("lr_scale", 1.0))
-              for g in param_groups(model.encoder, seg["weight_decay"], seg["layer_decay"])]
-    groups += [dict(g, lr=seg["lr"] * seg["head_lr_scale"], head=True)
-               for g in param_groups(model.head, seg["weight_decay"])]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    steps_per_epoch = cfg["steps_per_epoch"]
-    total = steps_per_epoch * seg["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, round(seg["warmup_epochs"] * steps_per_epoch), 1.0, 0.0))
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "starts": []}
-    restored = session.restore()
-    if restored is not None:
-        model.load_state_dict(restored["model"])
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        state = restored["state"]
-    state["starts"].append({"resumed_from_step": state["step"]})
-    model = session.prepare(model)
-    core = model.module if hasattr(model, "module") else model
-    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1) * 255
-    train = session.dataset("train")
-    # a resumed run draws other flips than the run it resumes
-    flips = torch.Generator().manual_seed(cfg["seed"] * 7919 + rank * 104729 + state["step"])
-    while state["epoch"] < seg["epochs"]:
-        model.train()
-        loss_sum, n, started = 0.0, 0, time.perf_counter()
-        # a new order every epoch: blocks reshuffled (randomize_block_order) + a local buffer
-        for i, batch in enumerate(train.iter_torch_batches(batch_size=seg["batch_size"], drop_last=True,
-                                                           local_shuffle_buffer_size=4 * seg["batch_size"],
-                                                           dtypes={"image": torch.uint8, "mask": torch.long})):
-            if i >= steps_per_epoch:
-                break
-            images, masks = flip_pairs(batch["image"].to(device), batch["mask"].to(device), flips)
-            x = normalize(images, mean, std)
-            with autocast(device, cfg["precision"]):
-                logits = model(x)
-            loss = dice_ce_loss(logits, masks, seg["dice_weight"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
-            loss_sum += float(loss.detach())
-            n += 1
-        loss_total, n_total = all_reduce_sum([loss_sum, n], device)
-        state["epoch"] += 1
-        row = {"epoch": state["epoch"], "step": state["step"], "loss": loss_total / max(1, n_total),
-               "lr": max(g["lr"] for g in optimizer.param_groups if not g.get("head")),  # the last block's
-               "seconds": time.perf_counter() - started}
-        state["history"].append(row)
-        if rank == 0:
-            write_metrics(cfg["run_dir"], state["history"], prefix="segmentation_metrics")
-        session.report(row, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "state": state})
-    if rank != 0:
-        return
-    model.eval()
+    run.model.eval()
     counts = np.zeros(4, dtype=np.int64)
     iou_sum, images = 0.0, 0
     with torch.inference_mode():
-        for batch in session.dataset("test").iter_torch_batches(batch_size=seg["batch_size"],
-                                                                             dtypes={"image": torch.uint8, "mask": torch.long}):
-            x = normalize(batch["image"].to(device), mean, std)
-            with autocast(device, cfg["precision"]):
-                pred = core(x).argmax(dim=1).cpu().numpy()
+        for batch in test.iter_torch_batches(batch_size=loop.segmentation.batch_size,
+                                             dtypes={"image": torch.uint8, "mask": torch.long}):
+            with run.autocast():
+                pred = run.core(run.inputs(batch["image"])).argmax(dim=1).cpu().numpy()
             target = batch["mask"].numpy()
             counts += confusion_counts(pred, target)
             iou_sum += float(per_image_fg_iou(pred, target).sum())
             images += len(target)
     scores = segmentation_scores(counts, iou_sum, images)
-    storage.write_json(storage.join(cfg["run_dir"], "segmentation.json"), {
+    state = run.state
+    storage.write_json(storage.join(loop.settings.run_dir, "segmentation.json"), {
         **scores, "miou": scores["iou_fg"], "miou_definition": "iou_fg: foreground IoU over the test set",
-        "test_images": images, "train_images": cfg["n_train"], "epochs": state["epoch"], "steps": state["step"],
-        "weights": cfg["weights"], "random_init": cfg["random_init"], "starts": state["starts"],
+        "test_images": images, "train_images": loop.n_train, "epochs": state["epoch"], "steps": state["step"],
+        "weights": loop.weights, "random_init": loop.random_init, "starts": state["starts"],
         "final_loss": state["history"][-1]["loss"] if state["history"] else None,
     })
 
@@ -295,8 +290,6 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
     import ray
     from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from deldist.pretrain import ray_run_config
 
     seg = config.segmentation
     if not seg.data:
@@ -317,20 +310,20 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
         raise ValueError(f"{len(train_idx)} training images do not fill one global batch "
                          f"({config.num_workers} x {seg.batch_size})")
     out = run_dir(config.output, config.name)
-    cfg = {**config.model_dump(), "use_gpu": use_gpu, "run_dir": out, "steps_per_epoch": steps_per_epoch,
-           "torch_threads": config.torch_threads or max(1, int(config.cpus_per_worker)), "n_train": len(train_idx)}
+    settings = LoopSettings(config.name, out, use_gpu, config.torch_threads or max(1, int(config.cpus_per_worker)),
+                            config.precision, tuple(config.mean), tuple(config.std), config.seed)
+    loop = SegLoop(settings, config.model, config.image_size, config.weights, config.random_init, seg, steps_per_epoch,
+                   len(train_idx))
     if config.engine == "local":
-        from deldist.pretrain import LocalSession
-
         if config.num_workers != 1:
             raise ValueError("engine=local runs one worker: set num_workers=1")
         storage_root = config.storage_path or storage.join(config.output, "finetune", "_ray")
-        segmentation_loop(cfg, LocalSession({"train": train, "test": test},
-                                            storage.join(storage_root, f"{config.name}-segmentation"),
-                                            "cuda" if use_gpu else "cpu"))
+        segmentation_loop({"loop": loop}, LocalSession({"train": train, "test": test},
+                                                       storage.join(storage_root, f"{config.name}-segmentation"),
+                                                       "cuda" if use_gpu else "cpu"))
         return storage.read_json(storage.join(out, "segmentation.json"))
     trainer = TorchTrainer(
-        segmentation_loop, train_loop_config=cfg,
+        segmentation_loop, train_loop_config={"loop": loop},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
@@ -388,7 +381,8 @@ def classification_run(images: np.ndarray, targets: np.ndarray, train_idx: np.nd
     torch.set_num_threads(cfg["torch_threads"])
     cls = cfg["classification"]
     n_classes = targets.shape[1] if multilabel else int(targets.max()) + 1
-    model = ClassifierViT(_encoder(cfg), n_classes, cls["pooling"])
+    model = ClassifierViT(_encoder(cfg["model"], cfg["image_size"], cfg["seed"], cfg["weights"], cfg["random_init"]),
+                          n_classes, cls["pooling"])
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255
     x_all = torch.from_numpy(images)
@@ -483,13 +477,14 @@ def run_classification(config: Config, use_gpu: bool) -> dict[str, Any]:
 
 def run(config: Config) -> dict[str, Any]:
     """Run the configured downstream tasks for one encoder; publish the results."""
-    from deldist.runtime import cluster_gpus, init_ray
+    from deldist.runtime import init_ray
+    from deldist.runtime import use_gpu as gpus_wanted
 
     if config.weights is None and not config.random_init:
         raise ValueError("set `weights` (an encoder export) or `random_init: true` (the control)")
     started = time.time()
     init_ray()
-    use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
+    use_gpu = gpus_wanted(config.use_gpu)
     out = run_dir(config.output, config.name)
     summary: dict[str, Any] = {"weights": config.weights, "random_init": config.random_init, "model": config.model}
     if "segmentation" in config.tasks:

@@ -25,6 +25,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # range requests against object storage.
 _AV_BUFFER = 4 << 20
 
+# pixel normalisation of every encoder and training run unless configured otherwise
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class DecodeError(Exception):
     """A source (or part of it) could not be decoded; the message says why."""

@@ -23,6 +23,10 @@ is like a kept item. deldist offers SemDeDup's rule as ``dedup_rule: any_earlier
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 UNDECIDED, KEPT, REMOVED = 0, 1, 2
@@ -101,3 +105,112 @@ def best_kept_link(kept: np.ndarray, src: np.ndarray, dst: np.ndarray, score: np
     best[s[first]] = d[first]
     best_score[s[first]] = v[first]
     return best, best_score
+
+
+@dataclass
+class NeighbourEdges:
+    """The scores' neighbour lists in position space: items at positions 0..n-1 sorted by
+    (cluster, rank). Entry e links ``src[e]`` to the earlier ``dst[e]`` of the same cluster
+    with similarity ``sim[e]``; ``bound[p]``: no earlier item unlisted for p is more similar."""
+
+    src: np.ndarray  # (e,) int64
+    dst: np.ndarray  # (e,) int64
+    sim: np.ndarray  # (e,) float32
+    bound: np.ndarray  # (n,) float32
+    floor: float
+
+
+def resolve_kept(candidate: np.ndarray, edges: NeighbourEdges, threshold: float,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``kept`` rule from the neighbour lists at similarity ``threshold`` (>= the floor).
+
+    candidate: (n,) bool in position order. Returns (kept bool (n,), duplicate_of int64 (n,):
+    position of the most similar earlier kept item *among the listed ones* of a removed
+    candidate (ties: the earliest; an unlisted kept item may be more similar, never less
+    than the threshold), -1; similarity float64 (n,), NaN; unresolved bool (n,): items kept here whose
+    lists cannot rule out an unlisted kept neighbour above the threshold; they and the items
+    after them in their cluster need :func:`deldist.pairwise.keep_first_exact`).
+    """
+    if threshold < edges.floor:
+        raise ValueError(f"similarity threshold {threshold:.4f} is below the scores' neighbour floor "
+                         f"{edges.floor}; re-run dedup with neighbour_floor <= {threshold:.4f}")
+    candidate = np.asarray(candidate, bool)
+    above = edges.sim > threshold
+    src, dst, sim = edges.src[above], edges.dst[above], edges.sim[above]
+    kept = keep_first_in_order(candidate, src, dst)
+    dup, dup_sim = best_kept_link(kept, src, dst, sim, len(candidate))
+    unresolved = kept & (edges.bound > threshold)
+    return kept, dup, dup_sim, unresolved
+
+
+def any_earlier_duplicates(candidate: np.ndarray, first: np.ndarray, max_sim: np.ndarray,
+                           threshold: float) -> np.ndarray:
+    """SemDeDup's rule: candidates whose similarity to any earlier item exceeds ``threshold``
+    (first-ranked items never) -> bool (n,)."""
+    return np.asarray(candidate, bool) & ~np.asarray(first, bool) & (np.asarray(max_sim, np.float64) > threshold)
+
+
+def threshold_for_ratio(max_sim: np.ndarray, first: np.ndarray, candidates: np.ndarray,
+                        keep_count: int) -> tuple[float, bool]:
+    """``any_earlier`` rule: similarity threshold t such that keeping the candidates with
+    ``max_sim <= t`` (plus every first-ranked candidate) keeps about ``keep_count`` items.
+
+    max_sim: (n,) float; first: (n,) bool first-ranked; candidates: (n,) bool items still in
+    after the other rules. Returns (t, reachable); t = -inf keeps only first-ranked items,
+    +inf keeps every candidate. Exact ties at t are all kept, so the count may exceed
+    ``keep_count`` by the size of the tie.
+    """
+    firsts = int((candidates & first).sum())
+    others = np.sort(np.asarray(max_sim, np.float64)[candidates & ~first])
+    slots = keep_count - firsts
+    if slots <= 0:
+        return -math.inf, slots == 0
+    if slots >= len(others):
+        return math.inf, slots == len(others)
+    return float(others[slots - 1]), True
+
+
+def search_threshold(count_at: Callable[[float], int], thresholds: np.ndarray, keep_count: int,
+                     tolerance: int) -> tuple[float, int, bool]:
+    """The threshold among ``thresholds`` (ascending) whose kept count ``count_at(t)`` is
+    nearest ``keep_count``, by bisection (the count grows with t, up to the local wiggles
+    of the keep-first rule; the neighbours of the crossing are checked too).
+    Returns (t, its count, reachable: within ``tolerance`` of the target)."""
+    seen: dict[int, int] = {}
+
+    def at(i: int) -> int:
+        if i not in seen:
+            seen[i] = count_at(float(thresholds[i]))
+        return seen[i]
+
+    lo, hi = 0, len(thresholds) - 1
+    if at(lo) < keep_count and at(hi) > keep_count:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if at(mid) < keep_count:
+                lo = mid
+            else:
+                hi = mid
+    for i in (lo - 1, lo + 1, hi - 1, hi + 1):
+        if 0 <= i < len(thresholds):
+            at(i)
+    best = min(seen, key=lambda i: (abs(seen[i] - keep_count), i))
+    return float(thresholds[best]), seen[best], abs(seen[best] - keep_count) <= tolerance
+
+
+def follow_to_kept(link: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The kept item each item stands for, following ``link`` (n,) int64 (-1: none) from
+    removed items until a kept one: kept items are their own root; a chain that ends at a
+    removed item without a link (or cycles) gives -1. Pointer jumping: log2(length) rounds."""
+    kept = np.asarray(kept, bool)
+    n = len(kept)
+    root = np.where(kept, np.arange(n), np.asarray(link, np.int64))
+    for _ in range(64):
+        hop = np.maximum(root, 0)
+        settled = (root < 0) | kept[hop]
+        jumped = np.where(settled, root, root[hop])
+        if np.array_equal(jumped, root):
+            break
+        root = jumped
+    ok = (root >= 0) & kept[np.maximum(root, 0)]
+    return np.where(ok, root, -1)

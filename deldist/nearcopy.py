@@ -283,3 +283,12 @@ def distributed_pairs(unique: np.ndarray, max_distance: int, tasks: int, task_cp
     task = ray.remote(num_cpus=task_cpus)(hamming_pairs)
     parts: list[Any] = ray.get([task.remote(ref, max_distance, plan, share) for share in shares])
     return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def ray_pair_finder(task_cpus: float) -> Any:
+    """:func:`distributed_pairs` as a ``pair_finder`` for :func:`near_copies`: over as many
+    tasks of ``task_cpus`` as the cluster holds now."""
+    from deldist.runtime import task_slots
+
+    tasks = task_slots(task_cpus)
+    return lambda unique, max_distance: distributed_pairs(unique, max_distance, tasks, task_cpus)

@@ -29,8 +29,8 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -38,10 +38,15 @@ from pydantic import Field, model_validator
 
 from deldist import storage
 from deldist.config import StageConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-STATE_FILE = "state.pt"
+from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
+from deldist.trainer import (
+    LocalSession,
+    LoopSettings,
+    RayTrainSession,
+    Training,
+    all_reduce_sum,
+    ray_run_config,
+)
 
 
 class Config(StageConfig):
@@ -189,265 +194,93 @@ class AugmentParts:
 # ------------------------------------------------------------------ worker helpers (shared with finetune)
 
 
-def worker_device(use_gpu: bool, torch_threads: int) -> Any:
-    """The worker's torch device (Ray Train's GPU when given one); sets CPU threads."""
-    import torch
-
-    if use_gpu and torch.cuda.is_available():
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    torch.set_num_threads(torch_threads)
-    return torch.device("cpu")
-
-
-def autocast(device: Any, precision: str) -> Any:
-    """bf16 autocast on CUDA (``precision`` auto or bf16), a no-op context otherwise."""
-    import torch
-
-    enabled = device.type == "cuda" and precision in ("auto", "bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def normalize(images: Any, mean: Any, std: Any) -> Any:
-    """uint8 (B, 3, H, W) -> float32 normalised; mean/std (1, 3, 1, 1) on the same device, x255."""
-    return images.float().sub_(mean).div_(std)
-
-
-def all_reduce_sum(values: list[float], device: Any) -> list[float]:
-    """Sum floats over the DDP workers (identity with one worker)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-class RayTrainSession:
-    """What a train loop needs from Ray Train: rank, dataset shards, checkpoints, DDP."""
-
-    def __init__(self) -> None:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-
-    def dataset(self, name: str) -> Any:
-        import ray.train
-
-        return ray.train.get_dataset_shard(name)
-
-    def prepare(self, model: Any) -> Any:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        """``ray.train.report``, with a checkpoint of ``state`` from rank 0 when given (every
-        rank must call this the same number of times)."""
-        import ray.train
-        import torch
-
-        if state is None or self.rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, STATE_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    def restore(self) -> dict[str, Any] | None:
-        """The latest registered checkpoint's state (after a worker restart or a rerun), or None."""
-        import ray.train
-        import torch
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        # A private copy per rank: ranks on one node sharing as_directory()'s download dir
-        # can read a file another rank is still writing (seen as a corrupt state.pt).
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint.to_directory(d)
-            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-
-
-class LocalSession:
-    """The same loop in the driver process (``engine: local``): one worker, the whole Ray
-    Datasets, checkpoints as ``<checkpoint_dir>/state.pt``. For small demos, where starting a
-    Ray Train worker group costs more than the training."""
-
-    def __init__(self, datasets: dict[str, Any], checkpoint_dir: str, device: str = "auto"):
-        import torch
-
-        self.rank, self.world = 0, 1
-        self.datasets = datasets
-        self.path = storage.join(checkpoint_dir, STATE_FILE)
-        self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-
-    def dataset(self, name: str) -> Any:
-        return self.datasets[name]
-
-    def prepare(self, model: Any) -> Any:
-        return model.to(self.device)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        import torch
-
-        if state is not None:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            storage.write_bytes(self.path, buf.getvalue())
-
-    def restore(self) -> dict[str, Any] | None:
-        import torch
-
-        if not storage.exists(self.path):
-            return None
-        return torch.load(io.BytesIO(storage.read_bytes(self.path)), map_location="cpu", weights_only=False)
-
-
-def tensorboard_writer_class() -> Any:
-    """``torch.utils.tensorboard.SummaryWriter`` or ``tensorboardX.SummaryWriter``; None if neither."""
-    try:
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # needs the tensorboard package
-        )
-
-        return SummaryWriter
-    except ImportError:
-        pass
-    try:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    except ImportError:
-        return None
-
-
-def write_metrics(out_dir: str, history: list[dict[str, Any]], prefix: str = "metrics") -> bool:
-    """Per-epoch rows -> ``<prefix>.csv`` + ``<prefix>.json`` and TensorBoard events under
-    ``tensorboard/`` (rewritten whole: object stores have no append). Returns whether
-    TensorBoard files were written."""
-    storage.write_json(storage.join(out_dir, f"{prefix}.json"), history)
-    storage.write_csv(storage.join(out_dir, f"{prefix}.csv"), history)
-    summary_writer = tensorboard_writer_class()
-    if summary_writer is None or not history:
-        return False
-    with tempfile.TemporaryDirectory() as d:
-        tb = summary_writer(log_dir=d)
-        for row in history:
-            for k, v in row.items():
-                if k not in ("epoch", "step") and isinstance(v, (int, float)) and math.isfinite(v):
-                    tb.add_scalar(f"{prefix}/{k}", v, global_step=int(row.get("step", row.get("epoch", 0))))
-        tb.close()
-        for name in os.listdir(d):
-            with open(os.path.join(d, name), "rb") as f:
-                storage.write_bytes(storage.join(out_dir, "tensorboard", f"{prefix}.{name}"), f.read())
-    return True
-
-
-def maybe_inject_failure(cfg: dict[str, Any], step: int, rank: int, world: int) -> None:
-    """Test hook: the chosen rank exits hard at ``inject_failure_at_step``, once per run dir."""
-    at = cfg.get("inject_failure_at_step")
-    if at is None or step != at or rank != min(1, world - 1):
-        return
-    marker = storage.join(cfg["run_dir"], "_injected_failure")
-    if storage.exists(marker):
-        return
-    storage.write_bytes(marker, str(step).encode())
-    # Ray Train's controller registers reported checkpoints when it polls the workers (every
-    # 2 s by default); dying later than that makes "resumes from the last checkpoint" exact
-    time.sleep(float(cfg.get("inject_failure_delay_s", 5.0)))
-    os._exit(17)
-
-
 # ------------------------------------------------------------------ train loop (one per worker)
 
 
-def train_loop(cfg: dict[str, Any], session: Any = None) -> None:
+@dataclass(frozen=True)
+class MAELoop:
+    """The pretraining loop's configuration (typed; what ``loop_config`` derives from
+    :class:`Config` and the frame count)."""
+
+    settings: LoopSettings
+    model: str
+    image_size: int
+    decoder_dim: int
+    decoder_depth: int
+    decoder_heads: int
+    mask_ratio: float
+    norm_pix_loss: bool
+    epochs: int
+    steps_per_epoch: int
+    warmup_steps: int
+    batch_size: int
+    peak_lr: float
+    min_lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    shuffle_buffer: int
+    checkpoint_every_steps: int | None
+    checkpoint_every_epochs: int
+    n_frames: int
+    selection: str | None
+
+
+def train_loop(config: dict[str, Any], session: Any = None) -> None:
     """Ray Train worker (or ``LocalSession``): MAE pretraining over this worker's shard,
-    resuming from the last checkpoint."""
+    resuming from the last checkpoint. config: ``{"loop": MAELoop}`` (Ray Train passes a dict)."""
     import torch
 
     from deldist.models import build_mae, lr_lambda, param_groups
 
+    loop: MAELoop = config["loop"]
     session = session or RayTrainSession()
-    rank, world = session.rank, session.world
-    device = session.device if isinstance(session, LocalSession) else worker_device(cfg["use_gpu"], cfg["torch_threads"])
-    if device.type == "cpu":
-        torch.set_num_threads(cfg["torch_threads"])
-    model = build_mae(cfg["model"], cfg["image_size"], cfg["decoder_dim"], cfg["decoder_depth"],
-                      cfg["decoder_heads"], cfg["mask_ratio"], cfg["norm_pix_loss"], seed=cfg["seed"])
-    steps_per_epoch, total_steps = cfg["steps_per_epoch"], cfg["steps_per_epoch"] * cfg["epochs"]
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["peak_lr"], betas=cfg["betas"])
+    model = build_mae(loop.model, loop.image_size, loop.decoder_dim, loop.decoder_depth, loop.decoder_heads,
+                      loop.mask_ratio, loop.norm_pix_loss, seed=loop.settings.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, loop.weight_decay), lr=loop.peak_lr, betas=loop.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, cfg["warmup_steps"], cfg["peak_lr"], cfg["min_lr"]))
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "starts": []}
-    restored = session.restore()
-    if restored is not None:
-        if restored["fingerprint"] != cfg["fingerprint"]:
-            raise ValueError(f"run {cfg['name']!r} was started with other model settings "
-                             f"{restored['fingerprint']}; use a new name for {cfg['fingerprint']}")
-        model.load_state_dict(restored["model"])
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        state = restored["state"]
-    state["starts"].append({"resumed_from_step": state["step"], "world_size": world, "time": time.time()})
-    model = session.prepare(model)
-    core = model.module if hasattr(model, "module") else model
-    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1) * 255
-    shard = session.dataset("train")
-
-    def snapshot() -> dict[str, Any]:
-        return {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state, "fingerprint": cfg["fingerprint"]}
-
-    batches = TrainingBatches(shard, cfg["batch_size"], cfg["shuffle_buffer"])
-    while state["epoch"] < cfg["epochs"]:
-        epoch = state["epoch"]
+        optimizer, lr_lambda(loop.steps_per_epoch * loop.epochs, loop.warmup_steps, loop.peak_lr, loop.min_lr))
+    run = Training.start(session, model, optimizer, scheduler, loop.settings)
+    batches = TrainingBatches(session.dataset("train"), loop.batch_size, loop.shuffle_buffer)
+    while run.state["epoch"] < loop.epochs:
+        epoch = run.state["epoch"]
         # after a resume mid-epoch, the epoch's remaining steps are drawn from a new stream
-        steps = (epoch + 1) * steps_per_epoch - state["step"]
-        model.train()
+        steps = (epoch + 1) * loop.steps_per_epoch - run.state["step"]
+        run.model.train()
         loss_sum, images, started = 0.0, 0, time.perf_counter()
         batches.reset_waits()
         for i in range(steps):
             batch = batches.next()
-            maybe_inject_failure(cfg, state["step"] + 1, rank, world)
-            x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
-            with autocast(device, cfg["precision"]):
-                loss, _, _ = model(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
+            run.before_step()
+            x = run.inputs(batch["image"])
+            with run.autocast():
+                loss, _, _ = run.model(x)
+            run.step(loss)
             loss_sum += float(loss.detach())
             images += x.shape[0]
-            every = cfg["checkpoint_every_steps"]
-            if every and state["step"] % every == 0 and i + 1 < steps:
-                session.report({"step": state["step"], "epoch": epoch, "loss": loss_sum / (i + 1)}, snapshot())
-        seconds = time.perf_counter() - started
-        # steady rate: without the waits for a new stream's first batch, a fixed cost per
-        # stream that only matters when a stream lasts seconds (tests, benchmarks), not hours
-        loss_total, images_total, worker_rate, steady_rate = all_reduce_sum(
-            [loss_sum, images, images / max(seconds, 1e-9),
-             images / max(seconds - batches.start_wait, 1e-9)], device)
-        state["epoch"] = epoch + 1
-        row = {"epoch": epoch + 1, "step": state["step"], "loss": loss_total / (world * max(1, steps)),
-               "lr": optimizer.param_groups[0]["lr"], "img_per_s": worker_rate, "img_per_s_per_worker": worker_rate / world,
-               "img_per_s_steady": steady_rate, "first_batch_wait_s": batches.start_wait,
-               "data_wait_s": batches.wait, "images": int(images_total), "seconds": seconds}
-        state["history"].append(row)
-        if rank == 0:
-            write_metrics(cfg["run_dir"], state["history"])
-        due = (epoch + 1) % cfg["checkpoint_every_epochs"] == 0 or epoch + 1 == cfg["epochs"]
-        session.report(row, snapshot() if due else None)
+            every = loop.checkpoint_every_steps
+            if every and run.state["step"] % every == 0 and i + 1 < steps:
+                session.report({"step": run.state["step"], "epoch": epoch, "loss": loss_sum / (i + 1)}, run.snapshot())
+        run.end_epoch(_epoch_row(run, batches, epoch, steps, loss_sum, images, time.perf_counter() - started),
+                      "metrics", checkpoint=(epoch + 1) % loop.checkpoint_every_epochs == 0 or epoch + 1 == loop.epochs)
     batches.close()
-    if rank == 0:
-        export_encoder(core, cfg, state)
+    if session.rank == 0:
+        export_encoder(run.core, loop, run.state)
+
+
+def _epoch_row(run: Training, batches: "TrainingBatches", epoch: int, steps: int, loss_sum: float, images: int,
+               seconds: float) -> dict[str, Any]:
+    """The epoch's metrics, summed over the workers. Steady rate: without the waits for a new
+    stream's first batch, a fixed cost per stream that only matters when a stream lasts
+    seconds (tests, benchmarks), not hours."""
+    world = run.session.world
+    loss_total, images_total, worker_rate, steady_rate = all_reduce_sum(
+        [loss_sum, images, images / max(seconds, 1e-9), images / max(seconds - batches.start_wait, 1e-9)],
+        run.device)
+    return {"epoch": epoch + 1, "step": run.state["step"], "loss": loss_total / (world * max(1, steps)),
+            "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": worker_rate,
+            "img_per_s_per_worker": worker_rate / world, "img_per_s_steady": steady_rate,
+            "first_batch_wait_s": batches.start_wait, "data_wait_s": batches.wait, "images": int(images_total),
+            "seconds": seconds}
 
 
 class TrainingBatches:
@@ -493,19 +326,20 @@ class TrainingBatches:
         self.stream = None  # drops the iterator: Ray Data stops the execution
 
 
-def export_encoder(mae: Any, cfg: dict[str, Any], state: dict[str, Any]) -> None:
+def export_encoder(mae: Any, loop: MAELoop, state: dict[str, Any]) -> None:
     """Write ``encoder.safetensors`` (plain timm ViT state dict) and ``encoder.json``."""
     from safetensors.torch import save as save_safetensors
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in mae.encoder.state_dict().items()}
     data = save_safetensors(tensors)
-    storage.write_bytes(storage.join(cfg["run_dir"], "encoder.safetensors"), data)
+    out = loop.settings.run_dir
+    storage.write_bytes(storage.join(out, "encoder.safetensors"), data)
     last = state["history"][-1] if state["history"] else {}
-    storage.write_json(storage.join(cfg["run_dir"], "encoder.json"), {
-        "model": cfg["model"], "image_size": cfg["image_size"], "sha256": hashlib.sha256(data).hexdigest(),
+    storage.write_json(storage.join(out, "encoder.json"), {
+        "model": loop.model, "image_size": loop.image_size, "sha256": hashlib.sha256(data).hexdigest(),
         "epochs": state["epoch"], "steps": state["step"], "final_loss": last.get("loss"),
-        "frames": cfg["n_frames"], "selection": cfg["selection"], "starts": state["starts"],
-        "usage": f"deldist embed model={cfg['model']} weights=<this dir>/encoder.safetensors",
+        "frames": loop.n_frames, "selection": loop.selection, "starts": state["starts"],
+        "usage": f"deldist embed model={loop.model} weights=<this dir>/encoder.safetensors",
     })
 
 
@@ -569,7 +403,7 @@ def stream_order(n_parts: int, epochs: int, epochs_per_stream: int | None, seed:
     return [int(j) for _ in range(per_stream) for j in rng.permutation(n_parts)]
 
 
-def loop_config(config: Config, n_frames: int, use_gpu: bool) -> dict[str, Any]:
+def loop_config(config: Config, n_frames: int, use_gpu: bool) -> MAELoop:
     global_batch = config.batch_size * config.num_workers
     steps_per_epoch = n_frames // global_batch
     if steps_per_epoch == 0:
@@ -579,49 +413,42 @@ def loop_config(config: Config, n_frames: int, use_gpu: bool) -> dict[str, Any]:
 
     fingerprint = {k: getattr(config, k) for k in ("model", "image_size", "decoder_dim", "decoder_depth",
                                                     "decoder_heads", "mask_ratio", "norm_pix_loss")}
-    return {
-        **config.model_dump(), "betas": tuple(config.betas), "use_gpu": use_gpu,
-        "torch_threads": config.torch_threads or max(1, int(config.cpus_per_worker)),
-        "run_dir": run_dir(config.output, config.name), "n_frames": n_frames,
-        "steps_per_epoch": steps_per_epoch, "warmup_steps": round(config.warmup_epochs * steps_per_epoch),
-        "peak_lr": scaled_lr(config.base_lr, global_batch), "fingerprint": fingerprint,
-    }
-
-
-def ray_run_config(config_storage: str | None, default_storage: str, name: str, max_failures: int,
-                   keep: int) -> Any:
-    """RunConfig with the pyarrow filesystem of ``storage_path`` (so s3 endpoints from the
-    environment, e.g. MinIO or moto, are used)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    fs, path = storage.resolve(config_storage or default_storage)
-    return RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                     failure_config=FailureConfig(max_failures=max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=keep))
+    settings = LoopSettings(config.name, run_dir(config.output, config.name), use_gpu,
+                            config.torch_threads or max(1, int(config.cpus_per_worker)), config.precision,
+                            tuple(config.mean), tuple(config.std), config.seed, fingerprint,
+                            config.inject_failure_at_step)
+    return MAELoop(settings, config.model, config.image_size, config.decoder_dim, config.decoder_depth,
+                   config.decoder_heads, config.mask_ratio, config.norm_pix_loss, config.epochs, steps_per_epoch,
+                   round(config.warmup_epochs * steps_per_epoch), config.batch_size,
+                   scaled_lr(config.base_lr, global_batch), config.min_lr, config.weight_decay, tuple(config.betas),
+                   config.shuffle_buffer, config.checkpoint_every_steps, config.checkpoint_every_epochs, n_frames,
+                   config.selection)
 
 
 def run(config: Config) -> dict[str, Any]:
     """Pretrain (or resume) the MAE; publish the encoder export and metrics."""
-    from deldist.runtime import cluster_gpus, init_ray
+    from deldist.runtime import init_ray, throttle_idle_scheduling
+    from deldist.runtime import use_gpu as gpus_wanted
 
     started = time.time()
     init_ray()
-    use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
+    throttle_idle_scheduling()  # the training stream, backpressured, spins the scheduler (runtime doc)
+    use_gpu = gpus_wanted(config.use_gpu)
     ds, n_frames, _ = training_frames(config)
-    cfg = loop_config(config, n_frames, use_gpu)
-    out = cfg["run_dir"]
+    loop = loop_config(config, n_frames, use_gpu)
+    out = loop.settings.run_dir
     if config.engine == "local":
         if config.num_workers != 1:
             raise ValueError("engine=local runs one worker: set num_workers=1")
         storage_root = config.storage_path or storage.join(config.output, "pretrain", "_ray")
-        train_loop(cfg, LocalSession({"train": ds}, storage.join(storage_root, config.name),
-                                     "cuda" if use_gpu else "cpu"))
+        train_loop({"loop": loop}, LocalSession({"train": ds}, storage.join(storage_root, config.name),
+                                                "cuda" if use_gpu else "cpu"))
     else:
-        _fit(config, cfg, ds, use_gpu)
+        _fit(config, loop, ds, use_gpu)
     return _publish(config, out, n_frames, started)
 
 
-def _fit(config: Config, cfg: dict[str, Any], ds: Any, use_gpu: bool) -> None:
+def _fit(config: Config, loop: MAELoop, ds: Any, use_gpu: bool) -> None:
     from ray.data import ExecutionResources
     from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -639,7 +466,7 @@ def _fit(config: Config, cfg: dict[str, Any], ds: Any, use_gpu: bool) -> None:
     if config.data_buffer_mb:
         ingest_options.resource_limits = ExecutionResources(object_store_memory=config.data_buffer_mb * 2**20)
     trainer = TorchTrainer(
-        train_loop, train_loop_config=cfg,
+        train_loop, train_loop_config={"loop": loop},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),

@@ -1,5 +1,9 @@
 """Ray connection shared by every stage's ``run``: join ``RAY_ADDRESS`` when set, else start
-(or reuse) a local cluster. Tests start one cluster per session and every stage reuses it."""
+(or reuse) a local cluster. Tests start one cluster per session and every stage reuses it.
+
+Also the cluster's resources as stages ask for them (GPUs, task slots), and the idle
+scheduling throttle that only ``deldist pretrain`` registers (the one stage whose Ray Data
+stream sits backpressured for hours)."""
 
 from __future__ import annotations
 
@@ -50,7 +54,6 @@ def throttle_idle_scheduling() -> None:
 
 
 def init_ray() -> None:
-    throttle_idle_scheduling()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
@@ -61,3 +64,13 @@ def init_ray() -> None:
 def cluster_gpus() -> float:
     """GPUs in the whole cluster now (autoscaling clusters may add more later)."""
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def use_gpu(setting: bool | None) -> bool:
+    """A stage's ``use_gpu`` setting, or (None) whether the cluster has GPUs now."""
+    return cluster_gpus() > 0 if setting is None else bool(setting)
+
+
+def task_slots(task_cpus: float) -> int:
+    """How many tasks of ``task_cpus`` CPUs the cluster holds now (at least 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // task_cpus))

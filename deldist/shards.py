@@ -300,3 +300,19 @@ def check_shuffle(stats: list[dict[str, Any]], expected: int, what: str) -> None
         raise ValueError(f"embeddings and {what} disagree: {embedded} embedded rows, {expected} in {what}, "
                          f"{missing} embedded ids missing from {what} (e.g. {examples}); re-run the stage "
                          f"that wrote {what}")
+
+
+def bucket_count(num_buckets: int | None, task_cpus: float) -> int:
+    """Buckets of a shuffle: ``num_buckets``, or two per task the cluster's CPUs hold now (two,
+    so one bucket's gather overlaps another's work)."""
+    from deldist.runtime import task_slots
+
+    return num_buckets or 2 * task_slots(task_cpus)
+
+
+def bucket_of_groups(buckets: Sequence[Bucket], n_groups: int) -> np.ndarray:
+    """(n_groups,) int32: the bucket each group (cluster) was packed into, -1 for none."""
+    out = np.full(n_groups, -1, np.int32)
+    for b, bucket in enumerate(buckets):
+        out[bucket.clusters] = b
+    return out

@@ -17,7 +17,7 @@ import pytest
 from deldist import storage
 from deldist.config import load_config
 from deldist.curate import Config, format_selection_table, run
-from deldist.select import ground_truth_metrics
+from deldist.groundtruth import ground_truth_metrics
 from invariants import assert_nothing_lost
 
 RATIOS = (0.1, 0.2)

@@ -15,12 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import curate_new, sample, storage
+from deldist import sample, storage, versions
 from deldist.config import load_config
 from deldist.curate import Config as CurateConfig
 from deldist.curate import run as run_curate
-from deldist.curate_new import Config, read_version, retained_roots, run
-from deldist.select import cluster_quantiles
+from deldist.curate_new import Config, run
+from deldist.versions import read_version, retained_roots
+from deldist.rules import cluster_quantiles
 
 SELECTION = "meddel_30"
 
@@ -110,12 +111,12 @@ def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     retained = set(read_version(root, SELECTION, "retained", 2).column("id").to_pylist())
     new_removed = {r["id"]: r for r in removed if r["id"].startswith("v2/")}
     new_retained = {i for i in retained if i.startswith("v2/")}
-    batch_ids = storage.read_published(storage.join(curate_new.curated_dir(root, SELECTION), "batches", "v2",
+    batch_ids = storage.read_published(storage.join(versions.curated_dir(root, SELECTION), "batches", "v2",
                                                     "embeddings"), ["id"]).column("id").to_pylist()
     by_video = {name: [i for i in batch_ids if _key(i) == f"v2/site_x/{name}.mp4"]
                 for name in ("reupload", "reencoded", "fresh")}
     assert all(by_video.values())
-    threshold = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION, 2), "summary.json"))[
+    threshold = storage.read_json(storage.join(versions.version_dir(root, SELECTION, 2), "summary.json"))[
         "similarity_threshold"]
     for name in ("reupload", "reencoded"):  # (a), (b): every frame removed
         frames = by_video[name]
@@ -129,7 +130,7 @@ def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     # (a): the re-uploads of retained frames are near copies at Hamming distance 0
     exact = [new_removed[i] for i in by_video["reupload"] if new_removed[i]["reason"] == "near_copy"]
     assert exact and all(r["max_sim"] == 1.0 for r in exact)
-    summary = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION, 2), "summary.json"))
+    summary = storage.read_json(storage.join(versions.version_dir(root, SELECTION, 2), "summary.json"))
     assert [r["rule"] for r in summary["batch"]["rules"]] == ["quality", "outlier_distance", "outlier_quantile",
                                                                "near_copy", "duplicate"]
     # (c): new content is kept: every scene with frames that pass the filters keeps one, and no
@@ -151,13 +152,13 @@ def test_versions_readable_and_every_id_once(corpus):
         assert sorted(read_version(root, SELECTION, table, 1).column("id").to_pylist()) == \
             sorted(storage.read_published(storage.join(sel, table)).column("id").to_pylist())
     corpus_ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
-    batch_ids = storage.read_published(storage.join(curate_new.curated_dir(root, SELECTION), "batches", "v2",
+    batch_ids = storage.read_published(storage.join(versions.curated_dir(root, SELECTION), "batches", "v2",
                                                     "embeddings"), ["id"]).column("id").to_pylist()
     kept = read_version(root, SELECTION, "retained", 2).column("id").to_pylist()
     removed = read_version(root, SELECTION, "removed", 2).column("id").to_pylist()
     assert not set(kept) & set(removed)
     assert sorted(kept + removed) == sorted(corpus_ids + batch_ids)
-    summary = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION), "summary.json"))
+    summary = storage.read_json(storage.join(versions.version_dir(root, SELECTION), "summary.json"))
     assert summary["version"] == 2 and summary["kept_count"] == len(kept)
     assert summary["input_count"] == len(corpus_ids) + len(batch_ids)
     assert sum(summary["removed_by_reason"].values()) == len(removed)
@@ -169,16 +170,16 @@ def test_versions_readable_and_every_id_once(corpus):
 
 def test_rerun_is_a_noop_and_a_new_upload_makes_v3(corpus):
     root, cfg = corpus["root"], corpus["new_cfg"]
-    cur = curate_new.curated_dir(root, SELECTION)
+    cur = versions.curated_dir(root, SELECTION)
     before = sorted(storage.list_files(cur))
     again = run(cfg)
-    assert again == {"version": 2, "changed": False, "new_sources": 0, "path": curate_new.version_dir(root, SELECTION)}
+    assert again == {"version": 2, "changed": False, "new_sources": 0, "path": versions.version_dir(root, SELECTION)}
     assert sorted(storage.list_files(cur)) == before
     # one more upload: only it is embedded; v2 stays as it was
     shutil.copy(corpus["videos"][2], corpus["uploads"] / "site_x" / "another_copy.mp4")
     third = run(cfg)
     assert third["version"] == 3 and third["new_sources"] == 1
-    assert curate_new.latest_version(root, SELECTION) == 3
+    assert versions.latest_version(root, SELECTION) == 3
     v3_ids = read_version(root, SELECTION, "removed", 3).column("id").to_pylist()
     assert not [i for i in read_version(root, SELECTION, "retained", 3).column("id").to_pylist() if i.startswith("v3/")]
     assert any(i.startswith("v3/site_x/another_copy.mp4#") for i in v3_ids)
@@ -197,26 +198,26 @@ def test_other_encoder_is_refused(corpus):
 
 def test_recluster_by_flag_publishes_a_reclustered_version(corpus):
     root = corpus["root"]
-    before = curate_new.latest_version(root, SELECTION)
+    before = versions.latest_version(root, SELECTION)
     shutil.copy(corpus["videos"][1], corpus["uploads"] / "site_x" / "late_copy.mp4")
     cfg = corpus["new_cfg"].model_copy(update={"recluster": True, "recluster_above": 0.0,
                                                "cluster": {"k": 4, "max_iter": 10, "task_cpus": 0.5},
                                                "dedup": {"task_cpus": 0.5}})
     result = run(cfg)
     assert result["recluster_recommended"] and result["version"] == before + 2
-    assert curate_new.latest_version(root, SELECTION) == before + 2
-    manifest = storage.read_manifest(curate_new.version_dir(root, SELECTION))
+    assert versions.latest_version(root, SELECTION) == before + 2
+    manifest = storage.read_manifest(versions.version_dir(root, SELECTION))
     assert manifest["reclustered_from"] == before + 1 and "recluster-v" in manifest["clusters"]
     batch_ids = []
     for v in range(2, before + 2):
-        emb = storage.join(curate_new.curated_dir(root, SELECTION), "batches", f"v{v}", "embeddings")
+        emb = storage.join(versions.curated_dir(root, SELECTION), "batches", f"v{v}", "embeddings")
         if storage.is_published(emb):
             batch_ids += storage.read_published(emb, ["id"]).column("id").to_pylist()
     corpus_ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
     kept = read_version(root, SELECTION, "retained").column("id").to_pylist()
     removed = read_version(root, SELECTION, "removed").column("id").to_pylist()
     assert sorted(kept + removed) == sorted(corpus_ids + batch_ids)
-    summary = storage.read_json(storage.join(curate_new.version_dir(root, SELECTION), "summary.json"))
+    summary = storage.read_json(storage.join(versions.version_dir(root, SELECTION), "summary.json"))
     # the selection's own rules on the union: 30 %, unless the copies leave fewer candidates,
     # then every candidate stays and the summary says so
     if summary["target_reachable"]:

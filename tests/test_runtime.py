@@ -23,12 +23,22 @@ def test_idle_throttle_sleeps_only_after_instant_steps(ray_session, monkeypatch)
     assert slept == [runtime.IDLE_SLEEP_S]
 
 
-def test_init_ray_registers_the_throttle_once(ray_session):
+def test_the_throttle_registers_once_and_only_where_asked(ray_session):
     import ray.data
 
     from deldist import runtime
 
-    runtime.init_ray()
-    runtime.init_ray()
     classes = ray.data.DataContext.get_current().custom_execution_callback_classes
+    before = classes.count(runtime.IdleSchedulingThrottle)
+    runtime.init_ray()  # every stage: no throttle
+    assert classes.count(runtime.IdleSchedulingThrottle) == before
+    runtime.throttle_idle_scheduling()  # pretrain's
+    runtime.throttle_idle_scheduling()
     assert classes.count(runtime.IdleSchedulingThrottle) == 1
+
+
+def test_task_slots_and_gpu_setting(ray_session):
+    from deldist import runtime
+
+    assert runtime.task_slots(0.5) == 4 and runtime.task_slots(1.0) == 2 and runtime.task_slots(8.0) == 1
+    assert runtime.use_gpu(None) is False and runtime.use_gpu(True) is True  # the session cluster has no GPU

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import cluster, dedup, pairwise, select, storage, tiles
+from deldist import cluster, dedup, greedy, groundtruth, pairwise, rules, select, select_ray, storage, tiles
 from deldist.shards import embedding_matrix
 from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
@@ -23,11 +23,11 @@ def test_any_earlier_rule_threshold_for_ratio():
     first[::50] = True  # 20 first-ranked items
     everyone = np.ones(n, bool)
     for ratio in (0.05, 0.10, 0.20, 0.33, 0.50):
-        t, reachable = select.threshold_for_ratio(max_sim, first, everyone, round(ratio * n))
-        kept = ~select.any_earlier_duplicates(everyone, first, max_sim, t)
+        t, reachable = greedy.threshold_for_ratio(max_sim, first, everyone, round(ratio * n))
+        kept = ~greedy.any_earlier_duplicates(everyone, first, max_sim, t)
         assert reachable and kept.sum() == round(ratio * n) and kept[first].all()
     # first-ranked items always stay; removed candidates cannot be kept
-    t, reachable = select.threshold_for_ratio(np.array([0, 0.5, 0, 0.9]), np.array([1, 0, 1, 0], bool),
+    t, reachable = greedy.threshold_for_ratio(np.array([0, 0.5, 0, 0.9]), np.array([1, 0, 1, 0], bool),
                                               np.ones(4, bool), 1)
     assert not reachable and t == -np.inf
 
@@ -97,9 +97,9 @@ def test_kept_rule_from_lists_matches_brute_force(spec):
     sizes = np.bincount(cluster)
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     position = np.argsort(order)
-    edges = select.neighbour_edges(scores, position, starts, spec.floor)
+    edges = select_ray.neighbour_edges(scores, position, starts, spec.floor)
     for threshold in (0.5, 0.8, 0.9, 0.97):
-        kept_pos, dup_pos, sim_pos, unresolved = select.resolve_kept(candidate[order], edges, threshold)
+        kept_pos, dup_pos, sim_pos, unresolved = greedy.resolve_kept(candidate[order], edges, threshold)
         for c in np.unique(cluster[order][unresolved]):  # the exact fallback of those clusters
             span = slice(starts[c], starts[c] + sizes[c])
             k, d, v = pairwise.keep_first_exact(x[order][span], candidate[order][span], threshold, block_rows=16)
@@ -116,7 +116,7 @@ def test_kept_rule_from_lists_matches_brute_force(spec):
     if spec.by_similarity == 16:
         assert not unresolved.any() or unresolved.sum() < n // 10
     with pytest.raises(ValueError, match="below the scores' neighbour floor"):
-        select.resolve_kept(candidate[order], edges, 0.2)
+        greedy.resolve_kept(candidate[order], edges, 0.2)
 
 
 def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
@@ -129,9 +129,9 @@ def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
     candidate = np.ones(4, bool)
     candidate[np.flatnonzero(rank == 0)[0]] = False
     first = scores.column("rank").to_numpy() == 0
-    any_earlier = select.any_earlier_duplicates(candidate, first, scores.column("max_sim").to_numpy(), 0.9)
-    edges = select.neighbour_edges(scores, np.argsort(order), np.array([0]), 0.5)
-    kept_pos, _, _, _ = select.resolve_kept(candidate[order], edges, 0.9)
+    any_earlier = greedy.any_earlier_duplicates(candidate, first, scores.column("max_sim").to_numpy(), 0.9)
+    edges = select_ray.neighbour_edges(scores, np.argsort(order), np.array([0]), 0.5)
+    kept_pos, _, _, _ = greedy.resolve_kept(candidate[order], edges, 0.9)
     kept = kept_pos[np.argsort(order)]
     group = np.arange(3)
     if candidate[3]:
@@ -142,22 +142,22 @@ def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
 def test_search_threshold_and_follow_to_kept():
     counts = {0.5: 10, 0.6: 30, 0.7: 28, 0.8: 55, 0.9: 90, 1.0: 100}  # not quite monotone
     grid = np.array(sorted(counts))
-    t, count, ok = select.search_threshold(lambda t: counts[round(t, 1)], grid, 29, tolerance=1)
+    t, count, ok = greedy.search_threshold(lambda t: counts[round(t, 1)], grid, 29, tolerance=1)
     assert (t, count, ok) in ((0.7, 28, True), (0.6, 30, True))
-    t, count, ok = select.search_threshold(lambda t: counts[round(t, 1)], grid, 5, tolerance=1)
+    t, count, ok = greedy.search_threshold(lambda t: counts[round(t, 1)], grid, 5, tolerance=1)
     assert (t, count, ok) == (0.5, 10, False)
     link = np.array([-1, 0, 1, -1, 3, 5, 4, -1])
     kept = np.array([1, 0, 0, 0, 0, 0, 0, 1], bool)
     # 2 -> 1 -> 0 (kept); 4 -> 3 (removed, no link): none; 5 <-> 6 via 4: none
-    assert select.follow_to_kept(link, kept).tolist() == [0, 0, 0, -1, -1, -1, -1, 7]
+    assert greedy.follow_to_kept(link, kept).tolist() == [0, 0, 0, -1, -1, -1, -1, 7]
 
 
 def test_outlier_mask_absolute_and_per_cluster_quantile():
     cluster_ids = np.array([0, 0, 0, 0, 0, 1, 1, 2])
     distance = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.05, 0.5, 0.7])
-    assert select.outlier_mask(cluster_ids, distance, max_distance=0.45).tolist() == \
+    assert rules.outlier_mask(cluster_ids, distance, max_distance=0.45).tolist() == \
         [False, False, False, False, True, False, True, True]
-    q = select.outlier_mask(cluster_ids, distance, quantile=0.75)
+    q = rules.outlier_mask(cluster_ids, distance, quantile=0.75)
     # cluster 0: 75th percentile 0.4 -> only 0.9 above; cluster 1: 0.3875 -> 0.5 above; singleton never
     assert q.tolist() == [False, False, False, False, True, False, True, False]
 
@@ -168,36 +168,36 @@ def test_invalid_rules():
                "saturated": np.array([0.0, 0.0, 0.8, 0.0, 0.0, np.nan]),
                "contrast": np.array([0.2, 0.0, 0.01, 0.005, 0.2, np.nan]),
                "blur": np.array([500.0, 0.0, 1.0, 300.0, 3.0, np.nan])}
-    rules = select.InvalidThresholds(min_blur=10.0)
-    masks = select.invalid_mask(quality, rules)
+    thresholds = rules.InvalidThresholds(min_blur=10.0)
+    masks = rules.invalid_mask(quality, thresholds)
     assert masks["dark"].tolist() == [False, True, False, False, False, False]
     assert masks["overexposed"].tolist() == [False, False, True, False, False, False]
     assert masks["flat"].tolist() == [False, True, False, True, False, False]
     assert masks["blurred"].tolist() == [False, True, True, False, True, False]  # unknown (NaN) never fires
-    assert "blurred" not in select.invalid_mask(quality, select.InvalidThresholds())
+    assert "blurred" not in rules.invalid_mask(quality, rules.InvalidThresholds())
 
 
 def test_temporal_collapse_compares_to_the_kept_frame():
     e = np.eye(4, dtype=np.float32)
     drift = [e[0], (e[0] + 0.2 * e[1]), (e[0] + 0.4 * e[1]), (e[0] + 0.8 * e[1]), e[2], e[2], e[3]]
     x = np.array([v / np.linalg.norm(v) for v in drift], np.float32)
-    rep, sim = select.temporal_collapse(x, threshold=0.9)
+    rep, sim = rules.temporal_collapse(x, threshold=0.9)
     # frames 1, 2 collapse into 0; 3 drifted too far from 0 (not from 2): kept; 5 into 4
     assert rep.tolist() == [-1, 0, 0, -1, -1, 4, -1]
     assert sim[1] == pytest.approx(float(x[1] @ x[0])) and sim[0] == 0
     long_static = np.repeat(x[:1], 100, axis=0)
-    rep, _ = select.temporal_collapse(long_static, threshold=0.99)
+    rep, _ = rules.temporal_collapse(long_static, threshold=0.99)
     assert rep[0] == -1 and (rep[1:] == 0).all()
 
 
 def test_random_decision_is_exact_seeded_and_order_free():
     ids = pa.array([f"id{i}" for i in range(200)])
-    reason = select.random_decision(ids, 0.2, seed=4)
+    reason = rules.random_decision(ids, 0.2, seed=4)
     assert (reason < 0).sum() == 40
     perm = np.random.default_rng(1).permutation(200)
-    again = select.random_decision(ids.take(pa.array(perm)), 0.2, seed=4)
+    again = rules.random_decision(ids.take(pa.array(perm)), 0.2, seed=4)
     assert np.array_equal(again, reason[perm])
-    assert not np.array_equal(select.random_decision(ids, 0.2, seed=5), reason)
+    assert not np.array_equal(rules.random_decision(ids, 0.2, seed=5), reason)
 
 
 def test_check_partition():
@@ -223,7 +223,7 @@ def test_ground_truth_metrics_by_hand():
     ids = ["videos/c/v.mp4#0", "videos/c/v.mp4#1", "videos/c/v.mp4#2", "videos/c/v.mp4#3", "videos/c/v.mp4#4",
            "videos/c/w.mp4#0", "images/x.jpg#0"]  # v#5 and w#1 not embedded; x.jpg has no ground truth
     kept = np.array([True, False, False, True, False, False, True])
-    m = select.ground_truth_metrics(ids, kept, gt)
+    m = groundtruth.ground_truth_metrics(ids, kept, gt)
     assert m["frames"] == 6 and m["frames_without_ground_truth"] == 1
     assert m["scenes"] == 3 and m["scene_coverage"] == pytest.approx(1 / 3)  # s1 only has a kept invalid frame
     assert m["invalid_frames"] == 2 and m["invalid_recall"] == 0.5
@@ -347,9 +347,9 @@ def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     cluster.run(cluster.Config(output=root, k=30, max_iter=10, task_cpus=0.5))
     dedup.run(dedup.Config(output=root, task_cpus=0.5))  # keep: easy (MedDEL)
 
-    rules = {"quality": {}, "outlier_quantile": 0.999}
+    extra = {"quality": {}, "outlier_quantile": 0.999}
     summary = select.run(select.Config(output=root, name="meddel5", target_ratio=0.05, ground_truth=gt_uri,
-                                       deldist_rules=rules))
+                                       deldist_rules=extra))
     retained, removed, full = read_selection(root, "meddel5")
     assert_partition(all_ids, retained, removed, full)
     assert summary["ratio"] == pytest.approx(0.05, abs=0.005)
@@ -376,7 +376,7 @@ def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     assert ours["scene_coverage"] > ours["random_baseline"]["scene_coverage"]
 
     # the kept rule against a float64 brute force of the same rule, filters on
-    select.run(select.Config(output=root, name="eps", eps=0.05, deldist_rules=rules))
+    select.run(select.Config(output=root, name="eps", eps=0.05, deldist_rules=extra))
     retained_e, removed_e, full_e = read_selection(root, "eps")
     assert_partition(all_ids, retained_e, removed_e, full_e)
     scores = storage.read_published(storage.join(root, "dedup", "scores"), ["id", "cluster", "rank"])
@@ -390,13 +390,13 @@ def test_chain_on_s3_beats_random_on_ground_truth(ray_session, s3_bucket):
     assert set(retained_e.column("id").to_pylist()) == set(np.asarray(embeddings.column("id"))[ref_kept])
     assert_duplicates_point_at_retained(root, retained_e, removed_e, 0.95, embeddings)
     # SemDeDup's rule on the same scores removes at least as much: also duplicates of removed items
-    select.run(select.Config(output=root, name="any", eps=0.05, deldist_rules=rules, dedup_rule="any_earlier"))
+    select.run(select.Config(output=root, name="any", eps=0.05, deldist_rules=extra, dedup_rule="any_earlier"))
     retained_a, removed_a, full_a = read_selection(root, "any")
     assert set(retained_a.column("id").to_pylist()) <= set(retained_e.column("id").to_pylist())
     assert full_a["dedup_rule"] == "any_earlier" and full_e["dedup_rule"] == "kept"
 
     select.run(select.Config(output=root, name="temporal", eps=0.1, task_cpus=0.5,
-                             deldist_rules={**rules, "temporal_threshold": 0.98}))
+                             deldist_rules={**extra, "temporal_threshold": 0.98}))
     retained_t, removed_t, full_t = read_selection(root, "temporal")
     assert_partition(all_ids, retained_t, removed_t, full_t)
     saved = full_t["temporal"]
@@ -430,7 +430,7 @@ def test_eps_selection_and_bad_config(ray_session, tmp_path):
 
 
 def test_relative_blur_rule_adapts_per_source():
-    from deldist.select import InvalidThresholds, group_median, invalid_mask, local_median
+    from deldist.rules import InvalidThresholds, group_median, invalid_mask, local_median
 
     groups = np.array([0, 0, 0, 0, 1, 1, 1, 2])
     frames = np.array([0, 1, 2, 3, 0, 5, 10, 0])
@@ -452,7 +452,7 @@ def test_relative_blur_rule_judges_each_scene_by_its_own_texture():
     """One video: a textured scene (blur ~100) then a shorter smooth one (~8), one motion-blurred
     frame in each. The source median (~90) flags the whole smooth scene; with ``blur_window`` the
     median of the frames around each frame flags the two blurred frames only, in any order."""
-    from deldist.select import InvalidThresholds, invalid_mask, local_median
+    from deldist.rules import InvalidThresholds, invalid_mask, local_median
 
     rng = np.random.default_rng(0)
     blur = np.r_[rng.uniform(90, 110, 24), rng.uniform(7, 9, 16)]

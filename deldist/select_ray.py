@@ -1,0 +1,247 @@
+"""Ray wiring of the selection rules that need more than the metadata tables: deldist's
+temporal collapse (embeddings shuffled by video), the near-copy join (hashes in the object
+store, the join's passes over tasks) and the exact fallback of the kept duplicate rule (the
+vectors of the clusters the neighbour lists cannot decide, gathered once). The math is in
+:mod:`deldist.rules`, :mod:`deldist.greedy`, :mod:`deldist.nearcopy` and :mod:`deldist.pairwise`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deldist.arrays import equal_runs
+from deldist.greedy import (
+    NeighbourEdges,
+    any_earlier_duplicates,
+    resolve_kept,
+    search_threshold,
+    threshold_for_ratio,
+)
+from deldist.rules import temporal_collapse
+from deldist.shards import (
+    bucket_count,
+    bucket_of_groups,
+    gather_sorted,
+    plan_buckets,
+    shuffle_by_bucket,
+)
+
+if TYPE_CHECKING:
+    from deldist.select import Config
+
+
+def check_found(stats: list[dict[str, Any]], expected: int, what: str) -> None:
+    found = sum(s["rows"] - s["missing"] for s in stats)
+    if found != expected:
+        raise RuntimeError(f"found {found} of the {expected} embeddings {what} needs: the embeddings changed "
+                           "since the earlier stages; re-run them")
+
+
+def temporal_rule(config: Config, emb_dir: str, dim: int | None, meta: pa.Table, candidate: np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ray wiring of the temporal rule over the candidates: shuffle their embeddings by
+    source, collapse per video. Returns (collapsed bool (n,), representative row int64 (n,),
+    similarity (n,)) aligned with ``meta``'s rows."""
+    import ray
+
+    n = meta.num_rows
+    rows = np.flatnonzero(candidate)
+    source_code = pc.dictionary_encode(meta.column("source")).combine_chunks().indices.to_numpy()
+    n_sources = int(source_code.max()) + 1 if n else 0
+    n_buckets = max(1, min(n_sources, bucket_count(None, config.task_cpus)))
+    lookup = pa.table({"id": meta.column("id").take(pa.array(rows)),
+                       "bucket": (source_code[rows] % n_buckets).astype(np.int32),
+                       "source_code": source_code[rows].astype(np.int64),
+                       "frame_index": meta.column("frame_index").to_numpy()[rows].astype(np.int64),
+                       "row": rows.astype(np.int64)})
+    slices_of, stats = shuffle_by_bucket(emb_dir, dim, lookup, n_buckets, config.shard_rows, config.io_cpus)
+    task = ray.remote(num_cpus=config.task_cpus)(_temporal_bucket)
+    pending = [task.remote(config.deldist_rules.temporal_threshold, *slices) for slices in slices_of]
+    check_found(ray.get(stats), len(rows), "the temporal rule")
+    collapsed = np.zeros(n, bool)
+    representative = np.full(n, -1, np.int64)
+    similarity = np.zeros(n, np.float32)
+    for done_rows, rep_rows, sims in ray.get(pending):
+        collapsed[done_rows] = rep_rows >= 0
+        representative[done_rows] = rep_rows
+        similarity[done_rows] = sims
+    return collapsed, representative, similarity
+
+
+def _temporal_bucket(threshold: float, *slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Task body: temporal collapse of every video in one bucket -> (rows, representative
+    rows (-1 kept), similarity), rows being indices into the driver's table."""
+    x, meta = gather_sorted(slices, keys=("source_code", "frame_index"))
+    rows = meta.column("row").to_numpy()
+    code = meta.column("source_code").to_numpy()
+    rep_rows = np.full(len(rows), -1, np.int64)
+    sims = np.zeros(len(rows), np.float32)
+    if len(rows):
+        for s, e in zip(*equal_runs(code)):
+            rep, sim = temporal_collapse(x[s:e], threshold)
+            rep_rows[s:e] = np.where(rep >= 0, rows[s + np.maximum(rep, 0)], -1)
+            sims[s:e] = sim
+    return rows, rep_rows, sims
+
+
+class ExactFallback:
+    """Ray wiring of the exact ``kept`` rule for the clusters the neighbour lists cannot
+    decide: their vectors are gathered once (one shuffle of the embeddings per new set of
+    clusters) and kept in the object store, so every threshold a ratio search tries reuses
+    them. Positions as in :class:`NeighbourEdges`."""
+
+    def __init__(self, config: Config, emb_dir: str, dim: int | None, ids_pos: pa.Array,
+                 starts: np.ndarray, sizes: np.ndarray):
+        self.config, self.emb_dir, self.dim = config, emb_dir, dim
+        self.ids_pos, self.starts, self.sizes = ids_pos, starts, sizes
+        self.where: dict[int, tuple[Any, int]] = {}  # cluster -> (ref of its bucket's vectors, row offset)
+        self.gathers = 0
+
+    def _gather(self, clusters: Sequence[int]) -> None:
+        import ray
+
+        missing = sorted(set(int(c) for c in clusters) - set(self.where))
+        if not missing:
+            return
+        sizes = np.zeros(len(self.sizes), np.int64)
+        sizes[missing] = self.sizes[missing]
+        buckets = plan_buckets(sizes, bucket_count(None, self.config.task_cpus), int(sizes.max()) + 1, 1 << 40)
+        bucket_of = bucket_of_groups(buckets, len(sizes))
+        positions = np.concatenate([np.arange(self.starts[c], self.starts[c] + self.sizes[c]) for c in missing])
+        cluster = np.repeat(np.asarray(missing, np.int64), self.sizes[missing])
+        lookup = pa.table({"id": self.ids_pos.take(pa.array(positions)), "bucket": bucket_of[cluster],
+                           "cluster": cluster.astype(np.int32), "rank": positions - self.starts[cluster]})
+        slices_of, stats = shuffle_by_bucket(self.emb_dir, self.dim, lookup, len(buckets), self.config.shard_rows,
+                                             self.config.io_cpus)
+        gather = ray.remote(num_cpus=self.config.io_cpus)(lambda *slices: gather_sorted(slices)[0])
+        refs = [gather.remote(*slices) for slices in slices_of]
+        check_found(ray.get(stats), len(positions), "the exact dedup fallback")
+        for b, bucket in enumerate(buckets):
+            offset = 0
+            for c in sorted(bucket.clusters):
+                self.where[c] = (refs[b], offset)
+                offset += int(self.sizes[c])
+        self.gathers += 1
+
+    def run(self, clusters: Sequence[int], threshold: float, candidate: np.ndarray,
+            ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """:func:`deldist.pairwise.keep_first_exact` on each cluster -> [(cluster, kept, duplicate_of
+        position, similarity)]; candidate: (n,) bool in position order."""
+        import ray
+
+        from deldist.pairwise import keep_first_exact
+
+        self._gather(clusters)
+        by_ref: dict[int, tuple[Any, list[tuple[int, int, int, np.ndarray]]]] = {}
+        for c in clusters:
+            ref, offset = self.where[int(c)]
+            start, size = int(self.starts[c]), int(self.sizes[c])
+            by_ref.setdefault(id(ref), (ref, []))[1].append((int(c), offset, size, candidate[start:start + size]))
+
+        def exact(x: np.ndarray, spans: list[tuple[int, int, int, np.ndarray]], t: float, block_rows: int) -> list:
+            return [(c, *keep_first_exact(x[o:o + z], cand, t, block_rows=block_rows)) for c, o, z, cand in spans]
+
+        task = ray.remote(num_cpus=self.config.task_cpus)(exact)
+        out = []
+        for done in ray.get([task.remote(ref, spans, threshold, self.config.block_rows)
+                             for ref, spans in by_ref.values()]):
+            for c, kept, dup, sim in done:
+                out.append((c, kept, np.where(dup >= 0, dup + self.starts[c], -1), sim))
+        return out
+
+
+def neighbour_edges(scores: pa.Table, position: np.ndarray, starts: np.ndarray, floor: float) -> NeighbourEdges:
+    """The scores' ``neighbours`` / ``neighbour_sims`` lists (rows aligned with ``position``,
+    ranks within the cluster) as :class:`NeighbourEdges` in position space."""
+    nbr = scores.column("neighbours").combine_chunks()
+    sims = scores.column("neighbour_sims").combine_chunks()
+    counts = pc.list_value_length(nbr).to_numpy(zero_copy_only=False).astype(np.int64)
+    cluster = scores.column("cluster").to_numpy().astype(np.int64)
+    src_row = np.repeat(np.arange(len(counts)), counts)
+    dst = starts[cluster[src_row]] + nbr.flatten().to_numpy().astype(np.int64)
+    bound = np.empty(len(position), np.float32)
+    bound[position] = scores.column("unlisted_max_sim").to_numpy()
+    return NeighbourEdges(position[src_row], dst, sims.flatten().to_numpy().astype(np.float32), bound, floor)
+
+
+def dedup_kept(config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
+                dim: int | None, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The ``kept`` duplicate rule over the candidates (rows) -> (duplicate bool (n,), the row
+    it duplicates int64 (n,), similarity float32 (n,), info)."""
+    n = len(candidate)
+    cluster = scores.column("cluster").to_numpy().astype(np.int64)
+    rank = scores.column("rank").to_numpy().astype(np.int64)
+    order = np.lexsort((rank, cluster))  # position -> row
+    position = np.empty(n, np.int64)
+    position[order] = np.arange(n)
+    sizes = np.bincount(cluster, minlength=int(cluster.max()) + 1)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    if not np.array_equal(rank[order], np.arange(n) - starts[cluster[order]]):
+        raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
+    edges = neighbour_edges(scores, position, starts, floor)
+    cand_pos = np.asarray(candidate, bool)[order]
+    cluster_pos = cluster[order]
+    fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes)
+    evaluated: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+
+    def evaluate(t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        if t not in evaluated:
+            kept, dup, sim, unresolved = resolve_kept(cand_pos, edges, t)
+            hard = np.unique(cluster_pos[unresolved])
+            for c, k, d, s in fallback.run(hard, t, cand_pos) if len(hard) else []:
+                span = slice(starts[c], starts[c] + sizes[c])
+                kept[span], dup[span], sim[span] = k, d, s
+            evaluated[t] = (kept, dup, sim, len(hard))
+        return evaluated[t]
+
+    info: dict[str, Any] = {}
+    if config.target_ratio is not None:
+        keep_count = int(round(config.target_ratio * n))
+        grid = np.unique(np.r_[floor, edges.sim[edges.sim >= floor], np.inf]).astype(np.float64)
+        threshold, count, reachable = search_threshold(lambda t: int(evaluate(t)[0].sum()), grid, keep_count,
+                                                       int(math.floor(config.ratio_tolerance * n)))
+        info.update(target_ratio=config.target_ratio, target_reachable=reachable, thresholds_tried=len(evaluated))
+        if not reachable:
+            low = int(evaluate(float(grid[0]))[0].sum())
+            why = (f"at the neighbour floor {floor} (the lowest threshold the scores allow) {low} items stay; re-run "
+                   "dedup with a lower neighbour_floor" if low > keep_count else
+                   f"only {int(cand_pos.sum())} items pass the earlier rules")
+            info["target_unreachable_because"] = why
+    else:
+        threshold = 1.0 - float(config.eps)
+    kept, dup, sim, hard_clusters = evaluate(threshold)
+    info.update(similarity_threshold=threshold if math.isfinite(threshold) else None,
+                eps=1.0 - threshold if math.isfinite(threshold) else None,
+                exact_fallback_clusters=hard_clusters, exact_fallback_gathers=fallback.gathers)
+    duplicate = np.zeros(n, bool)
+    duplicate[order] = cand_pos & ~kept
+    link = np.full(n, -1, np.int64)
+    link[order] = np.where(dup >= 0, order[np.maximum(dup, 0)], -1)
+    score = np.full(n, np.nan, np.float32)
+    score[order] = sim
+    return duplicate, link, score, info
+
+
+def dedup_any_earlier(config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.Array,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """SemDeDup's duplicate rule over the candidates (rows); outputs as :func:`_dedup_kept`."""
+    n = len(candidate)
+    first = scores.column("rank").to_numpy() == 0
+    max_sim = scores.column("max_sim").to_numpy(zero_copy_only=False)
+    info: dict[str, Any] = {}
+    if config.target_ratio is not None:
+        threshold, reachable = threshold_for_ratio(max_sim, first, candidate, int(round(config.target_ratio * n)))
+        info.update(target_ratio=config.target_ratio, target_reachable=reachable)
+    else:
+        threshold = 1.0 - float(config.eps)
+    info.update(similarity_threshold=threshold if math.isfinite(threshold) else None,
+                eps=1.0 - threshold if math.isfinite(threshold) else None)
+    duplicate = any_earlier_duplicates(candidate, first, max_sim, threshold)
+    matched = pc.fill_null(pc.index_in(scores.column("duplicate_of"), value_set=ids), -1).to_numpy()
+    link = np.where(duplicate, matched, -1).astype(np.int64)
+    return duplicate, link, np.where(duplicate, max_sim, np.nan).astype(np.float32), info

@@ -1,0 +1,166 @@
+"""Curated versions of a selection, as ``deldist curate-new`` keeps them (see its module doc):
+
+    curated/<selection>/v1/, v2/, ...   retained/ removed/ sources/ summary.json, published
+    curated/<selection>/latest.json     {"version": N, "path": "vN"}: written last
+
+A version's tables list the previous version's Parquet parts plus its own batch's part, so no
+version is rewritten or copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from deldist import storage
+from deldist.schema import REMOVED_SCHEMA, RETAINED_SCHEMA, VERSION_SOURCES_SCHEMA
+
+
+def retained_roots(ids: pa.Array, parent: pa.Array, retained: np.ndarray) -> pa.Array:
+    """The retained item each item stands for, following ``parent`` links (duplicate_of).
+
+    ids: (n,) unique strings; parent: (n,) the id each item duplicates (null for none; an id not
+    in ``ids`` ends the chain); retained: (n,) bool. Retained items are their own root; an item
+    whose chain ends at a non-retained item has a null root. Returns (n,) strings.
+    """
+    n = len(ids)
+    link = pc.index_in(parent, value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    retained = np.asarray(retained, bool)
+    root = np.where(retained, np.arange(n), link)
+    for _ in range(64):  # pointer jumping: settles chains of any length in log2(length) rounds
+        hop = np.where(root >= 0, root, 0)
+        settled = (root < 0) | retained[hop]
+        jumped = np.where(settled, root, root[hop])
+        if np.array_equal(jumped, root):
+            break
+        root = jumped
+    ok = root >= 0
+    ok &= retained[np.where(ok, root, 0)]  # chains ending at a non-retained item (or cycling) have no root
+    taken = pc.take(ids, pa.array(np.where(ok, root, 0)))
+    return pc.if_else(pa.array(ok), taken, pa.nulls(n, pa.string()))
+
+
+def curated_dir(corpus: str, selection: str) -> str:
+    return storage.join(corpus, "curated", selection)
+
+
+def latest_version(corpus: str, selection: str) -> int:
+    """The published version ``latest.json`` points at; 0 when none exists yet."""
+    path = storage.join(curated_dir(corpus, selection), "latest.json")
+    return int(storage.read_json(path)["version"]) if storage.exists(path) else 0
+
+
+def version_dir(corpus: str, selection: str, version: int | None = None) -> str:
+    """``curated/<selection>/v<version>`` (default: the latest)."""
+    version = latest_version(corpus, selection) if version is None else version
+    if version < 1:
+        raise FileNotFoundError(f"{curated_dir(corpus, selection)} has no version yet; run deldist curate-new")
+    return storage.join(curated_dir(corpus, selection), f"v{version}")
+
+
+def read_version(corpus: str, selection: str, table: str, version: int | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """One table (``retained``, ``removed`` or ``sources``) of a version (default: latest)."""
+    return storage.read_published(storage.join(version_dir(corpus, selection, version), table), columns)
+
+
+def set_latest(cur: str, version: int) -> None:
+    storage.write_json(storage.join(cur, "latest.json"), {"version": version, "path": f"v{version}"})
+
+
+def publish_table(dir_uri: str, shared: Sequence[str], table: pa.Table | None, schema: pa.Schema) -> int:
+    """Publish ``dir_uri`` listing the parent's parts (``shared``) plus ``table`` as a new part."""
+    files = list(shared)
+    if table is not None and table.num_rows:
+        path = storage.join(dir_uri, storage.new_part_name())
+        storage.write_table(table, path)
+        files.append(storage.resolve(path)[1])
+    storage.publish(dir_uri, files, {"schema": storage.schema_hex(schema)})
+    fs, paths = storage.published_paths(dir_uri)
+    return sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths)
+
+
+def sources_ledger(frame_sources: pa.Table, version: int, failed: Iterable[str]) -> pa.Table:
+    """A version's ``sources`` rows for what it brought in: every source with embedded frames
+    (status embedded, its frame count) and every source in ``failed`` without any (status
+    error, 0 frames: seen, so a rerun does not retry it). frame_sources: one ``source`` row per
+    embedded frame."""
+    counts = frame_sources.group_by("source").aggregate([("source", "count")])
+    errors = sorted(set(failed) - set(counts.column("source").to_pylist()))
+
+    def rows(sources: Any, status: str, frames: Any) -> pa.Table:
+        n = len(sources)
+        return pa.table({"source": pa.array(sources, pa.string()), "version": pa.array(np.full(n, version, np.int32)),
+                         "status": pa.array([status] * n, pa.string()), "frames": frames},
+                        schema=VERSION_SOURCES_SCHEMA)
+
+    return pa.concat_tables([rows(counts.column("source"), "embedded", counts.column("source_count").cast(pa.int64())),
+                             rows(errors, "error", pa.array(np.zeros(len(errors), np.int64)))])
+
+
+def sources_of_corpus(corpus: str) -> pa.Table:
+    errors_dir = storage.join(corpus, "errors")
+    failed = storage.read_published(errors_dir, ["source"]).column("source").to_pylist() \
+        if storage.is_published(errors_dir) else []
+    return sources_ledger(storage.read_published(storage.join(corpus, "embeddings"), ["source"]), 1, failed)
+
+
+def publish_selection_version(run_root: str, selection: str, cur: str, version: int, sources: Sequence[str],
+                               sources_table: pa.Table | None, embeddings: list[str],
+                               extra: dict[str, Any]) -> dict[str, Any]:
+    """Publish ``cur/v<version>`` from selection ``selection`` of ``run_root`` (its retained /
+    removed parts shared), then point ``latest.json`` at it."""
+    sel_dir = storage.join(run_root, "selections", selection)
+    summary = storage.read_json(storage.join(sel_dir, "summary.json"))
+    if summary.get("method") not in ("meddel", "semdedup"):
+        raise ValueError(f"selection {selection!r} is a {summary.get('method')} selection; curate-new extends a "
+                         "MedDEL or SemDeDup selection (its threshold and rules are applied to the uploads)")
+    if summary.get("similarity_threshold") is None:
+        raise ValueError(f"selection {selection!r} has no similarity threshold (built without eps / target_ratio)")
+    clusters_dir = storage.join(run_root, "clusters")
+    clusters_manifest = storage.read_manifest(clusters_dir)
+    scores_manifest = storage.read_manifest(storage.join(run_root, "dedup", "scores"))
+    vdir = storage.join(cur, f"v{version}")
+    for table in ("retained", "removed"):
+        schema = RETAINED_SCHEMA if table == "retained" else REMOVED_SCHEMA
+        publish_table(storage.join(vdir, table), storage.published_paths(storage.join(sel_dir, table))[1], None,
+                       schema)
+    publish_table(storage.join(vdir, "sources"), sources, sources_table, VERSION_SOURCES_SCHEMA)
+    params = summary.get("parameters", {})
+    manifest = {
+        "version": version, "selection": selection, "clusters": clusters_dir, "embeddings": embeddings,
+        "assignments": [storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))],
+        "similarity_threshold": summary["similarity_threshold"],
+        "keep": scores_manifest.get("keep", "easy"), "seed": scores_manifest.get("seed", 0),
+        "selection_parameters": params, **extra,
+    }
+    storage.write_json(storage.join(vdir, "summary.json"), {**summary, "version": version, **extra})
+    storage.publish(vdir, [], manifest)
+    set_latest(cur, version)
+    return manifest
+
+
+def create_first_version(corpus: str, selection: str) -> dict[str, Any]:
+    """``v1``: the corpus selection as curated, its retained / removed parts shared."""
+    return publish_selection_version(corpus, selection, curated_dir(corpus, selection), 1, [],
+                                      sources_of_corpus(corpus), [storage.join(corpus, "embeddings")],
+                                      {"parent": None})
+
+
+def represented_items(vdir: str) -> pa.Table:
+    """The corpus items an upload may be a copy of -> (id, stand_in): every retained item (its
+    own stand-in) and every item removed as a copy of another (duplicate, near_copy, temporal)
+    with the retained item standing for it. Items removed as invalid or outliers are not in it:
+    an upload is never removed because of a frame that was rejected for its own sake."""
+    retained = storage.read_published(storage.join(vdir, "retained"), ["id"]).column("id").combine_chunks()
+    removed = storage.read_published(storage.join(vdir, "removed"), ["id", "duplicate_of"])
+    linked = removed.filter(pc.is_valid(removed.column("duplicate_of")))
+    ids = pa.concat_arrays([retained, linked.column("id").combine_chunks()])
+    parent = pa.concat_arrays([pa.nulls(len(retained), pa.string()), linked.column("duplicate_of").combine_chunks()])
+    stand_in = retained_roots(ids, parent, np.r_[np.ones(len(retained), bool), np.zeros(linked.num_rows, bool)])
+    table = pa.table({"id": ids, "stand_in": stand_in})
+    return table.filter(pc.is_valid(table.column("stand_in")))
