@@ -16,6 +16,7 @@ from pydantic import Field
 
 from deldist import cluster, dedup, embed, select, storage
 from deldist.config import StageConfig
+from deldist.layout import RunLayout
 
 
 class Config(StageConfig):
@@ -88,11 +89,18 @@ def run(config: Config) -> dict[str, Any]:
     if not result["embed"].get("published"):
         raise RuntimeError("embedding did not finish (max_sources?); rerun curate to continue")
     result["cluster"] = cluster.run(cluster_cfg)
+    c = result["cluster"]
+    print(f"deldist cluster: k={c['k']}, {c['rows']} frames, {c['iterations']} passes, mean cosine distance "
+          f"{c['mean_distance']:.4f}, largest cluster {c['largest_cluster']} -> {c['clusters']}")
     result["dedup"] = dedup.run(dedup_cfg)
+    d = result["dedup"]
+    print(f"deldist dedup: {d['rows']} frames in {d['clusters']} clusters, {d['pairs']:,} pairs scored "
+          f"(keep={d['keep']}) -> {d['scores']}")
+    layout = RunLayout(config.output)
     summaries = []
     for cfg in select_cfgs:
         select.run(cfg)
-        summaries.append(storage.read_json(storage.join(config.output, "selections", cfg.name, "summary.json")))
+        summaries.append(storage.read_json(layout.selection_summary(cfg.name)))
     print("\n" + format_selection_table(summaries))
     print("\n" + format_dataset_table(summaries[0]))
     result["selections"] = {s["name"]: {k: s[k] for k in ("input_count", "kept_count", "ratio")} for s in summaries}

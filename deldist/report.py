@@ -302,6 +302,8 @@ def run(config: Config) -> dict[str, Any]:
         pre = _pretrained(config, selection, frames, info["retained"])
         fine = _finetuned(config, f"{config.name}-{selection}", pre["encoder"], pre["model"])
         seg = fine["segmentation"]
+        print(f"deldist report: {selection}: pretrained {pre['frames']} frames x {pre['epochs']} epochs "
+              f"({pre['steps']} steps, loss {pre['pretrain_loss']:.4f}), finetuned: mIoU {seg['miou']:.4f}")
         results.append({"selection": selection, **{k: info[k] for k in ("method", "retained")},
                         "frames": pre["frames"], "epochs": pre["epochs"], "steps": pre["steps"],
                         "miou": seg["miou"], "miou_fg_bg": seg["miou_fg_bg"],
