@@ -20,7 +20,10 @@ def quiet_ray() -> None:
     workers it starts (``--verbose`` keeps them)."""
     import logging
 
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core's notices
+    # Ray Data re-applies its logging config for every dataset and reads this each time
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    # token auth is Ray's default for a local cluster; saying so explicitly skips its notice
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import ray.data
