@@ -360,7 +360,7 @@ def _assign_all(config: Config, plan: Plan, fit: Fit) -> list[dict[str, Any]]:
     saw every row (bounds apply), else every row streamed from Parquet once."""
     import ray
 
-    assign_dir = storage.join(plan.layout.clusters, "assignments")
+    assign_dir = plan.layout.new_assignments
     c_ref, s_ref = ray.put(fit.centroids), ray.put(fit.shift)
     if config.fit_fraction >= 1.0:
         assign = ray.remote(num_cpus=config.task_cpus, **plan.gpu_opts)(_assign_loaded)
@@ -376,11 +376,27 @@ def _assign_all(config: Config, plan: Plan, fit: Fit) -> list[dict[str, Any]]:
     return results
 
 
+def assign_to_centroids(embeddings: str, centroids: np.ndarray, out_dir: str, *, shard_rows: int, task_cpus: float,
+                        use_gpu: bool) -> pa.Table:
+    """Assign every row of a published embeddings directory to its nearest of ``centroids``
+    ((k, D) float32, unit rows) with Ray tasks; publish the assignments in ``out_dir`` and
+    return them (id, cluster, distance)."""
+    import ray
+
+    task = ray.remote(num_cpus=task_cpus, **({"num_gpus": 1} if use_gpu else {}))(assign_shard)
+    c_ref = ray.put(centroids)
+    parts = ray.get([task.remote(embeddings, s, int(centroids.shape[1]), c_ref, out_dir, use_gpu,
+                                 max(1, round(task_cpus))) for s in plan_shards(embeddings, shard_rows)])
+    storage.publish(out_dir, [p["path"] for p in parts],
+                    {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": sum(p["rows"] for p in parts)})
+    return storage.read_published(out_dir)
+
+
 def _publish(config: Config, plan: Plan, fit: Fit, results: list[dict[str, Any]]) -> dict[str, Any]:
     out_dir = plan.layout.clusters
     sizes = np.sum([r["counts"] for r in results], axis=0).astype(np.int64)
     full_objective = float(sum(r["objective"] for r in results))
-    storage.publish(storage.join(out_dir, "assignments"), [r["path"] for r in results],
+    storage.publish(plan.layout.new_assignments, [r["path"] for r in results],
                     {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": plan.n_total})
     storage.write_table(centroids_table(fit.centroids, sizes), plan.layout.centroids)
     summary = {

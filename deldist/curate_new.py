@@ -24,7 +24,9 @@ One run:
 4. The corpus selection's rules (its ``selection_parameters``): deldist's quality filter,
    MedDEL's outlier distance, deldist's outlier quantile (over the clusters as they are now,
    corpus + uploads, so new content is drift, not an outlier), temporal collapse, and the
-   near-copy pass against the corpus (:func:`represented_items` first, kept) and the uploads.
+   near-copy pass against the corpus (:func:`represented_items` first, kept) and the uploads;
+   a perceptual copy of a corpus frame rejected as invalid or outlier is rejected again for
+   that reason (deldist's ``copy_of_rejected``: a re-upload adds nothing).
 5. Dedup, per cluster: the corpus's represented items (retained, or removed as a copy of a
    retained item; never one removed as invalid or outlier) come first and count as kept, then
    the candidate uploads in the corpus's rank order through
@@ -54,14 +56,18 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from deldist import embed, storage
-from deldist.arrays import equal_runs
-from deldist.cluster import assign_shard, read_centroids
+from deldist.cluster import assign_to_centroids, read_centroids
 from deldist.config import StageConfig
-from deldist.dedup import rank_within_clusters
+from deldist.incremental import (
+    dedup_against_corpus,
+    matched_to_corpus,
+    near_copies_of_corpus,
+    stand_ins,
+)
 from deldist.io import list_sources
-from deldist.layout import RunLayout
-from deldist.pairwise import keep_first_exact
+from deldist.layout import RunLayout, run_file_of, summary_of, table_of
 from deldist.rules import Decision, cluster_quantiles, counts_by_reason
+from deldist.runtime import use_gpu
 from deldist.schema import (
     ASSIGNMENTS_SCHEMA,
     QUALITY_COLUMNS,
@@ -70,25 +76,15 @@ from deldist.schema import (
     VERSION_SOURCES_SCHEMA,
 )
 from deldist.select import build_tables
-from deldist.shards import (
-    bucket_count,
-    bucket_of_groups,
-    gather_sorted,
-    plan_buckets,
-    plan_shards,
-    shuffle_by_bucket,
-)
 from deldist.versions import (
     create_first_version,
-    curated_dir,
     latest_version,
     publish_selection_version,
     publish_table,
+    rejected_items,
     represented_items,
-    retained_roots,
     set_latest,
     sources_ledger,
-    version_dir,
 )
 
 # embeddings/_run.json keys that fix what a frame's embedding is; a batch must match them
@@ -138,33 +134,34 @@ def recluster(config: Config, version: int) -> dict[str, Any]:
     and publish it as version N = ``version`` + 1, whose centroids later batches then use."""
     from deldist import cluster, dedup, select
 
-    cur = curated_dir(config.corpus, config.selection)
-    vdir = storage.join(cur, f"v{version}")
+    corpus = RunLayout(config.corpus)
+    vdir = corpus.version(config.selection, version)
     manifest = storage.read_manifest(vdir)
     new_version = version + 1
-    root = storage.join(cur, f"recluster-v{new_version}")
-    emb_dir = storage.join(root, "embeddings")
+    root = RunLayout(corpus.recluster(config.selection, new_version))
+    emb_dir = root.embeddings
     parts = [p for d in manifest["embeddings"] for p in storage.published_paths(d)[1]]
     first = manifest["embeddings"][0]
-    storage.write_bytes(storage.join(emb_dir, "_run.json"), storage.read_bytes(storage.join(first, "_run.json")))
+    storage.write_bytes(run_file_of(emb_dir), storage.read_bytes(run_file_of(first)))
     storage.publish(emb_dir, parts, {**storage.read_manifest(first), "merged_from": manifest["embeddings"],
                                    "rows": sum(storage.read_manifest(d).get("rows") or 0 for d in manifest["embeddings"])})
     old_clusters = storage.read_manifest(manifest["clusters"])
     cluster.run(cluster.Config.model_validate({
         **{k: old_clusters[k] for k in ("k", "seed", "init", "fit_fraction") if k in old_clusters},
-        "use_gpu": config.use_gpu, **config.cluster, "output": root}))
+        "use_gpu": config.use_gpu, **config.cluster, "output": root.root}))
     dedup.run(dedup.Config.model_validate({"keep": manifest["keep"], "seed": manifest["seed"],
-                                           "use_gpu": config.use_gpu, **config.dedup, "output": root}))
+                                           "use_gpu": config.use_gpu, **config.dedup, "output": root.root}))
     params = {k: v for k, v in manifest["selection_parameters"].items()
               if k not in ("output", "embeddings", "clusters", "scores", "ground_truth")}
-    select.run(select.Config.model_validate({**params, "output": root, "name": config.selection}))
-    sources = storage.published_paths(storage.join(vdir, "sources"))[1]
-    result = publish_selection_version(root, config.selection, cur, new_version, sources, None, [emb_dir],
+    select.run(select.Config.model_validate({**params, "output": root.root, "name": config.selection}))
+    sources = storage.published_paths(table_of(vdir, "sources"))[1]
+    result = publish_selection_version(root, config.corpus, config.selection, new_version, sources, None, [emb_dir],
                                         {"parent": version, "reclustered_from": version})
-    summary = storage.read_json(storage.join(cur, f"v{new_version}", "summary.json"))
+    new_vdir = corpus.version(config.selection, new_version)
+    summary = storage.read_json(summary_of(new_vdir))
     print(f"deldist curate-new: v{new_version}: re-clustered corpus + uploads (k={result.get('k', old_clusters.get('k'))}), "
           f"kept {summary['kept_count']} of {summary['input_count']}")
-    return {"version": new_version, "path": storage.join(cur, f"v{new_version}"),
+    return {"version": new_version, "path": new_vdir,
             "kept": summary["kept_count"], "input": summary["input_count"]}
 
 
@@ -184,25 +181,6 @@ def _check_same_encoder(corpus_fp: dict[str, Any], batch_fp: dict[str, Any]) -> 
     if diff:
         raise ValueError(f"the uploads were embedded with other settings than the corpus {diff} (corpus, batch); "
                          "curate-new must use the corpus's encoder and sampling")
-
-
-def _use_gpu(config: Config) -> bool:
-    from deldist.runtime import use_gpu
-
-    return use_gpu(config.use_gpu)
-
-
-def _assign(emb_dir: str, dim: int, centroids: np.ndarray, out_dir: str, config: Config) -> pa.Table:
-    import ray
-
-    use_gpu = _use_gpu(config)
-    task = ray.remote(num_cpus=config.task_cpus, **({"num_gpus": 1} if use_gpu else {}))(assign_shard)
-    shards = plan_shards(emb_dir, config.shard_rows)
-    parts = ray.get([task.remote(emb_dir, s, dim, centroids, out_dir, use_gpu, max(1, round(config.task_cpus)))
-                     for s in shards])
-    storage.publish(out_dir, [p["path"] for p in parts],
-                    {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": sum(p["rows"] for p in parts)})
-    return storage.read_published(out_dir)
 
 
 def _selection_rules(manifest: dict[str, Any]) -> Any:
@@ -229,129 +207,6 @@ def _filter_uploads(rules: Any, meta: pa.Table, cluster: np.ndarray, distance: n
     return apply_filters(rules, meta, cluster, distance, batch_emb, dim, quantile_limit=limit)
 
 
-def _near_copies_of_corpus(rules: Any, meta: pa.Table, ids: pa.Array, corpus_embeddings: list[str],
-                           represented: pa.Table, decision: Decision) -> None:
-    """deldist's near-copy rule on the uploads: the corpus's represented frames
-    (:func:`represented_items`) first, as kept, then the uploads sharpest first. A copy of a new
-    frame links to it; a copy of a corpus frame names that frame's retained stand-in in
-    ``decision.info["copy_of_corpus"]``."""
-
-    from deldist.nearcopy import near_copies, ray_pair_finder
-    from deldist.rules import near_copy_order
-
-    rule = rules.deldist_rules.near_copy
-    hashes_of = pa.concat_tables([storage.read_published(d, ["id", "phash"]) for d in corpus_embeddings])
-    corpus = represented.join(hashes_of, "id", join_type="inner")
-    r, n = corpus.num_rows, meta.num_rows
-    hashes = np.r_[corpus.column("phash").to_numpy(), meta.column("phash").to_numpy()].astype(np.uint64)
-    candidate = np.r_[np.ones(r, bool), decision.reason < 0]
-    preference = np.r_[np.arange(r), r + near_copy_order(meta.column("blur").to_numpy(), ids)]
-    near, copy_of, hamming = near_copies(hashes, candidate, preference, rule.max_hamming,
-                                         fixed=np.r_[np.ones(r, bool), np.zeros(n, bool)],
-                                         pair_finder=ray_pair_finder(rule.task_cpus))
-    near, copy_of, hamming = near[r:], copy_of[r:], hamming[r:]
-    of_new = copy_of >= r
-    decision.remove(near, "near_copy", "near_copy", "deldist", rule.model_dump(),
-                    link=np.where(of_new, copy_of - r, -1), score=(1.0 - hamming / 64.0).astype(np.float32))
-    to_corpus = near & ~of_new
-    taken = pc.take(corpus.column("stand_in").combine_chunks(), pa.array(np.where(to_corpus, copy_of, 0))) if r \
-        else pa.nulls(n, pa.string())
-    decision.info["copy_of_corpus"] = pc.if_else(pa.array(to_corpus), taken, pa.nulls(n, pa.string()))
-
-
-def _dedup_against_corpus(config: Config, manifest: dict[str, Any], seen_assign: pa.Table, represented: pa.Table,
-                          batch_emb: str, ids: pa.Array, cluster: np.ndarray, distance: np.ndarray,
-                          candidate: np.ndarray, threshold: float, dim: int) -> tuple[pa.Array, np.ndarray]:
-    """Per cluster: the corpus's represented items (:func:`represented_items`, as kept), then
-    the candidate uploads in the corpus's rank order, through
-    :func:`deldist.pairwise.keep_first_exact` (Ray tasks). Returns (duplicate_of (n,) strings: the
-    retained item standing for what a removed upload duplicates (a corpus item's stand-in, or
-    a kept upload), null when kept or not a candidate; similarity float32 (n,) to the item it
-    matched, NaN)."""
-    import ray
-
-    n = len(candidate)
-    rows = np.flatnonzero(candidate)
-    new_cluster = cluster[rows]
-    new_rank = rank_within_clusters(ids.take(pa.array(rows)), new_cluster, distance[rows],
-                                    manifest.get("keep", "easy"), manifest.get("seed", 0))
-    touched = np.unique(new_cluster)
-    old = seen_assign.select(["id", "cluster"]).join(represented, "id", join_type="inner")
-    old = old.filter(pc.is_in(old.column("cluster"), value_set=pa.array(touched.astype(np.int32))))
-    old_cluster = old.column("cluster").to_numpy().astype(np.int64)
-    k = int(max(cluster.max(initial=0), old_cluster.max(initial=0))) + 1
-    sizes = np.bincount(new_cluster, minlength=k) + np.bincount(old_cluster, minlength=k)
-    buckets = plan_buckets(sizes, bucket_count(config.num_buckets, config.task_cpus), split_rows=int(sizes.max()) + 1,
-                           bucket_rows=1 << 40)
-    bucket_of = bucket_of_groups(buckets, k)
-    # corpus rows first in each cluster (negative ranks), then the uploads in rank order
-    old_lookup = pa.table({"id": old.column("id"), "bucket": bucket_of[old_cluster],
-                           "cluster": old_cluster.astype(np.int32), "rank": -1 - np.arange(len(old_cluster)),
-                           "row": np.full(len(old_cluster), -1, np.int64)})
-    new_lookup = pa.table({"id": ids.take(pa.array(rows)), "bucket": bucket_of[new_cluster],
-                           "cluster": new_cluster.astype(np.int32), "rank": new_rank, "row": rows})
-    slices: list[list[Any]] = [[] for _ in buckets]
-    stats = []
-    for emb_dir, lookup in [*[(d, old_lookup) for d in manifest["embeddings"]], (batch_emb, new_lookup)]:
-        per_bucket, route_stats = shuffle_by_bucket(emb_dir, dim, lookup, len(buckets), config.shard_rows,
-                                                    config.io_cpus)
-        for b, refs in enumerate(per_bucket):
-            slices[b] += refs
-        stats.append(route_stats)
-    use_gpu = _use_gpu(config)
-    task = ray.remote(num_cpus=config.task_cpus, **({"num_gpus": config.task_gpus} if use_gpu else {}))(
-        _dedup_bucket)
-    results = ray.get([task.remote(threshold, config.block_rows, *s) for s in slices])
-    found = sum(r["rows"] - r["missing"] for refs in stats for r in ray.get(refs))
-    if found != old_lookup.num_rows + new_lookup.num_rows:
-        raise RuntimeError(f"found {found} of the {old_lookup.num_rows + new_lookup.num_rows} embeddings needed: "
-                           "the embeddings changed under this version")
-    stand_in = dict(zip(represented.column("id").to_pylist(), represented.column("stand_in").to_pylist()))
-    dup_of = pa.nulls(n, pa.string())
-    sim = np.full(n, np.nan, np.float32)
-    for done_rows, dup_ids, sims in results:
-        dup_ids = pa.array([stand_in.get(d, d) if d is not None else None for d in dup_ids.to_pylist()], pa.string())
-        if len(done_rows):
-            position = np.full(n, -1, np.int64)
-            position[done_rows] = np.arange(len(done_rows))
-            dup_of = pc.if_else(pa.array(position >= 0), pc.take(dup_ids, pa.array(np.maximum(position, 0))), dup_of)
-            sim[done_rows] = sims
-    return dup_of, sim
-
-
-def _dedup_bucket(threshold: float, block_rows: int, *slices: tuple[pa.Table, np.ndarray],
-                  ) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-    """Task body: the uploads of one bucket's clusters against the corpus's retained rows ->
-    (rows of the uploads, the id each removed one duplicates (null when kept), similarity)."""
-    x, meta = gather_sorted(slices)
-    ids = meta.column("id").combine_chunks()
-    row = meta.column("row").to_numpy()
-    new = row >= 0
-    dup = np.full(len(row), -1, np.int64)
-    sim = np.full(len(row), np.nan, np.float32)
-    for s, e in zip(*equal_runs(meta.column("cluster").to_numpy())):
-        fixed = int((~new[s:e]).sum())
-        _, d, v = keep_first_exact(x[s:e], np.ones(e - s, bool), threshold, fixed, block_rows)
-        dup[s:e] = np.where(d >= 0, d + s, -1)
-        sim[s:e] = v
-    dup_ids = pc.if_else(pa.array(dup >= 0), pc.take(ids, pa.array(np.maximum(dup, 0))),
-                         pa.nulls(len(dup), pa.string()))
-    return row[new], dup_ids.filter(pa.array(new)), sim[new]
-
-
-def _stand_ins(ids: pa.Array, linked: pa.Array, kept: np.ndarray) -> pa.Array:
-    """duplicate_of of every upload: the retained item it stands for, following links between
-    uploads (``linked``: the id each removed upload was matched to, an upload or a corpus
-    item; null for none) to a kept upload or a corpus item (retained by construction)."""
-    n = len(ids)
-    corpus = pc.unique(linked.filter(pc.invert(pc.fill_null(pc.is_in(linked, value_set=ids), True))))
-    chain_ids = pa.concat_arrays([ids, corpus])
-    chain_parent = pa.concat_arrays([pc.if_else(pa.array(kept), pa.nulls(n, pa.string()), linked),
-                                     pa.nulls(len(corpus), pa.string())])
-    roots = retained_roots(chain_ids, chain_parent, np.r_[kept, np.ones(len(corpus), bool)]).slice(0, n)
-    return pc.if_else(pa.array(kept), pa.nulls(n, pa.string()), roots)
-
-
 @dataclass
 class Batch:
     """One curate-new run: the version it extends and the one it makes."""
@@ -371,13 +226,16 @@ class Batch:
         return self.version + 1
 
     @property
-    def root(self) -> str:
+    def outputs(self) -> RunLayout:
         """``curated/<selection>/batches/v<N>``: the batch's embeddings, errors, assignments."""
         return self.layout.batch(self.config.selection, self.new_version)
 
     @property
     def embeddings(self) -> str:
-        return storage.join(self.root, "embeddings")
+        return self.outputs.embeddings
+
+    def version_dir(self, version: int) -> str:
+        return self.layout.version(self.config.selection, version)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -388,7 +246,7 @@ def run(config: Config) -> dict[str, Any]:
     init_ray()
     batch = _new_batch(config)
     if not batch.sources and not batch.skipped:
-        path = version_dir(config.corpus, config.selection, batch.version)
+        path = batch.version_dir(batch.version)
         print(f"deldist curate-new: no new sources under {config.input}; latest stays v{batch.version}")
         return {"version": batch.version, "changed": False, "new_sources": 0, "path": path}
     embed_result = _embed_uploads(batch)
@@ -404,7 +262,7 @@ def run(config: Config) -> dict[str, Any]:
     drift_threshold = float(np.quantile(seen.column("distance").to_numpy(), config.drift_quantile))
     drift = drift_fraction(distance, drift_threshold)
     summary = _batch_summary(meta, decision, batch, embed_result, drift, drift_threshold,
-                             old_dups=_old_matches(duplicate_of, decision.reason >= 0, ids))
+                             old_dups=matched_to_corpus(duplicate_of, decision.reason >= 0, ids))
     result = _publish_version(batch, build_tables(ids, decision, duplicate_of), meta, summary)
     if config.recluster and summary["recluster_recommended"]:
         result["reclustered"] = recluster(config, batch.new_version)
@@ -416,16 +274,16 @@ def run(config: Config) -> dict[str, Any]:
 def _new_batch(config: Config) -> Batch:
     """The latest version (v1 made from the selection on the first run; a version published
     without its latest.json recovered) and the sources no version has seen."""
-    cur = curated_dir(config.corpus, config.selection)
+    layout = RunLayout(config.corpus)
     version = latest_version(config.corpus, config.selection)
     if version == 0:
         create_first_version(config.corpus, config.selection)
         version = 1
-    if storage.is_published(storage.join(cur, f"v{version + 1}")):  # published, latest.json not yet written
+    if storage.is_published(layout.version(config.selection, version + 1)):  # published, latest.json not yet written
         version += 1
-        set_latest(cur, version)
-    vdir = storage.join(cur, f"v{version}")
-    seen = set(storage.read_published(storage.join(vdir, "sources"), ["source"]).column("source").to_pylist())
+        set_latest(config.corpus, config.selection, version)
+    vdir = layout.version(config.selection, version)
+    seen = set(storage.read_published(table_of(vdir, "sources"), ["source"]).column("source").to_pylist())
     sources, skipped = list_sources(config.input, config.manifest)
     return Batch(config, version, storage.read_manifest(vdir), [s for s in sources if s.uri not in seen],
                  [u for u in skipped if u not in seen])
@@ -434,10 +292,10 @@ def _new_batch(config: Config) -> Batch:
 def _embed_uploads(batch: Batch) -> dict[str, Any]:
     """Embed the new sources with the corpus's encoder and sampling (checked before any work)."""
     config = batch.config
-    listing = storage.join(batch.root, "sources.csv")
+    listing = batch.outputs.batch_listing
     corpus_emb = batch.manifest["embeddings"][0]
-    corpus_fp = storage.read_json(storage.join(corpus_emb, "_run.json"))
-    emb_cfg = _batch_embed_config(config, corpus_fp, storage.read_manifest(corpus_emb), batch.root, listing,
+    corpus_fp = storage.read_json(run_file_of(corpus_emb))
+    emb_cfg = _batch_embed_config(config, corpus_fp, storage.read_manifest(corpus_emb), batch.outputs.root, listing,
                                   f"v{batch.new_version}/")
     _check_same_encoder(corpus_fp, embed.fingerprint(emb_cfg))
     storage.write_csv(listing, [{"uri": s.uri, "dataset": s.dataset} for s in batch.sources]
@@ -450,8 +308,10 @@ def _embed_uploads(batch: Batch) -> dict[str, Any]:
 
 def _assign_uploads(batch: Batch, ids: pa.Array, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each upload's nearest corpus centroid and its cosine distance, in the order of ``ids``."""
-    assigned = _assign(batch.embeddings, int(centroids.shape[1]), centroids, storage.join(batch.root, "assignments"),
-                       batch.config) if len(ids) else ASSIGNMENTS_SCHEMA.empty_table()
+    config = batch.config
+    assigned = assign_to_centroids(batch.embeddings, centroids, batch.outputs.batch_assignments,
+                                   shard_rows=config.shard_rows, task_cpus=config.task_cpus,
+                                   use_gpu=use_gpu(config.use_gpu)) if len(ids) else ASSIGNMENTS_SCHEMA.empty_table()
     assigned = assigned.take(pc.index_in(ids, value_set=assigned.column("id")))
     return assigned.column("cluster").to_numpy().astype(np.int64), assigned.column("distance").to_numpy()
 
@@ -462,17 +322,18 @@ def _apply_rules(batch: Batch, rules: Any, meta: pa.Table, ids: pa.Array, cluste
     near copies against the corpus, then duplicates of the corpus's represented items or of
     uploads kept before them, in the corpus's rank order."""
     dim, n = int(centroids.shape[1]), meta.num_rows
-    vdir = version_dir(batch.config.corpus, batch.config.selection, batch.version)
+    vdir = batch.version_dir(batch.version)
     decision = _filter_uploads(rules, meta, cluster, distance, seen.column("cluster").to_numpy().astype(np.int64),
                                seen.column("distance").to_numpy(), len(centroids), batch.embeddings, dim)
     represented = represented_items(vdir)
     if rules.deldist_rules.near_copy is not None and n:
-        _near_copies_of_corpus(rules, meta, ids, batch.manifest["embeddings"], represented, decision)
+        near_copies_of_corpus(rules, meta, ids, batch.manifest["embeddings"], represented, rejected_items(vdir),
+                              decision)
     direct = decision.info.get("copy_of_corpus", pa.nulls(n, pa.string()))
     candidate = decision.reason < 0
     if candidate.any():
         threshold = float(batch.manifest["similarity_threshold"])
-        dup_of, sim = _dedup_against_corpus(batch.config, batch.manifest, seen, represented, batch.embeddings, ids,
+        dup_of, sim = dedup_against_corpus(batch.config, batch.manifest, seen, represented, batch.embeddings, ids,
                                             cluster, distance, candidate, threshold, dim)
         decision.remove(pc.is_valid(dup_of).to_numpy(zero_copy_only=False), "duplicate", "duplicate",
                         "MedDEL §3.2 (against the curated corpus)", {"similarity_threshold": threshold,
@@ -480,7 +341,7 @@ def _apply_rules(batch: Batch, rules: Any, meta: pa.Table, ids: pa.Array, cluste
         direct = pc.coalesce(dup_of, direct)
     # a frame matched to an upload that a later rule removed follows that upload's own link
     linked = pc.if_else(pa.array(decision.link >= 0), ids.take(pa.array(np.maximum(decision.link, 0))), direct)
-    return decision, _stand_ins(ids, linked, decision.reason < 0)
+    return decision, stand_ins(ids, linked, decision.reason < 0)
 
 
 def _publish_version(batch: Batch, tables: dict[str, pa.Table], meta: pa.Table, summary: dict[str, Any],
@@ -488,37 +349,29 @@ def _publish_version(batch: Batch, tables: dict[str, pa.Table], meta: pa.Table, 
     """``v<N>``: its tables (the parent's parts plus this batch's), summary and manifest, then
     ``latest.json``."""
     config, manifest = batch.config, batch.manifest
-    cur = curated_dir(config.corpus, config.selection)
-    vdir, new_vdir = storage.join(cur, f"v{batch.version}"), storage.join(cur, f"v{batch.new_version}")
+    vdir, new_vdir = batch.version_dir(batch.version), batch.version_dir(batch.new_version)
     ledger = sources_ledger(meta.select(["source"]), batch.new_version,
                             [s.uri for s in batch.sources] + batch.skipped)
-    parents = {t: storage.published_paths(storage.join(vdir, t))[1] for t in ("retained", "removed", "sources")}
-    counts = {t: publish_table(storage.join(new_vdir, t), parents[t], tables[t], schema)
+    parents = {t: storage.published_paths(table_of(vdir, t))[1] for t in ("retained", "removed", "sources")}
+    counts = {t: publish_table(table_of(new_vdir, t), parents[t], tables[t], schema)
               for t, schema in (("retained", RETAINED_SCHEMA), ("removed", REMOVED_SCHEMA))}
-    publish_table(storage.join(new_vdir, "sources"), parents["sources"], ledger, VERSION_SOURCES_SCHEMA)
-    version_summary = _version_summary(storage.read_json(storage.join(vdir, "summary.json")), summary,
-                                       batch.new_version, counts, config)
-    storage.write_json(storage.join(new_vdir, "summary.json"), version_summary)
+    publish_table(table_of(new_vdir, "sources"), parents["sources"], ledger, VERSION_SOURCES_SCHEMA)
+    version_summary = _version_summary(storage.read_json(summary_of(vdir)), summary, batch.new_version, counts,
+                                       config)
+    storage.write_json(summary_of(new_vdir), version_summary)
     storage.publish(new_vdir, [], {
         **{k: v for k, v in manifest.items() if k not in ("version", "parent")},
         "version": batch.new_version, "parent": batch.version,
         "embeddings": [*manifest["embeddings"], batch.embeddings],
-        "assignments": [*manifest["assignments"], storage.join(batch.root, "assignments")],
+        "assignments": [*manifest["assignments"], batch.outputs.batch_assignments],
     })
-    set_latest(cur, batch.new_version)
+    set_latest(config.corpus, config.selection, batch.new_version)
     print(f"deldist curate-new: v{batch.new_version}: {len(batch.sources)} new sources, {summary['frames']} frames, "
           f"kept {summary['kept']} ({summary['removed_by_reason']}); drift {summary['drift_fraction']:.3f}"
           + ("; re-clustering recommended" if summary["recluster_recommended"] else "") + f" -> {new_vdir}")
     return {"version": batch.new_version, "changed": True, "path": new_vdir, "new_sources": len(batch.sources),
             "new_frames": summary["frames"], "kept": summary["kept"], "drift_fraction": summary["drift_fraction"],
             "recluster_recommended": summary["recluster_recommended"]}
-
-
-def _old_matches(duplicate_of: pa.Array, removed: np.ndarray, ids: pa.Array) -> int:
-    """Removed uploads whose retained stand-in is a corpus item (not from this batch)."""
-    named = duplicate_of.filter(pa.array(removed))
-    named = named.filter(pc.is_valid(named))
-    return int(len(named) - pc.sum(pc.is_in(named, value_set=ids)).as_py()) if len(named) else 0
 
 
 def _batch_summary(meta: pa.Table, decision: Decision, batch: Batch, embed_result: dict[str, Any], drift: float,
@@ -553,7 +406,7 @@ def _version_summary(parent: dict[str, Any], batch: dict[str, Any], version: int
         cur["ratio"] = cur["kept"] / cur["input"] if cur["input"] else 0.0
     n = counts["retained"] + counts["removed"]
     return {
-        "name": config.selection, "method": "meddel", "version": version, "parent": version - 1,
+        "name": config.selection, "method": parent.get("method", "meddel"), "version": version, "parent": version - 1,
         "input_count": n, "kept_count": counts["retained"], "removed_count": counts["removed"],
         "ratio": counts["retained"] / n if n else 0.0, "removed_by_reason": removed, "per_dataset": per_dataset,
         "similarity_threshold": parent.get("similarity_threshold"), "batch": batch,

@@ -26,6 +26,28 @@ from typing import Any
 from deldist import storage
 
 ALL_FRAMES = "all"
+SUMMARY = "summary.json"
+RUN_FILE = "_run.json"  # the embed stage's fingerprint of its encoder and sampling
+
+
+def summary_of(dir_uri: str) -> str:
+    """``summary.json`` of a selection, curated version, training run or report directory."""
+    return storage.join(dir_uri, SUMMARY)
+
+
+def table_of(dir_uri: str, table: str) -> str:
+    """A published table (``retained``, ``removed``, ``sources``) of a selection or curated version."""
+    return storage.join(dir_uri, table)
+
+
+def version_name(version: int) -> str:
+    """A curated version's directory name: ``v<version>``."""
+    return f"v{version}"
+
+
+def run_file_of(embeddings_dir: str) -> str:
+    """The ``_run.json`` fingerprint of an embeddings directory."""
+    return storage.join(embeddings_dir, RUN_FILE)
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,16 @@ class RunLayout:
         return self.embeddings_dir or self.join("embeddings")
 
     @property
+    def embedding_parts(self) -> str:
+        """Where embed writes its Parquet parts (published by the embeddings manifest)."""
+        return storage.join(self.embeddings, "data")
+
+    @property
+    def embed_progress(self) -> str:
+        """embed's per-source progress records (what a rerun skips)."""
+        return storage.join(self.embeddings, "_progress")
+
+    @property
     def errors(self) -> str:
         return self.join("errors")
 
@@ -71,18 +103,27 @@ class RunLayout:
         return storage.join(self.clusters, manifest.get("assignments", "assignments"))
 
     @property
+    def new_assignments(self) -> str:
+        """Where the cluster stage writes the assignments it publishes."""
+        return storage.join(self.clusters, "assignments")
+
+    @property
     def scores(self) -> str:
         return self.scores_dir or self.join("dedup", "scores")
 
+    @property
+    def selections(self) -> str:
+        return self.join("selections")
+
     def selection(self, name: str) -> str:
-        return self.join("selections", name)
+        return storage.join(self.selections, name)
 
     def selection_table(self, name: str, table: str) -> str:
         """``retained`` or ``removed`` of selection ``name``."""
-        return storage.join(self.selection(name), table)
+        return table_of(self.selection(name), table)
 
     def selection_summary(self, name: str) -> str:
-        return storage.join(self.selection(name), "summary.json")
+        return summary_of(self.selection(name))
 
     # -- training and reports
     def frames(self, selection: str | None = None) -> str:
@@ -114,14 +155,25 @@ class RunLayout:
         return self.join("curated", selection)
 
     def version(self, selection: str, version: int) -> str:
-        return storage.join(self.curated(selection), f"v{version}")
+        return storage.join(self.curated(selection), version_name(version))
 
-    def batch(self, selection: str, version: int) -> str:
-        """The stage outputs (embeddings, errors, assignments) of the batch that made ``version``."""
-        return storage.join(self.curated(selection), "batches", f"v{version}")
+    def batch(self, selection: str, version: int) -> "RunLayout":
+        """The run root of the batch that made ``version``: its embeddings/, errors/, and
+        assignments/ (:attr:`batch_assignments`)."""
+        return RunLayout(storage.join(self.curated(selection), "batches", version_name(version)))
+
+    @property
+    def batch_assignments(self) -> str:
+        """A curate-new batch's assignments to the corpus centroids (in a batch's layout)."""
+        return self.join("assignments")
+
+    @property
+    def batch_listing(self) -> str:
+        """The list of new sources a curate-new batch embeds (in a batch's layout)."""
+        return self.join("sources.csv")
 
     def recluster(self, selection: str, version: int) -> str:
-        return storage.join(self.curated(selection), f"recluster-v{version}")
+        return storage.join(self.curated(selection), f"recluster-{version_name(version)}")
 
     def latest(self, selection: str) -> str:
         return storage.join(self.curated(selection), "latest.json")

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deldist import storage
+from deldist.layout import RunLayout, summary_of, table_of, version_name
 from deldist.schema import REMOVED_SCHEMA, RETAINED_SCHEMA, VERSION_SOURCES_SCHEMA
 
 
@@ -44,13 +45,9 @@ def retained_roots(ids: pa.Array, parent: pa.Array, retained: np.ndarray) -> pa.
     return pc.if_else(pa.array(ok), taken, pa.nulls(n, pa.string()))
 
 
-def curated_dir(corpus: str, selection: str) -> str:
-    return storage.join(corpus, "curated", selection)
-
-
 def latest_version(corpus: str, selection: str) -> int:
     """The published version ``latest.json`` points at; 0 when none exists yet."""
-    path = storage.join(curated_dir(corpus, selection), "latest.json")
+    path = RunLayout(corpus).latest(selection)
     return int(storage.read_json(path)["version"]) if storage.exists(path) else 0
 
 
@@ -58,18 +55,18 @@ def version_dir(corpus: str, selection: str, version: int | None = None) -> str:
     """``curated/<selection>/v<version>`` (default: the latest)."""
     version = latest_version(corpus, selection) if version is None else version
     if version < 1:
-        raise FileNotFoundError(f"{curated_dir(corpus, selection)} has no version yet; run deldist curate-new")
-    return storage.join(curated_dir(corpus, selection), f"v{version}")
+        raise FileNotFoundError(f"{RunLayout(corpus).curated(selection)} has no version yet; run deldist curate-new")
+    return RunLayout(corpus).version(selection, version)
 
 
 def read_version(corpus: str, selection: str, table: str, version: int | None = None,
                  columns: list[str] | None = None) -> pa.Table:
     """One table (``retained``, ``removed`` or ``sources``) of a version (default: latest)."""
-    return storage.read_published(storage.join(version_dir(corpus, selection, version), table), columns)
+    return storage.read_published(table_of(version_dir(corpus, selection, version), table), columns)
 
 
-def set_latest(cur: str, version: int) -> None:
-    storage.write_json(storage.join(cur, "latest.json"), {"version": version, "path": f"v{version}"})
+def set_latest(corpus: str, selection: str, version: int) -> None:
+    storage.write_json(RunLayout(corpus).latest(selection), {"version": version, "path": version_name(version)})
 
 
 def publish_table(dir_uri: str, shared: Sequence[str], table: pa.Table | None, schema: pa.Schema) -> int:
@@ -103,64 +100,68 @@ def sources_ledger(frame_sources: pa.Table, version: int, failed: Iterable[str])
 
 
 def sources_of_corpus(corpus: str) -> pa.Table:
-    errors_dir = storage.join(corpus, "errors")
-    failed = storage.read_published(errors_dir, ["source"]).column("source").to_pylist() \
-        if storage.is_published(errors_dir) else []
-    return sources_ledger(storage.read_published(storage.join(corpus, "embeddings"), ["source"]), 1, failed)
+    layout = RunLayout(corpus)
+    failed = storage.read_published(layout.errors, ["source"]).column("source").to_pylist() \
+        if storage.is_published(layout.errors) else []
+    return sources_ledger(storage.read_published(layout.embeddings, ["source"]), 1, failed)
 
 
-def publish_selection_version(run_root: str, selection: str, cur: str, version: int, sources: Sequence[str],
+def publish_selection_version(source: RunLayout, corpus: str, selection: str, version: int, sources: Sequence[str],
                                sources_table: pa.Table | None, embeddings: list[str],
                                extra: dict[str, Any]) -> dict[str, Any]:
-    """Publish ``cur/v<version>`` from selection ``selection`` of ``run_root`` (its retained /
-    removed parts shared), then point ``latest.json`` at it."""
-    sel_dir = storage.join(run_root, "selections", selection)
-    summary = storage.read_json(storage.join(sel_dir, "summary.json"))
+    """Publish ``curated/<selection>/v<version>`` of ``corpus`` from selection ``selection`` of
+    the run ``source`` (its retained / removed parts shared), then point ``latest.json`` at it."""
+    sel_dir = source.selection(selection)
+    summary = storage.read_json(summary_of(sel_dir))
     if summary.get("method") not in ("meddel", "semdedup"):
         raise ValueError(f"selection {selection!r} is a {summary.get('method')} selection; curate-new extends a "
                          "MedDEL or SemDeDup selection (its threshold and rules are applied to the uploads)")
     if summary.get("similarity_threshold") is None:
         raise ValueError(f"selection {selection!r} has no similarity threshold (built without eps / target_ratio)")
-    clusters_dir = storage.join(run_root, "clusters")
-    clusters_manifest = storage.read_manifest(clusters_dir)
-    scores_manifest = storage.read_manifest(storage.join(run_root, "dedup", "scores"))
-    vdir = storage.join(cur, f"v{version}")
+    scores_manifest = storage.read_manifest(source.scores)
+    vdir = RunLayout(corpus).version(selection, version)
     for table in ("retained", "removed"):
         schema = RETAINED_SCHEMA if table == "retained" else REMOVED_SCHEMA
-        publish_table(storage.join(vdir, table), storage.published_paths(storage.join(sel_dir, table))[1], None,
-                       schema)
-    publish_table(storage.join(vdir, "sources"), sources, sources_table, VERSION_SOURCES_SCHEMA)
+        publish_table(table_of(vdir, table), storage.published_paths(table_of(sel_dir, table))[1], None, schema)
+    publish_table(table_of(vdir, "sources"), sources, sources_table, VERSION_SOURCES_SCHEMA)
     params = summary.get("parameters", {})
     manifest = {
-        "version": version, "selection": selection, "clusters": clusters_dir, "embeddings": embeddings,
-        "assignments": [storage.join(clusters_dir, clusters_manifest.get("assignments", "assignments"))],
+        "version": version, "selection": selection, "clusters": source.clusters, "embeddings": embeddings,
+        "assignments": [source.assignments],
         "similarity_threshold": summary["similarity_threshold"],
         "keep": scores_manifest.get("keep", "easy"), "seed": scores_manifest.get("seed", 0),
         "selection_parameters": params, **extra,
     }
-    storage.write_json(storage.join(vdir, "summary.json"), {**summary, "version": version, **extra})
+    storage.write_json(summary_of(vdir), {**summary, "version": version, **extra})
     storage.publish(vdir, [], manifest)
-    set_latest(cur, version)
+    set_latest(corpus, selection, version)
     return manifest
 
 
 def create_first_version(corpus: str, selection: str) -> dict[str, Any]:
     """``v1``: the corpus selection as curated, its retained / removed parts shared."""
-    return publish_selection_version(corpus, selection, curated_dir(corpus, selection), 1, [],
-                                      sources_of_corpus(corpus), [storage.join(corpus, "embeddings")],
-                                      {"parent": None})
+    layout = RunLayout(corpus)
+    return publish_selection_version(layout, corpus, selection, 1, [], sources_of_corpus(corpus),
+                                      [layout.embeddings], {"parent": None})
 
 
 def represented_items(vdir: str) -> pa.Table:
     """The corpus items an upload may be a copy of -> (id, stand_in): every retained item (its
     own stand-in) and every item removed as a copy of another (duplicate, near_copy, temporal)
     with the retained item standing for it. Items removed as invalid or outliers are not in it:
-    an upload is never removed because of a frame that was rejected for its own sake."""
-    retained = storage.read_published(storage.join(vdir, "retained"), ["id"]).column("id").combine_chunks()
-    removed = storage.read_published(storage.join(vdir, "removed"), ["id", "duplicate_of"])
+    an upload is never removed as a duplicate of a frame that was rejected for its own sake
+    (:func:`rejected_items`)."""
+    retained = storage.read_published(table_of(vdir, "retained"), ["id"]).column("id").combine_chunks()
+    removed = storage.read_published(table_of(vdir, "removed"), ["id", "duplicate_of"])
     linked = removed.filter(pc.is_valid(removed.column("duplicate_of")))
     ids = pa.concat_arrays([retained, linked.column("id").combine_chunks()])
     parent = pa.concat_arrays([pa.nulls(len(retained), pa.string()), linked.column("duplicate_of").combine_chunks()])
     stand_in = retained_roots(ids, parent, np.r_[np.ones(len(retained), bool), np.zeros(linked.num_rows, bool)])
     table = pa.table({"id": ids, "stand_in": stand_in})
     return table.filter(pc.is_valid(table.column("stand_in")))
+
+
+def rejected_items(vdir: str) -> pa.Table:
+    """The corpus items removed for their own sake -> (id, reason): ``invalid`` or ``outlier``."""
+    removed = storage.read_published(table_of(vdir, "removed"), ["id", "reason"])
+    return removed.filter(pc.is_in(removed.column("reason"), value_set=pa.array(["invalid", "outlier"])))

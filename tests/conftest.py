@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 
 import pytest
+
+# token authentication (Ray's default for local clusters) with a token of this session: the
+# test process, the CLI and the job driver all present it. Set at import, before any test
+# module imports ray.data: Ray caches its auth mode when first configured.
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
 
 def _free_port() -> int:
@@ -59,7 +65,6 @@ def ray_head(s3_endpoint: str, tmp_path_factory):
     reach the moto server over HTTP, as they would reach S3. Its dashboard runs the job server
     for the ``ray job submit`` test. Only one Ray instance per session: two on one host break
     Ray Train. Yields {"address", "dashboard"}."""
-    import secrets
     import subprocess
     import sys
     import tempfile
@@ -70,9 +75,6 @@ def ray_head(s3_endpoint: str, tmp_path_factory):
                                              "metrics-export-port", "runtime-env-agent-port",
                                              "node-manager-port", "object-manager-port")}
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
-    # token authentication (Ray's default for local clusters) with a token of this session: the
-    # test process, the CLI and the job driver all present it
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)

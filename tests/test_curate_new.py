@@ -111,7 +111,7 @@ def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     retained = set(read_version(root, SELECTION, "retained", 2).column("id").to_pylist())
     new_removed = {r["id"]: r for r in removed if r["id"].startswith("v2/")}
     new_retained = {i for i in retained if i.startswith("v2/")}
-    batch_ids = storage.read_published(storage.join(versions.curated_dir(root, SELECTION), "batches", "v2",
+    batch_ids = storage.read_published(storage.join(root, "curated", SELECTION, "batches", "v2",
                                                     "embeddings"), ["id"]).column("id").to_pylist()
     by_video = {name: [i for i in batch_ids if _key(i) == f"v2/site_x/{name}.mp4"]
                 for name in ("reupload", "reencoded", "fresh")}
@@ -131,8 +131,17 @@ def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     exact = [new_removed[i] for i in by_video["reupload"] if new_removed[i]["reason"] == "near_copy"]
     assert exact and all(r["max_sim"] == 1.0 for r in exact)
     summary = storage.read_json(storage.join(versions.version_dir(root, SELECTION, 2), "summary.json"))
-    assert [r["rule"] for r in summary["batch"]["rules"]] == ["quality", "outlier_distance", "outlier_quantile",
-                                                               "near_copy", "duplicate"]
+    rules = [r["rule"] for r in summary["batch"]["rules"]]
+    assert rules[:3] == ["quality", "outlier_distance", "outlier_quantile"] and rules[-2:] == ["near_copy", "duplicate"]
+    assert set(rules[3:-2]) <= {"copy_of_rejected"}
+    # (a) frame by frame: a re-upload of a frame the corpus rejected for its own sake is rejected
+    # again for that reason (deldist's copy_of_rejected); every other one is a copy
+    original = corpus["videos"][0].relative_to(corpus["sample"] / "videos").as_posix()
+    v1_reason = dict(zip(v1_removed.column("id").to_pylist(), v1_removed.column("reason").to_pylist()))
+    for i in by_video["reupload"]:
+        before = v1_reason.get(f"{original}#{i.split('#')[1]}")
+        expected = {before} if before in ("invalid", "outlier") else {"near_copy", "duplicate"}
+        assert new_removed[i]["reason"] in expected, (i, before, new_removed[i])
     # (c): new content is kept: every scene with frames that pass the filters keeps one, and no
     # frame is removed as a duplicate of a corpus frame
     fresh = by_video["fresh"]
@@ -152,7 +161,7 @@ def test_versions_readable_and_every_id_once(corpus):
         assert sorted(read_version(root, SELECTION, table, 1).column("id").to_pylist()) == \
             sorted(storage.read_published(storage.join(sel, table)).column("id").to_pylist())
     corpus_ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
-    batch_ids = storage.read_published(storage.join(versions.curated_dir(root, SELECTION), "batches", "v2",
+    batch_ids = storage.read_published(storage.join(root, "curated", SELECTION, "batches", "v2",
                                                     "embeddings"), ["id"]).column("id").to_pylist()
     kept = read_version(root, SELECTION, "retained", 2).column("id").to_pylist()
     removed = read_version(root, SELECTION, "removed", 2).column("id").to_pylist()
@@ -170,7 +179,7 @@ def test_versions_readable_and_every_id_once(corpus):
 
 def test_rerun_is_a_noop_and_a_new_upload_makes_v3(corpus):
     root, cfg = corpus["root"], corpus["new_cfg"]
-    cur = versions.curated_dir(root, SELECTION)
+    cur = storage.join(root, "curated", SELECTION)
     before = sorted(storage.list_files(cur))
     again = run(cfg)
     assert again == {"version": 2, "changed": False, "new_sources": 0, "path": versions.version_dir(root, SELECTION)}
@@ -210,7 +219,7 @@ def test_recluster_by_flag_publishes_a_reclustered_version(corpus):
     assert manifest["reclustered_from"] == before + 1 and "recluster-v" in manifest["clusters"]
     batch_ids = []
     for v in range(2, before + 2):
-        emb = storage.join(versions.curated_dir(root, SELECTION), "batches", f"v{v}", "embeddings")
+        emb = storage.join(root, "curated", SELECTION, "batches", f"v{v}", "embeddings")
         if storage.is_published(emb):
             batch_ids += storage.read_published(emb, ["id"]).column("id").to_pylist()
     corpus_ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
