@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from deldist import cli, curate, html_report, materialize, storage
+from deldist import cli, curate, html_render, html_report, materialize, storage, thumbnails
+from deldist.layout import RunLayout
 
 SPECIAL = "a<b>&\"c'.mp4"  # a video file name that breaks any unescaped HTML
 SELECTION = "meddel&<50>"  # and a selection name that does too
@@ -157,18 +158,18 @@ def test_cluster_size_histogram():
     labels = pa.chunked_array([pa.array([0, 0, 0, 2, 2, 5], pa.int32()), pa.array([0], pa.int32())])
     sizes = html_report.cluster_sizes(labels, k=7)
     assert sizes.tolist() == [4, 0, 2, 0, 0, 1, 0]
-    edges, counts = html_report.size_histogram(sizes)
+    edges, counts = html_render.size_histogram(sizes)
     assert edges.tolist() == [0, 1, 2, 3, 4, 5] and counts.tolist() == [4, 1, 1, 0, 1]
-    edges, counts = html_report.size_histogram(np.arange(1000), max_bins=30)
+    edges, counts = html_render.size_histogram(np.arange(1000), max_bins=30)
     assert len(counts) <= 30 and counts.sum() == 1000 and edges[0] == 0 and edges[-1] > 999
-    png = html_report.histogram_png(sizes)
+    png = html_render.histogram_png(sizes)
     assert Image.open(io.BytesIO(png)).format == "PNG"
 
 
 def test_decode_chunks_split_far_apart_frames():
     rows = [{"id": f"v#{i}", "source": "/d/v.mp4", "frame_index": i} for i in (900, 3, 10, 400)]
     rows.append({"id": "x.jpg#0", "source": "/d/x.jpg", "frame_index": 0})
-    jobs = html_report.decode_chunks(rows, max_gap=250)
+    jobs = thumbnails.decode_chunks(rows, max_gap=250)
     assert [j["kind"] for j in jobs] == ["image", "video", "video", "video"]
     assert [[f[0] for f in j["frames"]] for j in jobs[1:]] == [[3, 10], [400], [900]]
 
@@ -181,8 +182,8 @@ def test_render_escapes_everything_from_the_data():
         datasets=[{"dataset": evil, "input": 2, "kept": 1, "ratio": 0.5}],
         groups=[html_report.DuplicateGroup(f"{evil}#0", "kept", 1, ((f"{evil}#1", 0.99, "duplicate"),))],
         outliers=[], invalid=[])
-    run = html_report.RunView(output=f"/runs/{evil}", selections=[view])
-    text = html_report.render_html(run, {}, {f"{evil}#0": "thumbs/0.jpg"}, {f"{evil}#1": f"cannot decode {evil}"})
+    run = html_render.RunView(output=f"/runs/{evil}", selections=[view])
+    text = html_render.render_html(run, {}, {f"{evil}#0": "thumbs/0.jpg"}, {f"{evil}#1": f"cannot decode {evil}"})
     page = Page(text)
     assert page.errors == [] and not page.find("script")
     assert evil not in text and html.escape(evil, quote=True) in text
@@ -221,7 +222,7 @@ def test_curate_writes_the_report(curated):
     root, result = curated
     index = result["html_report"]
     assert index == storage.join(root, "reports", "html", "index.html") and storage.exists(index)
-    assert storage.is_published(html_report.html_dir(root))
+    assert storage.is_published(RunLayout(root).html)
     _, page = load_page(index)
     assert [s["attrs"]["data-selection"] for s in page.find("section")] == [SELECTION, "random"]
     assert assert_images_exist(index, page) > 10
@@ -347,7 +348,7 @@ def test_thumbnails_from_the_frame_store_and_bounded_galleries(stored_copy):
     index = html_report.write_html_report(stored_copy, [SELECTION], max_per_gallery=3, max_groups=2, max_per_group=2)
     _, page = load_page(index)
     assert assert_images_exist(index, page) > 0
-    stats = storage.read_manifest(html_report.html_dir(stored_copy))["thumbnails"]
+    stats = storage.read_manifest(RunLayout(stored_copy).html)["thumbnails"]
     # kept anchors come from the store; removed frames are not in it and are decoded
     assert stats["from_store"] > 0 and stats["decoded"] > 0 and stats["missing"] == 0
     assert len(page.find("figure", class_="outlier")) <= 3 and len(page.find("figure", class_="invalid")) <= 3
@@ -359,7 +360,7 @@ def test_thumbnails_from_the_frame_store_and_bounded_galleries(stored_copy):
 
 def test_cli_report_html_writes_only_the_page(stored_copy, capsys):
     assert cli.main(["report", "--html", f"output={stored_copy}", "html_gallery=2"]) == 0
-    index = storage.join(html_report.html_dir(stored_copy), "index.html")
+    index = storage.join(RunLayout(stored_copy).html, "index.html")
     _, page = load_page(index)
     # default selections (["all"]) -> every published selection; no pretraining happened
     assert [s["attrs"]["data-selection"] for s in page.find("section")] == sorted([SELECTION, "random"])
@@ -432,7 +433,7 @@ def test_report_on_s3_with_unreadable_frames(s3_bucket, tiny_sample):
     group = page.find("div", class_="group")[0]
     assert group["attrs"]["data-anchor"] == ids[0] and group["attrs"]["data-size"] == "3"
     assert [f["attrs"]["data-id"] for f in page.find("figure", class_="member")] == [ids[2], ids[1], ids[-1]]
-    assert storage.read_manifest(html_report.html_dir(root))["thumbnails"] == {
+    assert storage.read_manifest(RunLayout(root).html)["thumbnails"] == {
         "shown": 6, "from_store": 0, "decoded": 5, "missing": 1}
 
 
