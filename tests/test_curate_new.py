@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import sample, storage, versions
+from deldist import sample, sample_scenes, storage, versions
 from deldist.config import load_config
 from deldist.curate import Config as CurateConfig
 from deldist.curate import run as run_curate
@@ -63,9 +63,9 @@ def _transcode(src, dst, delta: int = 1) -> None:
 
 def _new_content(dst) -> int:
     """One video of content the corpus has never seen (the tiny plan with another seed)."""
-    plan = sample.plan_dataset("tiny", seed=123)[0]
-    frames = (f for f, _ in sample.iter_video_frames(plan))
-    return sample.encode_video(dst, frames, plan.width, plan.height, sample.FPS, sample.video_codec())
+    plan = sample_scenes.plan_dataset("tiny", seed=123)[0]
+    frames = (f for f, _ in sample_scenes.iter_video_frames(plan))
+    return sample.encode_video(dst, frames, plan.width, plan.height, sample_scenes.FPS, sample.video_codec())
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     fresh = by_video["fresh"]
     old_ids = v1_retained | set(v1_removed.column("id").to_pylist())
     assert not [i for i in fresh if i in new_removed and new_removed[i]["duplicate_of"] in old_ids]
-    scene_of = sample.frame_labels(sample.plan_dataset("tiny", seed=123)[0])["scene_id"]
+    scene_of = sample_scenes.frame_labels(sample_scenes.plan_dataset("tiny", seed=123)[0])["scene_id"]
     passed = {scene_of[int(i.split("#")[1])] for i in fresh
               if i in new_retained or new_removed[i]["reason"] in ("duplicate", "near_copy")}
     covered = {scene_of[int(i.split("#")[1])] for i in fresh if i in new_retained}

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from deldist import sample
+from deldist import sample, sample_scenes
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def test_render_matches_encoded_video_and_stored_masks(
     tiny: tuple[Path, dict], decoded: dict[str, np.ndarray]
 ) -> None:
     root, _ = tiny
-    plan = sample.plan_dataset("tiny", 0)[1]
-    frames, masks = sample.render_video_frames(plan)
+    plan = sample_scenes.plan_dataset("tiny", 0)[1]
+    frames, masks = sample_scenes.render_video_frames(plan)
     assert frames.shape == (plan.n_frames, 256, 320, 3) and frames.dtype == np.uint8
     assert masks.shape == (plan.n_frames, 256, 320) and masks.dtype == bool
     assert np.array_equal(masks, np.load(root / "masks" / plan.center / f"{plan.name}.npz")["masks"])
@@ -133,12 +133,12 @@ def test_render_matches_encoded_video_and_stored_masks(
     # checked above, mean the pixel arrays themselves are reproducible)
     err = np.abs(decoded[plan.source_key] - frames.astype(np.float32) / 255).mean(axis=(1, 2, 3))
     assert err.max() < 0.03
-    assert sample.plan_dataset("tiny", 1)[1].scenes[0].seed != plan.scenes[0].seed
+    assert sample_scenes.plan_dataset("tiny", 1)[1].scenes[0].seed != plan.scenes[0].seed
 
 
 def test_invalid_frames_look_like_their_kind(gt: list[dict], decoded: dict[str, np.ndarray]) -> None:
     kinds = {r["invalid_kind"] for r in gt if r["invalid"]}
-    assert kinds == set(sample.INVALID_KINDS)
+    assert kinds == set(sample_scenes.INVALID_KINDS)
     checked = defaultdict(int)
     for seg in _segments(gt).values():
         kind = seg[0]["invalid_kind"]
@@ -163,7 +163,7 @@ def test_invalid_frames_look_like_their_kind(gt: list[dict], decoded: dict[str, 
                 nearest = min(sharp, key=lambda q: abs(q["frame_index"] - r["frame_index"]))
                 assert _laplacian_var(f) < 0.5 * _laplacian_var(video[nearest["frame_index"]])
             checked[kind] += 1
-    assert set(checked) == set(sample.INVALID_KINDS)
+    assert set(checked) == set(sample_scenes.INVALID_KINDS)
 
 
 def test_static_runs_are_near_duplicates(gt: list[dict], decoded: dict[str, np.ndarray]) -> None:
@@ -213,4 +213,4 @@ def test_rejects_unknown_size_and_kind(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown size"):
         sample.generate(str(tmp_path), "huge")
     with pytest.raises(ValueError, match="unknown invalid kind"):
-        sample.make_invalid("smoke", np.zeros((4, 4, 3), np.float32), 0)
+        sample_scenes.make_invalid("smoke", np.zeros((4, 4, 3), np.float32), 0)
