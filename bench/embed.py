@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deldist import sample  # noqa: E402
 from deldist.config import load_config  # noqa: E402
-from deldist.embed import IMAGENET_MEAN, IMAGENET_STD, Config, run  # noqa: E402
+from deldist.embed import Config, run  # noqa: E402
 from deldist.encoders import build_encoder, pool_tokens  # noqa: E402
-from deldist.frames import Sampling, decode_video  # noqa: E402
+from deldist.frames import IMAGENET_MEAN, IMAGENET_STD, Sampling, decode_video  # noqa: E402
 
 BATCH = 32
 

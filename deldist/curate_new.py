@@ -87,9 +87,6 @@ from deldist.versions import (
     sources_ledger,
 )
 
-# embeddings/_run.json keys that fix what a frame's embedding is; a batch must match them
-ENCODER_KEYS = ("model", "weights_sha256", "random_init", "pooling", "image_size", "mean", "std",
-                "fps", "stride", "keyframes_only", "segment_seconds", "dim")
 
 
 class Config(StageConfig):
@@ -170,14 +167,14 @@ def recluster(config: Config, version: int) -> dict[str, Any]:
 
 def _batch_embed_config(config: Config, corpus_fp: dict[str, Any], corpus_manifest: dict[str, Any],
                         batch_root: str, batch_manifest: str, prefix: str) -> embed.Config:
-    encoder = {k: corpus_fp[k] for k in ENCODER_KEYS if k in embed.Config.model_fields and k in corpus_fp}
+    encoder = {k: corpus_fp[k] for k in embed.FINGERPRINT_KEYS if k in embed.Config.model_fields and k in corpus_fp}
     settings = {**encoder, "weights": corpus_manifest.get("weights"), **config.embed,
                 "input": config.input, "output": batch_root, "manifest": batch_manifest, "id_prefix": prefix}
     return embed.Config.model_validate(settings)
 
 
 def _check_same_encoder(corpus_fp: dict[str, Any], batch_fp: dict[str, Any]) -> None:
-    diff = {k: (corpus_fp.get(k), batch_fp.get(k)) for k in ENCODER_KEYS if corpus_fp.get(k) != batch_fp.get(k)}
+    diff = {k: (corpus_fp.get(k), batch_fp.get(k)) for k in embed.FINGERPRINT_KEYS if corpus_fp.get(k) != batch_fp.get(k)}
     if diff:
         raise ValueError(f"the uploads were embedded with other settings than the corpus {diff} (corpus, batch); "
                          "curate-new must use the corpus's encoder and sampling")

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import time
-from collections import defaultdict
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -37,11 +36,12 @@ from deldist.frames import (
     decode_image,
     decode_video,
     perceptual_hash,
-    probe_video,
     quality_stats,
 )
-from deldist.ids import frame_id, split_id
+from deldist.ids import frame_id
 from deldist.io import Source, list_sources, open_source
+from deldist.embed_units import PROGRESS_SCHEMA, load_state, pack_tasks, plan_units, source_progress
+from deldist.layout import RunLayout, run_file_of
 from deldist.schema import (
     ERRORS_SCHEMA,
     QUALITY_COLUMNS,
@@ -50,21 +50,11 @@ from deldist.schema import (
 )
 
 DEFAULT_FPS = 2.0
+# what fixes the embedding of a frame id (embeddings/_run.json): a rerun into the same output,
+# and a curate-new batch against a corpus, must match them
+FINGERPRINT_KEYS: tuple[str, ...] = ("model", "weights_sha256", "random_init", "pooling", "image_size", "mean", "std",
+                                     "fps", "stride", "keyframes_only", "segment_seconds", "dim")
 _EMIT_ROWS = 32  # frames per batch a decode task hands downstream
-
-PROGRESS_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),  # source key
-        ("unit", pa.int64()),  # segment index (0 for images)
-        ("n_units", pa.int64()),  # segments of this source
-        ("segment_frames", pa.int64()),  # frames per segment (0 = one open-ended segment)
-        ("expected", pa.int64()),  # sampled frames the unit holds (skipped ones included)
-        ("decoded", pa.int64()),  # frames decoded to get them (decode cost)
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-    ]
-)
 
 
 class Config(StageConfig):
@@ -114,56 +104,7 @@ class Config(StageConfig):
         return Sampling(fps=self.fps, stride=self.stride, keyframes_only=self.keyframes_only)
 
 
-# ---------------------------------------------------------------- progress bookkeeping (pure)
-
-
-def unit_of(frame_index: int, segment_frames: int) -> int:
-    return frame_index // segment_frames if segment_frames > 0 else 0
-
-
-def source_progress(progress: list[dict[str, Any]], present: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
-    """Per source key: ``done`` (bool), ``units_done`` (set), ``errors``, ``expected`` frames.
-
-    ``progress``: unit records (PROGRESS_SCHEMA rows, possibly repeated across reruns);
-    ``present``: source key -> frame indices already in the parts.
-    A unit is done when it has a record and all its expected frames are present; a source
-    when all its units are, or when it failed before any unit (listing / probe error).
-    """
-    by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in progress:
-        by_source[r["source"]].append(r)
-    out = {}
-    for key, records in by_source.items():
-        errors = [r for r in records if r["error_type"]]
-        if any(r["n_units"] == 0 for r in records):  # failed before decoding (probe)
-            out[key] = {"done": True, "units_done": set(), "errors": errors, "expected": 0}
-            continue
-        n_units, seg = records[0]["n_units"], records[0]["segment_frames"]
-        expected = {r["unit"]: r["expected"] for r in records}  # reruns record the same number
-        have = defaultdict(int)
-        for index in present.get(key, ()):
-            have[unit_of(index, seg)] += 1
-        units_done = {u for u, n in expected.items() if have[u] >= n}
-        out[key] = {"done": len(units_done) == n_units, "units_done": units_done, "errors": errors,
-                    "expected": sum(expected.values())}
-    return out
-
-
 # ---------------------------------------------------------------- Ray Data stages
-
-
-def _probe_rows(row: dict[str, Any], segment_seconds: float) -> dict[str, Any]:
-    """Probe one video source -> its segment layout, or an error."""
-    try:
-        info = probe_video(open_source(row["uri"]))
-        if info.constant_rate and info.n_frames > 0:
-            seg = max(1, round(segment_seconds * info.fps))
-            n_units = max(1, math.ceil(info.n_frames / seg))
-        else:  # variable rate or unknown length: decode in one piece, index by timestamp
-            seg, n_units = 0, 1
-        return {**row, "n_units": n_units, "segment_frames": seg, "error_type": "", "message": ""}
-    except Exception as e:  # a bad file must become an error row, never stop the job
-        return {**row, "n_units": 0, "segment_frames": 0, "error_type": type(e).__name__, "message": str(e)}
 
 
 def decode_task(batch: dict[str, np.ndarray], config: Config, progress_dir: str) -> Iterator[dict[str, Any]]:
@@ -281,30 +222,11 @@ def _write_part(batch: dict[str, np.ndarray], data_dir: str, dim: int) -> dict[s
 # ---------------------------------------------------------------- driver
 
 
-class _Layout:
-    def __init__(self, output: str):
-        self.root = storage.join(output, "embeddings")
-        self.data = storage.join(self.root, "data")
-        self.progress = storage.join(self.root, "_progress")
-        self.run_file = storage.join(self.root, "_run.json")
-        self.errors = storage.join(output, "errors")
-
-
-def _read_parquet_files(uri: str, columns: list[str] | None, schema: pa.Schema | None = None) -> pa.Table:
-    fs, _ = storage.resolve(uri)
-    paths = [p for p in storage.list_files(uri) if p.endswith(".parquet")]
-    if not paths:
-        return schema.empty_table() if schema is not None else pa.table({c: [] for c in columns or []})
-    return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns)
-
-
 def _fingerprint(config: Config, weights_sha: str | None, dim: int) -> dict[str, Any]:
     """Settings that change the embedding of a given frame id: a rerun must match them."""
-    return {"model": config.model, "weights_sha256": weights_sha, "random_init": config.random_init,
-            "pooling": config.pooling, "image_size": config.image_size, "mean": list(config.mean),
-            "std": list(config.std), "fps": config.fps, "stride": config.stride,
-            "keyframes_only": config.keyframes_only, "segment_seconds": config.segment_seconds, "dim": dim,
-            **({"id_prefix": config.id_prefix} if config.id_prefix else {})}
+    values = {**config.model_dump(), "weights_sha256": weights_sha, "dim": dim, "mean": list(config.mean),
+              "std": list(config.std)}
+    return {**{k: values[k] for k in FINGERPRINT_KEYS}, **({"id_prefix": config.id_prefix} if config.id_prefix else {})}
 
 
 def fingerprint(config: Config) -> dict[str, Any]:
@@ -312,15 +234,16 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return _fingerprint(config, *_weights_and_dim(config))
 
 
-def _check_or_record_run(layout: _Layout, fingerprint: dict[str, Any]) -> None:
-    if storage.exists(layout.run_file):
-        previous = storage.read_json(layout.run_file)
+def _check_or_record_run(layout: RunLayout, fingerprint: dict[str, Any]) -> None:
+    run_file = run_file_of(layout.embeddings)
+    if storage.exists(run_file):
+        previous = storage.read_json(run_file)
         diff = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
         if diff:
-            raise ValueError(f"{layout.root} was embedded with other settings {diff} (old, new); "
+            raise ValueError(f"{layout.embeddings} was embedded with other settings {diff} (old, new); "
                              "use a new output root to embed with these")
         return
-    storage.write_json(layout.run_file, fingerprint)
+    storage.write_json(run_file, fingerprint)
 
 
 def _weights_and_dim(config: Config) -> tuple[str | None, int]:
@@ -332,74 +255,17 @@ def _weights_and_dim(config: Config) -> tuple[str | None, int]:
     return report.sha256, int(model.num_features)
 
 
-def _load_state(layout: _Layout) -> tuple[list[dict[str, Any]], dict[str, list[int]], pa.Table]:
-    progress = _read_parquet_files(layout.progress, None, PROGRESS_SCHEMA).to_pylist()
-    ids = _read_parquet_files(layout.data, ["id"]).column("id").to_pylist() if storage.list_files(layout.data) else []
-    present: dict[str, list[int]] = defaultdict(list)
-    for i in ids:
-        key, index = split_id(i)
-        present[key].append(index)
-    return progress, present, pa.table({"id": pa.array(ids, pa.string())})
-
-
-def _plan_units(pending: list[Source], done_units: dict[str, set[int]], present: dict[str, list[int]],
-                config: Config, layout: _Layout) -> list[dict[str, Any]]:
-    """Probe pending videos (in Ray tasks) and list the units still to decode."""
-    import ray
-
-    units: list[dict[str, Any]] = []
-    base = lambda s: {"uri": s.uri, "key": s.key, "dataset": s.dataset, "kind": s.kind,  # noqa: E731
-                      "skip": sorted(present.get(s.key, ()))}
-    for s in pending:
-        if s.kind == "image":
-            units.append({**base(s), "unit": 0, "n_units": 1, "segment_frames": 0})
-    videos = [base(s) for s in pending if s.kind == "video"]
-    if videos:
-        probed = (ray.data.from_items(videos, override_num_blocks=min(len(videos), 200))
-                  .map(_probe_rows, fn_kwargs={"segment_seconds": config.segment_seconds},
-                       num_cpus=config.decode_cpus)
-                  .take_all())
-        failures = []
-        for v in probed:
-            if v["n_units"] == 0:
-                failures.append({"source": v["key"], "unit": 0, "n_units": 0, "segment_frames": 0, "expected": 0,
-                                 "decoded": 0, "stage": "probe", "error_type": v["error_type"],
-                                 "message": v["message"]})
-                continue
-            for u in range(v["n_units"]):
-                if u not in done_units.get(v["key"], set()):
-                    units.append({**{k: v[k] for k in ("uri", "key", "dataset", "kind", "n_units",
-                                                       "segment_frames")},
-                                  "unit": u, "skip": _skip_for_unit(v["skip"], u, v["segment_frames"])})
-        if failures:
-            storage.write_table(pa.Table.from_pylist(failures, schema=PROGRESS_SCHEMA),
-                                storage.join(layout.progress, storage.new_part_name("units")))
-    return units
-
-
-def _skip_for_unit(present: list[int], unit: int, segment_frames: int) -> list[int]:
-    return [i for i in present if unit_of(i, segment_frames) == unit]
-
-
-def _pack_tasks(units: list[dict[str, Any]], images_per_task: int) -> list[str]:
-    """One task per video segment; images packed ``images_per_task`` to a task."""
-    tasks = [[u] for u in units if u["kind"] == "video"]
-    images = [u for u in units if u["kind"] == "image"]
-    tasks += [images[i : i + images_per_task] for i in range(0, len(images), images_per_task)]
-    return [json.dumps({"units": t}) for t in tasks]
-
-
-def _run_pipeline(tasks: list[str], config: Config, layout: _Layout, dim: int) -> int:
+def _run_pipeline(tasks: list[str], config: Config, layout: RunLayout, dim: int) -> int:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from deldist.runtime import cluster_gpus
+    from deldist.runtime import use_gpu
 
-    use_gpu = config.device == "cuda" or (config.device == "auto" and cluster_gpus() > 0)
-    encoder_resources = {"num_gpus": 1} if use_gpu else {"num_cpus": config.encoder_cpus}
+    on_gpu = use_gpu({"cuda": True, "cpu": False}.get(config.device))
+    encoder_resources = {"num_gpus": 1} if on_gpu else {"num_cpus": config.encoder_cpus}
     ds = (
         ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
-        .map_batches(decode_task, fn_kwargs={"config": config, "progress_dir": layout.progress},
+        .map_batches(decode_task, fn_kwargs={"config": config, "progress_dir": layout.embed_progress},
                      batch_size=1, num_cpus=config.decode_cpus,
                      # its own resource request also keeps Ray Data from fusing decoding into
                      # the encoder actors: decoding must fan out over CPU tasks
@@ -407,16 +273,16 @@ def _run_pipeline(tasks: list[str], config: Config, layout: _Layout, dim: int) -
         .map_batches(Encoder, fn_constructor_args=(config,), batch_size=config.batch_size,
                      compute=ActorPoolStrategy(min_size=config.actors_min, max_size=config.actors_max),
                      **encoder_resources)
-        .map_batches(_write_part, fn_kwargs={"data_dir": layout.data, "dim": dim},
+        .map_batches(_write_part, fn_kwargs={"data_dir": layout.embedding_parts, "dim": dim},
                      batch_size=config.rows_per_part, num_cpus=0.1)
     )
     return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
 
 
-def _drop_duplicate_rows(layout: _Layout) -> int:
+def _drop_duplicate_rows(parts_dir: str) -> int:
     """Rewrite the parts that hold an id a second time (a retried task); returns rows dropped."""
-    fs, _ = storage.resolve(layout.data)
-    paths = [p for p in storage.list_files(layout.data) if p.endswith(".parquet")]
+    fs, _ = storage.resolve(parts_dir)
+    paths = [p for p in storage.list_files(parts_dir) if p.endswith(".parquet")]
     seen: set[str] = set()
     dropped = 0
     for path in paths:
@@ -425,12 +291,12 @@ def _drop_duplicate_rows(layout: _Layout) -> int:
         seen.update(ids)
         if any(dup):
             table = pq.read_table(path, filesystem=fs).filter(pa.array([not d for d in dup]))
-            storage.write_table(table, storage.to_uri(layout.data, path))
+            storage.write_table(table, storage.to_uri(parts_dir, path))
             dropped += sum(dup)
     return dropped
 
 
-def _publish(layout: _Layout, config: Config, fingerprint: dict[str, Any], sources: list[Source],
+def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sources: list[Source],
              skipped: list[str], progress: dict[str, dict[str, Any]], decoded: int, kept: int) -> dict[str, Any]:
     by_key = {s.key: s for s in sources}
     errors = [{"source": s, "stage": "list", "error_type": "UnsupportedType",
@@ -452,8 +318,8 @@ def _publish(layout: _Layout, config: Config, fingerprint: dict[str, Any], sourc
         if path.endswith(".parquet"):
             fs.delete_file(path)
 
-    parts = [p for p in storage.list_files(layout.data) if p.endswith(".parquet")]
-    fs, _ = storage.resolve(layout.data)
+    parts = [p for p in storage.list_files(layout.embedding_parts) if p.endswith(".parquet")]
+    fs, _ = storage.resolve(layout.embedding_parts)
     rows = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in parts)
     meta = {
         **fingerprint,
@@ -468,7 +334,7 @@ def _publish(layout: _Layout, config: Config, fingerprint: dict[str, Any], sourc
         "deldist_version": deldist.__version__,
         "schema": storage.schema_hex(embeddings_schema(fingerprint["dim"])),
     }
-    storage.publish(layout.root, parts, meta)
+    storage.publish(layout.embeddings, parts, meta)
     return meta
 
 
@@ -478,7 +344,7 @@ def run(config: Config) -> dict[str, Any]:
 
     started = time.time()
     init_ray()
-    layout = _Layout(config.output)
+    layout = RunLayout(config.output)
     weights_sha, dim = _weights_and_dim(config)
     fingerprint = _fingerprint(config, weights_sha, dim)
     _check_or_record_run(layout, fingerprint)
@@ -486,7 +352,7 @@ def run(config: Config) -> dict[str, Any]:
     sources, skipped = list_sources(config.input, config.manifest)
     if config.id_prefix:
         sources = [dataclasses.replace(s, key=config.id_prefix + s.key) for s in sources]
-    records, present, _ = _load_state(layout)
+    records, present = load_state(layout)
     progress = source_progress(records, present)
     pending = [s for s in sources if not progress.get(s.key, {}).get("done", False)]
     if config.max_sources is not None:
@@ -494,13 +360,14 @@ def run(config: Config) -> dict[str, Any]:
     written = 0
     if pending:
         done_units = {k: p["units_done"] for k, p in progress.items()}
-        units = _plan_units(pending, done_units, present, config, layout)
-        tasks = _pack_tasks(units, config.images_per_task)
+        units = plan_units(pending, done_units, present, config.segment_seconds, config.decode_cpus,
+                           layout.embed_progress)
+        tasks = pack_tasks(units, config.images_per_task)
         if tasks:
             written = _run_pipeline(tasks, config, layout, dim)
 
-    duplicates = _drop_duplicate_rows(layout) if written else 0
-    records, present, _ = _load_state(layout)
+    duplicates = _drop_duplicate_rows(layout.embedding_parts) if written else 0
+    records, present = load_state(layout)
     progress = source_progress(records, present)
     remaining = [s.key for s in sources if not progress.get(s.key, {}).get("done", False)]
     decoded = sum(r["decoded"] for r in records)
@@ -508,12 +375,12 @@ def run(config: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "sources": len(sources), "pending_sources": len(remaining), "frames_written_this_run": written,
         "duplicates_dropped": duplicates, "seconds": round(time.time() - started, 1),
-        "output": layout.root,
+        "output": layout.embeddings,
     }
     if remaining:
         summary["published"] = False
         print(f"deldist embed: {len(remaining)} of {len(sources)} sources still pending "
-              f"(max_sources={config.max_sources}); rerun to continue. Parts under {layout.data}")
+              f"(max_sources={config.max_sources}); rerun to continue. Parts under {layout.embedding_parts}")
         return summary
     meta = _publish(layout, config, fingerprint, sources, skipped, progress, decoded, kept)
     fps = written / max(summary["seconds"], 1e-9)
@@ -522,5 +389,5 @@ def run(config: Config) -> dict[str, Any]:
                    random_init=config.random_init)
     print(f"deldist embed: {len(sources)} sources, {meta['rows']} frames ({written} new), "
           f"{meta['errors']} errors, {fps:.1f} frames/s, decoded/kept {meta['frames_decoded_per_frame_kept']}"
-          f" -> {layout.root}")
+          f" -> {layout.embeddings}")
     return summary
