@@ -33,10 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deldist import materialize, pretrain, sample, storage  # noqa: E402
+from deldist import augment, materialize, pretrain, sample, storage  # noqa: E402
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from deldist.models import build_mae, param_groups  # noqa: E402
 from deldist.trainer import normalize  # noqa: E402
+from deldist.layout import RunLayout  # noqa: E402
 
 MODEL = "deldist_vit_micro_patch16"
 
@@ -71,7 +72,7 @@ def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: i
     rng = np.random.default_rng(rank)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    fixed = [torch.from_numpy(pretrain.augment_jpegs([jpegs[j % len(jpegs)] for j in range(i * batch, (i + 1) * batch)],
+    fixed = [torch.from_numpy(augment.augment_jpegs([jpegs[j % len(jpegs)] for j in range(i * batch, (i + 1) * batch)],
                                                      size, (0.2, 1.0), rng)) for i in range(4)]
     start = 0.0
     for step in range(steps + 2):
@@ -79,7 +80,7 @@ def plain_loop(jpegs: list[bytes], size: int, batch: int, steps: int, threads: i
             start = time.perf_counter()
         if with_data:
             chosen = rng.choice(len(jpegs), batch, replace=False)
-            images = torch.from_numpy(pretrain.augment_jpegs([jpegs[j] for j in chosen], size, (0.2, 1.0), rng))
+            images = torch.from_numpy(augment.augment_jpegs([jpegs[j] for j in chosen], size, (0.2, 1.0), rng))
         else:
             images = fixed[step % 4]
         loss, _, _ = model(normalize(images, mean, std))
@@ -131,7 +132,7 @@ def ray_train_rate(root: str, workers: int, size: int, batch: int, threads: int,
                           batch_size=batch, num_workers=workers, cpus_per_worker=cpus,
                           torch_threads=threads, max_failures=0, data_buffer_mb=buffer_mb, **mae_args)
     pretrain.run(cfg)
-    history = storage.read_json(storage.join(pretrain.run_dir(root, name), "metrics.json"))[1:]
+    history = storage.read_json(storage.join(RunLayout(root).pretrain(name), "metrics.json"))[1:]
     per_worker = statistics.median(h["img_per_s_per_worker"] for h in history)
     steady = statistics.median(h["img_per_s_steady"] / workers for h in history)
     return per_worker, statistics.median(h["img_per_s"] for h in history), steady

@@ -150,14 +150,16 @@ def evaluate(root: str, table: pa.Table, max_hamming: int | None = None) -> dict
       keeps at most one frame per group on average (the hash-only baseline).
     """
     from deldist import select, storage
+    from deldist.layout import RunLayout
 
     n_groups = len(set(table.column("group").to_pylist()))
     rule = {} if max_hamming is None else {"max_hamming": max_hamming}
-    ids = storage.read_published(storage.join(root, "embeddings"), ["id"]).column("id").to_pylist()
+    layout = RunLayout(root)
+    ids = storage.read_published(layout.embeddings, ["id"]).column("id").to_pylist()
 
     def kept_keys(name: str, **settings: object) -> list[str]:
         select.run(select.Config.model_validate({"output": root, "name": name, **settings}))
-        kept = storage.read_published(storage.join(root, "selections", name, "retained")).column("id").to_pylist()
+        kept = storage.read_published(layout.selection_table(name, "retained")).column("id").to_pylist()
         return [k.split("#")[0].split("images/", 1)[-1] for k in kept]
 
     out = {"near_copy": group_figures(kept_keys("copies_near", outlier_distance=None,

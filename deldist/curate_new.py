@@ -88,7 +88,6 @@ from deldist.versions import (
 )
 
 
-
 class Config(StageConfig):
     """``deldist curate-new`` settings."""
 

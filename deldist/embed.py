@@ -28,6 +28,13 @@ from pydantic import model_validator
 import deldist
 from deldist import storage
 from deldist.config import StageConfig
+from deldist.embed_units import (
+    PROGRESS_SCHEMA,
+    load_state,
+    pack_tasks,
+    plan_units,
+    source_progress,
+)
 from deldist.frames import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -40,7 +47,6 @@ from deldist.frames import (
 )
 from deldist.ids import frame_id
 from deldist.io import Source, list_sources, open_source
-from deldist.embed_units import PROGRESS_SCHEMA, load_state, pack_tasks, plan_units, source_progress
 from deldist.layout import RunLayout, run_file_of
 from deldist.schema import (
     ERRORS_SCHEMA,

@@ -23,7 +23,6 @@ from deldist.ids import split_id
 from deldist.io import Source, open_source
 from deldist.layout import RunLayout
 
-
 PROGRESS_SCHEMA = pa.schema(
     [
         ("source", pa.string()),  # source key

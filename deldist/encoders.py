@@ -18,10 +18,44 @@ import torch
 
 from deldist import storage
 
+# timm's register_model appends the tiny ViT names to this list
+__all__ = ["TINY_VITS", "LoadReport", "WeightsError", "build_encoder", "load_weights", "map_checkpoint_keys",
+           "pool_tokens", "read_checkpoint", "register_tiny_vits"]
+
 # Keys that belong to a pretraining or classification head, not to the encoder.
 _DROPPED_PREFIXES = ("decoder", "mask_token", "head.", "fc_norm.")
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "encoder", "module")
 _KEY_PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
+
+
+TINY_VITS: dict[str, dict[str, int]] = {
+    # name -> VisionTransformer arguments; patch 16 like ViT-B/16, just narrower and shallower
+    "deldist_vit_micro_patch16": {"embed_dim": 192, "depth": 4, "num_heads": 3},
+    "deldist_vit_nano_patch16": {"embed_dim": 96, "depth": 2, "num_heads": 3},
+}
+
+
+def register_tiny_vits() -> None:
+    """Register :data:`TINY_VITS` as timm model names in this process (idempotent;
+    :func:`build_encoder` calls it, so every actor knows them)."""
+    from timm.models import is_model, register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    for name, arch in TINY_VITS.items():
+        if is_model(name):
+            continue
+
+        def factory(pretrained: bool = False, _arch: dict[str, int] = arch, **kwargs) -> VisionTransformer:
+            if pretrained:
+                raise ValueError("deldist's tiny ViTs have no pretrained weights")
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+                kwargs.pop(key, None)
+            return VisionTransformer(patch_size=16, mlp_ratio=4.0, qkv_bias=True, **_arch, **kwargs)
+
+        factory.__name__ = name
+        factory.__module__ = __name__
+        globals()[name] = factory  # timm's registry finds it in this module (and adds it to __all__)
+        register_model(factory)
 
 
 class WeightsError(ValueError):
@@ -49,8 +83,7 @@ def build_encoder(model_name: str, image_size: int = 224, seed: int = 0) -> torc
     """
     import timm
 
-    import deldist.models  # noqa: F401  registers deldist's small ViTs with timm (in every actor too)
-
+    register_tiny_vits()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="",

@@ -33,8 +33,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from deldist import storage
+from deldist.augment import flip_pairs
 from deldist.config import StageConfig
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
+from deldist.labelled import (
+    file_stem,
+    list_images,
+    load_image,
+    load_pairs,
+    segmentation_pairs,
+    split_indices,
+)
+from deldist.layout import RunLayout, summary_of
 from deldist.trainer import (
     LocalSession,
     LoopSettings,
@@ -43,8 +53,6 @@ from deldist.trainer import (
     all_reduce_sum,
     ray_run_config,
 )
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 class Segmentation(BaseModel):
@@ -114,82 +122,10 @@ class Config(StageConfig):
     load_cpus: float = Field(0.25, gt=0)
 
 
-def run_dir(output: str, name: str) -> str:
-    return storage.join(output, "finetune", name)
-
-
-# ------------------------------------------------------------------ data (pure helpers)
-
-
-def _stem(path: str) -> str:
-    return posixpath.splitext(posixpath.basename(path))[0]
-
-
-def list_images(root: str) -> dict[str, str]:
-    """stem -> URI of every image file directly under ``root``."""
-    return {_stem(p): storage.to_uri(root, p) for p in storage.list_files(root, recursive=False)
-            if p.lower().endswith(IMAGE_EXTENSIONS)}
-
-
-def segmentation_pairs(data: str) -> list[tuple[str, str, str]]:
-    """(name, image URI, mask URI) for the stems present in both ``images/`` and ``masks/``."""
-    images = list_images(storage.join(data, "images"))
-    masks = list_images(storage.join(data, "masks"))
-    names = sorted(set(images) & set(masks))
-    if not names:
-        raise FileNotFoundError(f"no image/mask pairs under {data} (expected images/ and masks/ with the same names)")
-    return [(n, images[n], masks[n]) for n in names]
-
-
-def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test split of range(n) -> (train, test) sorted; each side non-empty when n >= 2."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_test = min(max(1, round(n * test_fraction)), n - 1)
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
-
-
-def load_image(data: bytes, size: int) -> np.ndarray:
-    """Image bytes -> uint8 (3, size, size), the whole image resized (bilinear)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR)
-    return np.asarray(img).transpose(2, 0, 1).copy()
-
-
-def load_mask(data: bytes, size: int) -> np.ndarray:
-    """Mask bytes (0/255, any mode) -> uint8 (size, size) in {0, 1} (nearest resize, > 127)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("L").resize((size, size), Image.NEAREST)
-    return (np.asarray(img) > 127).astype(np.uint8)
-
-
-def load_pairs(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray Data: {image_uri, mask_uri} -> {"image": uint8 (B, 3, S, S), "mask": uint8 (B, S, S)}."""
-    images = [load_image(storage.read_bytes(str(u)), size) for u in batch["image_uri"]]
-    masks = [load_mask(storage.read_bytes(str(u)), size) for u in batch["mask_uri"]]
-    return {"image": np.stack(images), "mask": np.stack(masks)}
-
-
-def flip_pairs(images: Any, masks: Any, generator: Any) -> tuple[Any, Any]:
-    """Random horizontal and vertical flips, each with p = 0.5 per sample, the same for an image
-    (B, 3, H, W) and its mask (B, H, W); draws from ``generator`` (a CPU torch.Generator). Done
-    on the worker's device: a Ray Data stage for it started new tasks every epoch."""
-    import torch
-
-    for dim, draws in ((-1, torch.rand(len(images), generator=generator)),
-                       (-2, torch.rand(len(images), generator=generator))):
-        flip = (draws < 0.5).to(images.device)
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(dim), images)
-        masks = torch.where(flip.view(-1, 1, 1), masks.flip(dim), masks)
-    return images, masks
-
-
 # ------------------------------------------------------------------ segmentation (Ray Train worker)
 
 
 def _encoder(model: str, image_size: int, seed: int, weights: str | None, random_init: bool) -> Any:
-    import deldist.models  # noqa: F401  (registers deldist's tiny ViT names)
     from deldist.encoders import build_encoder, load_weights
 
     encoder = build_encoder(model, image_size, seed)
@@ -309,7 +245,7 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training images do not fill one global batch "
                          f"({config.num_workers} x {seg.batch_size})")
-    out = run_dir(config.output, config.name)
+    out = RunLayout(config.output).finetune(config.name)
     settings = LoopSettings(config.name, out, use_gpu, config.torch_threads or max(1, int(config.cpus_per_worker)),
                             config.precision, tuple(config.mean), tuple(config.std), config.seed)
     loop = SegLoop(settings, config.model, config.image_size, config.weights, config.random_init, seg, steps_per_epoch,
@@ -317,7 +253,7 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
     if config.engine == "local":
         if config.num_workers != 1:
             raise ValueError("engine=local runs one worker: set num_workers=1")
-        storage_root = config.storage_path or storage.join(config.output, "finetune", "_ray")
+        storage_root = config.storage_path or RunLayout(config.output).finetune_ray
         segmentation_loop({"loop": loop}, LocalSession({"train": train, "test": test},
                                                        storage.join(storage_root, f"{config.name}-segmentation"),
                                                        "cuda" if use_gpu else "cpu"))
@@ -327,7 +263,7 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=ray_run_config(config.storage_path, storage.join(config.output, "finetune", "_ray"),
+        run_config=ray_run_config(config.storage_path, RunLayout(config.output).finetune_ray,
                                   f"{config.name}-segmentation", config.max_failures, 2),
         datasets={"train": train, "test": test},
         dataset_config=DataConfig(datasets_to_split=["train"]),  # every image of the test split, once, on rank 0
@@ -361,10 +297,10 @@ def classification_images(config: Config) -> tuple[np.ndarray, np.ndarray, list[
     cls = config.classification
     names, targets, classes, multilabel = read_labels(cls)
     files = list_images(storage.join(cls.data, "images"))
-    missing = [n for n in names if _stem(n) not in files]
+    missing = [n for n in names if file_stem(n) not in files]
     if missing:
         raise FileNotFoundError(f"{len(missing)} labelled images are missing under images/: {missing[:5]}")
-    images = np.stack([load_image(storage.read_bytes(files[_stem(n)]), config.image_size) for n in names])
+    images = np.stack([load_image(storage.read_bytes(files[file_stem(n)]), config.image_size) for n in names])
     return images, targets, classes, multilabel
 
 
@@ -437,7 +373,7 @@ def run_classification(config: Config, use_gpu: bool) -> dict[str, Any]:
     if not cls.data:
         raise ValueError("classification.data is not set (images/ + a labels CSV)")
     images, targets, classes, multilabel = classification_images(config)
-    runs_dir = storage.join(run_dir(config.output, config.name), "classification", "runs")
+    runs_dir = storage.join(RunLayout(config.output).finetune(config.name), "classification", "runs")
     images_ref = ray.put(images)
     remote = ray.remote(num_cpus=cls.cpus_per_run, num_gpus=1 if use_gpu else 0, max_retries=2)(classification_run)
     pending, results = {}, {}
@@ -468,7 +404,7 @@ def run_classification(config: Config, use_gpu: bool) -> dict[str, Any]:
             table.append({"mode": mode, "shot": shot, "runs": len(runs), **mean_over_runs(runs)})
     summary = {"task": "multilabel" if multilabel else "multiclass", "classes": classes,
                "metrics": ["map", "auc"] if multilabel else ["acc", "auc"], "table": table}
-    storage.write_json(storage.join(run_dir(config.output, config.name), "classification.json"), summary)
+    storage.write_json(storage.join(RunLayout(config.output).finetune(config.name), "classification.json"), summary)
     return summary
 
 
@@ -485,14 +421,14 @@ def run(config: Config) -> dict[str, Any]:
     started = time.time()
     init_ray()
     use_gpu = gpus_wanted(config.use_gpu)
-    out = run_dir(config.output, config.name)
+    out = RunLayout(config.output).finetune(config.name)
     summary: dict[str, Any] = {"weights": config.weights, "random_init": config.random_init, "model": config.model}
     if "segmentation" in config.tasks:
         summary["segmentation"] = run_segmentation(config, use_gpu)
     if "classification" in config.tasks:
         summary["classification"] = run_classification(config, use_gpu)
     summary["seconds"] = round(time.time() - started, 1)
-    storage.write_json(storage.join(out, "summary.json"), summary)
+    storage.write_json(summary_of(out), summary)
     files = [p for p in storage.list_files(out)
              if p.endswith((".json", ".csv")) and not posixpath.basename(p).startswith("_")]
     storage.publish(out, files, {"tasks": list(config.tasks), "weights": config.weights,

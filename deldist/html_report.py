@@ -36,8 +36,8 @@ import pyarrow.fs as pafs
 from deldist import storage
 from deldist.html_render import RunView, histogram_png, render_html
 from deldist.layout import RunLayout
-from deldist.thumbnails import frame_stores, make_thumbnails, read_rows
 from deldist.schema import QUALITY_COLUMNS
+from deldist.thumbnails import frame_stores, make_thumbnails, read_rows
 
 # reasons whose rows name the frame they duplicate (duplicate_of) and their similarity to it
 GROUP_REASONS: tuple[str, ...] = ("duplicate", "near_copy", "temporal")

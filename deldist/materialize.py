@@ -34,6 +34,7 @@ from pydantic import Field
 import deldist
 from deldist import storage
 from deldist.config import StageConfig
+from deldist.layout import RunLayout
 
 FRAMES_SCHEMA = pa.schema([("id", pa.string()), ("jpeg", pa.binary()), ("width", pa.int32()),
                            ("height", pa.int32())])
@@ -55,10 +56,6 @@ class Config(StageConfig):
     decode_cpus: float = Field(0.5, gt=0)
     decode_threads: int = Field(1, ge=0, description="FFmpeg threads per task (0 = FFmpeg's choice)")
     rows_per_part: int = Field(1024, ge=1)
-
-
-def store_uri(output: str, selection: str | None) -> str:
-    return storage.join(output, "frames", selection or "all")
 
 
 # ------------------------------------------------------------------ planning (pure)
@@ -170,10 +167,10 @@ def _read_files(uri: str, columns: list[str], schema: pa.Schema) -> pa.Table:
 
 def wanted_frames(config: Config) -> pa.Table:
     """(id, source, frame_index) of the frames to store: the selection's retained ids, or all."""
-    embeddings = config.embeddings or storage.join(config.output, "embeddings")
+    embeddings = RunLayout.of(config).embeddings
     table = storage.read_published(embeddings, columns=["id", "source", "frame_index"])
     if config.selection:
-        retained = storage.read_published(storage.join(config.output, "selections", config.selection, "retained"),
+        retained = storage.read_published(RunLayout(config.output).selection_table(config.selection, "retained"),
                                           columns=["id"]).column("id")
         table = table.filter(pc.is_in(table.column("id"), value_set=retained.combine_chunks()))
         if table.num_rows != len(retained):
@@ -206,7 +203,7 @@ def run(config: Config) -> dict[str, Any]:
 
     started = time.time()
     init_ray()
-    root = config.frames or store_uri(config.output, config.selection)
+    root = config.frames or RunLayout(config.output).frames(config.selection)
     data_dir, errors_dir = storage.join(root, "data"), storage.join(root, "_errors")
     run_file = storage.join(root, "_run.json")
     fingerprint = {"size": config.size, "jpeg_quality": config.jpeg_quality, "selection": config.selection}

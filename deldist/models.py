@@ -23,46 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [  # timm's register_model appends the tiny ViT names registered below
-    "sincos_pos_embed_2d", "patchify", "unpatchify", "num_visible", "random_masking", "masked_patch_loss",
-    "MaskedAutoencoderViT", "build_mae", "SegmentationViT", "ClassifierViT", "dice_ce_loss",
-    "param_groups", "vit_depth", "lr_at_step", "scaled_lr", "lr_lambda", "trainable",
-]
-
-# ------------------------------------------------------------------ small ViTs for tests and demos
-
-_TINY_VITS: dict[str, dict[str, int]] = {
-    # name -> VisionTransformer arguments; patch 16 like ViT-B/16, just narrower and shallower
-    "deldist_vit_micro_patch16": {"embed_dim": 192, "depth": 4, "num_heads": 3},
-    "deldist_vit_nano_patch16": {"embed_dim": 96, "depth": 2, "num_heads": 3},
-}
-
-
-def _register_tiny_vits() -> None:
-    """Register :data:`_TINY_VITS` as timm model names (``timm.create_model`` and therefore
-    ``build_encoder`` then know them in every process that imported this module)."""
-    from timm.models import is_model, register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    for name, arch in _TINY_VITS.items():
-        if is_model(name):
-            continue
-
-        def factory(pretrained: bool = False, _arch: dict[str, int] = arch, **kwargs) -> VisionTransformer:
-            if pretrained:
-                raise ValueError("deldist's tiny ViTs have no pretrained weights")
-            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-                kwargs.pop(key, None)
-            return VisionTransformer(patch_size=16, mlp_ratio=4.0, qkv_bias=True, **_arch, **kwargs)
-
-        factory.__name__ = name
-        factory.__module__ = __name__
-        globals()[name] = factory  # timm's registry lists it in this module's __all__
-        register_model(factory)
-
-
-_register_tiny_vits()
-
+from deldist.encoders import build_encoder, pool_tokens
 
 # ------------------------------------------------------------------ patches, position embeddings, masking
 
@@ -257,8 +218,6 @@ def build_mae(model_name: str, image_size: int, decoder_dim: int = 512, decoder_
               decoder_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
               seed: int = 0) -> MaskedAutoencoderViT:
     """An MAE whose encoder is ``build_encoder(model_name, image_size, seed)`` (seeded init)."""
-    from deldist.encoders import build_encoder
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         return MaskedAutoencoderViT(build_encoder(model_name, image_size, seed), decoder_dim, decoder_depth,
@@ -308,8 +267,6 @@ class ClassifierViT(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        from deldist.encoders import pool_tokens
-
         return pool_tokens(self.encoder.forward_features(images), self.pooling, self.prefix)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,6 @@ files when a TensorBoard writer (``torch.utils.tensorboard`` or ``tensorboardX``
 from __future__ import annotations
 
 import hashlib
-import io
-import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -37,8 +34,10 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from deldist import storage
+from deldist.augment import AugmentParts
 from deldist.config import StageConfig
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
+from deldist.layout import RunLayout
 from deldist.trainer import (
     LocalSession,
     LoopSettings,
@@ -106,92 +105,6 @@ class Config(StageConfig):
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
         return self
-
-
-def run_dir(output: str, name: str) -> str:
-    return storage.join(output, "pretrain", name)
-
-
-# ------------------------------------------------------------------ augmentation (pure)
-
-
-def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
-                            scale: tuple[float, float] = (0.2, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box -> (left, top, crop_w, crop_h): area a uniform
-    fraction in ``scale`` of the image, aspect log-uniform in ``ratio``; 10 tries, then the
-    largest central crop with an aspect inside ``ratio``."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def augment_jpegs(jpegs: list[bytes], size: int, scale: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
-    """JPEG bytes -> uint8 (B, 3, size, size): RandomResizedCrop (bicubic) + horizontal flip p=0.5."""
-    from PIL import Image
-
-    out = np.empty((len(jpegs), 3, size, size), dtype=np.uint8)
-    for i, data in enumerate(jpegs):
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        left, top, w, h = random_resized_crop_box(rng, img.width, img.height, scale)
-        arr = np.asarray(img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h)))
-        if rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        out[i] = arr.transpose(2, 0, 1)
-    return out
-
-
-class AugmentParts:
-    """Ray Data actor-pool stage over frame-store part URIs (one per row): reads each part's
-    (id, jpeg), drops ids outside the selection and yields {"image": uint8 (<= rows, 3, size,
-    size)} batches, augmented with fresh randomness (a new crop every epoch).
-
-    An actor pool, not tasks: the pool's processes live as long as the stream. Short
-    fractional-CPU tasks made Ray start a new worker process (imports: ~1.5 s of CPU) for many
-    of them once the cluster's workers outnumber its CPUs, which a Train run's actors always
-    do: 4.7 ms of CPU per 112 px image against 0.5 ms in a pool (bench/RESULTS.md). ``nice``
-    lowers the actor's CPU priority, so on CPU-bound nodes training runs first and the data
-    work fills the gaps (the trainers wait for each other in every all-reduce)."""
-
-    def __init__(self, size: int, scale: tuple[float, float], rows: int, keep_ids: Any = None, nice: int = 0):
-        import ray
-
-        self.size, self.scale, self.rows = size, tuple(scale), rows
-        if nice:
-            os.nice(nice)
-        # keep_ids: ObjectRef of the selection's id list, or None = keep all
-        self.keep = set(ray.get(keep_ids)) if keep_ids is not None else None
-        self.rng = np.random.default_rng()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        import pyarrow.parquet as pq
-
-        for uri in batch["uri"]:
-            fs, path = storage.resolve(str(uri))
-            parquet = pq.ParquetFile(fs.open_input_file(path))
-            for record_batch in parquet.iter_batches(batch_size=self.rows, columns=["id", "jpeg"]):
-                jpegs = record_batch.column(1).to_pylist()
-                if self.keep is not None:
-                    jpegs = [j for i, j in zip(record_batch.column(0).to_pylist(), jpegs) if i in self.keep]
-                if jpegs:
-                    yield {"image": augment_jpegs(jpegs, self.size, self.scale, self.rng)}
-
-
-# ------------------------------------------------------------------ worker helpers (shared with finetune)
 
 
 # ------------------------------------------------------------------ train loop (one per worker)
@@ -352,13 +265,13 @@ def training_frames(config: Config) -> tuple[Any, int, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
-    frames = config.frames or storage.join(config.output, "frames", "all")
+    frames = config.frames or RunLayout(config.output).frames()
     _, paths = storage.published_paths(frames)
     ids = storage.read_published(frames, columns=["id"]).column("id")
     keep_ref = None
     n = len(ids)
     if config.selection:
-        retained = storage.read_published(storage.join(config.output, "selections", config.selection, "retained"),
+        retained = storage.read_published(RunLayout(config.output).selection_table(config.selection, "retained"),
                                           columns=["id"]).column("id").combine_chunks()
         n = int(pc.sum(pc.is_in(ids, value_set=retained)).as_py() or 0)
         if n < len(retained):
@@ -413,7 +326,7 @@ def loop_config(config: Config, n_frames: int, use_gpu: bool) -> MAELoop:
 
     fingerprint = {k: getattr(config, k) for k in ("model", "image_size", "decoder_dim", "decoder_depth",
                                                     "decoder_heads", "mask_ratio", "norm_pix_loss")}
-    settings = LoopSettings(config.name, run_dir(config.output, config.name), use_gpu,
+    settings = LoopSettings(config.name, RunLayout(config.output).pretrain(config.name), use_gpu,
                             config.torch_threads or max(1, int(config.cpus_per_worker)), config.precision,
                             tuple(config.mean), tuple(config.std), config.seed, fingerprint,
                             config.inject_failure_at_step)
@@ -440,7 +353,7 @@ def run(config: Config) -> dict[str, Any]:
     if config.engine == "local":
         if config.num_workers != 1:
             raise ValueError("engine=local runs one worker: set num_workers=1")
-        storage_root = config.storage_path or storage.join(config.output, "pretrain", "_ray")
+        storage_root = config.storage_path or RunLayout(config.output).pretrain_ray
         train_loop({"loop": loop}, LocalSession({"train": ds}, storage.join(storage_root, config.name),
                                                 "cuda" if use_gpu else "cpu"))
     else:
@@ -470,7 +383,7 @@ def _fit(config: Config, loop: MAELoop, ds: Any, use_gpu: bool) -> None:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=ray_run_config(config.storage_path, storage.join(config.output, "pretrain", "_ray"), config.name,
+        run_config=ray_run_config(config.storage_path, RunLayout(config.output).pretrain_ray, config.name,
                                   config.max_failures, config.checkpoints_to_keep),
         datasets={"train": ds},
         dataset_config=DataConfig(execution_options=ingest_options),

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from deldist import storage
 from deldist.config import StageConfig
+from deldist.layout import RunLayout, summary_of
 from deldist.metrics import normdel
 
 FULL = "all"
@@ -58,10 +59,6 @@ class Config(StageConfig):
     normdel: bool | None = Field(None, description="pretrain + finetune + NormDEL table; default: yes unless html")
     html_gallery: int = Field(24, ge=0, description="HTML report: frames per outlier / invalid gallery")
     html_groups: int = Field(8, ge=0, description="HTML report: largest duplicate groups shown per selection")
-
-
-def report_dir(output: str, name: str) -> str:
-    return storage.join(output, "reports", name)
 
 
 # ------------------------------------------------------------------ table (pure)
@@ -228,7 +225,7 @@ def selection_info(output: str, selection: str) -> dict[str, Any]:
     """(method, retained fraction, kept count) of a selection; ``all`` is the full data."""
     if selection == FULL:
         return {"method": "full", "retained": 1.0}
-    summary = storage.read_json(storage.join(output, "selections", selection, "summary.json"))
+    summary = storage.read_json(RunLayout(output).selection_summary(selection))
     method = summary.get("method", "meddel")
     if any(rule.get("by") == "deldist" for rule in summary.get("rules", [])):
         method += "+deldist"  # the paper's method with deldist's own rules on top
@@ -239,7 +236,7 @@ def _pretrained(config: Config, selection: str, frames: str, retained: float) ->
     from deldist import pretrain
 
     name = f"{config.name}-{selection}"
-    out = pretrain.run_dir(config.output, name)
+    out = RunLayout(config.output).pretrain(name)
     base = pretrain.Config.model_validate({**config.pretrain, "output": config.output})
     epochs = schedule_epochs(base.epochs, retained, config.schedule)
     if not storage.is_published(out):
@@ -260,12 +257,12 @@ def _pretrained(config: Config, selection: str, frames: str, retained: float) ->
 def _finetuned(config: Config, name: str, weights: str | None, model: str) -> dict[str, Any]:
     from deldist import finetune
 
-    out = finetune.run_dir(config.output, name)
+    out = RunLayout(config.output).finetune(name)
     if not storage.is_published(out):
         settings = {**config.finetune, "output": config.output, "name": name, "model": model,
                     "weights": weights, "random_init": weights is None}
         finetune.run(finetune.Config.model_validate(settings))
-    return storage.read_json(storage.join(out, "summary.json"))
+    return storage.read_json(summary_of(out))
 
 
 def _classification_columns(summary: dict[str, Any]) -> dict[str, float]:
@@ -293,7 +290,7 @@ def run(config: Config) -> dict[str, Any]:
     if not (config.normdel if config.normdel is not None else not config.html):
         return {"html": html}
     init_ray()
-    frames = config.frames or materialize.store_uri(config.output, None)
+    frames = config.frames or RunLayout(config.output).frames()
     if not storage.is_published(frames):
         materialize.run(materialize.Config(output=config.output, frames=frames, size=config.frame_size))
     results = []
@@ -319,7 +316,7 @@ def run(config: Config) -> dict[str, Any]:
                         "iou_fg_per_image": seg.get("iou_fg_per_image"), "dice_fg": seg.get("dice_fg"),
                         "pretrain_loss": None, **_classification_columns(fine)})
     rows = table_rows(results, config.alpha)
-    out = report_dir(config.output, config.name)
+    out = RunLayout(config.output).report(config.name)
     caption = steps_caption(rows, config.schedule)
     png, backend = plot_png(rows, caption)
     storage.write_csv(storage.join(out, "table.csv"), rows)

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deldist import storage
+from deldist.layout import RunLayout
 
 # wanted frames of one video further apart than this are decoded in separate seeks, so a
 # gallery spread over an hour of video costs a few GOPs per frame, not the whole stream
@@ -97,9 +98,8 @@ def _thumbnail_jpeg(image: np.ndarray | bytes, size: int) -> bytes:
 
 def frame_stores(output: str, selections: list[str]) -> list[str]:
     """Published frame stores of the run: the full one (``frames/all``) and each selection's."""
-    from deldist.materialize import store_uri
-
-    candidates = [store_uri(output, None), *(store_uri(output, s) for s in selections)]
+    layout = RunLayout(output)
+    candidates = [layout.frames(), *(layout.frames(s) for s in selections)]
     return [s for s in dict.fromkeys(candidates) if storage.is_published(s)]
 
 

@@ -8,8 +8,9 @@ import csv
 import numpy as np
 import pytest
 
-from deldist import finetune, storage
+from deldist import augment, finetune, labelled, storage
 from deldist.metrics import confusion_counts, segmentation_scores
+from deldist.layout import RunLayout
 
 MODEL = "deldist_vit_micro_patch16"
 SIZE = 64
@@ -22,11 +23,11 @@ def _config(root: str, data: str, **extra) -> finetune.Config:
 
 
 def test_split_and_pairs(tiny_sample):
-    pairs = finetune.segmentation_pairs(str(tiny_sample / "kvasir"))
+    pairs = labelled.segmentation_pairs(str(tiny_sample / "kvasir"))
     assert len(pairs) == 12 and all(p[1].endswith(".jpg") and p[2].endswith(".png") for p in pairs)
-    train, test = finetune.split_indices(12, 0.25, 0)
+    train, test = labelled.split_indices(12, 0.25, 0)
     assert len(test) == 3 and sorted(np.r_[train, test].tolist()) == list(range(12))
-    mask = finetune.load_mask(storage.read_bytes(pairs[0][2]), SIZE)
+    mask = labelled.load_mask(storage.read_bytes(pairs[0][2]), SIZE)
     assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 1}
 
 
@@ -37,14 +38,14 @@ def test_segmentation_beats_all_background(ray_session, tiny_sample, tmp_path):
     summary = finetune.run(config)
     seg = summary["segmentation"]
     # the all-background predictor on the same held-out images
-    pairs = finetune.segmentation_pairs(data)
-    _, test = finetune.split_indices(len(pairs), 0.25, 0)
-    masks = np.stack([finetune.load_mask(storage.read_bytes(pairs[i][2]), SIZE) for i in test])
+    pairs = labelled.segmentation_pairs(data)
+    _, test = labelled.split_indices(len(pairs), 0.25, 0)
+    masks = np.stack([labelled.load_mask(storage.read_bytes(pairs[i][2]), SIZE) for i in test])
     background = segmentation_scores(confusion_counts(np.zeros_like(masks), masks))
     assert masks.any() and seg["test_images"] == len(test)
     assert seg["miou_fg_bg"] > background["miou_fg_bg"] + 0.05, (seg, background)
     assert seg["iou_fg"] > 0.1 and seg["miou"] == seg["iou_fg"]
-    out = finetune.run_dir(str(tmp_path), "seg")
+    out = RunLayout(str(tmp_path)).finetune("seg")
     assert storage.is_published(out)
     assert [h["epoch"] for h in storage.read_json(storage.join(out, "segmentation_metrics.json"))] == list(range(1, 11))
 
@@ -59,7 +60,7 @@ def test_few_shot_classification(ray_session, tiny_sample, tmp_path):
     assert [(r["mode"], r["shot"], r["runs"]) for r in cls["table"]] == [("linear", 1, 2), ("full", 1, 2)]
     for row in cls["table"]:
         assert 0 <= row["acc"] <= 1 and 0 <= row["auc"] <= 1
-    runs = storage.list_files(storage.join(finetune.run_dir(str(tmp_path), "cls"), "classification", "runs"))
+    runs = storage.list_files(storage.join(RunLayout(str(tmp_path)).finetune("cls"), "classification", "runs"))
     assert len(runs) == 4
 
     # multi-label: 0/1 columns; mAP and AUC
@@ -122,7 +123,7 @@ def test_flip_pairs_keeps_image_and_mask_aligned():
     base = torch.arange(h * w).view(h, w)
     masks = base.expand(b, h, w).clone()
     images = torch.stack([base, base + 1000, base + 2000]).expand(b, 3, h, w).clone()
-    out_images, out_masks = finetune.flip_pairs(images, masks, torch.Generator().manual_seed(0))
+    out_images, out_masks = augment.flip_pairs(images, masks, torch.Generator().manual_seed(0))
     assert torch.equal(out_images[:, 0], out_masks) and torch.equal(out_images[:, 2], out_masks + 2000)
     flips = {(False, False): base, (True, False): base.flip(-1), (False, True): base.flip(-2),
              (True, True): base.flip(-1).flip(-2)}

@@ -162,11 +162,7 @@ def test_encoder_export_loads_in_build_encoder(tmp_path):
 
 
 def test_layer_decay_scales_lr_by_depth():
-    import timm
-
-    import deldist.models  # noqa: F401  (registers the tiny ViTs)
-
-    vit = timm.create_model("deldist_vit_micro_patch16", pretrained=False, num_classes=0)
+    vit = build_encoder("deldist_vit_micro_patch16", 224)
     depth = len(vit.blocks)
     groups = param_groups(vit, 0.05, layer_decay=0.5)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deldist import materialize, pretrain, storage
+from deldist import augment, materialize, pretrain, storage
 from deldist.config import load_config
 from deldist.encoders import build_encoder, load_weights
 from deldist.models import build_mae
+from deldist.layout import RunLayout
 
 MODEL = "deldist_vit_micro_patch16"
 SIZE = 64
@@ -45,10 +46,10 @@ def _config(root: str, **extra) -> pretrain.Config:
 def test_random_resized_crop_box_bounds():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        left, top, w, h = pretrain.random_resized_crop_box(rng, 100, 60, (0.2, 1.0))
+        left, top, w, h = augment.random_resized_crop_box(rng, 100, 60, (0.2, 1.0))
         assert 0 <= left and left + w <= 100 and 0 <= top and top + h <= 60
         assert 0.2 * 6000 * 0.85 <= w * h <= 6000
-    images = pretrain.augment_jpegs([_jpeg(np.full((40, 50, 3), 7, np.uint8))], 16, (0.2, 1.0), rng)
+    images = augment.augment_jpegs([_jpeg(np.full((40, 50, 3), 7, np.uint8))], 16, (0.2, 1.0), rng)
     assert images.shape == (1, 3, 16, 16) and images.dtype == np.uint8 and (images == 7).all()
 
 
@@ -69,7 +70,7 @@ def test_pretrain_s3_worker_failure_resume_and_rerun(ray_session, tiny_sample, s
     first = pretrain.run(_config(root, inject_failure_at_step=5))
     assert first["starts"] == [0, 4], first
     assert first["steps"] == 2 * steps_per_epoch and first["epochs"] == 2
-    run_dir = pretrain.run_dir(root, "mae-s3")
+    run_dir = RunLayout(root).pretrain("mae-s3")
     assert storage.read_bytes(storage.join(run_dir, "_injected_failure")) == b"5"
     checkpoints = storage.list_files(storage.join(root, "pretrain", "_ray", "mae-s3"))
     assert any("/checkpoint_" in p and p.endswith("state.pt") for p in checkpoints)

@@ -8,8 +8,9 @@ import io
 import pytest
 from PIL import Image
 
-from deldist import finetune, pretrain, report, storage
+from deldist import report, storage
 from deldist.metrics import normdel
+from deldist.layout import RunLayout
 
 
 def _rows():
@@ -59,12 +60,12 @@ def _fake_runs(root: str, name: str, selections: dict[str, tuple[str, float, flo
         if sel != report.FULL:
             storage.write_json(storage.join(root, "selections", sel, "summary.json"),
                                {"method": method, "ratio": ratio, "kept_count": int(100 * ratio)})
-        pre = pretrain.run_dir(root, f"{name}-{sel}")
+        pre = RunLayout(root).pretrain(f"{name}-{sel}")
         storage.write_json(storage.join(pre, "metrics.json"), [{"epoch": 1, "loss": 0.9}])
         epochs = report.schedule_epochs(base_epochs, ratio if 0 < ratio < 1 else 1.0, "equal_compute")
         storage.publish(pre, [], {"frames": int(100 * ratio), "model": "deldist_vit_micro_patch16", "epochs": epochs,
                                   "steps": epochs * max(1, int(100 * ratio) // 64)})
-        fine = finetune.run_dir(root, f"{name}-{sel}")
+        fine = RunLayout(root).finetune(f"{name}-{sel}")
         storage.write_json(storage.join(fine, "summary.json"),
                            {"segmentation": {"miou": miou, "miou_fg_bg": (miou + 0.95) / 2}})
         storage.publish(fine, [], {})
@@ -78,7 +79,7 @@ def test_report_run_reuses_finished_runs(ray_session, tmp_path):
     rows = {r["selection"]: r for r in out["rows"]}
     assert round(100 * rows["m5"]["normdel"], 2) == 67.21 and round(100 * rows["all"]["normdel"], 2) == 56.95
     assert rows["random-init"]["method"] == "control" and rows["random-init"]["normdel"] is None
-    directory = report.report_dir(root, "t3")
+    directory = RunLayout(root).report("t3")
     assert storage.is_published(directory)
     assert "| m5 | meddel | 0.05 | 5 | 8000 | 8000 | 75.45 | 67.21 |" in storage.read_bytes(out["table"]).decode()
     assert Image.open(io.BytesIO(storage.read_bytes(out["plot"]))).format == "PNG"
