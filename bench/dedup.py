@@ -40,7 +40,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kmeans import DIM, TreeMemory, ray_start, run_child, self_peak_rss_gib, synthetic, write_embeddings  # noqa: E402
+from kmeans import (  # noqa: E402
+    DIM,
+    TreeMemory,
+    ray_start,
+    run_child,
+    self_peak_rss_gib,
+    synthetic,
+    write_embeddings,
+)
 
 
 def _load(workdir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -80,8 +88,8 @@ def child_plain(workdir: str, rounds: int) -> dict:
     import torch
 
     from deldist import storage
-    from deldist.shards import embedding_matrix
     from deldist.dedup import rank_within_clusters, scores_table
+    from deldist.shards import embedding_matrix
 
     x, order, bounds = _load(workdir)
     loaded_gib = self_peak_rss_gib()

@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child-large", type=int, default=0)
     args = parser.parse_args()
-    from deldist.select import NearCopyRule
+    from deldist.rules import NearCopyRule
 
     h = NearCopyRule().max_hamming if args.max_hamming is None else args.max_hamming
     if args.child_large:
@@ -117,7 +117,12 @@ def main() -> None:
 
     import ray
 
-    from deldist.nearcopy import chance_pairs, distributed_pairs, hamming_pairs, plan_join
+    from deldist.nearcopy import (
+        chance_pairs,
+        distributed_pairs,
+        hamming_pairs,
+        plan_join,
+    )
 
     print(json.dumps({"machine": machine(), "max_hamming": h}), flush=True)
     codes = pairs_of_codes(args.n, args.seed)

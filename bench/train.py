@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deldist import augment, materialize, pretrain, sample, storage  # noqa: E402
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from deldist.layout import RunLayout  # noqa: E402
 from deldist.models import build_mae, param_groups  # noqa: E402
 from deldist.trainer import normalize  # noqa: E402
-from deldist.layout import RunLayout  # noqa: E402
 
 MODEL = "deldist_vit_micro_patch16"
 

@@ -68,14 +68,7 @@ from deldist.kmeans import (
 )
 from deldist.layout import RunLayout
 from deldist.schema import ASSIGNMENTS_SCHEMA, centroids_schema
-from deldist.shards import (
-    EmptyInputError,
-    Shard,
-    embedding_matrix,
-    normalize_checked,
-    plan_shards,
-    read_shard,
-)
+from deldist.shards import EmptyInputError, Shard, embedding_matrix, normalize_checked, plan_shards, read_shard
 
 # ----------------------------------------------------------------------------- config
 

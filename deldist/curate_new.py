@@ -58,23 +58,12 @@ from pydantic import Field
 from deldist import embed, storage
 from deldist.cluster import assign_to_centroids, read_centroids
 from deldist.config import StageConfig
-from deldist.incremental import (
-    dedup_against_corpus,
-    matched_to_corpus,
-    near_copies_of_corpus,
-    stand_ins,
-)
+from deldist.incremental import dedup_against_corpus, matched_to_corpus, near_copies_of_corpus, stand_ins
 from deldist.io import list_sources
 from deldist.layout import RunLayout, run_file_of, summary_of, table_of
 from deldist.rules import Decision, cluster_quantiles, counts_by_reason
 from deldist.runtime import use_gpu
-from deldist.schema import (
-    ASSIGNMENTS_SCHEMA,
-    QUALITY_COLUMNS,
-    REMOVED_SCHEMA,
-    RETAINED_SCHEMA,
-    VERSION_SOURCES_SCHEMA,
-)
+from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_SCHEMA, VERSION_SOURCES_SCHEMA
 from deldist.select import build_tables
 from deldist.versions import (
     create_first_version,

@@ -28,13 +28,7 @@ from pydantic import model_validator
 import deldist
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.embed_units import (
-    PROGRESS_SCHEMA,
-    load_state,
-    pack_tasks,
-    plan_units,
-    source_progress,
-)
+from deldist.embed_units import PROGRESS_SCHEMA, load_state, pack_tasks, plan_units, source_progress
 from deldist.frames import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -48,12 +42,7 @@ from deldist.frames import (
 from deldist.ids import frame_id
 from deldist.io import Source, list_sources, open_source
 from deldist.layout import RunLayout, run_file_of
-from deldist.schema import (
-    ERRORS_SCHEMA,
-    QUALITY_COLUMNS,
-    embedding_array,
-    embeddings_schema,
-)
+from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 DEFAULT_FPS = 2.0
 # what fixes the embedding of a frame id (embeddings/_run.json): a rerun into the same output,
@@ -285,23 +274,6 @@ def _run_pipeline(tasks: list[str], config: Config, layout: RunLayout, dim: int)
     return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
 
 
-def _drop_duplicate_rows(parts_dir: str) -> int:
-    """Rewrite the parts that hold an id a second time (a retried task); returns rows dropped."""
-    fs, _ = storage.resolve(parts_dir)
-    paths = [p for p in storage.list_files(parts_dir) if p.endswith(".parquet")]
-    seen: set[str] = set()
-    dropped = 0
-    for path in paths:
-        ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
-        dup = [i in seen for i in ids]
-        seen.update(ids)
-        if any(dup):
-            table = pq.read_table(path, filesystem=fs).filter(pa.array([not d for d in dup]))
-            storage.write_table(table, storage.to_uri(parts_dir, path))
-            dropped += sum(dup)
-    return dropped
-
-
 def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sources: list[Source],
              skipped: list[str], progress: dict[str, dict[str, Any]], decoded: int, kept: int) -> dict[str, Any]:
     by_key = {s.key: s for s in sources}
@@ -372,7 +344,7 @@ def run(config: Config) -> dict[str, Any]:
         if tasks:
             written = _run_pipeline(tasks, config, layout, dim)
 
-    duplicates = _drop_duplicate_rows(layout.embedding_parts) if written else 0
+    duplicates = storage.drop_repeated_ids(layout.embedding_parts) if written else 0
     records, present = load_state(layout)
     progress = source_progress(records, present)
     remaining = [s.key for s in sources if not progress.get(s.key, {}).get("done", False)]

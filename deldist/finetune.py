@@ -36,23 +36,9 @@ from deldist import storage
 from deldist.augment import flip_pairs
 from deldist.config import StageConfig
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
-from deldist.labelled import (
-    file_stem,
-    list_images,
-    load_image,
-    load_pairs,
-    segmentation_pairs,
-    split_indices,
-)
+from deldist.labelled import file_stem, list_images, load_image, load_pairs, segmentation_pairs, split_indices
 from deldist.layout import RunLayout, summary_of
-from deldist.trainer import (
-    LocalSession,
-    LoopSettings,
-    RayTrainSession,
-    Training,
-    all_reduce_sum,
-    ray_run_config,
-)
+from deldist.trainer import LocalSession, LoopSettings, RayTrainSession, Training, all_reduce_sum, ray_run_config
 
 
 class Segmentation(BaseModel):

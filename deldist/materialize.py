@@ -179,22 +179,6 @@ def wanted_frames(config: Config) -> pa.Table:
     return table
 
 
-def _drop_duplicates(data_dir: str) -> int:
-    """Rewrite parts holding an id a second time (a retried task); returns rows dropped."""
-    fs, _ = storage.resolve(data_dir)
-    seen: set[str] = set()
-    dropped = 0
-    for path in [p for p in storage.list_files(data_dir) if p.endswith(".parquet")]:
-        ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
-        dup = [i in seen for i in ids]
-        seen.update(ids)
-        if any(dup):
-            kept = pq.read_table(path, filesystem=fs).filter(pa.array([not d for d in dup]))
-            storage.write_table(kept, storage.to_uri(data_dir, path))
-            dropped += sum(dup)
-    return dropped
-
-
 def run(config: Config) -> dict[str, Any]:
     """Store the wanted frames not stored yet; publish the frame store when all are done."""
     import ray
@@ -225,7 +209,7 @@ def run(config: Config) -> dict[str, Any]:
         ds = ds.map_batches(materialize_task, batch_size=1, num_cpus=config.decode_cpus,
                             fn_kwargs={"config": config, "data_dir": data_dir, "errors_dir": errors_dir})
         written = int(sum(int(b["written"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
-    duplicates = _drop_duplicates(data_dir) if written else 0
+    duplicates = storage.drop_repeated_ids(data_dir) if written else 0
 
     stored = _read_files(data_dir, ["id"], FRAMES_SCHEMA).column("id")
     errors = _read_files(errors_dir, ["id", "source", "error_type", "message"], FRAME_ERRORS_SCHEMA)

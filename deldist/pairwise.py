@@ -21,15 +21,7 @@ import numpy as np
 
 from deldist import pairwise_torch
 from deldist.greedy import keep_first_in_order
-from deldist.tiles import (
-    Device,
-    ListSpec,
-    Matrix,
-    check_range,
-    rectangle_tiles,
-    triangle_tiles,
-    union_lists,
-)
+from deldist.tiles import Device, ListSpec, Matrix, check_range, rectangle_tiles, triangle_tiles, union_lists
 
 _MASKS: dict[int, np.ndarray] = {}
 

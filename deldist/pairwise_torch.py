@@ -12,14 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from deldist.tiles import (
-    ListSpec,
-    Matrix,
-    check_range,
-    rectangle_tiles,
-    triangle_tiles,
-    union_lists,
-)
+from deldist.tiles import ListSpec, Matrix, check_range, rectangle_tiles, triangle_tiles, union_lists
 
 if TYPE_CHECKING:
     import torch

@@ -38,14 +38,7 @@ from deldist.augment import AugmentParts
 from deldist.config import StageConfig
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
 from deldist.layout import RunLayout
-from deldist.trainer import (
-    LocalSession,
-    LoopSettings,
-    RayTrainSession,
-    Training,
-    all_reduce_sum,
-    ray_run_config,
-)
+from deldist.trainer import LocalSession, LoopSettings, RayTrainSession, Training, all_reduce_sum, ray_run_config
 
 
 class Config(StageConfig):

@@ -39,6 +39,32 @@ class InvalidThresholds(BaseModel):
                                 "instead of the whole source (videos whose scenes differ in texture)")
 
 
+class NearCopyRule(BaseModel):
+    """deldist's near-copy rule (:mod:`deldist.nearcopy`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_hamming: int = Field(10, ge=0, le=32, description="Hamming distance of 64-bit perceptual hashes at or "
+                                                          "below which a frame is a copy of a kept frame (lower it "
+                                                          "for runs of millions of frames: see chance_pairs)")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs per join task")
+
+
+class DeldistRules(BaseModel):
+    """deldist's own rules, not in MedDEL or SemDeDup; each runs only when set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quality: InvalidThresholds | None = Field(None, description="remove invalid frames (black, over-exposed, flat, "
+                                                                "blurred); {} for the defaults")
+    outlier_quantile: float | None = Field(None, gt=0, le=1, description="remove items beyond this quantile of their "
+                                                                         "own cluster's distances to the centroid")
+    temporal_threshold: float | None = Field(None, ge=-1, le=1, description="collapse consecutive frames of a video "
+                                                                            "above this cosine similarity")
+    near_copy: NearCopyRule | None = Field(None, description="remove perceptual-hash copies of kept frames; {} for "
+                                                             "the defaults")
+
+
 def group_median(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """(n,) median of ``values`` (n,) within each item's group (groups: (n,) int codes)."""
     values = np.asarray(values, np.float64)

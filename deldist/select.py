@@ -72,7 +72,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from deldist import storage
 from deldist.config import StageConfig
@@ -82,7 +82,7 @@ from deldist.layout import RunLayout
 from deldist.rules import (
     REASONS,
     Decision,
-    InvalidThresholds,
+    DeldistRules,
     counts_by_reason,
     invalid_mask,
     near_copy_order,
@@ -113,32 +113,6 @@ PAPER_RULE = {"outlier_distance": "MedDEL §3.2 (distance threshold 0.9, read as
 class SelectionInvariantError(RuntimeError):
     """retained and removed do not partition the input ids, or a removed item does not point
     at a retained one."""
-
-
-class NearCopyRule(BaseModel):
-    """deldist's near-copy rule (:mod:`deldist.nearcopy`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_hamming: int = Field(10, ge=0, le=32, description="Hamming distance of 64-bit perceptual hashes at or "
-                                                          "below which a frame is a copy of a kept frame (lower it "
-                                                          "for runs of millions of frames: see chance_pairs)")
-    task_cpus: float = Field(1.0, gt=0, description="CPUs per join task")
-
-
-class DeldistRules(BaseModel):
-    """deldist's own rules, not in MedDEL or SemDeDup; each runs only when set."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    quality: InvalidThresholds | None = Field(None, description="remove invalid frames (black, over-exposed, flat, "
-                                                                "blurred); {} for the defaults")
-    outlier_quantile: float | None = Field(None, gt=0, le=1, description="remove items beyond this quantile of their "
-                                                                         "own cluster's distances to the centroid")
-    temporal_threshold: float | None = Field(None, ge=-1, le=1, description="collapse consecutive frames of a video "
-                                                                            "above this cosine similarity")
-    near_copy: NearCopyRule | None = Field(None, description="remove perceptual-hash copies of kept frames; {} for "
-                                                             "the defaults")
 
 
 class Config(StageConfig):

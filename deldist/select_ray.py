@@ -15,21 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deldist.arrays import equal_runs
-from deldist.greedy import (
-    NeighbourEdges,
-    any_earlier_duplicates,
-    resolve_kept,
-    search_threshold,
-    threshold_for_ratio,
-)
+from deldist.greedy import NeighbourEdges, any_earlier_duplicates, resolve_kept, search_threshold, threshold_for_ratio
 from deldist.rules import temporal_collapse
-from deldist.shards import (
-    bucket_count,
-    bucket_of_groups,
-    gather_sorted,
-    plan_buckets,
-    shuffle_by_bucket,
-)
+from deldist.shards import bucket_count, bucket_of_groups, gather_sorted, plan_buckets, shuffle_by_bucket
 
 if TYPE_CHECKING:
     from deldist.select import Config

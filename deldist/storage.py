@@ -178,6 +178,23 @@ def new_part_name(prefix: str = "part") -> str:
     return f"{prefix}-{uuid.uuid4().hex}.parquet"
 
 
+def drop_repeated_ids(parts_dir: str) -> int:
+    """Rewrite the Parquet parts under ``parts_dir`` that hold an ``id`` a part before them
+    already holds (a retried task wrote it twice); returns the rows dropped."""
+    fs, _ = resolve(parts_dir)
+    seen: set[str] = set()
+    dropped = 0
+    for path in [p for p in list_files(parts_dir) if p.endswith(".parquet")]:
+        ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
+        repeated = [i in seen for i in ids]
+        seen.update(ids)
+        if any(repeated):
+            kept = pq.read_table(path, filesystem=fs).filter(pa.array([not r for r in repeated]))
+            write_table(kept, to_uri(parts_dir, path))
+            dropped += sum(repeated)
+    return dropped
+
+
 def publish(dir_uri: str, files: Iterable[str], meta: dict[str, Any]) -> None:
     """Publish a stage directory: the manifest (files relative to ``dir_uri`` + ``meta``),
     then ``_SUCCESS``. Call only after every listed file is fully written."""

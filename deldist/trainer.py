@@ -163,9 +163,7 @@ class LocalSession:
 def tensorboard_writer_class() -> Any:
     """``torch.utils.tensorboard.SummaryWriter`` or ``tensorboardX.SummaryWriter``; None if neither."""
     try:
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # needs the tensorboard package
-        )
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
         return SummaryWriter
     except ImportError:

@@ -67,3 +67,18 @@ def test_write_table_leaves_vectors_and_jpegs_uncompressed(tmp_path):
     np.testing.assert_array_equal(embedding_matrix(pq.read_table(path).column("embedding")), x)
     encodings = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).encodings for i in range(meta.num_columns)}
     assert not any("DICTIONARY" in e for e in encodings["embedding"] + encodings["jpeg"])  # vectors: plain
+
+
+def test_drop_repeated_ids_keeps_each_id_once(tmp_path):
+    """A retried task writes its rows a second time; the first copy of each id stays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deldist import storage
+
+    storage.write_table(pa.table({"id": ["a", "b", "c"], "v": [1, 2, 3]}), str(tmp_path / "part-0.parquet"))
+    storage.write_table(pa.table({"id": ["c", "d", "a"], "v": [30, 4, 10]}), str(tmp_path / "part-1.parquet"))
+    assert storage.drop_repeated_ids(str(tmp_path)) == 2
+    table = pa.concat_tables([pq.read_table(tmp_path / f"part-{i}.parquet") for i in range(2)])
+    assert table.to_pydict() == {"id": ["a", "b", "c", "d"], "v": [1, 2, 3, 4]}
+    assert storage.drop_repeated_ids(str(tmp_path)) == 0
