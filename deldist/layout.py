@@ -27,7 +27,7 @@ from deldist import storage
 
 ALL_FRAMES = "all"
 SUMMARY = "summary.json"
-RUN_FILE = "_run.json"  # the embed stage's fingerprint of its encoder and sampling
+RUN_FILE = "_run.json"  # a stage's fingerprint of the settings its parts were written with
 
 
 def summary_of(dir_uri: str) -> str:
@@ -45,9 +45,10 @@ def version_name(version: int) -> str:
     return f"v{version}"
 
 
-def run_file_of(embeddings_dir: str) -> str:
-    """The ``_run.json`` fingerprint of an embeddings directory."""
-    return storage.join(embeddings_dir, RUN_FILE)
+def run_file_of(stage_dir: str) -> str:
+    """The ``_run.json`` fingerprint of an embeddings directory or a frame store: the settings
+    its parts were written with (a rerun with other settings must not mix in)."""
+    return storage.join(stage_dir, RUN_FILE)
 
 
 @dataclass(frozen=True)
