@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from deldist import curate, report, sample
+from deldist import curate, report, sample, verify
 from deldist.config import load_config
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                   ["all", *result["selections"]], quick=True, engine="local")
     print("\n" + chain["table"])
     print(DEMO_SCALE_NOTE)
+    verify.run(verify.Config(output=str(run_root)))  # one line; raises when an invariant fails
     print("\nResults:")
     print(f"  sample data   {data}  (videos/, kvasir/, ground_truth.parquet)")
     print(f"  embeddings    {run_root}/embeddings   errors: {run_root}/errors")

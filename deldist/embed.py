@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import posixpath
 import time
+from collections import Counter
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -42,7 +44,7 @@ from deldist.frames import (
 from deldist.ids import frame_id
 from deldist.io import Source, list_sources, open_source
 from deldist.layout import RunLayout, run_file_of
-from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, embedding_array, embeddings_schema
+from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, SOURCES_SCHEMA, embedding_array, embeddings_schema
 
 DEFAULT_FPS = 2.0
 # what fixes the embedding of a frame id (embeddings/_run.json): a rerun into the same output,
@@ -274,8 +276,34 @@ def _run_pipeline(tasks: list[str], config: Config, layout: RunLayout, dim: int)
     return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
 
 
+def _replace_table(dir_uri: str, table: pa.Table) -> None:
+    """Publish ``table`` as the one part of ``dir_uri``, then delete the parts an earlier run
+    published there (a rerun's table covers every source)."""
+    old = storage.list_files(dir_uri) if storage.exists(dir_uri) else []
+    part = storage.join(dir_uri, storage.new_part_name(posixpath.basename(dir_uri.rstrip("/"))))
+    storage.write_table(table, part)
+    storage.publish(dir_uri, [storage.resolve(part)[1]], {"rows": table.num_rows,
+                                                          "schema": storage.schema_hex(table.schema)})
+    fs, _ = storage.resolve(dir_uri)
+    for path in old:
+        if path.endswith(".parquet") and path != storage.resolve(part)[1]:
+            fs.delete_file(path)
+
+
+def _publish_sources(layout: RunLayout, sources: list[Source], skipped: list[str], errors: list[dict[str, Any]],
+                     present: dict[str, list[int]]) -> None:
+    """``sources/``: one row per listed file, so ``deldist verify`` can account for each."""
+    error_rows = Counter(e["source"] for e in errors)
+    rows = [{"source": s.uri, "key": s.key, "dataset": s.dataset, "kind": s.kind, "frames": len(present.get(s.key, ())),
+             "errors": error_rows[s.uri]} for s in sources]
+    rows += [{"source": uri, "key": "", "dataset": "", "kind": "skipped", "frames": 0, "errors": error_rows[uri]}
+             for uri in skipped]
+    _replace_table(layout.sources, pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA))
+
+
 def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sources: list[Source],
-             skipped: list[str], progress: dict[str, dict[str, Any]], decoded: int, kept: int) -> dict[str, Any]:
+             skipped: list[str], progress: dict[str, dict[str, Any]], present: dict[str, list[int]],
+             decoded: int) -> dict[str, Any]:
     by_key = {s.key: s for s in sources}
     errors = [{"source": s, "stage": "list", "error_type": "UnsupportedType",
                "message": "not a video or image extension"} for s in skipped]
@@ -287,15 +315,9 @@ def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sou
                 seen_messages.add((r["error_type"], r["message"]))
                 errors.append({"source": uri, "stage": r["stage"], "error_type": r["error_type"],
                                "message": r["message"]})
-    old_errors = storage.list_files(layout.errors)
-    error_file = storage.join(layout.errors, storage.new_part_name("errors"))
-    storage.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), error_file)
-    storage.publish(layout.errors, [storage.resolve(error_file)[1]], {"rows": len(errors)})
-    fs, _ = storage.resolve(layout.errors)
-    for path in old_errors:
-        if path.endswith(".parquet"):
-            fs.delete_file(path)
+    _replace_table(layout.errors, pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
 
+    _publish_sources(layout, sources, skipped, errors, present)
     parts = [p for p in storage.list_files(layout.embedding_parts) if p.endswith(".parquet")]
     fs, _ = storage.resolve(layout.embedding_parts)
     rows = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in parts)
@@ -308,7 +330,7 @@ def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sou
         "rows": rows,
         "sources": len(sources),
         "errors": len(errors),
-        "frames_decoded_per_frame_kept": round(decoded / kept, 3) if kept else None,
+        "frames_decoded_per_frame_kept": round(decoded / rows, 3) if rows else None,
         "deldist_version": deldist.__version__,
         "schema": storage.schema_hex(embeddings_schema(fingerprint["dim"])),
     }
@@ -349,7 +371,6 @@ def run(config: Config) -> dict[str, Any]:
     progress = source_progress(records, present)
     remaining = [s.key for s in sources if not progress.get(s.key, {}).get("done", False)]
     decoded = sum(r["decoded"] for r in records)
-    kept = sum(len(v) for v in present.values())
     summary: dict[str, Any] = {
         "sources": len(sources), "pending_sources": len(remaining), "frames_written_this_run": written,
         "duplicates_dropped": duplicates, "seconds": round(time.time() - started, 1),
@@ -360,7 +381,7 @@ def run(config: Config) -> dict[str, Any]:
         print(f"deldist embed: {len(remaining)} of {len(sources)} sources still pending "
               f"(max_sources={config.max_sources}); rerun to continue. Parts under {layout.embedding_parts}")
         return summary
-    meta = _publish(layout, config, fingerprint, sources, skipped, progress, decoded, kept)
+    meta = _publish(layout, config, fingerprint, sources, skipped, progress, present, decoded)
     fps = written / max(summary["seconds"], 1e-9)
     summary.update(published=True, frames=meta["rows"], errors=meta["errors"], frames_per_s=round(fps, 1),
                    frames_decoded_per_frame_kept=meta["frames_decoded_per_frame_kept"],

@@ -179,15 +179,22 @@ def decode_video(
             container.seek(int((t0 + start_frame / fps) / tb), stream=stream, backward=True, any_frame=False)
         sequential = start_frame  # fallback index for frames without a timestamp
         last_wanted = max(only) if only else -1
+        # fps sampling keeps the first frame of each 1/fps slot: with every frame present
+        # that is is_sampled(); a variable-rate stream has holes in its index grid
+        ratio = sampling.fps / fps if sampling.fps and not sampling.stride and fps > sampling.fps else None
+        last_slot = math.floor((start_frame - 1) * ratio + 1e-9) if ratio and start_frame > 0 else None
+        previous = -1
         try:
             for frame in container.decode(stream):
                 stats["decoded"] += 1
                 if frame.pts is not None:
                     ts = float(frame.pts * tb) - t0
-                    index = round(ts * fps)
+                    # frames closer than 1/fps (variable rate) would share an index: never
+                    # give two frames one id
+                    index = max(round(ts * fps), previous + 1)
                 else:
                     index, ts = sequential, sequential / fps
-                sequential = index + 1
+                previous, sequential = index, index + 1
                 if index < start_frame:
                     continue
                 if end_frame is not None and index >= end_frame or only is not None and index > last_wanted:
@@ -195,6 +202,11 @@ def decode_video(
                 if only is not None:
                     if index not in only:
                         continue
+                elif ratio is not None and not sampling.keyframes_only:
+                    slot = math.floor(index * ratio + 1e-9)
+                    if slot == last_slot:
+                        continue
+                    last_slot = slot
                 elif not (sampling.keyframes_only or is_sampled(index, fps, sampling)):
                     continue
                 stats["sampled"] += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import IO
@@ -55,22 +56,46 @@ def list_sources(input_uri: str, manifest: str | None = None) -> tuple[list[Sour
         raise FileNotFoundError(f"input {input_uri} does not exist")
     default = posixpath.basename(root.rstrip("/")) or "default"
     if info.type == pafs.FileType.File:
-        infos = [info]
+        files = [(info.path, info.size)]
         root = posixpath.dirname(root)
+    elif isinstance(fs, pafs.LocalFileSystem):
+        files = _local_files(root)
     else:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = [(i.path, i.size) for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                 if i.type == pafs.FileType.File]
     sources, skipped = [], []
-    for i in infos:
-        if i.type != pafs.FileType.File or posixpath.basename(i.path).startswith("."):
+    for path, size in files:
+        if posixpath.basename(path).startswith("."):
             continue
-        uri = storage.to_uri(input_uri, i.path)
-        kind = media_kind(i.path)
+        uri = storage.to_uri(input_uri, path)
+        kind = media_kind(path)
         if kind is None:
             skipped.append(uri)
             continue
-        key = posixpath.relpath(i.path, root)
-        sources.append(Source(uri, key, _dataset_of(key, default), kind, i.size))
+        key = posixpath.relpath(path, root)
+        sources.append(Source(uri, key, _dataset_of(key, default), kind, size))
     return sorted(sources, key=lambda s: s.key), sorted(skipped)
+
+
+def _local_files(root: str) -> list[tuple[str, int]]:
+    """(path, size) of the files under a local directory. Symlinked directories are followed
+    once each: a link back to an ancestor (a loop) or to a directory already listed is not
+    entered again. A dangling link is listed with size -1, so it is reported when read, not lost."""
+    files, entered = [], set()
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in entered:
+            subdirs[:] = []
+            continue
+        entered.add(real)
+        subdirs.sort()
+        for name in sorted(names):
+            path = os.path.join(directory, name)
+            try:
+                files.append((path.replace(os.sep, "/"), os.path.getsize(path)))
+            except OSError:
+                files.append((path.replace(os.sep, "/"), -1))
+    return files
 
 
 def _read_manifest_rows(manifest: str) -> list[dict[str, str]]:

@@ -5,6 +5,7 @@
     <root>/
         embeddings/                 embed: frames (Parquet), _manifest.json, _run.json
         errors/                     embed: what could not be read, and why
+        sources/                    embed: every listed file, its frames and error rows
         clusters/                   cluster: centroids.parquet, assignments/ (via the manifest)
         dedup/scores/               dedup: per item max_sim, duplicate_of, neighbour lists
         selections/<name>/          select: retained/, removed/, summary.json
@@ -88,6 +89,10 @@ class RunLayout:
     @property
     def errors(self) -> str:
         return self.join("errors")
+
+    @property
+    def sources(self) -> str:
+        return self.join("sources")
 
     @property
     def clusters(self) -> str:

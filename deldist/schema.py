@@ -50,6 +50,19 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+# ``sources/``: every file the embed stage listed, and what became of it
+SOURCES_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),  # URI
+        ("key", pa.string()),  # the id prefix of its frames ("" for a file skipped as not media)
+        ("dataset", pa.string()),
+        ("kind", pa.string()),  # video | image | skipped
+        ("frames", pa.int64()),  # frames it has in embeddings/
+        ("errors", pa.int64()),  # rows it has in errors/
+    ]
+)
+
+
 def centroids_schema(dim: int) -> pa.Schema:
     """``clusters/centroids.parquet``: one row per cluster (unit-norm centroid, member count)."""
     return pa.schema([("cluster", pa.int32()), ("centroid", pa.list_(pa.float32(), dim)),

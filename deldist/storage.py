@@ -68,12 +68,13 @@ def join(uri: str, *parts: str) -> str:
 
 
 def relative_key(uri: str, root: str) -> str:
-    """Key of ``uri`` relative to ``root`` with '/' separators (the stable part of an id)."""
+    """Key of ``uri`` relative to ``root`` with '/' separators (the stable part of an id); a
+    ``uri`` outside ``root`` keys by its whole path (its file name alone could name two files)."""
     _, path = resolve(uri)
     _, root_path = resolve(root)
     rel = posixpath.relpath(path.replace(os.sep, "/"), root_path.replace(os.sep, "/"))
-    if rel.startswith(".."):
-        return posixpath.basename(path)
+    if rel == ".." or rel.startswith("../"):
+        return path.replace(os.sep, "/").lstrip("/")
     return rel
 
 

@@ -152,3 +152,32 @@ def test_decode_image_modes_and_exif():
     assert out_rot[:5].mean() > 200 and out_rot[-5:].mean() < 50
     with pytest.raises(DecodeError):
         decode_image(b"this is text, not a jpeg", 20)
+
+
+def test_variable_rate_video_gets_unique_ids_and_every_fps_slot(tmp_path):
+    """Frames 20-150 ms apart (variable rate): no two frames share an index, and fps sampling
+    keeps one frame per 1/fps slot that has frames (the first), not only slots whose first
+    index is present."""
+    from fractions import Fraction
+
+    gaps = np.random.default_rng(0).integers(20, 150, size=40)
+    pts = np.cumsum(gaps) - gaps[0]
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for i, t in enumerate(pts):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), (i * 5) % 250, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(t), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    every = [i for i, _, _ in decode_video(str(path), 16, Sampling(stride=1))]
+    assert len(every) == 40 and len(set(every)) == 40 and every == sorted(every)
+    kept = [(i, t) for i, t, _ in decode_video(str(path), 16, Sampling(fps=5))]
+    slots_with_frames = len({int(t * 5 + 1e-9) for t in pts / 1000})
+    assert len({i for i, _ in kept}) == len(kept)
+    assert abs(len(kept) - slots_with_frames) <= 2  # index drift after bursts may shift a slot
+    assert len(kept) > 0.8 * (pts[-1] / 1000 * 5)
