@@ -179,8 +179,7 @@ def decode_video(
             container.seek(int((t0 + start_frame / fps) / tb), stream=stream, backward=True, any_frame=False)
         sequential = start_frame  # fallback index for frames without a timestamp
         last_wanted = max(only) if only else -1
-        # fps sampling keeps the first frame of each 1/fps slot: with every frame present
-        # that is is_sampled(); a variable-rate stream has holes in its index grid
+        # fps sampling keeps the first frame of each 1/fps slot (is_sampled() when no index is missing)
         ratio = sampling.fps / fps if sampling.fps and not sampling.stride and fps > sampling.fps else None
         last_slot = math.floor((start_frame - 1) * ratio + 1e-9) if ratio and start_frame > 0 else None
         previous = -1
@@ -189,8 +188,7 @@ def decode_video(
                 stats["decoded"] += 1
                 if frame.pts is not None:
                     ts = float(frame.pts * tb) - t0
-                    # frames closer than 1/fps (variable rate) would share an index: never
-                    # give two frames one id
+                    # variable rate: frames closer than 1/fps must not share an index (an id)
                     index = max(round(ts * fps), previous + 1)
                 else:
                     index, ts = sequential, sequential / fps
