@@ -4,6 +4,12 @@ compare every table the runs publish, content for content.
 
     .venv/bin/python bench/same_tables.py --before <rev> [--after <rev or "."> ] [--size demo]
 
+``--share-embeddings``: the after side starts from a copy of the before side's ``embeddings/``
+(and ``errors/``), so its embed is a no-op and clusters onwards are compared on identical
+input rows in identical order. Without it, revisions older than the order-free k-means
+sampling cluster differently whenever embed's tasks finish in another order (the rows of
+``embeddings/`` come in task completion order).
+
 Each side runs in its own Python process (``PYTHONPATH`` = that revision's checkout, a git
 worktree for a revision) with its own local Ray cluster. Compared, sorted by id (or by
 cluster): ``embeddings``, ``errors``, ``clusters`` (centroids and assignments), ``dedup/scores``,
@@ -88,6 +94,8 @@ def main() -> int:
     parser.add_argument("--after", default=".")
     parser.add_argument("--size", default="demo", choices=["tiny", "small", "demo"])
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--share-embeddings", action="store_true",
+                        help="the after side reuses the before side's embeddings (compare clusters onwards)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from deldist import sample
@@ -103,6 +111,9 @@ def main() -> int:
             if rev != ".":
                 trees.append(tree)
             out = os.path.join(work, side)
+            if side == "after" and args.share_embeddings:
+                for name in ("embeddings", "errors"):
+                    shutil.copytree(os.path.join(work, "before", name), os.path.join(out, name))
             curate(tree, data, out)
             results[side] = tables(out)
             print(f"{side} ({rev}): {len(results[side])} tables", flush=True)

@@ -47,10 +47,12 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from deldist import storage
 from deldist.config import StageConfig
+from deldist.ids import id_hash
 from deldist.kmeans import (
     Bounds,
     PartialStats,
@@ -101,24 +103,6 @@ class Config(StageConfig):
 # ----------------------------------------------------------------------------- shards (I/O)
 
 
-def proportional_counts(sizes: Sequence[int], total: int) -> list[int]:
-    """Split ``total`` over ``sizes`` proportionally (largest remainder), each <= its size."""
-    n = sum(sizes)
-    if n == 0:
-        return [0] * len(sizes)
-    exact = [total * s / n for s in sizes]
-    counts = [min(int(e), s) for e, s in zip(exact, sizes)]
-    order = sorted(range(len(sizes)), key=lambda i: counts[i] - exact[i])
-    short = total - sum(counts)
-    for i in order:
-        if short <= 0:
-            break
-        if counts[i] < sizes[i]:
-            counts[i] += 1
-            short -= 1
-    return counts
-
-
 def balanced_groups(sizes: Sequence[int], n_groups: int) -> list[list[int]]:
     """Indices of ``sizes`` split into ``n_groups`` groups of similar total (LPT greedy)."""
     n_groups = max(1, min(n_groups, len(sizes)))
@@ -154,30 +138,37 @@ def _threads(cpus: float) -> int:
     return max(1, int(round(cpus)))
 
 
-def _load_fit_shard(emb_dir: str, shard: Shard, dim: int, fraction: float, seed: int,
-                    shard_index: int) -> tuple[np.ndarray, int, pa.Array]:
+def _load_fit_shard(emb_dir: str, shard: Shard, dim: int, fraction: float, seed: int
+                    ) -> tuple[np.ndarray, int, pa.Array]:
     """Task body: read, validate, normalise and subsample one shard -> ((m, D) float32, m,
-    the m ids)."""
+    the m ids). The subsample is the ids whose seeded hash is below ``fraction``: the same
+    rows whatever order embed wrote them in."""
     table = read_shard(emb_dir, shard, ["id", "embedding"])
+    table = table.take(pc.sort_indices(table, [("id", "ascending")]))  # sums in one order, whatever embed's
     ids = table.column("id").combine_chunks()
     x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
     if fraction < 1.0:
-        keep = np.random.default_rng([seed, shard_index]).random(len(x)) < fraction
+        keep = id_hash(ids, seed) < fraction
         x = np.ascontiguousarray(x[keep])
         ids = ids.filter(pa.array(keep))
     return x, len(x), ids
 
 
-def _sample_rows(x: np.ndarray, m: int, seed: int, shard_index: int) -> np.ndarray:
-    if m >= len(x):
-        return np.asarray(x)
-    rows = np.sort(np.random.default_rng([seed, shard_index, 1]).choice(len(x), m, replace=False))
-    return np.asarray(x)[rows]
+def _sample_rows(x: np.ndarray, ids: pa.Array, below: float, seed: int
+                 ) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """Task body: the rows of one shard whose id hash (seed + 1) is below ``below`` with those
+    hashes, and their count."""
+    h = id_hash(ids, seed + 1)
+    keep = h < below
+    return (np.asarray(x)[keep], h[keep]), int(keep.sum())
 
 
-def _init_task(k: int, init: str, seed: int, *samples: np.ndarray) -> np.ndarray:
-    """Task body: seed k centroids (k, D) from the concatenated samples."""
-    sample = np.concatenate(samples)
+def _init_task(k: int, init: str, seed: int, m: int, *samples: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Task body: seed k centroids (k, D) from the m candidate rows of smallest id hash, in
+    hash order (so the seeding depends on the ids' content, not on the shards or row order)."""
+    rows = np.concatenate([x for x, _ in samples])
+    order = np.argsort(np.concatenate([h for _, h in samples]), kind="stable")[:m]
+    sample = np.ascontiguousarray(rows[order])
     rng = np.random.default_rng(seed)
     return kmeans_plus_plus(sample, k, rng) if init == "k-means++" else random_init(sample, k, rng)
 
@@ -307,8 +298,7 @@ def _fit(config: Config, plan: Plan) -> Fit:
 
     started = time.perf_counter()
     load = ray.remote(num_cpus=config.io_cpus, num_returns=3)(_load_fit_shard)
-    loads = [load.remote(plan.layout.embeddings, s, plan.dim, config.fit_fraction, config.seed, i)
-             for i, s in enumerate(plan.shards)]
+    loads = [load.remote(plan.layout.embeddings, s, plan.dim, config.fit_fraction, config.seed) for s in plan.shards]
     matrices, id_refs = [ref for ref, _, _ in loads], [ref for _, _, ref in loads]
     row_counts = [int(c) for c in ray.get([count for _, count, _ in loads])]
     del loads  # the matrices must be freed once the fit is done
@@ -318,11 +308,13 @@ def _fit(config: Config, plan: Plan) -> Fit:
                          f"(fit_fraction={config.fit_fraction} of {plan.n_total}); lower k or raise fit_fraction")
     loaded = time.perf_counter()
     m = min(max(config.k, config.init_sample_size or default_init_sample_size(config.k, n_fit)), n_fit)
-    sample_task = ray.remote(num_cpus=0.01)(_sample_rows)
-    samples = [sample_task.remote(mat, t, config.seed, i)
-               for i, (mat, t) in enumerate(zip(matrices, proportional_counts(row_counts, m))) if t > 0]
+    sample_task = ray.remote(num_cpus=0.01, num_returns=2)(_sample_rows)
+    below = 1.0 if 2 * m >= n_fit else 2 * m / n_fit  # ~2m candidates: at least m of them all but surely
+    samples, counts = zip(*[sample_task.remote(mat, ids, below, config.seed) for mat, ids in zip(matrices, id_refs)])
+    if sum(ray.get(list(counts))) < m:
+        samples, _ = zip(*[sample_task.remote(mat, ids, 1.0, config.seed) for mat, ids in zip(matrices, id_refs)])
     centroids = ray.get(ray.remote(num_cpus=config.task_cpus)(_init_task).remote(config.k, config.init,
-                                                                                  config.seed, *samples))
+                                                                                  config.seed, m, *samples))
     groups = balanced_groups(row_counts, plan.n_tasks)
     fit = Fit(centroids, None, matrices, id_refs, [None] * len(groups), groups, n_fit)
     initialised = time.perf_counter()

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from deldist import storage
+from deldist.faults import FaultPoint
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -20,6 +21,9 @@ class StageConfig(BaseModel):
     """Base of all stage configs: unknown keys are errors (a typo must not be ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    inject_fault: FaultPoint | None = Field(
+        None, description="test hook: exit hard once at this point (deldist.faults); never in real runs")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

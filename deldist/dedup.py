@@ -54,6 +54,7 @@ from pydantic import Field
 from deldist import storage
 from deldist.arrays import equal_runs
 from deldist.config import StageConfig
+from deldist.faults import fail_once
 from deldist.layout import RunLayout
 from deldist.pairwise import to_device, triu_neighbours
 from deldist.schema import SCORES_SCHEMA
@@ -208,8 +209,9 @@ def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: 
 
 
 def _score_bucket(out_dir: str, spec: ListSpec, block_rows: int, col_block: int, diag_rows: int, device: Device,
-                  *slices: tuple[pa.Table, np.ndarray]) -> dict[str, Any]:
+                  *slices: tuple[pa.Table, np.ndarray], fault: tuple[str | None, str] = (None, "")) -> dict[str, Any]:
     """Task body: score every (small) cluster of one bucket on ``device`` and write a scores part."""
+    fail_once("score_task", *fault)
     began = time.perf_counter()
     x, meta = gather_sorted(slices)
     del slices
@@ -230,9 +232,11 @@ def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, p
 
 
 def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int, spec: ListSpec,
-                block_rows: int, col_block: int, diag_rows: int, device: Device = "cpu") -> dict[str, Any]:
+                block_rows: int, col_block: int, diag_rows: int, device: Device = "cpu",
+                fault: tuple[str | None, str] = (None, "")) -> dict[str, Any]:
     """Task body: rows [start, stop) of one split cluster -> a scores part (on ``device``: only
     rows [0, stop) are copied there)."""
+    fail_once("score_task", *fault)
     began = time.perf_counter()
     sims, arg, nbr, nbr_sim, bound = triu_neighbours(x, start, stop, spec, block_rows, col_block, diag_rows, device)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
@@ -281,6 +285,7 @@ def run(config: Config) -> dict[str, Any]:
     gpu = use_gpu(config.use_gpu)
     parts, tasks, shards = _score(config, plan, gpu)
     spec = _list_spec(config)
+    fail_once("before_publish", config.inject_fault, plan.layout.root)
     storage.publish(plan.layout.scores, [p["path"] for p in parts],
                     {"schema": storage.schema_hex(SCORES_SCHEMA), "rows": plan.n, "keep": config.keep,
                      "seed": config.seed, "clusters": plan.layout.clusters, "use_gpu": gpu,
@@ -335,6 +340,7 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
 
     out_dir, spec, device = plan.layout.scores, _list_spec(config), "cuda" if gpu else "cpu"
     tiles = (config.block_rows, config.col_block, config.diag_rows)
+    fault = (config.inject_fault, plan.layout.root)
     slices_of, route_stats = shuffle_by_bucket(plan.layout.embeddings, plan.dim, plan.lookup, len(plan.buckets),
                                                config.shard_rows, config.io_cpus)
     gpu_opts = {"num_gpus": config.task_gpus} if gpu else {}
@@ -345,10 +351,10 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
     for bucket, slices in zip(plan.buckets, slices_of):
         if bucket.row_ranges:
             x_ref, ids_ref = gather.remote(*slices)
-            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec, *tiles, device)
-                        for a, e in bucket.row_ranges]
+            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec, *tiles, device,
+                                          fault=fault) for a, e in bucket.row_ranges]
         else:
-            pending.append(score_bucket.remote(out_dir, spec, *tiles, device, *slices))
+            pending.append(score_bucket.remote(out_dir, spec, *tiles, device, *slices, fault=fault))
     try:
         check_shuffle(ray.get(route_stats), plan.n, "assignments")
     except ValueError:

@@ -31,6 +31,7 @@ import deldist
 from deldist import storage
 from deldist.config import StageConfig
 from deldist.embed_units import PROGRESS_SCHEMA, load_state, pack_tasks, plan_units, source_progress
+from deldist.faults import fail_once
 from deldist.frames import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -107,6 +108,7 @@ class Config(StageConfig):
 def decode_task(batch: dict[str, np.ndarray], config: Config, progress_dir: str) -> Iterator[dict[str, Any]]:
     """Decode task specs (a video segment, or a pack of images) into frame batches of
     ``_EMIT_ROWS``; then write one progress record per unit. Runs as a plain Ray task."""
+    fail_once("decode_task", config.inject_fault, config.output)
     records: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     for spec_json in batch["task"]:
@@ -148,6 +150,8 @@ def _decode_unit(unit: dict[str, Any], cfg: Config, records: list[dict[str, Any]
         if unit["kind"] == "video" and stats["decoded"] == 0 and unit["unit"] == 0:
             raise DecodeError("no decodable video frames")
     except Exception as e:  # recorded per unit; the frames decoded before it are kept
+        if storage.is_transient_error(e):
+            raise  # not a fact about the file: the task fails, Ray retries it or a rerun does
         error_type, message = type(e).__name__, str(e)
     records.append({"source": unit["key"], "unit": unit["unit"], "n_units": unit["n_units"],
                     "segment_frames": unit["segment_frames"], "expected": stats["sampled"],
@@ -189,12 +193,14 @@ class Encoder:
         self.pooling = config.pooling
         self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.fault = (config.inject_fault, config.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from deldist.encoders import pool_tokens
 
+        fail_once("encoder_actor", *self.fault)
         pixels = torch.from_numpy(batch.pop("pixels")).to(self.device, non_blocking=True)
         x = pixels.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -334,6 +340,7 @@ def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sou
         "deldist_version": deldist.__version__,
         "schema": storage.schema_hex(embeddings_schema(fingerprint["dim"])),
     }
+    fail_once("before_publish", config.inject_fault, layout.root)
     storage.publish(layout.embeddings, parts, meta)
     return meta
 

@@ -7,6 +7,9 @@ curate-new batches); images use frame index 0. The key may itself hold ``#`` (a 
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,3 +38,45 @@ def split_ids(ids: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
 def join_ids(keys: pa.Array, frame_index: pa.Array) -> pa.Array:
     """Vector form of :func:`frame_id`."""
     return pc.binary_join_element_wise(keys, pc.cast(frame_index, pa.string()), SEPARATOR)
+
+
+def id_hash(ids: pa.Array | pa.ChunkedArray, seed: int = 0) -> np.ndarray:
+    """(n,) float64 in [0, 1): a seeded hash of each id string (FNV-1a 64 over its UTF-8 bytes,
+    then a splitmix64 finaliser). A sample "hash < fraction" is the same set of ids whatever
+    the row order or the sharding, so a stage that samples this way is deterministic in its
+    input's content, not in how an earlier stage happened to write it."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    ids = ids.cast(pa.large_string()) if not pa.types.is_large_string(ids.type) else ids
+    if len(ids) == 0:
+        return np.empty(0, np.float64)
+    if ids.null_count:
+        raise ValueError("ids must not be null")
+    _, offsets_buf, data_buf = ids.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int64)[ids.offset: ids.offset + len(ids) + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.empty(0, np.uint8)
+    return _fnv_splitmix(data, offsets, np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) / 2.0**64
+
+
+@functools.cache
+def _compiled_hash():
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def run(data, offsets, seed):
+        n = len(offsets) - 1
+        out = np.empty(n, np.float64)
+        for i in range(n):
+            h = np.uint64(0xCBF29CE484222325) ^ seed
+            for j in range(offsets[i], offsets[i + 1]):
+                h = (h ^ np.uint64(data[j])) * np.uint64(0x100000001B3)
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = h ^ (h >> np.uint64(31))
+            out[i] = np.float64(h >> np.uint64(11)) * 2.0**11
+        return out
+
+    return run
+
+
+def _fnv_splitmix(data: np.ndarray, offsets: np.ndarray, seed: np.uint64) -> np.ndarray:
+    return _compiled_hash()(data, offsets, seed)

@@ -38,7 +38,29 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**kwargs)
+    # transient network failures (a throttled or restarting endpoint) are retried with the
+    # SDK's exponential backoff: 8 attempts wait about 20 s in all
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8),
+                             connect_timeout=10, request_timeout=60, **kwargs)
+
+
+# what pyarrow's S3 client says when the endpoint cannot be reached (after its retries)
+_TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "Couldn't connect", "Connection refused", "curlCode",
+                      "SLOW_DOWN", "ServiceUnavailable", "RequestTimeout", "Timeout was reached")
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a storage failure worth retrying later rather
+    than a fact about the file: an unreachable or overloaded endpoint, a timeout."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)) or (
+                isinstance(e, OSError) and any(m in str(e) for m in _TRANSIENT_MARKERS)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

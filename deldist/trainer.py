@@ -122,7 +122,7 @@ class RayTrainSession:
         # can read a file another rank is still writing (seen as a corrupt state.pt).
         with tempfile.TemporaryDirectory() as d:
             checkpoint.to_directory(d)
-            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 class LocalSession:
@@ -157,7 +157,7 @@ class LocalSession:
 
         if not storage.exists(self.path):
             return None
-        return torch.load(io.BytesIO(storage.read_bytes(self.path)), map_location="cpu", weights_only=False)
+        return torch.load(io.BytesIO(storage.read_bytes(self.path)), map_location="cpu", weights_only=True)
 
 
 def tensorboard_writer_class() -> Any:

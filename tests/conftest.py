@@ -20,6 +20,28 @@ import pytest
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
 
+# the S3 secret of this session: tests/test_security.py looks for it in every output
+SECRET = f"deldist-test-secret-{secrets.token_hex(8)}"
+
+
+# the session's moto server, for fault tests that stop and restart it (moto keeps its buckets
+# in this process, so a new server on the same port serves the same objects)
+S3_SERVER: dict = {}
+
+
+def restart_s3(down_seconds: float) -> None:
+    """Stop the session's S3 server, keep it down for ``down_seconds``, start it again."""
+    import time
+
+    from moto.server import ThreadedMotoServer
+
+    S3_SERVER["server"].stop()
+    time.sleep(down_seconds)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_SERVER["port"])
+    server.start()
+    S3_SERVER["server"] = server
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,17 +57,18 @@ def s3_endpoint() -> str:
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
+    S3_SERVER.update(server=server, port=port)
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_SECRET_ACCESS_KEY=SECRET,
         AWS_DEFAULT_REGION="us-east-1",
         AWS_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
     )
     yield endpoint
-    server.stop()
+    S3_SERVER["server"].stop()
 
 
 @pytest.fixture(scope="session")

@@ -18,14 +18,15 @@ def clustered(n: int, dim: int, centers: int, seed: int, spread: float = 0.5) ->
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_embeddings(emb_dir: str, x: np.ndarray, parts: int = 3, manifest_dim: int | None = None) -> list[str]:
-    """Publish ``x`` (n, D) as an ``embeddings/`` table split into ``parts`` files; ids
-    ``v<i%5>.mp4#<i>``. Returns the ids."""
+def write_embeddings(emb_dir: str, x: np.ndarray, parts: int = 3, manifest_dim: int | None = None,
+                     order: np.ndarray | None = None) -> list[str]:
+    """Publish ``x`` (n, D) as an ``embeddings/`` table split into ``parts`` files, rows in
+    ``order`` (default: 0..n-1); ids ``v<i%5>.mp4#<i>``. Returns the ids."""
     n, dim = x.shape
     ids = [f"v{i % 5}.mp4#{i}" for i in range(n)]
     schema = embeddings_schema(dim)
     files = []
-    for rows in np.array_split(np.arange(n), parts):
+    for rows in np.array_split(np.arange(n) if order is None else order, parts):
         table = pa.table({
             "id": [ids[i] for i in rows],
             "source": [f"s3://in/v{i % 5}.mp4" for i in rows],
@@ -158,6 +159,40 @@ def test_run_with_fit_fraction_fits_a_sample_and_assigns_everything(ray_session,
     summary = cluster.run(cluster.Config(output=root, k=10, max_iter=5, fit_fraction=0.25, task_cpus=0.5))
     assert 350 < summary["fit_rows"] < 650 and summary["rows"] == 2000
     assert storage.read_published(storage.join(root, "clusters", "assignments")).num_rows == 2000
+
+
+def test_run_depends_on_the_rows_not_on_their_order(ray_session, tmp_path):
+    """The fit sample and the k-means++ candidates are chosen by a seeded hash of the ids, and
+    each shard is read in id order: the same embeddings written in another row order (as two
+    embed runs write them) give byte-identical centroids; split into other parts, the same
+    clusters."""
+    x = clustered(2000, 16, 10, seed=7)
+    shuffled = np.random.default_rng(0).permutation(2000)
+    results = []
+    for name, parts, order in (("plain", 1, None), ("shuffled", 1, shuffled), ("split", 3, shuffled)):
+        root = str(tmp_path / name)
+        write_embeddings(storage.join(root, "embeddings"), x, parts=parts, order=order)
+        cluster.run(cluster.Config(output=root, k=10, max_iter=20, fit_fraction=0.6, init_sample_size=100,
+                                   task_cpus=0.5))
+        table = storage.read_published(storage.join(root, "clusters", "assignments"))
+        labels = dict(zip(table.column("id").to_pylist(), table.column("cluster").to_pylist()))
+        results.append((cluster.read_centroids(storage.join(root, "clusters")), labels))
+    (plain, plain_labels), (shuf, shuf_labels), (split, split_labels) = results
+    assert plain.tobytes() == shuf.tobytes() and plain_labels == shuf_labels
+    np.testing.assert_allclose(split, plain, atol=1e-5)
+    assert split_labels == plain_labels
+
+
+def test_id_hash_is_seeded_uniform_and_order_free():
+    from deldist.ids import id_hash
+
+    ids = pa.array([f"center_a/vid_{i:03d}.mp4#{i * 3}" for i in range(20000)])
+    h = id_hash(ids, 0)
+    assert h.min() >= 0 and h.max() < 1 and abs((h < 0.25).mean() - 0.25) < 0.02
+    perm = np.random.default_rng(1).permutation(20000)
+    np.testing.assert_array_equal(id_hash(ids.take(pa.array(perm)), 0), h[perm])
+    np.testing.assert_array_equal(id_hash(pa.chunked_array([ids.slice(0, 7), ids.slice(7)]), 0), h)
+    assert np.corrcoef(h, id_hash(ids, 1))[0, 1] < 0.05
 
 
 def test_run_rejects_bad_input(ray_session, tmp_path):

@@ -85,7 +85,7 @@ def test_pretrain_s3_worker_failure_resume_and_rerun(ray_session, tiny_sample, s
     encoder = build_encoder(MODEL, SIZE, seed=9)
     load_weights(encoder, export)
     latest = sorted(p for p in checkpoints if p.endswith("state.pt"))[-1]
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.to_uri(root, latest))), weights_only=False)
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.to_uri(root, latest))), weights_only=True)
     mae = build_mae(MODEL, SIZE, 64, 1, 4)
     mae.load_state_dict(state["model"])
     assert state["state"]["step"] == first["steps"]
