@@ -244,7 +244,8 @@ def _check_clusters(layout: RunLayout, ids: pa.Array, dim: int, report: Report) 
     if not storage.is_published(layout.clusters):
         return None
     manifest = storage.read_manifest(layout.clusters)
-    centroids = pq.read_table(layout.centroids, filesystem=storage.resolve(layout.centroids)[0])
+    fs, path = storage.resolve(layout.centroids)
+    centroids = pq.read_table(path, filesystem=fs)
     matrix = embedding_matrix(centroids.column("centroid"))
     problems = centroid_problems(matrix, centroids.column("size").to_numpy(), manifest["k"], dim)
     assignments = storage.read_published(layout.assignments, columns=["id", "cluster"])

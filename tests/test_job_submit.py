@@ -43,8 +43,9 @@ def test_ray_job_submit_curate_on_s3(ray_head, ray_session, s3_bucket, tiny_samp
     _upload(tiny_sample / "videos", f"{base}/videos")
     storage.write_bytes(f"{base}/curate.yaml", CONFIG.encode())
     submission_id = f"deldist-test-{int(time.time())}"
-    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")}
+    # no credentials in the runtime env: Ray logs it (runtime_env_agent.log). The job's driver
+    # inherits them from the head, as it would from an instance role on a cluster
+    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")}
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     submit = subprocess.run(
         [ray_cli, "job", "submit", "--address", ray_head["dashboard"], "--submission-id", submission_id,
