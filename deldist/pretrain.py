@@ -70,6 +70,9 @@ class Config(StageConfig):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | None = Field(None, description="default: when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom resources each Train "
+                                               "worker also asks for, e.g. {trainer_node: 1} to place the "
+                                               "workers on nodes started with that resource")
     torch_threads: int | None = Field(None, ge=1, description="default: max(1, floor(cpus_per_worker))")
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU
     storage_path: str | None = Field(None, description="Ray Train checkpoints; default <output>/pretrain/_ray")
@@ -375,7 +378,8 @@ def _fit(config: Config, loop: MAELoop, ds: Any, use_gpu: bool) -> None:
         train_loop, train_loop_config={"loop": loop},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.cpus_per_worker,
+                                                           **config.worker_resources}),
         run_config=ray_run_config(config.storage_path, RunLayout(config.output).pretrain_ray, config.name,
                                   config.max_failures, config.checkpoints_to_keep),
         datasets={"train": ds},
