@@ -127,10 +127,10 @@ def nodes(ray_head, ray_session):
         _wait_dead(node.node_id)
 
 
-def _corpus(root: Path) -> set[str]:
+def _corpus(root: Path, videos: int = 6) -> set[str]:
     """Videos and stills; returns the ids embed must produce at fps 5 (every 3rd frame of 15)."""
     expected = set()
-    for i in range(6):
+    for i in range(videos):
         n = 45 + 6 * i
         key = f"center_{i % 3}/video_{i}.mp4"
         write_video(root / key, n)
@@ -196,7 +196,7 @@ def test_pretrain_resumes_on_a_replacement_node(nodes, tmp_path):
     one is killed after a checkpoint; a replacement node joins (as an autoscaler's would) and
     the run resumes from the checkpoint there."""
     corpus = tmp_path / "corpus"
-    expected = _corpus(corpus)
+    expected = _corpus(corpus, videos=4)
     root = str(tmp_path / "run")
     rows = [{"id": i, "source": str(corpus / split_id(i)[0]), "frame_index": split_id(i)[1]} for i in sorted(expected)]
     import pyarrow as pa
