@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
+from typing import Any, TextIO
 
-from deldist.config import load_config
+import deldist
+from deldist import storage
+from deldist.config import config_help, load_configs
 
 # stage name -> module holding Config and run(config)
 STAGES: dict[str, str] = {
@@ -45,8 +49,39 @@ def verify_after(name: str, config: object, result: object) -> dict | None:
     return verify.run(verify.Config(output=root))
 
 
+def _stage_in(argv: list[str]) -> str | None:
+    """The stage named on the command line (the first word that is one), for per-stage help."""
+    return next((a for a in argv if a in STAGES), None)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a message is written (it may be replaced
+    after set-up: by a test's capture, a notebook)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """deldist's own messages (``deldist.*`` loggers) as plain lines on ``stream``; stdout is
+    left to the result JSON, so ``deldist select ... | jq`` works."""
+    logger = logging.getLogger("deldist")
+    logger.handlers[:] = [logging.StreamHandler(stream) if stream is not None else _CurrentStderr()]
+    logger.handlers[0].setFormatter(logging.Formatter("%(message)s"))
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None, stage: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deldist", description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = stage or _stage_in(argv)
+    module = importlib.import_module(STAGES[named]) if named else None
+    parser = argparse.ArgumentParser(
+        prog=f"deldist {named}" if named else "deldist", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help(module.Config) if module else "stages: " + ", ".join(sorted(STAGES)))
+    parser.add_argument("--version", action="version", version=f"deldist {deldist.__version__}")
     if stage is None:
         parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--config", help="YAML config (local path or s3:// URI)")
@@ -54,9 +89,12 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     parser.add_argument("--html", action="store_true", help="write the HTML curation report (= html=true; "
                                                              "report, curate)")
     parser.add_argument("--no-verify", action="store_true", help="skip the closing deldist verify of the run root")
+    parser.add_argument("--json", metavar="FILE", help="write the result JSON to FILE instead of stdout")
+    parser.add_argument("--log-level", default="INFO", help="deldist's messages on stderr: DEBUG, INFO, WARNING")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting "
                                                      "(verify: the run root alone is output=<root>)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
+    setup_logging(args.log_level)
     name = stage or args.stage
     module = importlib.import_module(STAGES[name])
     overrides = [o if "=" in o or name != "verify" else f"output={o}" for o in args.overrides]
@@ -64,20 +102,30 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         if "html" not in module.Config.model_fields:
             parser.error(f"--html does not apply to {name}")
         overrides.append("html=true")
-    config = load_config(module.Config, args.config, overrides, section=name.replace("-", "_"))
+    configs = load_configs(module.Config, args.config, overrides, section=name.replace("-", "_"))
     if args.address:
         import os
 
         os.environ["RAY_ADDRESS"] = args.address
     if name == "verify":
-        result = module.run(config.model_copy(update={"fail": False}))
+        result = module.run(configs[0].model_copy(update={"fail": False}))
+        _emit(result, args.json)
         return 0 if result["ok"] else 1
-    result = module.run(config)
-    if result is not None:
-        print(json.dumps(result, indent=2, default=str))
+    results = [module.run(config) for config in configs]  # a list block (select:) runs each entry
+    _emit(results[0] if len(results) == 1 else results, args.json)
     if not args.no_verify:
-        verify_after(name, config, result)
+        verify_after(name, configs[-1], results[-1])
     return 0
+
+
+def _emit(result: Any, json_file: str | None) -> None:
+    if result is None:
+        return
+    text = json.dumps(result, indent=2, default=str)
+    if json_file:
+        storage.write_bytes(json_file, text.encode())
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

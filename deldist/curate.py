@@ -9,6 +9,7 @@ job and the stages run one by one give the same tables.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ from pydantic import Field
 from deldist import cluster, dedup, embed, select, storage
 from deldist.config import StageConfig
 from deldist.layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 
 class Config(StageConfig):
@@ -90,25 +93,25 @@ def run(config: Config) -> dict[str, Any]:
         raise RuntimeError("embedding did not finish (max_sources?); rerun curate to continue")
     result["cluster"] = cluster.run(cluster_cfg)
     c = result["cluster"]
-    print(f"deldist cluster: k={c['k']}, {c['rows']} frames, {c['iterations']} passes, mean cosine distance "
+    log.info(f"deldist cluster: k={c['k']}, {c['rows']} frames, {c['iterations']} passes, mean cosine distance "
           f"{c['mean_distance']:.4f}, largest cluster {c['largest_cluster']} -> {c['clusters']}")
     result["dedup"] = dedup.run(dedup_cfg)
     d = result["dedup"]
-    print(f"deldist dedup: {d['rows']} frames in {d['clusters']} clusters, {d['pairs']:,} pairs scored "
+    log.info(f"deldist dedup: {d['rows']} frames in {d['clusters']} clusters, {d['pairs']:,} pairs scored "
           f"(keep={d['keep']}) -> {d['scores']}")
     layout = RunLayout(config.output)
     summaries = []
     for cfg in select_cfgs:
         select.run(cfg)
         summaries.append(storage.read_json(layout.selection_summary(cfg.name)))
-    print("\n" + format_selection_table(summaries))
-    print("\n" + format_dataset_table(summaries[0]))
+    log.info("\n" + format_selection_table(summaries))
+    log.info("\n" + format_dataset_table(summaries[0]))
     result["selections"] = {s["name"]: {k: s[k] for k in ("input_count", "kept_count", "ratio")} for s in summaries}
     if config.html:
         from deldist import html_report
 
         result["html_report"] = html_report.write_html_report(config.output, [c.name for c in select_cfgs])
-        print(f"\nHTML report: {result['html_report']}")
+        log.info(f"\nHTML report: {result['html_report']}")
     result["seconds"] = round(time.time() - started, 1)
     result["output"] = config.output
     return result

@@ -46,6 +46,7 @@ One writer at a time per corpus and selection: two concurrent runs would both wr
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,8 @@ from deldist.versions import (
     set_latest,
     sources_ledger,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Config(StageConfig):
@@ -144,7 +147,7 @@ def recluster(config: Config, version: int) -> dict[str, Any]:
                                         {"parent": version, "reclustered_from": version})
     new_vdir = corpus.version(config.selection, new_version)
     summary = storage.read_json(summary_of(new_vdir))
-    print(f"deldist curate-new: v{new_version}: re-clustered corpus + uploads (k={result.get('k', old_clusters.get('k'))}), "
+    log.info(f"deldist curate-new: v{new_version}: re-clustered corpus + uploads (k={result.get('k', old_clusters.get('k'))}), "
           f"kept {summary['kept_count']} of {summary['input_count']}")
     return {"version": new_version, "path": new_vdir,
             "kept": summary["kept_count"], "input": summary["input_count"]}
@@ -232,7 +235,7 @@ def run(config: Config) -> dict[str, Any]:
     batch = _new_batch(config)
     if not batch.sources and not batch.skipped:
         path = batch.version_dir(batch.version)
-        print(f"deldist curate-new: no new sources under {config.input}; latest stays v{batch.version}")
+        log.info(f"deldist curate-new: no new sources under {config.input}; latest stays v{batch.version}")
         return {"version": batch.version, "changed": False, "new_sources": 0, "path": path}
     embed_result = _embed_uploads(batch)
     rules = _selection_rules(batch.manifest)
@@ -351,7 +354,7 @@ def _publish_version(batch: Batch, tables: dict[str, pa.Table], meta: pa.Table, 
         "assignments": [*manifest["assignments"], batch.outputs.batch_assignments],
     })
     set_latest(config.corpus, config.selection, batch.new_version)
-    print(f"deldist curate-new: v{batch.new_version}: {len(batch.sources)} new sources, {summary['frames']} frames, "
+    log.info(f"deldist curate-new: v{batch.new_version}: {len(batch.sources)} new sources, {summary['frames']} frames, "
           f"kept {summary['kept']} ({summary['removed_by_reason']}); drift {summary['drift_fraction']:.3f}"
           + ("; re-clustering recommended" if summary["recluster_recommended"] else "") + f" -> {new_vdir}")
     return {"version": batch.new_version, "changed": True, "path": new_vdir, "new_sources": len(batch.sources),

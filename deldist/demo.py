@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 from deldist import curate, report, sample, verify
+from deldist.cli import setup_logging
 from deldist.config import load_config
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if not args.verbose:
         quiet_ray()
+    setup_logging("INFO", sys.stdout)  # the stages' one-line reports, in order with the demo's own
     out = Path(args.out).resolve()
     data = out / "sample"
     if not (data / "ground_truth.parquet").exists():

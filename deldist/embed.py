@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import posixpath
 import time
@@ -46,6 +47,8 @@ from deldist.ids import frame_id
 from deldist.io import Source, list_sources, open_source
 from deldist.layout import RunLayout, run_file_of
 from deldist.schema import ERRORS_SCHEMA, QUALITY_COLUMNS, SOURCES_SCHEMA, embedding_array, embeddings_schema
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 2.0
 # what fixes the embedding of a frame id (embeddings/_run.json): a rerun into the same output,
@@ -385,7 +388,7 @@ def run(config: Config) -> dict[str, Any]:
     }
     if remaining:
         summary["published"] = False
-        print(f"deldist embed: {len(remaining)} of {len(sources)} sources still pending "
+        log.info(f"deldist embed: {len(remaining)} of {len(sources)} sources still pending "
               f"(max_sources={config.max_sources}); rerun to continue. Parts under {layout.embedding_parts}")
         return summary
     meta = _publish(layout, config, fingerprint, sources, skipped, progress, present, decoded)
@@ -393,7 +396,7 @@ def run(config: Config) -> dict[str, Any]:
     summary.update(published=True, frames=meta["rows"], errors=meta["errors"], frames_per_s=round(fps, 1),
                    frames_decoded_per_frame_kept=meta["frames_decoded_per_frame_kept"],
                    random_init=config.random_init)
-    print(f"deldist embed: {len(sources)} sources, {meta['rows']} frames ({written} new), "
+    log.info(f"deldist embed: {len(sources)} sources, {meta['rows']} frames ({written} new), "
           f"{meta['errors']} errors, {fps:.1f} frames/s, decoded/kept {meta['frames_decoded_per_frame_kept']}"
           f" -> {layout.embeddings}")
     return summary

@@ -26,6 +26,7 @@ files when a TensorBoard writer (``torch.utils.tensorboard`` or ``tensorboardX``
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -39,6 +40,8 @@ from deldist.config import StageConfig
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
 from deldist.layout import RunLayout
 from deldist.trainer import LocalSession, LoopSettings, RayTrainSession, Training, all_reduce_sum, ray_run_config
+
+log = logging.getLogger(__name__)
 
 
 class Config(StageConfig):
@@ -365,7 +368,7 @@ def _fit(config: Config, loop: MAELoop, ds: Any, use_gpu: bool) -> None:
     spare, actors = spare_cpus(config), augment_actors(config)
     needed = actors * config.augment_cpus
     if spare < needed:
-        print(f"deldist pretrain: warning: the {config.num_workers} workers reserve "
+        log.warning(f"deldist pretrain: the {config.num_workers} workers reserve "
               f"{config.num_workers * config.cpus_per_worker:g} of the cluster's CPUs, leaving {spare:g} for the "
               f"{actors} Ray Data actors that decode and augment ({needed:g} CPUs); training waits "
               "for data until the cluster grows. Lower cpus_per_worker (torch_threads sets the threads) or "

@@ -26,6 +26,7 @@ invalid galleries) to ``<output>/reports/html/index.html``; on its own it does o
 from __future__ import annotations
 
 import io
+import logging
 import math
 import time
 from typing import Any, Literal
@@ -36,6 +37,8 @@ from deldist import storage
 from deldist.config import StageConfig
 from deldist.layout import RunLayout, summary_of
 from deldist.metrics import normdel
+
+log = logging.getLogger(__name__)
 
 FULL = "all"
 
@@ -286,7 +289,7 @@ def run(config: Config) -> dict[str, Any]:
         # "all" is not a selection directory; without named selections the page shows every one
         html = html_report.write_html_report(config.output, [s for s in config.selections if s != FULL] or None,
                                              max_per_gallery=config.html_gallery, max_groups=config.html_groups)
-        print(f"HTML report: {html}")
+        log.info(f"HTML report: {html}")
     if not (config.normdel if config.normdel is not None else not config.html):
         return {"html": html}
     init_ray()
@@ -299,7 +302,7 @@ def run(config: Config) -> dict[str, Any]:
         pre = _pretrained(config, selection, frames, info["retained"])
         fine = _finetuned(config, f"{config.name}-{selection}", pre["encoder"], pre["model"])
         seg = fine["segmentation"]
-        print(f"deldist report: {selection}: pretrained {pre['frames']} frames x {pre['epochs']} epochs "
+        log.info(f"deldist report: {selection}: pretrained {pre['frames']} frames x {pre['epochs']} epochs "
               f"({pre['steps']} steps, loss {pre['pretrain_loss']:.4f}), finetuned: mIoU {seg['miou']:.4f}")
         results.append({"selection": selection, **{k: info[k] for k in ("method", "retained")},
                         "frames": pre["frames"], "epochs": pre["epochs"], "steps": pre["steps"],

@@ -28,6 +28,7 @@ k rows). Pure checks take Arrow arrays; :func:`verify_run` does the reading.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,6 +45,8 @@ from deldist.ids import split_ids
 from deldist.layout import ALL_FRAMES, RunLayout, summary_of, table_of
 from deldist.rules import REASONS
 from deldist.shards import embedding_matrix
+
+log = logging.getLogger(__name__)
 
 MANIFEST, SUCCESS = storage.MANIFEST, storage.SUCCESS
 
@@ -350,8 +353,8 @@ def run(config: Config) -> dict[str, Any]:
     """Verify ``config.output``; print one line per failure; raise when one fails (``fail``)."""
     report = verify_run(config.output)
     for line in report.failures:
-        print(f"deldist verify: FAIL {line}")
-    print(f"deldist verify: {len(report.checked)} checks, {len(report.failures)} failed, "
+        log.error(f"deldist verify: FAIL {line}")
+    log.info(f"deldist verify: {len(report.checked)} checks, {len(report.failures)} failed, "
           f"{len(report.warnings)} warnings -> {config.output}")
     if config.fail and not report.ok:
         raise VerificationError(f"{config.output}: " + "; ".join(report.failures))
