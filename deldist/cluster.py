@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +77,10 @@ from deldist.shards import EmptyInputError, Shard, embedding_matrix, normalize_c
 
 class Config(StageConfig):
     """``deldist cluster`` settings."""
+
+    # the settings that fix the result (the rest only say how to compute it)
+    RESULT_KEYS: ClassVar[tuple[str, ...]] = ("k", "max_iter", "tol", "fit_fraction", "init", "init_sample_size",
+                                              "seed")
 
     output: str = Field(description="run root URI; reads output/embeddings, writes output/clusters")
     embeddings: str | None = Field(None, description="embeddings dir (default: <output>/embeddings)")
@@ -377,6 +381,12 @@ def assign_to_centroids(embeddings: str, centroids: np.ndarray, out_dir: str, *,
     return storage.read_published(out_dir)
 
 
+def fingerprint(config: Config) -> dict[str, Any]:
+    """What fixes this stage's result: its settings and the embeddings it reads."""
+    return storage.stage_fingerprint({k: getattr(config, k) for k in Config.RESULT_KEYS},
+                                     [RunLayout.of(config).embeddings])
+
+
 def _publish(config: Config, plan: Plan, fit: Fit, results: list[dict[str, Any]]) -> dict[str, Any]:
     out_dir = plan.layout.clusters
     sizes = np.sum([r["counts"] for r in results], axis=0).astype(np.int64)
@@ -396,7 +406,8 @@ def _publish(config: Config, plan: Plan, fit: Fit, results: list[dict[str, Any]]
         "seconds": fit.seconds,
     }
     storage.publish(out_dir, [storage.resolve(plan.layout.centroids)[1]],
-                    {**summary, "assignments": "assignments", "embeddings": plan.layout.embeddings,
+                    {**summary, **fingerprint(config), "assignments": "assignments",
+                     "embeddings": plan.layout.embeddings,
                      "schema": storage.schema_hex(centroids_schema(int(fit.centroids.shape[1])))})
     summary["clusters"] = out_dir
     return summary

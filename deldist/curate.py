@@ -91,15 +91,22 @@ def run(config: Config) -> dict[str, Any]:
     result: dict[str, Any] = {"embed": embed.run(embed_cfg)}
     if not result["embed"].get("published"):
         raise RuntimeError("embedding did not finish (max_sources?); rerun curate to continue")
-    result["cluster"] = cluster.run(cluster_cfg)
-    c = result["cluster"]
-    log.info(f"deldist cluster: k={c['k']}, {c['rows']} frames, {c['iterations']} passes, mean cosine distance "
-          f"{c['mean_distance']:.4f}, largest cluster {c['largest_cluster']} -> {c['clusters']}")
-    result["dedup"] = dedup.run(dedup_cfg)
-    d = result["dedup"]
-    log.info(f"deldist dedup: {d['rows']} frames in {d['clusters']} clusters, {d['pairs']:,} pairs scored "
-          f"(keep={d['keep']}) -> {d['scores']}")
     layout = RunLayout(config.output)
+    # a rerun skips the stages whose inputs and settings are unchanged (their manifests' fingerprints)
+    if storage.is_current(layout.clusters, cluster.fingerprint(cluster_cfg)):
+        result["cluster"] = {"skipped": "unchanged embeddings and settings", "clusters": layout.clusters}
+        log.info(f"deldist cluster: unchanged embeddings and settings, kept -> {layout.clusters}")
+    else:
+        result["cluster"] = c = cluster.run(cluster_cfg)
+        log.info(f"deldist cluster: k={c['k']}, {c['rows']} frames, {c['iterations']} passes, mean cosine distance "
+                 f"{c['mean_distance']:.4f}, largest cluster {c['largest_cluster']} -> {c['clusters']}")
+    if storage.is_current(layout.scores, dedup.fingerprint(dedup_cfg)):
+        result["dedup"] = {"skipped": "unchanged embeddings, clusters and settings", "scores": layout.scores}
+        log.info(f"deldist dedup: unchanged embeddings, clusters and settings, kept -> {layout.scores}")
+    else:
+        result["dedup"] = d = dedup.run(dedup_cfg)
+        log.info(f"deldist dedup: {d['rows']} frames in {d['clusters']} clusters, {d['pairs']:,} pairs scored "
+                 f"(keep={d['keep']}) -> {d['scores']}")
     summaries = []
     for cfg in select_cfgs:
         select.run(cfg)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -79,6 +79,10 @@ KeepMode = Literal["hard", "easy", "random"]
 
 class Config(StageConfig):
     """``deldist dedup`` settings."""
+
+    # the settings that fix the result (the rest only say how to compute it)
+    RESULT_KEYS: ClassVar[tuple[str, ...]] = ("keep", "seed", "neighbours_by_similarity", "neighbours_by_rank",
+                                              "neighbour_floor")
 
     output: str = Field(description="run root URI: reads embeddings/ and clusters/, writes dedup/scores/")
     embeddings: str | None = Field(None, description="default <output>/embeddings")
@@ -273,6 +277,13 @@ class Plan:
         return self.lookup.num_rows
 
 
+def fingerprint(config: Config) -> dict[str, Any]:
+    """What fixes this stage's result: its settings, the embeddings and the clusters it reads."""
+    layout = RunLayout.of(config)
+    return storage.stage_fingerprint({k: getattr(config, k) for k in Config.RESULT_KEYS},
+                                     [layout.embeddings, layout.clusters])
+
+
 def run(config: Config) -> dict[str, Any]:
     """Score every embedded item against the earlier-ranked items of its cluster and publish
     ``dedup/scores/`` (see the module doc)."""
@@ -280,6 +291,7 @@ def run(config: Config) -> dict[str, Any]:
 
     init_ray()
     started = time.perf_counter()
+    storage.check_inputs_current(RunLayout.of(config).clusters, "deldist cluster")
     plan = plan_scores(config, RunLayout.of(config))
     planned = time.perf_counter()
     gpu = use_gpu(config.use_gpu)
@@ -287,7 +299,7 @@ def run(config: Config) -> dict[str, Any]:
     spec = _list_spec(config)
     fail_once("before_publish", config.inject_fault, plan.layout.root)
     storage.publish(plan.layout.scores, [p["path"] for p in parts],
-                    {"schema": storage.schema_hex(SCORES_SCHEMA), "rows": plan.n, "keep": config.keep,
+                    {**fingerprint(config), "schema": storage.schema_hex(SCORES_SCHEMA), "rows": plan.n, "keep": config.keep,
                      "seed": config.seed, "clusters": plan.layout.clusters, "use_gpu": gpu,
                      "neighbours_by_similarity": spec.by_similarity, "neighbours_by_rank": spec.by_rank,
                      "neighbour_floor": spec.floor})

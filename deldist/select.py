@@ -309,6 +309,9 @@ def run(config: Config) -> dict[str, Any]:
     """Build selection ``config.name`` and publish it (see the module doc)."""
     started = time.perf_counter()
     layout = RunLayout.of(config)
+    if config.method != "random":
+        storage.check_inputs_current(layout.clusters, "deldist cluster")
+        storage.check_inputs_current(layout.scores, "deldist dedup")
     meta = read_frames(layout, near_copies=config.deldist_rules.near_copy is not None)
     ids = meta.column("id").combine_chunks()
     if config.method == "random":

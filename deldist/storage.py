@@ -12,6 +12,7 @@ and only read the files the manifest lists, so they never see half a stage.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import posixpath
@@ -260,6 +261,43 @@ def read_published(dir_uri: str, columns: list[str] | None = None) -> pa.Table:
             return empty.empty_table().select(columns) if columns else empty.empty_table()
         return pa.table({})
     return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns)
+
+
+class StaleInputError(RuntimeError):
+    """A stage's input was rewritten after the stage ran (its outputs came from other data)."""
+
+
+def content_token(dir_uri: str) -> str:
+    """What a published directory holds, as a short token: its manifest's ``fingerprint`` when
+    it records one, else a hash of its file list and row count (a rewrite changes either)."""
+    manifest = read_manifest(dir_uri)
+    if manifest.get("fingerprint"):
+        return manifest["fingerprint"]
+    listed = {"files": manifest.get("files", []), "rows": manifest.get("rows")}
+    return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_fingerprint(settings: dict[str, Any], inputs: Iterable[str]) -> dict[str, Any]:
+    """``{"fingerprint": ..., "inputs": {dir: token}}`` for a stage's manifest: the settings that
+    fix its result and the content tokens of the published directories it read."""
+    tokens = {d: content_token(d) for d in inputs}
+    digest = hashlib.sha256(json.dumps({"settings": settings, "inputs": sorted(tokens.values())}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
+    return {"fingerprint": digest, "inputs": tokens}
+
+
+def is_current(dir_uri: str, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``dir_uri`` is published from exactly these settings and inputs (a rerun may skip it)."""
+    return is_published(dir_uri) and read_manifest(dir_uri).get("fingerprint") == fingerprint["fingerprint"]
+
+
+def check_inputs_current(dir_uri: str, rerun: str) -> None:
+    """Raise :class:`StaleInputError` when a directory the stage at ``dir_uri`` read has been
+    rewritten since (e.g. scores from clusters that a later ``deldist cluster`` replaced)."""
+    for source, token in read_manifest(dir_uri).get("inputs", {}).items():
+        if is_published(source) and content_token(source) != token:
+            raise StaleInputError(f"{dir_uri} was computed from an earlier {source}, which has been rewritten "
+                                  f"since: rerun {rerun}")
 
 
 def schema_hex(schema: pa.Schema) -> str:

@@ -377,3 +377,25 @@ def test_verify_finds_each_broken_invariant(bad_run, tmp_path):
     # the CLI: exit status 1 and one line per failure
     assert cli.main(["verify", str(copy)]) == 1
     assert cli.main(["verify", str(root)]) == 0
+
+
+def test_curate_rerun_skips_unchanged_stages(bad_run):
+    """Rerunning the same curate: embed finds nothing to do, cluster and dedup are skipped
+    (their manifests' fingerprints match), the selections are rebuilt identical."""
+    corpus, root, _, result = bad_run
+    before = storage.read_published(str(root / "selections" / "meddel" / "retained")).sort_by("id")
+    config = curate.Config(
+        input=str(corpus), output=str(root), html=False,
+        embed={"model": "vit_tiny_patch16_224", "random_init": True, "fps": FPS, "batch_size": 16,
+               "segment_seconds": 2},
+        cluster={"k": 3, "max_iter": 10, "task_cpus": 0.5},
+        dedup={"task_cpus": 0.5},
+        select=[{"name": "meddel", "target_ratio": 0.6,
+                 "deldist_rules": {"quality": {}, "outlier_quantile": 0.95, "near_copy": {}}},
+                {"name": "random", "method": "random", "target_ratio": 0.5}])
+    again = curate.run(config)
+    assert again["embed"]["frames_written_this_run"] == 0
+    assert "skipped" in again["cluster"] and "skipped" in again["dedup"]
+    after = storage.read_published(str(root / "selections" / "meddel" / "retained")).sort_by("id")
+    assert after.equals(before)
+    assert verify.verify_run(str(root)).ok

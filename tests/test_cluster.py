@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -220,3 +222,35 @@ def test_run_rejects_bad_input(ray_session, tmp_path):
     with pytest.raises(shards.EmbeddingError, match="v2.mp4#7"):
         cluster.run(cluster.Config(output=nan, k=2, task_cpus=0.5))
     assert not storage.is_published(storage.join(nan, "clusters"))
+
+
+def test_stage_fingerprints_skip_unchanged_and_refuse_stale_inputs(ray_session, tmp_path):
+    """cluster and dedup record what fixed their result (settings + the content of what they
+    read); a chain rerun may skip a stage whose record matches, and a stage whose input was
+    rewritten since refuses to run on it."""
+    from deldist import dedup, select
+
+    x = clustered(600, 16, 6, seed=8)
+    root = str(tmp_path / "run")
+    write_embeddings(storage.join(root, "embeddings"), x, parts=2)
+    cfg = cluster.Config(output=root, k=6, task_cpus=0.5)
+    cluster.run(cfg)
+    dedup_cfg = dedup.Config(output=root, task_cpus=0.5)
+    dedup.run(dedup_cfg)
+    assert storage.is_current(storage.join(root, "clusters"), cluster.fingerprint(cfg))
+    assert storage.is_current(storage.join(root, "dedup", "scores"), dedup.fingerprint(dedup_cfg))
+    assert not storage.is_current(storage.join(root, "clusters"), cluster.fingerprint(cfg.model_copy(update={"k": 5})))
+    assert storage.is_current(storage.join(root, "clusters"), cluster.fingerprint(cfg.model_copy(update={"task_cpus": 1})))
+    select.run(select.Config(output=root, name="before", eps=0.2))
+
+    cluster.run(cfg.model_copy(update={"k": 5}))  # clusters rewritten: the scores are stale
+    assert not storage.is_current(storage.join(root, "dedup", "scores"), dedup.fingerprint(dedup_cfg))
+    with pytest.raises(storage.StaleInputError, match="rerun deldist dedup"):
+        select.run(select.Config(output=root, name="stale", eps=0.2))
+    dedup.run(dedup_cfg)
+    assert select.run(select.Config(output=root, name="fresh", eps=0.2))
+
+    shutil.rmtree(tmp_path / "run" / "embeddings")  # embeddings rewritten: the clusters are stale
+    write_embeddings(storage.join(root, "embeddings"), clustered(700, 16, 6, seed=9), parts=2)
+    with pytest.raises(storage.StaleInputError, match="rerun deldist cluster"):
+        dedup.run(dedup_cfg)
