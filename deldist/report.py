@@ -347,7 +347,7 @@ def demo_settings(kvasir: str, quick: bool = True) -> dict[str, dict[str, Any]]:
            "decoder_heads": 4, "epochs": 1 if quick else 20, "warmup_epochs": 0.2 if quick else 1, "batch_size": 16,
            "base_lr": 1.5e-3, "cpus_per_worker": 1.0, "torch_threads": 2, "engine": "local"}
     fine = {"model": "deldist_vit_micro_patch16", "image_size": 64, "tasks": ["segmentation"],
-            "segmentation": {"data": kvasir, "epochs": 8 if quick else 30, "batch_size": 4, "lr": 3e-4,
+            "segmentation": {"data": kvasir, "epochs": 6 if quick else 30, "batch_size": 4, "lr": 3e-4,
                              "test_fraction": 0.25},
             "cpus_per_worker": 1.0, "torch_threads": 2, "engine": "local"}
     return {"pretrain": pre, "finetune": fine}
@@ -355,7 +355,7 @@ def demo_settings(kvasir: str, quick: bool = True) -> dict[str, dict[str, Any]]:
 
 def run_demo_chain(output: str, kvasir: str, selections: list[str], name: str = "demo", quick: bool = True,
                    engine: str = "local") -> dict[str, Any]:
-    """The whole chain on the sample data: materialize (all embedded frames, 128 px) ->
+    """The whole chain on the sample data: materialize (all embedded frames, 96 px) ->
     pretrain + finetune per selection (and the random-init control) -> report.
 
     ``output``: the run root holding ``embeddings/`` and ``selections/<name>/``; ``kvasir``:
@@ -365,9 +365,9 @@ def run_demo_chain(output: str, kvasir: str, selections: list[str], name: str = 
     """
     from deldist import materialize
 
-    materialize.run(materialize.Config(output=output, size=128))
+    materialize.run(materialize.Config(output=output, size=96))  # 1.5x the 64 px crops: room to crop
     settings = demo_settings(kvasir, quick)
     settings["pretrain"]["engine"] = settings["finetune"]["engine"] = engine
-    result = run(Config(output=output, name=name, selections=selections, frame_size=128, **settings))
+    result = run(Config(output=output, name=name, selections=selections, frame_size=96, **settings))
     return {"table": storage.read_bytes(result["table"]).decode(), "plot": result["plot"],
             "plot_backend": result["plot_backend"], "rows": result["rows"], "report": result["report"]}
