@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import Field
 
@@ -82,6 +82,18 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _unless_current(stage: Any, config: Any, out_dir: str, inputs: str, line: Callable[[dict], str]) -> dict:
+    """Run ``stage`` (cluster or dedup) unless ``out_dir`` is published from the same inputs
+    and settings (its manifest's fingerprint): a curate rerun skips what it would redo."""
+    name = stage.__name__.rsplit(".", 1)[-1]
+    if storage.is_current(out_dir, stage.fingerprint(config)):
+        log.info(f"deldist {name}: unchanged {inputs}, kept -> {out_dir}")
+        return {"skipped": f"unchanged {inputs}", "output": out_dir}
+    result = stage.run(config)
+    log.info(f"deldist {name}: {line(result)}")
+    return result
+
+
 def run(config: Config) -> dict[str, Any]:
     from deldist.runtime import init_ray
 
@@ -92,21 +104,12 @@ def run(config: Config) -> dict[str, Any]:
     if not result["embed"].get("published"):
         raise RuntimeError("embedding did not finish (max_sources?); rerun curate to continue")
     layout = RunLayout(config.output)
-    # a rerun skips the stages whose inputs and settings are unchanged (their manifests' fingerprints)
-    if storage.is_current(layout.clusters, cluster.fingerprint(cluster_cfg)):
-        result["cluster"] = {"skipped": "unchanged embeddings and settings", "clusters": layout.clusters}
-        log.info(f"deldist cluster: unchanged embeddings and settings, kept -> {layout.clusters}")
-    else:
-        result["cluster"] = c = cluster.run(cluster_cfg)
-        log.info(f"deldist cluster: k={c['k']}, {c['rows']} frames, {c['iterations']} passes, mean cosine distance "
-                 f"{c['mean_distance']:.4f}, largest cluster {c['largest_cluster']} -> {c['clusters']}")
-    if storage.is_current(layout.scores, dedup.fingerprint(dedup_cfg)):
-        result["dedup"] = {"skipped": "unchanged embeddings, clusters and settings", "scores": layout.scores}
-        log.info(f"deldist dedup: unchanged embeddings, clusters and settings, kept -> {layout.scores}")
-    else:
-        result["dedup"] = d = dedup.run(dedup_cfg)
-        log.info(f"deldist dedup: {d['rows']} frames in {d['clusters']} clusters, {d['pairs']:,} pairs scored "
-                 f"(keep={d['keep']}) -> {d['scores']}")
+    result["cluster"] = _unless_current(cluster, cluster_cfg, layout.clusters, "embeddings and settings", lambda c: (
+        f"k={c['k']}, {c['rows']} frames, {c['iterations']} passes, mean cosine distance {c['mean_distance']:.4f}, "
+        f"largest cluster {c['largest_cluster']} -> {c['clusters']}"))
+    result["dedup"] = _unless_current(dedup, dedup_cfg, layout.scores, "embeddings, clusters and settings", lambda d: (
+        f"{d['rows']} frames in {d['clusters']} clusters, {d['pairs']:,} pairs scored (keep={d['keep']}) "
+        f"-> {d['scores']}"))
     summaries = []
     for cfg in select_cfgs:
         select.run(cfg)

@@ -74,6 +74,7 @@ class RunLayout:
     # -- curation
     @property
     def embeddings(self) -> str:
+        """embed's published frames table (or the ``embeddings`` override)."""
         return self.embeddings_dir or self.join("embeddings")
 
     @property
@@ -88,18 +89,22 @@ class RunLayout:
 
     @property
     def errors(self) -> str:
+        """embed's table of what could not be read, and why."""
         return self.join("errors")
 
     @property
     def sources(self) -> str:
+        """embed's table of every listed file: its frames and error rows."""
         return self.join("sources")
 
     @property
     def clusters(self) -> str:
+        """cluster's centroids and manifest (or the ``clusters`` override)."""
         return self.clusters_dir or self.join("clusters")
 
     @property
     def centroids(self) -> str:
+        """The k x D centroids, one Parquet file."""
         return storage.join(self.clusters, "centroids.parquet")
 
     @property

@@ -41,14 +41,9 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
-ERRORS_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-    ]
-)
+# ``errors/``: one row per file (or unit of one) that could not be read, and why
+ERRORS_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),
+                           ("message", pa.string())])
 
 # ``sources/``: every file the embed stage listed, and what became of it
 SOURCES_SCHEMA = pa.schema(
