@@ -239,7 +239,8 @@ def run(config: Config) -> dict[str, Any]:
         return {"version": batch.version, "changed": False, "new_sources": 0, "path": path}
     embed_result = _embed_uploads(batch)
     rules = _selection_rules(batch.manifest)
-    meta = storage.read_published(batch.embeddings, ["id", "source", "frame_index", "dataset", *QUALITY_COLUMNS,
+    meta = storage.read_published(batch.embeddings, ["id", "source", "frame_index", "timestamp_s", "dataset",
+                                                     *QUALITY_COLUMNS,
                                                      *(["phash"] if rules.deldist_rules.near_copy is not None else [])])
     ids = meta.column("id").combine_chunks()
     centroids = read_centroids(batch.manifest["clusters"])
@@ -251,7 +252,7 @@ def run(config: Config) -> dict[str, Any]:
     drift = drift_fraction(distance, drift_threshold)
     summary = _batch_summary(meta, decision, batch, embed_result, drift, drift_threshold,
                              old_dups=matched_to_corpus(duplicate_of, decision.reason >= 0, ids))
-    result = _publish_version(batch, build_tables(ids, decision, duplicate_of), meta, summary)
+    result = _publish_version(batch, build_tables(ids, decision, duplicate_of, meta), meta, summary)
     if config.recluster and summary["recluster_recommended"]:
         result["reclustered"] = recluster(config, batch.new_version)
         result.update(version=result["reclustered"]["version"], path=result["reclustered"]["path"])

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import posixpath
 import time
 from collections import Counter
 from typing import Any, Iterator, Literal
@@ -285,20 +284,6 @@ def _run_pipeline(tasks: list[str], config: Config, layout: RunLayout, dim: int)
     return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
 
 
-def _replace_table(dir_uri: str, table: pa.Table) -> None:
-    """Publish ``table`` as the one part of ``dir_uri``, then delete the parts an earlier run
-    published there (a rerun's table covers every source)."""
-    old = storage.list_files(dir_uri) if storage.exists(dir_uri) else []
-    part = storage.join(dir_uri, storage.new_part_name(posixpath.basename(dir_uri.rstrip("/"))))
-    storage.write_table(table, part)
-    storage.publish(dir_uri, [storage.resolve(part)[1]], {"rows": table.num_rows,
-                                                          "schema": storage.schema_hex(table.schema)})
-    fs, _ = storage.resolve(dir_uri)
-    for path in old:
-        if path.endswith(".parquet") and path != storage.resolve(part)[1]:
-            fs.delete_file(path)
-
-
 def _publish_sources(layout: RunLayout, sources: list[Source], skipped: list[str], errors: list[dict[str, Any]],
                      present: dict[str, list[int]]) -> None:
     """``sources/``: one row per listed file, so ``deldist verify`` can account for each."""
@@ -307,7 +292,7 @@ def _publish_sources(layout: RunLayout, sources: list[Source], skipped: list[str
              "errors": error_rows[s.uri]} for s in sources]
     rows += [{"source": uri, "key": "", "dataset": "", "kind": "skipped", "frames": 0, "errors": error_rows[uri]}
              for uri in skipped]
-    _replace_table(layout.sources, pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA))
+    storage.replace_table(layout.sources, pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA))
 
 
 def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sources: list[Source],
@@ -324,7 +309,7 @@ def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sou
                 seen_messages.add((r["error_type"], r["message"]))
                 errors.append({"source": uri, "stage": r["stage"], "error_type": r["error_type"],
                                "message": r["message"]})
-    _replace_table(layout.errors, pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+    storage.replace_table(layout.errors, pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
 
     _publish_sources(layout, sources, skipped, errors, present)
     parts = [p for p in storage.list_files(layout.embedding_parts) if p.endswith(".parquet")]

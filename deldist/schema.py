@@ -89,7 +89,10 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 
-RETAINED_SCHEMA = pa.schema([("id", pa.string())])
+# ``retained/``: the kept frames, with what a reader needs without joining back to embeddings/
+RETAINED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("frame_index", pa.int64()),
+                             ("timestamp_s", pa.float64()), ("dataset", pa.string())])
+RETAINED_META = ("source", "frame_index", "timestamp_s", "dataset")  # from embeddings/, beside the id
 
 REMOVED_SCHEMA = pa.schema(
     [

@@ -57,7 +57,9 @@ Removed rows: ``duplicate_of`` is the retained item that stands for the removed 
 item standing for that frame); ``max_sim`` is the similarity the rule measured (cosine; for
 ``near_copy`` 1 - Hamming distance / 64).
 
-Output under ``<output>/selections/<name>/``: ``retained/`` (id) and ``removed/`` (id, reason,
+Output under ``<output>/selections/<name>/``: ``retained/`` (id, source, frame_index,
+timestamp_s, dataset: deldist adds these to DESIGN.md's id-only table, so a reader needs no
+join back to embeddings) and ``removed/`` (id, reason,
 duplicate_of, max_sim) as published tables, ``summary.json`` (input count, kept count, ratio,
 counts per reason, per dataset, ``rules``: each rule that ran, where it comes from, its
 parameters and what it removed; ground-truth metrics when ``ground_truth`` is set), then the
@@ -89,7 +91,7 @@ from deldist.rules import (
     outlier_mask,
     random_decision,
 )
-from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_SCHEMA
+from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_META, RETAINED_SCHEMA
 from deldist.select_ray import dedup_any_earlier, dedup_kept, temporal_rule
 from deldist.shards import EmptyInputError
 
@@ -319,7 +321,7 @@ def run(config: Config) -> dict[str, Any]:
     else:
         decision = apply_rules(config, meta, ids, layout, storage.read_manifest(layout.embeddings).get("dim"))
     tables = build_tables(ids, decision, stand_in_ids(ids, decision, strict=config.method == "random"
-                                                      or config.dedup_rule == "kept"))
+                                                      or config.dedup_rule == "kept"), meta)
     check_partition(ids, tables["retained"].column("id"), tables["removed"].column("id"))
     summary = summarize(config, meta, decision)
     summary["seconds"] = time.perf_counter() - started
@@ -330,9 +332,10 @@ def run(config: Config) -> dict[str, Any]:
 
 def read_frames(layout: RunLayout, near_copies: bool = False) -> pa.Table:
     """The embedded frames' metadata the rules read (no vectors): id, source, frame_index,
-    dataset, the quality columns, and ``phash`` for the near-copy rule. Checked: not empty, ids
+    timestamp_s, dataset, the quality columns, and ``phash`` for the near-copy rule. Checked: not empty, ids
     unique."""
-    columns = ["id", "source", "frame_index", "dataset", *QUALITY_COLUMNS, *(["phash"] if near_copies else [])]
+    columns = ["id", "source", "frame_index", "timestamp_s", "dataset", *QUALITY_COLUMNS,
+               *(["phash"] if near_copies else [])]
     meta = storage.read_published(layout.embeddings, columns=columns)
     if meta.num_rows == 0:
         raise EmptyInputError(f"{layout.embeddings} has no rows: nothing to select from")
@@ -359,12 +362,8 @@ def _random_sample(config: Config, ids: pa.Array, layout: RunLayout) -> Decision
 def publish_selection(layout: RunLayout, name: str, tables: dict[str, pa.Table], summary: dict[str, Any]) -> None:
     """``selections/<name>/``: retained/ and removed/ (each published), summary.json, then the
     selection's own manifest and ``_SUCCESS``."""
-    for sub, schema in (("retained", RETAINED_SCHEMA), ("removed", REMOVED_SCHEMA)):
-        sub_dir = layout.selection_table(name, sub)
-        path = storage.join(sub_dir, storage.new_part_name())
-        storage.write_table(tables[sub], path)
-        storage.publish(sub_dir, [storage.resolve(path)[1]], {"schema": storage.schema_hex(schema),
-                                                              "rows": tables[sub].num_rows})
+    for sub in ("retained", "removed"):
+        storage.replace_table(layout.selection_table(name, sub), tables[sub])
     storage.write_json(layout.selection_summary(name), summary)
     storage.publish(layout.selection(name), [], {"name": name, "retained": "retained", "removed": "removed",
                                                  "summary": "summary.json"})
@@ -388,13 +387,16 @@ def stand_in_ids(ids: pa.Array, decision: Decision, strict: bool = True) -> pa.A
     return pc.if_else(pa.array(named), ids.take(pa.array(np.maximum(stand_in, 0))), pa.nulls(len(ids), pa.string()))
 
 
-def build_tables(ids: pa.Array, decision: Decision, duplicate_of: pa.Array) -> dict[str, pa.Table]:
-    """``retained`` (id) and ``removed`` (id, reason, duplicate_of, max_sim) tables of a
-    decision; duplicate_of: (n,) ids (:func:`stand_in_ids`)."""
+def build_tables(ids: pa.Array, decision: Decision, duplicate_of: pa.Array, meta: pa.Table) -> dict[str, pa.Table]:
+    """``retained`` (id, source, frame_index, timestamp_s, dataset) and ``removed`` (id, reason,
+    duplicate_of, max_sim) tables of a decision; duplicate_of: (n,) ids (:func:`stand_in_ids`);
+    meta: the frames' embeddings columns, row-aligned with ``ids``."""
     kept = decision.reason < 0
     rows = pa.array(np.flatnonzero(~kept))
+    mask = pa.array(kept)
     return {
-        "retained": pa.table({"id": ids.filter(pa.array(kept))}, schema=RETAINED_SCHEMA),
+        "retained": pa.table({"id": ids.filter(mask), **{c: meta.column(c).filter(mask) for c in RETAINED_META}},
+                             schema=RETAINED_SCHEMA),
         "removed": pa.table({
             "id": ids.take(rows),
             "reason": pa.array(np.asarray(REASONS, dtype=object)[decision.reason[np.asarray(rows)]], pa.string()),

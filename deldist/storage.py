@@ -219,6 +219,20 @@ def drop_repeated_ids(parts_dir: str) -> int:
     return dropped
 
 
+def replace_table(dir_uri: str, table: pa.Table, meta: dict[str, Any] | None = None) -> None:
+    """Publish ``table`` as the one part of ``dir_uri``, then delete every other Parquet file
+    there (what an earlier run published): the directory is the table for readers that
+    ignore manifests too (pandas, duckdb, polars)."""
+    part = join(dir_uri, new_part_name(posixpath.basename(dir_uri.rstrip("/"))))
+    write_table(table, part)
+    kept = resolve(part)[1]
+    publish(dir_uri, [kept], {"rows": table.num_rows, "schema": schema_hex(table.schema), **(meta or {})})
+    fs, _ = resolve(dir_uri)
+    for path in list_files(dir_uri):
+        if path.endswith(".parquet") and path != kept:
+            fs.delete_file(path)
+
+
 def publish(dir_uri: str, files: Iterable[str], meta: dict[str, Any]) -> None:
     """Publish a stage directory: the manifest (files relative to ``dir_uri`` + ``meta``),
     then ``_SUCCESS``. Call only after every listed file is fully written."""

@@ -44,6 +44,7 @@ from deldist.config import StageConfig
 from deldist.ids import split_ids
 from deldist.layout import ALL_FRAMES, RunLayout, summary_of, table_of
 from deldist.rules import REASONS
+from deldist.schema import RETAINED_META
 from deldist.shards import embedding_matrix
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,13 @@ def partition_problems(all_ids: pa.Array, retained: pa.Array, removed: pa.Table,
             problems.append(f"{lost.num_rows} removed items name a duplicate_of that is not retained: "
                             f"{_sample(lost.column('id'))}")
     return problems
+
+
+def meta_problems(retained: pa.Table, frames: pa.Table) -> list[str]:
+    """The retained rows' source / frame_index / timestamp_s / dataset are the embeddings'."""
+    joined = retained.select(["id", *RETAINED_META]).join(frames, "id", right_suffix="_embedded")
+    differ = [c for c in RETAINED_META if not joined.column(c).equals(joined.column(f"{c}_embedded"))]
+    return [f"retained {', '.join(differ)} differ from embeddings/"] if differ else []
 
 
 def centroid_problems(centroids: np.ndarray, sizes: np.ndarray, k: int, dim: int) -> list[str]:
@@ -264,11 +272,15 @@ def _check_clusters(layout: RunLayout, ids: pa.Array, dim: int, report: Report) 
 def _check_selection(layout: RunLayout, name: str, ids: pa.Array, report: Report) -> None:
     d = layout.selection(name)
     summary = storage.read_json(summary_of(d)) if storage.exists(summary_of(d)) else {}
-    retained = _ids(table_of(d, "retained"))
+    retained_table = storage.read_published(table_of(d, "retained"))
+    retained = retained_table.column("id").combine_chunks()
     removed = storage.read_published(table_of(d, "removed"), columns=["id", "reason", "duplicate_of"])
     problems = partition_problems(ids, retained, removed, summary.get("dedup_rule", "kept") == "kept")
     if summary.get("kept_count") is not None and summary["kept_count"] != len(retained):
         problems.append(f"summary kept_count {summary['kept_count']} != {len(retained)} retained rows")
+    if set(RETAINED_META) <= set(retained_table.column_names):
+        problems += meta_problems(retained_table, storage.read_published(layout.embeddings,
+                                                                         columns=["id", *RETAINED_META]))
     report.check(f"selections/{name}", problems)
 
 
