@@ -406,13 +406,6 @@ def build_tables(ids: pa.Array, decision: Decision, duplicate_of: pa.Array, meta
     }
 
 
-def _read_parquet(uri: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs)
-
-
 def _temporal_savings(collapsed: np.ndarray, cluster: np.ndarray) -> dict[str, Any]:
     """What the temporal rule saves downstream if run before clustering / dedup."""
     before = np.bincount(cluster).astype(np.float64)
@@ -450,6 +443,6 @@ def summarize(config: Config, meta: pa.Table, decision: Decision) -> dict[str, A
     }
     if config.ground_truth:
         gt = storage.read_published(config.ground_truth) if storage.is_published(config.ground_truth) else \
-            _read_parquet(config.ground_truth)
+            storage.read_table(config.ground_truth)
         summary["ground_truth"] = ground_truth_metrics(meta.column("id"), kept, gt, random_seed=config.seed)
     return summary

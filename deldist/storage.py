@@ -264,6 +264,12 @@ def published_paths(dir_uri: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, [posixpath.normpath(posixpath.join(root, f)) for f in manifest["files"]]
 
 
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (local or object store) into memory."""
+    fs, path = resolve(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
 def read_published(dir_uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a whole published table into memory (for small tables and tests)."""
     fs, paths = published_paths(dir_uri)

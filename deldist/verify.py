@@ -255,8 +255,7 @@ def _check_clusters(layout: RunLayout, ids: pa.Array, dim: int, report: Report) 
     if not storage.is_published(layout.clusters):
         return None
     manifest = storage.read_manifest(layout.clusters)
-    fs, path = storage.resolve(layout.centroids)
-    centroids = pq.read_table(path, filesystem=fs)
+    centroids = storage.read_table(layout.centroids)
     matrix = embedding_matrix(centroids.column("centroid"))
     problems = centroid_problems(matrix, centroids.column("size").to_numpy(), manifest["k"], dim)
     assignments = storage.read_published(layout.assignments, columns=["id", "cluster"])

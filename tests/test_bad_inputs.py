@@ -154,15 +154,10 @@ def build_corpus(root: Path) -> dict[str, tuple[str, object]]:
     return expect
 
 
-@pytest.fixture(scope="module")
-def bad_run(ray_session, tmp_path_factory):
-    base = tmp_path_factory.mktemp("bad_inputs")
-    corpus = base / "corpus"
-    corpus.mkdir()
-    expect = build_corpus(corpus)
-    root = base / "run"
-    config = curate.Config(
-        input=str(corpus), output=str(root), html=True,
+def curate_config(corpus: Path, root: Path, html: bool) -> curate.Config:
+    """The bad-input run's curate settings (the rerun test repeats them exactly)."""
+    return curate.Config(
+        input=str(corpus), output=str(root), html=html,
         embed={"model": "vit_tiny_patch16_224", "random_init": True, "fps": FPS, "batch_size": 16,
                "segment_seconds": 2},
         cluster={"k": 3, "max_iter": 10, "task_cpus": 0.5},
@@ -170,7 +165,16 @@ def bad_run(ray_session, tmp_path_factory):
         select=[{"name": "meddel", "target_ratio": 0.6,
                  "deldist_rules": {"quality": {}, "outlier_quantile": 0.95, "near_copy": {}}},
                 {"name": "random", "method": "random", "target_ratio": 0.5}])
-    result = curate.run(config)
+
+
+@pytest.fixture(scope="module")
+def bad_run(ray_session, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad_inputs")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    expect = build_corpus(corpus)
+    root = base / "run"
+    result = curate.run(curate_config(corpus, root, html=True))
     return corpus, root, expect, result
 
 
@@ -384,16 +388,7 @@ def test_curate_rerun_skips_unchanged_stages(bad_run):
     (their manifests' fingerprints match), the selections are rebuilt identical."""
     corpus, root, _, result = bad_run
     before = storage.read_published(str(root / "selections" / "meddel" / "retained")).sort_by("id")
-    config = curate.Config(
-        input=str(corpus), output=str(root), html=False,
-        embed={"model": "vit_tiny_patch16_224", "random_init": True, "fps": FPS, "batch_size": 16,
-               "segment_seconds": 2},
-        cluster={"k": 3, "max_iter": 10, "task_cpus": 0.5},
-        dedup={"task_cpus": 0.5},
-        select=[{"name": "meddel", "target_ratio": 0.6,
-                 "deldist_rules": {"quality": {}, "outlier_quantile": 0.95, "near_copy": {}}},
-                {"name": "random", "method": "random", "target_ratio": 0.5}])
-    again = curate.run(config)
+    again = curate.run(curate_config(corpus, root, html=False))
     assert again["embed"]["frames_written_this_run"] == 0
     assert "skipped" in again["cluster"] and "skipped" in again["dedup"]
     after = storage.read_published(str(root / "selections" / "meddel" / "retained")).sort_by("id")
