@@ -1,58 +1,91 @@
-"""k8s/rayjob.yaml: a KubeRay RayJob whose fields exist in the CRD, whose entrypoint, config,
-GPU group and image agree with the repository (jobs/, deldist.curate.Config, pyproject, Dockerfile).
+"""k8s/rayjob.yaml: a KubeRay RayJob that validates against the RayJob CRD of a named KubeRay release
+(a pruned copy of its schema is in tests/data/), and whose entrypoint, config, worker groups, images
+and spill volumes agree with the repository (jobs/, deldist.curate.Config, pyproject, Dockerfile,
+the installed Ray's `ray start`). Also checks .dockerignore against the Dockerfile's COPY sources.
 
-The CRD itself (ray-operator/config/crd/bases/ray.io_rayjobs.yaml in ray-project/kuberay, 1.4 MB)
-is not vendored: the field names, required fields and enums used here were read from it and are
-listed below.
+The schema is a Kubernetes structural schema (OpenAPI v3 with x-kubernetes-* extensions); to check it
+with jsonschema, `x-kubernetes-int-or-string` fields become integer-or-string, `nullable` adds null, and
+objects with `properties` (and neither `additionalProperties` nor x-kubernetes-preserve-unknown-fields)
+reject unknown keys, as `kubectl apply` does with its default strict field validation (the API server
+would otherwise drop them silently). Not checked: the CRD's CEL rules (x-kubernetes-validations, on
+fields this manifest does not use) and list-map key uniqueness.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import re
 import shlex
-import tomllib
 from pathlib import Path, PurePosixPath
 
+import jsonschema
+import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "k8s" / "rayjob.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-
-# From the ray.io/v1 RayJob CRD (openAPIV3Schema), ray-project/kuberay at feeaf72f (2026-08-19).
-RAYJOB_SPEC_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
-    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
-    "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
-    "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
-}
-SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
-RAYCLUSTER_SPEC_FIELDS = {
-    "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
-    "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy", "networkPolicy",
-    "rayVersion", "suspend", "tlsOptions", "upgradeStrategy", "workerGroupSpecs",
-}
-RAYCLUSTER_SPEC_REQUIRED = {"headGroupSpec"}
-AUTOSCALER_OPTIONS_FIELDS = {
-    "args", "command", "env", "envFrom", "idleTimeoutSeconds", "image", "imagePullPolicy", "resources",
-    "securityContext", "upscalingMode", "version", "volumeMounts",
-}
-AUTOSCALER_ENUMS = {"version": {"v1", "v2"}, "upscalingMode": {"Default", "Aggressive", "Conservative"}}
-HEAD_GROUP_FIELDS = {
-    "enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
-    "serviceType", "template",
-}
-HEAD_GROUP_REQUIRED = {"template"}
-WORKER_GROUP_FIELDS = {
-    "groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts", "priority",
-    "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template",
-}
-WORKER_GROUP_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "template"}
-# the Kubernetes PodSpec / Container fields this manifest uses (core/v1)
-POD_SPEC_FIELDS_USED = {"containers", "volumes", "tolerations", "nodeSelector", "serviceAccountName"}
-CONTAINER_FIELDS_USED = {"name", "image", "ports", "resources", "env", "envFrom", "volumeMounts"}
+DOCKERIGNORE = ROOT / ".dockerignore"
+(CRD_SCHEMA,) = sorted((ROOT / "tests" / "data").glob("kuberay-*-rayjob-crd-schema.json"))
+MIN_KUBERAY = "1.4.0"  # autoscalerOptions.version first appears in the v1.4.0 CRD (ray-project/kuberay#3578)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _k8s_to_jsonschema(node):
+    """A structural schema node as plain JSON Schema (see the module docstring)."""
+    if isinstance(node, list):
+        return [_k8s_to_jsonschema(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in ("properties", "patternProperties"):  # maps of field name -> schema
+            out[key] = {name: _k8s_to_jsonschema(schema) for name, schema in value.items()}
+        elif key in ("enum", "default", "required", "example"):
+            out[key] = value
+        else:
+            out[key] = _k8s_to_jsonschema(value)
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("anyOf", None)
+        out["type"] = ["integer", "string"]  # a `pattern` beside it applies to the string form only
+    if out.get("nullable"):
+        types = out.get("type", [])
+        out["type"] = (types if isinstance(types, list) else [types]) + ["null"]
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _crd() -> dict:
+    return json.loads(CRD_SCHEMA.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> jsonschema.Draft7Validator:
+    schema = _k8s_to_jsonschema(_crd()["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _errors(doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in _validator().iter_errors(doc)]
+
+
+def _quantity(q) -> float:
+    """A Kubernetes quantity ("12Gi", "500M", "3", 2) in base units."""
+    m = re.fullmatch(r"([0-9.]+)(Ki|Mi|Gi|Ti|k|M|G|T|m)?", str(q))
+    assert m, q
+    scale = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    return float(m.group(1)) * scale
 
 
 def _docs() -> list[dict]:
@@ -86,19 +119,39 @@ def _all_pod_specs() -> list[dict]:
     return [c["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in c["workerGroupSpecs"]]
 
 
-def _dockerfile_base() -> tuple[str, str]:
-    """(image, tag) of the Dockerfile's FROM."""
-    froms = [line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.upper().startswith("FROM ")]
-    assert len(froms) == 1
-    image, tag = froms[0].split(":", 1)
-    return image, tag
+def _dockerfile_stages() -> list[dict]:
+    """The Dockerfile's stages in order: {"name", "base", "lines"} (instruction lines, continuations joined)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?$", line, re.I)
+        if m:
+            stages.append({"base": m.group(1), "name": (m.group(2) or "").lower(), "lines": []})
+        else:
+            stages[-1]["lines"].append(line)
+    return stages
 
 
-def _dockerfile_workdir() -> str:
-    workdirs = [line.split(None, 1)[1].strip() for line in DOCKERFILE.read_text().splitlines()
-                if line.upper().startswith("WORKDIR ")]
-    assert workdirs
+def _image_targets() -> dict[str, dict]:
+    """The stages that are images to push (their base is rayproject/ray), by target name."""
+    return {st["name"]: st for st in _dockerfile_stages() if st["base"].startswith("rayproject/ray:")}
+
+
+def _workdir(stage: dict) -> str:
+    workdirs = [ln.split(None, 1)[1].strip() for ln in stage["lines"] if ln.upper().startswith("WORKDIR ")]
+    assert workdirs, stage["name"]
     return workdirs[-1]
+
+
+def _pins() -> dict[str, str]:
+    """{name: version} of the exact (==) pins in pyproject.toml's dependencies."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {m.group(1).lower(): m.group(2) for m in
+            (re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][0-9A-Za-z.*]*)$", d.replace(" ", "")) for d in deps)
+            if m}
 
 
 def _pinned_ray() -> str:
@@ -144,39 +197,96 @@ def test_documents_and_kinds():
         assert DNS_LABEL.match(d["metadata"]["name"])
 
 
-def test_fields_exist_in_the_kuberay_crd():
+def test_rayjob_validates_against_the_kuberay_crd():
+    assert not _errors(_rayjob()), "\n".join(_errors(_rayjob()))
+
+
+@pytest.mark.parametrize("mistake, where, kind", [
+    # a misspelled field: kubectl (strict field validation) rejects it, the API server would drop it
+    (lambda c: c.update(workerGroupSpec=c.pop("workerGroupSpecs")), "spec.rayClusterSpec", "additionalProperties"),
+    (lambda c: c["workerGroupSpecs"][0].update(minReplicas="zero"), "spec.rayClusterSpec.workerGroupSpecs.0.minReplicas",
+     "type"),
+    (lambda c: c["autoscalerOptions"].update(version="v3"), "spec.rayClusterSpec.autoscalerOptions.version", "enum"),
+    (lambda c: c["workerGroupSpecs"][0]["rayStartParams"].update({"num-gpus": 1}),
+     "spec.rayClusterSpec.workerGroupSpecs.0.rayStartParams.num-gpus", "type"),  # map[string]string
+    (lambda c: c["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]["limits"].update(
+        memory="28 GB"), "spec.rayClusterSpec.workerGroupSpecs.1.template.spec.containers.0.resources.limits.memory",
+     "pattern"),
+    (lambda c: c["workerGroupSpecs"][0]["template"]["spec"]["tolerations"][0].update(efect="NoSchedule"),
+     "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.tolerations.0", "additionalProperties"),
+    (lambda c: c["headGroupSpec"].pop("template"), "spec.rayClusterSpec.headGroupSpec", "required"),
+])
+def test_the_schema_check_catches_mistakes(mistake, where, kind):
+    doc = copy.deepcopy(_rayjob())
+    mistake(doc["spec"]["rayClusterSpec"])
+    errors = list(_validator().iter_errors(doc))
+    assert [e for e in errors if ".".join(map(str, e.absolute_path)) == where and e.validator == kind], \
+        [(list(e.absolute_path), e.validator, e.message) for e in errors]
+
+
+def test_quantities_may_be_integers_or_strings():
+    doc = copy.deepcopy(_rayjob())
+    res = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]
+    res["requests"]["cpu"], res["limits"]["cpu"] = 14, "14000m"  # int-or-string fields
+    assert not _errors(doc)
+
+
+def test_the_vendored_crd_names_its_release():
+    source = _crd()["source"]
+    assert re.fullmatch(r"[0-9a-f]{40}", source["commit"])
+    assert CRD_SCHEMA.name == f"kuberay-{source['release'].lstrip('v')}-rayjob-crd-schema.json"
+    assert source["path"] == "ray-operator/config/crd/bases/ray.io_rayjobs.yaml" and source["version"] == "v1"
+    autoscaler = _crd()["openAPIV3Schema"]["properties"]["spec"]["properties"]["rayClusterSpec"]["properties"][
+        "autoscalerOptions"]["properties"]
+    assert set(autoscaler["version"]["enum"]) == {"v1", "v2"}
+    # the manifest says which KubeRay it needs and which it was checked against
+    header = MANIFEST.read_text()
+    assert f"KubeRay >= {MIN_KUBERAY}" in header and f"KubeRay {source['release']} CRD" in header
+
+
+def test_job_settings_and_groups():
     spec = _rayjob()["spec"]
-    assert set(spec) <= RAYJOB_SPEC_FIELDS, set(spec) - RAYJOB_SPEC_FIELDS
-    assert spec["submissionMode"] == "K8sJobMode" and spec["submissionMode"] in SUBMISSION_MODES
+    assert spec["submissionMode"] == "K8sJobMode"
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
-
     cluster = spec["rayClusterSpec"]
-    assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS, set(cluster) - RAYCLUSTER_SPEC_FIELDS
-    assert RAYCLUSTER_SPEC_REQUIRED <= set(cluster)
     assert cluster["enableInTreeAutoscaling"] is True
-    autoscaler = cluster.get("autoscalerOptions", {})
-    assert set(autoscaler) <= AUTOSCALER_OPTIONS_FIELDS
-    for key, allowed in AUTOSCALER_ENUMS.items():
-        assert autoscaler.get(key, next(iter(allowed))) in allowed
-
-    head = cluster["headGroupSpec"]
-    assert set(head) <= HEAD_GROUP_FIELDS and HEAD_GROUP_REQUIRED <= set(head)
+    assert cluster["autoscalerOptions"]["version"] == "v2"  # hence KubeRay >= MIN_KUBERAY
     for group in cluster["workerGroupSpecs"]:
-        assert set(group) <= WORKER_GROUP_FIELDS and WORKER_GROUP_REQUIRED <= set(group), group["groupName"]
         assert 0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
         assert DNS_LABEL.match(group["groupName"])
-    for group in [head, *cluster["workerGroupSpecs"]]:
-        # rayStartParams and group resources are map[string]string in the CRD
-        for key in ("rayStartParams", "resources"):
-            assert all(isinstance(v, str) for v in group.get(key, {}).values()), (key, group.get(key))
-
     for pod in _all_pod_specs():
-        assert set(pod) <= POD_SPEC_FIELDS_USED, set(pod) - POD_SPEC_FIELDS_USED
-        assert pod["containers"]
         for c in pod["containers"]:
-            assert set(c) <= CONTAINER_FIELDS_USED, set(c) - CONTAINER_FIELDS_USED
             assert DNS_LABEL.match(c["name"])
+
+
+def test_ray_start_params_are_ray_start_options():
+    from ray.scripts.scripts import start
+
+    options = {opt for param in start.params for opt in param.opts}
+    cluster = _cluster()
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for key in group.get("rayStartParams", {}):
+            assert f"--{key}" in options, key  # KubeRay passes each as `ray start --<key>=<value>`
+
+
+def test_workers_spill_to_a_sized_volume():
+    """Ray spills to --object-spilling-directory (default: /tmp/ray/session_*/, the writable layer):
+    each worker group points it at an emptyDir whose size limit, with room for Ray's logs, fits in the
+    container's ephemeral-storage request (= limit), and which holds at least the pod's memory."""
+    for group in _cluster()["workerGroupSpecs"]:
+        spill = group["rayStartParams"]["object-spilling-directory"]
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == spill]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"].get("medium", "") == "", "on disk, not in memory"
+        size = _quantity(volume["emptyDir"]["sizeLimit"])
+        res = container["resources"]
+        assert res["requests"]["ephemeral-storage"] == res["limits"]["ephemeral-storage"]
+        storage = _quantity(res["limits"]["ephemeral-storage"])
+        assert size + 5 * 2**30 <= storage, (group["groupName"], size, storage)
+        assert size >= _quantity(res["limits"]["memory"]), group["groupName"]
 
 
 def test_head_runs_no_work_and_has_the_dashboard():
@@ -189,16 +299,20 @@ def test_head_runs_no_work_and_has_the_dashboard():
 
 def test_entrypoint_runs_the_curate_job_script():
     script, _ = _entrypoint()
-    workdir = PurePosixPath(_dockerfile_workdir())
+    workdirs = {_workdir(stage) for stage in _image_targets().values()}
+    assert len(workdirs) == 1, f"every image target keeps the repository at one place: {workdirs}"
+    workdir = PurePosixPath(workdirs.pop())
     rel = PurePosixPath(script).relative_to(workdir) if PurePosixPath(script).is_absolute() else PurePosixPath(script)
     assert rel.parts[0] == "jobs"
     local = ROOT / rel
     assert local.is_file(), f"{script} -> {local} does not exist"
     assert 'stage="curate"' in local.read_text()
-    # the image holds jobs/ and the package at the WORKDIR the entrypoint points into
+    # the images hold jobs/ and the package at the WORKDIR the entrypoint points into
     docker = DOCKERFILE.read_text()
     assert re.search(r"^COPY .*\bjobs\b", docker, re.M) and re.search(r"^COPY .*\bdeldist\b", docker, re.M)
-    assert "pip install" in docker
+    for name, stage in _image_targets().items():
+        assert any(ln.startswith("COPY --from=src") and ln.split()[-1] == str(workdir) for ln in stage["lines"]), name
+        assert any(ln.startswith("RUN pip install") and " . " in f"{ln} " for ln in stage["lines"]), name
 
 
 def test_config_in_the_configmap_validates(tmp_path):
@@ -244,6 +358,8 @@ def test_gpu_group_is_consistent():
                 assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
             assert group.get("rayStartParams", {}).get("num-gpus", "0") == "0"
     assert "cpu" in _groups(), "a CPU worker group for decoding"
+    # GPU node pools are usually tainted nvidia.com/gpu:NoSchedule
+    assert GPU_TOLERATION in gpu["template"]["spec"].get("tolerations", [])
 
 
 def test_ray_version_matches_pyproject_and_dockerfile():
@@ -252,19 +368,99 @@ def test_ray_version_matches_pyproject_and_dockerfile():
     assert cluster["rayVersion"] == cluster["rayVersion"].strip()
     assert cluster["rayVersion"].startswith(pinned + "."), (cluster["rayVersion"], pinned)
 
-    image, tag = _dockerfile_base()
-    assert image == "rayproject/ray"
-    ray_tag = tag.split("-")[0]
-    assert ray_tag == cluster["rayVersion"], (tag, cluster["rayVersion"])
-    py = re.search(r"-py3(\d+)", tag)
-    assert py, tag
+    targets = _image_targets()
+    assert set(targets) == {"cpu", "gpu"}, set(targets)
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     minor_min = int(re.match(r">=\s*3\.(\d+)", requires).group(1))
-    assert int(py.group(1)) >= minor_min
+    pythons = set()
+    for name, stage in targets.items():
+        image, tag = stage["base"].split(":", 1)
+        assert image == "rayproject/ray"
+        m = re.fullmatch(r"([0-9.]+)-py3(\d+)(-gpu)?", tag)
+        assert m, tag
+        assert m.group(1) == cluster["rayVersion"], (tag, cluster["rayVersion"])
+        assert int(m.group(2)) >= minor_min
+        assert bool(m.group(3)) == (name == "gpu"), f"target {name} on {tag}"
+        pythons.add(m.group(2))
+    assert len(pythons) == 1, "one Python for every node of a cluster"
 
-    images = {c["image"] for pod in _all_pod_specs() for c in pod["containers"]}
-    assert len(images) == 1, f"one image for head and workers: {images}"
-    assert images.pop().endswith("/deldist:latest")
+
+def test_images_are_the_dockerfile_targets():
+    """GPU group on the gpu target, head and the other groups on the cpu target (tags named as the
+    targets, as the README's `docker build --target X -t <registry>/deldist:X` gives them)."""
+    gpu = _gpu_group()["groupName"]
+    targets = set(_image_targets())
+    for pod, want in [(_cluster()["headGroupSpec"]["template"]["spec"], "cpu")] + \
+            [(g["template"]["spec"], "gpu" if g["groupName"] == gpu else "cpu") for g in _cluster()["workerGroupSpecs"]]:
+        for c in pod["containers"]:
+            repo, _, tag = c["image"].rpartition(":")
+            assert repo.endswith("/deldist") and tag == want and tag in targets, c["image"]
+    assert len({c["image"].rpartition(":")[0] for pod in _all_pod_specs() for c in pod["containers"]}) == 1
+
+
+def test_cpu_image_torch_matches_the_pins():
+    (run,) = [ln for ln in _image_targets()["cpu"]["lines"] if "download.pytorch.org/whl/cpu" in ln]
+    wanted = dict(re.findall(r"\b(torch|torchvision)==([0-9][0-9A-Za-z.]*)", run))
+    pins = _pins()
+    assert wanted == {"torch": pins["torch"], "torchvision": pins["torchvision"]}, (wanted, pins)
+
+
+def _dockerignore_patterns() -> list[tuple[re.Pattern, bool]]:
+    """(regex, is_exception) per line, with the Docker (moby/patternmatcher) syntax: paths relative to
+    the context, `*` / `?` within one path element, `**` across any number of them, `!` re-includes."""
+    patterns = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = str(PurePosixPath(line.lstrip("!").strip())).lstrip("/")
+        rx, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                rx, i = rx + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                rx, i = rx + ".*", i + 2
+            elif pattern[i] == "*":
+                rx, i = rx + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                rx, i = rx + "[^/]", i + 1
+            else:
+                rx, i = rx + re.escape(pattern[i]), i + 1
+        patterns.append((re.compile(rx), negate))
+    return patterns
+
+
+def _dockerignored(path: str) -> bool:
+    """Whether docker leaves `path` out of the build context (a pattern matching a parent excludes it too)."""
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    ignored = False
+    for rx, negate in _dockerignore_patterns():
+        if any(rx.fullmatch(p) for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_the_copy_sources_and_drops_the_clutter():
+    sources = []
+    for stage in _dockerfile_stages():
+        for ln in stage["lines"]:
+            if ln.upper().startswith(("COPY ", "ADD ")) and "--from=" not in ln:
+                sources += [a for a in shlex.split(ln)[1:-1] if not a.startswith("--")]
+    assert {"pyproject.toml", "README.md", "deldist", "jobs", "configs"} <= set(sources), sources
+    for src in sources:
+        assert (ROOT / src).exists(), src
+        assert not _dockerignored(src), src
+        if (ROOT / src).is_dir():
+            for f in (ROOT / src).rglob("*"):
+                rel = f.relative_to(ROOT).as_posix()
+                if f.is_file() and "__pycache__" not in rel and f.suffix in (".py", ".yaml", ".yml", ".json"):
+                    assert not _dockerignored(rel), rel
+    for clutter in [".venv", ".venv/bin/python", "demo_out", "demo_out/sample/videos/a.mp4", ".git/HEAD",
+                    "deldist/__pycache__/embed.cpython-311.pyc", "__pycache__/x.pyc", "bench/out/embed.json",
+                    "deldist.egg-info/PKG-INFO", ".pytest_cache/v/cache/nodeids"]:
+        assert _dockerignored(clutter), clutter
 
 
 def test_every_pod_gets_the_aws_secret():
