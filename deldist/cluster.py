@@ -25,8 +25,8 @@ Flow of :func:`run`:
 
 Output (DESIGN.md ``clusters/``)::
 
-    R/clusters/centroids.parquet     cluster int32, centroid fixed_size_list<float32>[D] (unit
-                                     norm), size int64 (members in the full assignment)
+    R/clusters/centroids/            one Parquet part: cluster int32, centroid
+                                     fixed_size_list<float32>[D] (unit norm), size int64
     R/clusters/assignments/part-*    id, cluster int32, distance float32 (1 - cosine)
     R/clusters/_manifest.json        k, dim, objective, iterations ... ; _SUCCESS last
 
@@ -131,7 +131,8 @@ def centroids_table(centroids: np.ndarray, sizes: np.ndarray) -> pa.Table:
 
 def read_centroids(clusters_uri: str) -> np.ndarray:
     """Centroids (k, D) float32 of a published ``clusters/`` directory, ordered by cluster."""
-    table = storage.read_published(clusters_uri, columns=["cluster", "centroid"]).sort_by("cluster")
+    centroids = RunLayout(clusters_uri, clusters_dir=clusters_uri).centroids
+    table = storage.read_published(centroids, columns=["cluster", "centroid"]).sort_by("cluster")
     return embedding_matrix(table.column("centroid"))
 
 
@@ -393,7 +394,7 @@ def _publish(config: Config, plan: Plan, fit: Fit, results: list[dict[str, Any]]
     full_objective = float(sum(r["objective"] for r in results))
     storage.publish(plan.layout.new_assignments, [r["path"] for r in results],
                     {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": plan.n_total})
-    storage.write_table(centroids_table(fit.centroids, sizes), plan.layout.centroids)
+    storage.replace_table(plan.layout.centroids, centroids_table(fit.centroids, sizes))
     summary = {
         "k": config.k, "dim": int(fit.centroids.shape[1]), "rows": plan.n_total, "fit_rows": fit.n_fit,
         "iterations": len(fit.history), "converged": fit.converged, "objective": full_objective,
@@ -405,9 +406,7 @@ def _publish(config: Config, plan: Plan, fit: Fit, results: list[dict[str, Any]]
         "fit_fraction": config.fit_fraction, "use_gpu": plan.use_gpu, "fit_tasks": len(fit.groups),
         "seconds": fit.seconds,
     }
-    storage.publish(out_dir, [storage.resolve(plan.layout.centroids)[1]],
-                    {**summary, **fingerprint(config), "assignments": "assignments",
-                     "embeddings": plan.layout.embeddings,
-                     "schema": storage.schema_hex(centroids_schema(int(fit.centroids.shape[1])))})
+    storage.publish(out_dir, [], {**summary, **fingerprint(config), "assignments": "assignments",
+                                  "centroids": "centroids", "embeddings": plan.layout.embeddings})
     summary["clusters"] = out_dir
     return summary

@@ -10,14 +10,17 @@ the selection named by ``selection``). Its curated set is versioned under the ru
         batches/v2/   the batch's stage outputs: embeddings/, errors/, assignments/, scores/
         latest.json   {"version": N, "path": "vN"}: written last, after vN is published
 
-A version's ``retained`` / ``removed`` / ``sources`` tables list the previous version's parts
-plus the batch's own part, so every version holds every id exactly once, no version is ever
-rewritten and none is copied (so keep old versions' files while a newer one is in use).
+A version's ``retained`` / ``removed`` / ``sources`` tables hold copies of the previous
+version's parts plus the batch's own part, so every version holds every id exactly once, is a
+table any Parquet reader opens on its own, and no version is ever rewritten.
 
 One run:
 
 1. New sources: files under ``input`` whose URI is in no version's ``sources`` table. None: a
-   no-op (rerunning on the same uploads changes nothing).
+   no-op (rerunning on the same uploads changes nothing). Each new file's sha256 is computed
+   (Ray tasks, cached): a file with the bytes of a source already curated (or of an earlier
+   upload of this batch) is reported, recorded in the ledger as ``identical`` with its
+   ``copy_of``, and not embedded (deldist's rule: re-uploads under a new name are common).
 2. Embed them into ``batches/vN/embeddings`` with the corpus's encoder and sampling (checked
    against the corpus's fingerprint), ids prefixed ``vN/`` so they never collide.
 3. Assign every new frame to the corpus centroids (cosine distance to the nearest).
@@ -59,6 +62,7 @@ from pydantic import Field
 from deldist import embed, storage
 from deldist.cluster import assign_to_centroids, read_centroids
 from deldist.config import StageConfig
+from deldist.embed_units import source_hashes
 from deldist.incremental import dedup_against_corpus, matched_to_corpus, near_copies_of_corpus, stand_ins
 from deldist.io import list_sources
 from deldist.layout import RunLayout, run_file_of, summary_of, table_of
@@ -68,6 +72,7 @@ from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, REMOVED_SCHEMA, 
 from deldist.select import build_tables
 from deldist.versions import (
     create_first_version,
+    known_contents,
     latest_version,
     publish_selection_version,
     publish_table,
@@ -128,7 +133,8 @@ def recluster(config: Config, version: int) -> dict[str, Any]:
     new_version = version + 1
     root = RunLayout(corpus.recluster(config.selection, new_version))
     emb_dir = root.embeddings
-    parts = [p for d in manifest["embeddings"] for p in storage.published_paths(d)[1]]
+    parts = storage.copy_into(root.embedding_parts,
+                              [p for d in manifest["embeddings"] for p in storage.published_paths(d)[1]])
     first = manifest["embeddings"][0]
     storage.write_bytes(run_file_of(emb_dir), storage.read_bytes(run_file_of(first)))
     storage.publish(emb_dir, parts, {**storage.read_manifest(first), "merged_from": manifest["embeddings"],
@@ -202,8 +208,10 @@ class Batch:
     config: Config
     version: int  # the latest published version
     manifest: dict[str, Any]  # that version's manifest
-    sources: list[Any]  # new media sources
+    sources: list[Any]  # new media sources to embed
     skipped: list[str]  # new files that are not media (recorded, never retried)
+    sha256: dict[str, str]  # new media source URI -> digest of its bytes
+    identical: dict[str, str]  # new source URI -> the curated source with the same bytes (not embedded)
 
     @property
     def layout(self) -> RunLayout:
@@ -233,10 +241,13 @@ def run(config: Config) -> dict[str, Any]:
     started = time.time()
     init_ray()
     batch = _new_batch(config)
+    for uri, original in batch.identical.items():
+        log.info(f"deldist curate-new: {uri} has the same bytes as {original}: not embedded")
     if not batch.sources and not batch.skipped:
         path = batch.version_dir(batch.version)
         log.info(f"deldist curate-new: no new sources under {config.input}; latest stays v{batch.version}")
-        return {"version": batch.version, "changed": False, "new_sources": 0, "path": path}
+        return {"version": batch.version, "changed": False, "new_sources": 0, "identical_sources": len(batch.identical),
+                "path": path}
     embed_result = _embed_uploads(batch)
     rules = _selection_rules(batch.manifest)
     meta = storage.read_published(batch.embeddings, ["id", "source", "frame_index", "timestamp_s", "dataset",
@@ -272,10 +283,21 @@ def _new_batch(config: Config) -> Batch:
         version += 1
         set_latest(config.corpus, config.selection, version)
     vdir = layout.version(config.selection, version)
-    seen = set(storage.read_published(table_of(vdir, "sources"), ["source"]).column("source").to_pylist())
+    ledger = storage.read_published(table_of(vdir, "sources"))
+    seen = set(ledger.column("source").to_pylist())
     sources, skipped = list_sources(config.input, config.manifest)
-    return Batch(config, version, storage.read_manifest(vdir), [s for s in sources if s.uri not in seen],
-                 [u for u in skipped if u not in seen])
+    sources = [s for s in sources if s.uri not in seen]
+    hashes_dir = layout.batch(config.selection, version + 1).source_hashes
+    sha256 = source_hashes(hashes_dir, [s.uri for s in sources], config.task_cpus) if sources else {}
+    known, identical = known_contents(ledger), {}
+    for s in sources:  # in key order: the first of several identical uploads is embedded
+        digest = sha256[s.uri]
+        if digest and digest in known:
+            identical[s.uri] = known[digest]
+        elif digest:
+            known[digest] = s.uri
+    return Batch(config, version, storage.read_manifest(vdir), [s for s in sources if s.uri not in identical],
+                 [u for u in skipped if u not in seen], sha256, identical)
 
 
 def _embed_uploads(batch: Batch) -> dict[str, Any]:
@@ -340,7 +362,7 @@ def _publish_version(batch: Batch, tables: dict[str, pa.Table], meta: pa.Table, 
     config, manifest = batch.config, batch.manifest
     vdir, new_vdir = batch.version_dir(batch.version), batch.version_dir(batch.new_version)
     ledger = sources_ledger(meta.select(["source"]), batch.new_version,
-                            [s.uri for s in batch.sources] + batch.skipped)
+                            [s.uri for s in batch.sources] + batch.skipped, batch.sha256, batch.identical)
     parents = {t: storage.published_paths(table_of(vdir, t))[1] for t in ("retained", "removed", "sources")}
     counts = {t: publish_table(table_of(new_vdir, t), parents[t], tables[t], schema)
               for t, schema in (("retained", RETAINED_SCHEMA), ("removed", REMOVED_SCHEMA))}
@@ -359,7 +381,7 @@ def _publish_version(batch: Batch, tables: dict[str, pa.Table], meta: pa.Table, 
           f"kept {summary['kept']} ({summary['removed_by_reason']}); drift {summary['drift_fraction']:.3f}"
           + ("; re-clustering recommended" if summary["recluster_recommended"] else "") + f" -> {new_vdir}")
     return {"version": batch.new_version, "changed": True, "path": new_vdir, "new_sources": len(batch.sources),
-            "new_frames": summary["frames"], "kept": summary["kept"], "drift_fraction": summary["drift_fraction"],
+            "identical_sources": len(batch.identical), "new_frames": summary["frames"], "kept": summary["kept"], "drift_fraction": summary["drift_fraction"],
             "recluster_recommended": summary["recluster_recommended"]}
 
 
@@ -372,6 +394,7 @@ def _batch_summary(meta: pa.Table, decision: Decision, batch: Batch, embed_resul
                    for name in sorted(set(datasets.tolist()))}
     return {
         "input": config.input, "new_sources": len(batch.sources), "skipped_not_media": len(batch.skipped),
+        "identical_sources": [{"source": u, "copy_of": o} for u, o in sorted(batch.identical.items())],
         "frames": len(reason), "kept": int(kept.sum()),
         "ratio": float(kept.mean()) if len(kept) else 0.0,
         "removed_by_reason": counts_by_reason(reason),

@@ -5,7 +5,7 @@ one decode task per video segment (images are packed many per task) streams samp
 into an actor pool of encoders, and small writer tasks write Parquet parts.
 
 Resumable and incremental: every decode task writes a progress record per unit (how many
-sampled frames it holds, or why it failed) under ``embeddings/_progress/``. A unit is done
+sampled frames it holds, or why it failed) under ``_progress/embeddings/``. A unit is done
 when its record exists and all its frames are in the parts; a rerun embeds only the missing
 frames of unfinished units, and new sources that appeared under the input prefix. The
 ``embeddings/`` manifest is published only when every listed source is done, after a
@@ -30,7 +30,7 @@ from pydantic import model_validator
 import deldist
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.embed_units import PROGRESS_SCHEMA, load_state, pack_tasks, plan_units, source_progress
+from deldist.embed_units import PROGRESS_SCHEMA, load_state, pack_tasks, plan_units, source_hashes, source_progress
 from deldist.faults import fail_once
 from deldist.frames import (
     IMAGENET_MEAN,
@@ -284,14 +284,16 @@ def _run_pipeline(tasks: list[str], config: Config, layout: RunLayout, dim: int)
     return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
 
 
-def _publish_sources(layout: RunLayout, sources: list[Source], skipped: list[str], errors: list[dict[str, Any]],
-                     present: dict[str, list[int]]) -> None:
-    """``sources/``: one row per listed file, so ``deldist verify`` can account for each."""
+def _publish_sources(layout: RunLayout, config: Config, sources: list[Source], skipped: list[str],
+                     errors: list[dict[str, Any]], present: dict[str, list[int]]) -> None:
+    """``sources/``: one row per listed file with the sha256 of its bytes, so ``deldist verify``
+    can account for each and curate-new can recognise byte-identical re-uploads."""
     error_rows = Counter(e["source"] for e in errors)
+    sha = source_hashes(layout.source_hashes, [s.uri for s in sources], config.decode_cpus)
     rows = [{"source": s.uri, "key": s.key, "dataset": s.dataset, "kind": s.kind, "frames": len(present.get(s.key, ())),
-             "errors": error_rows[s.uri]} for s in sources]
-    rows += [{"source": uri, "key": "", "dataset": "", "kind": "skipped", "frames": 0, "errors": error_rows[uri]}
-             for uri in skipped]
+             "errors": error_rows[s.uri], "sha256": sha[s.uri]} for s in sources]
+    rows += [{"source": uri, "key": "", "dataset": "", "kind": "skipped", "frames": 0, "errors": error_rows[uri],
+              "sha256": ""} for uri in skipped]
     storage.replace_table(layout.sources, pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA))
 
 
@@ -311,7 +313,7 @@ def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sou
                                "message": r["message"]})
     storage.replace_table(layout.errors, pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
 
-    _publish_sources(layout, sources, skipped, errors, present)
+    _publish_sources(layout, config, sources, skipped, errors, present)
     parts = [p for p in storage.list_files(layout.embedding_parts) if p.endswith(".parquet")]
     fs, _ = storage.resolve(layout.embedding_parts)
     rows = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in parts)

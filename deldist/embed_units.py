@@ -3,8 +3,9 @@
 A video is cut into frame-index segments ("units", ``segment_seconds`` long; one open-ended
 unit when its frame rate is variable or its length unknown), an image is one unit. Every
 decode task writes a record per unit it finished (``PROGRESS_SCHEMA``: how many sampled frames
-the unit holds, or why it failed) under ``embeddings/_progress/``. A unit is done when its
-record exists and all its frames are in the parts, so a rerun decodes only what is missing.
+the unit holds, or why it failed) under ``_progress/embeddings/units/``. A unit is done when
+its record exists and all its frames are in the parts, so a rerun decodes only what is missing.
+Each source's sha256 is computed once and kept under ``_progress/embeddings/hashes/``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from deldist import storage
 from deldist.frames import probe_video
 from deldist.ids import split_id
-from deldist.io import Source, open_source
+from deldist.io import Source, content_sha256, open_source
 from deldist.layout import RunLayout
 
 PROGRESS_SCHEMA = pa.schema(
@@ -36,6 +37,8 @@ PROGRESS_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
+
+HASHES_SCHEMA = pa.schema([("source", pa.string()), ("sha256", pa.string())])  # source URI, hex digest
 
 
 def unit_of(frame_index: int, segment_frames: int) -> int:
@@ -82,6 +85,33 @@ def probe_rows(row: dict[str, Any], segment_seconds: float) -> dict[str, Any]:
         return {**row, "n_units": n_units, "segment_frames": seg, "error_type": "", "message": ""}
     except Exception as e:  # a bad file must become an error row, never stop the job
         return {**row, "n_units": 0, "segment_frames": 0, "error_type": type(e).__name__, "message": str(e)}
+
+
+def hash_row(row: dict[str, Any]) -> dict[str, Any]:
+    """sha256 of one source's bytes ("" when it cannot be read: decoding it reports why)."""
+    try:
+        return {"source": row["source"], "sha256": content_sha256(row["source"])}
+    except Exception:  # noqa: BLE001 - a bad file is an error row of the decode step, not a failed job
+        return {"source": row["source"], "sha256": ""}
+
+
+def source_hashes(hashes_dir: str, uris: list[str], task_cpus: float) -> dict[str, str]:
+    """URI -> sha256 of its bytes: read from the cache in ``hashes_dir``, the rest computed in
+    Ray tasks (one read of each file) and added to the cache."""
+    import ray
+
+    cached = _read_parquet_files(hashes_dir, None, HASHES_SCHEMA)
+    known = dict(zip(cached.column("source").to_pylist(), cached.column("sha256").to_pylist()))
+    missing = sorted(set(uris) - set(known))
+    if missing:
+        rows = (ray.data.from_items([{"source": u} for u in missing], override_num_blocks=min(len(missing), 200))
+                .map(hash_row, num_cpus=task_cpus).take_all())
+        hashed = [r for r in rows if r["sha256"]]
+        if hashed:
+            storage.write_table(pa.Table.from_pylist(hashed, schema=HASHES_SCHEMA),
+                                storage.join(hashes_dir, storage.new_part_name("hashes")))
+        known.update({r["source"]: r["sha256"] for r in rows})
+    return {u: known[u] for u in uris}
 
 
 def _read_parquet_files(uri: str, columns: list[str] | None, schema: pa.Schema | None = None) -> pa.Table:

@@ -8,6 +8,7 @@ one, the dataset label is the first path component under the input root.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import posixpath
@@ -126,6 +127,17 @@ def _sources_from_manifest(input_uri: str | None, manifest: str) -> tuple[list[S
         dataset = str(row.get("dataset") or row.get("center") or _dataset_of(key, "default"))
         sources.append(Source(uri, key, dataset, kind, -1))
     return sorted(sources, key=lambda s: s.key), sorted(skipped)
+
+
+def content_sha256(uri: str, chunk_bytes: int = 8 << 20) -> str:
+    """Hex sha256 of a file's bytes, streamed (local or object store). Not the S3 ETag: a
+    multipart upload's ETag depends on its part size, so identical bytes can differ there."""
+    fs, path = storage.resolve(uri)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def open_source(uri: str) -> str | IO[bytes]:

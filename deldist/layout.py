@@ -3,12 +3,14 @@
 ::
 
     <root>/
-        embeddings/                 embed: frames (Parquet), _manifest.json, _run.json
+        embeddings/                 embed: frames (Parquet under data/), _manifest.json, _run.json
+        _progress/embeddings/       embed: per-unit progress records (what a rerun skips)
         errors/                     embed: what could not be read, and why
         sources/                    embed: every listed file, its frames and error rows
-        clusters/                   cluster: centroids.parquet, assignments/ (via the manifest)
+        clusters/                   cluster: manifest; tables centroids/ and assignments/
         dedup/scores/               dedup: per item max_sim, duplicate_of, neighbour lists
         selections/<name>/          select: retained/, removed/, summary.json
+        sweeps/<name>/              sweep: kept counts per eps / target ratio, max_sim histogram
         frames/<selection|all>/     materialize: JPEG-in-Parquet frame store
         pretrain/<name>/            pretrain: checkpoints, metrics, encoder.safetensors
         finetune/<name>/            finetune: summary, metrics
@@ -21,6 +23,7 @@ Stages take a :class:`RunLayout` (``RunLayout.of(config)`` honours a stage's ``e
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,14 @@ def table_of(dir_uri: str, table: str) -> str:
 def version_name(version: int) -> str:
     """A curated version's directory name: ``v<version>``."""
     return f"v{version}"
+
+
+def progress_of(table_dir: str) -> str:
+    """Where a resumable stage keeps its progress records for ``table_dir``: ``_progress/<name>``
+    beside it, not inside, so every Parquet file under a published table directory is the
+    table's (a duckdb or polars glob over ``<dir>/**/*.parquet`` reads only its rows)."""
+    parent, name = posixpath.split(table_dir.rstrip("/"))
+    return storage.join(parent, "_progress", name)
 
 
 def run_file_of(stage_dir: str) -> str:
@@ -84,8 +95,13 @@ class RunLayout:
 
     @property
     def embed_progress(self) -> str:
-        """embed's per-source progress records (what a rerun skips)."""
-        return storage.join(self.embeddings, "_progress")
+        """embed's per-unit progress records (what a rerun skips), under :func:`progress_of` the embeddings."""
+        return storage.join(progress_of(self.embeddings), "units")
+
+    @property
+    def source_hashes(self) -> str:
+        """The sha256 of every source embed or curate-new has read (a cache: each file is hashed once)."""
+        return storage.join(progress_of(self.embeddings), "hashes")
 
     @property
     def errors(self) -> str:
@@ -104,8 +120,8 @@ class RunLayout:
 
     @property
     def centroids(self) -> str:
-        """The k x D centroids, one Parquet file."""
-        return storage.join(self.clusters, "centroids.parquet")
+        """The k x D centroids: a published table directory of one Parquet file."""
+        return storage.join(self.clusters, "centroids")
 
     @property
     def assignments(self) -> str:
@@ -135,6 +151,14 @@ class RunLayout:
 
     def selection_summary(self, name: str) -> str:
         return summary_of(self.selection(name))
+
+    @property
+    def sweeps(self) -> str:
+        return self.join("sweeps")
+
+    def sweep(self, name: str) -> str:
+        """``deldist sweep``'s CSVs, plot and summary for the selection settings ``name``."""
+        return storage.join(self.sweeps, name)
 
     # -- training and reports
     def frames(self, selection: str | None = None) -> str:

@@ -34,7 +34,7 @@ from pydantic import Field
 import deldist
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.layout import RunLayout, run_file_of
+from deldist.layout import RunLayout, progress_of, run_file_of
 
 FRAMES_SCHEMA = pa.schema([("id", pa.string()), ("jpeg", pa.binary()), ("width", pa.int32()),
                            ("height", pa.int32())])
@@ -188,7 +188,7 @@ def run(config: Config) -> dict[str, Any]:
     started = time.time()
     init_ray()
     root = config.frames or RunLayout(config.output).frames(config.selection)
-    data_dir, errors_dir = storage.join(root, "data"), storage.join(root, "_errors")
+    data_dir, errors_dir = storage.join(root, "data"), storage.join(progress_of(root), "errors")
     run_file = run_file_of(root)
     fingerprint = {"size": config.size, "jpeg_quality": config.jpeg_quality, "selection": config.selection}
     if storage.exists(run_file):

@@ -54,6 +54,7 @@ SOURCES_SCHEMA = pa.schema(
         ("kind", pa.string()),  # video | image | skipped
         ("frames", pa.int64()),  # frames it has in embeddings/
         ("errors", pa.int64()),  # rows it has in errors/
+        ("sha256", pa.string()),  # of its bytes ("" when unreadable or skipped)
     ]
 )
 
@@ -110,7 +111,9 @@ VERSION_SOURCES_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("version", pa.int32()),
-        ("status", pa.string()),  # embedded | error
+        ("status", pa.string()),  # embedded | error | identical (its bytes are copy_of's: not embedded)
         ("frames", pa.int64()),
+        ("sha256", pa.string()),  # of its bytes ("" when unreadable)
+        ("copy_of", pa.string()),  # identical: the source already curated with the same bytes
     ]
 )

@@ -220,26 +220,56 @@ def drop_repeated_ids(parts_dir: str) -> int:
 
 
 def replace_table(dir_uri: str, table: pa.Table, meta: dict[str, Any] | None = None) -> None:
-    """Publish ``table`` as the one part of ``dir_uri``, then delete every other Parquet file
-    there (what an earlier run published): the directory is the table for readers that
-    ignore manifests too (pandas, duckdb, polars)."""
+    """Publish ``table`` as the one part of ``dir_uri`` (:func:`publish` deletes the parts an
+    earlier run published there)."""
     part = join(dir_uri, new_part_name(posixpath.basename(dir_uri.rstrip("/"))))
     write_table(table, part)
-    kept = resolve(part)[1]
-    publish(dir_uri, [kept], {"rows": table.num_rows, "schema": schema_hex(table.schema), **(meta or {})})
-    fs, _ = resolve(dir_uri)
-    for path in list_files(dir_uri):
-        if path.endswith(".parquet") and path != kept:
-            fs.delete_file(path)
+    publish(dir_uri, [resolve(part)[1]], {"rows": table.num_rows, "schema": schema_hex(table.schema), **(meta or {})})
+
+
+def copy_into(dir_uri: str, paths: Iterable[str]) -> list[str]:
+    """Copy Parquet parts (filesystem paths on ``dir_uri``'s filesystem) into ``dir_uri``
+    under their own names -> the new paths. On S3 a server-side copy: no bytes pass through
+    this process. A table that shares another table's parts this way stays readable on its
+    own by readers that ignore manifests."""
+    fs, root = resolve(dir_uri)
+    fs.create_dir(root, recursive=True)
+    copied = []
+    for path in paths:
+        target = posixpath.join(root, posixpath.basename(path))
+        if path != target:
+            fs.copy_file(path, target)
+        copied.append(target)
+    return copied
 
 
 def publish(dir_uri: str, files: Iterable[str], meta: dict[str, Any]) -> None:
     """Publish a stage directory: the manifest (files relative to ``dir_uri`` + ``meta``),
-    then ``_SUCCESS``. Call only after every listed file is fully written."""
-    _, root = resolve(dir_uri)
-    rel = sorted(posixpath.relpath(f.replace(os.sep, "/"), root.replace(os.sep, "/")) for f in files)
+    then ``_SUCCESS``. Call only after every listed file is fully written.
+
+    Every file must lie under ``dir_uri`` (copy shared parts in with :func:`copy_into`). A
+    table with a ``schema`` and no files gets one empty part carrying it. Afterwards, Parquet
+    files in the listed files' directories that the manifest does not list (a retried task's
+    part, an earlier run's table) are deleted: the directory is the table for readers that
+    ignore manifests too (pandas, pyarrow.dataset, duckdb and polars globs)."""
+    fs, root = resolve(dir_uri)
+    root = root.replace(os.sep, "/")
+    files = [f.replace(os.sep, "/") for f in files]
+    if not files and meta.get("schema"):
+        empty = join(dir_uri, new_part_name("empty"))
+        write_table(schema_from_hex(meta["schema"]).empty_table(), empty)
+        files = [resolve(empty)[1].replace(os.sep, "/")]
+    rel = sorted(posixpath.relpath(f, root) for f in files)
+    outside = [f for f in rel if f.startswith("../")]
+    if outside:
+        raise ValueError(f"{dir_uri}: a published table holds its own parts, not {outside[:3]} (storage.copy_into)")
     write_json(join(dir_uri, MANIFEST), {**meta, "files": rel})
     write_bytes(join(dir_uri, SUCCESS), b"")
+    listed = {posixpath.join(root, f) for f in rel}
+    for folder in {posixpath.dirname(f) for f in listed}:
+        for path in list_files(to_uri(dir_uri, folder), recursive=False):
+            if path.endswith(".parquet") and path not in listed:
+                fs.delete_file(path)
 
 
 def is_published(dir_uri: str) -> bool:
@@ -277,7 +307,7 @@ def read_published(dir_uri: str, columns: list[str] | None = None) -> pa.Table:
     if not paths:
         schema = manifest.get("schema")
         if schema is not None:
-            empty = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(schema)))
+            empty = schema_from_hex(schema)
             return empty.empty_table().select(columns) if columns else empty.empty_table()
         return pa.table({})
     return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns)
@@ -323,3 +353,7 @@ def check_inputs_current(dir_uri: str, rerun: str) -> None:
 def schema_hex(schema: pa.Schema) -> str:
     """Serialise a schema for the manifest, so an empty published table still has columns."""
     return schema.serialize().to_pybytes().hex()
+
+
+def schema_from_hex(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(text)))

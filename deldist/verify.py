@@ -203,7 +203,7 @@ def _check_published(root: str, report: Report) -> set[str]:
     listed: set[str] = set()
     for d in sorted(manifests & successes):
         manifest = storage.read_json(storage.join(root, d, MANIFEST))
-        schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(manifest["schema"]))) if manifest.get("schema") else None
+        schema = storage.schema_from_hex(manifest["schema"]) if manifest.get("schema") else None
         for f in manifest.get("files", []):
             rel = posixpath.normpath(posixpath.join(d, f))
             listed.add(rel)
@@ -255,7 +255,7 @@ def _check_clusters(layout: RunLayout, ids: pa.Array, dim: int, report: Report) 
     if not storage.is_published(layout.clusters):
         return None
     manifest = storage.read_manifest(layout.clusters)
-    centroids = storage.read_table(layout.centroids)
+    centroids = storage.read_published(layout.centroids)
     matrix = embedding_matrix(centroids.column("centroid"))
     problems = centroid_problems(matrix, centroids.column("size").to_numpy(), manifest["k"], dim)
     assignments = storage.read_published(layout.assignments, columns=["id", "cluster"])

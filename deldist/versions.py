@@ -3,8 +3,9 @@
     curated/<selection>/v1/, v2/, ...   retained/ removed/ sources/ summary.json, published
     curated/<selection>/latest.json     {"version": N, "path": "vN"}: written last
 
-A version's tables list the previous version's Parquet parts plus its own batch's part, so no
-version is rewritten or copied.
+A version's tables hold copies of the previous version's Parquet parts plus its own batch's
+part: each version directory is a self-contained table that pandas, polars, duckdb and
+pyarrow.dataset read on their own (on S3 the copies are server-side; nothing is rewritten).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def set_latest(corpus: str, selection: str, version: int) -> None:
 
 
 def publish_table(dir_uri: str, shared: Sequence[str], table: pa.Table | None, schema: pa.Schema) -> int:
-    """Publish ``dir_uri`` listing the parent's parts (``shared``) plus ``table`` as a new part."""
-    files = list(shared)
+    """Publish ``dir_uri``: copies of the parent's parts (``shared``) plus ``table`` as a new part."""
+    files = storage.copy_into(dir_uri, shared)
     if table is not None and table.num_rows:
         path = storage.join(dir_uri, storage.new_part_name())
         storage.write_table(table, path)
@@ -81,29 +82,50 @@ def publish_table(dir_uri: str, shared: Sequence[str], table: pa.Table | None, s
     return sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths)
 
 
-def sources_ledger(frame_sources: pa.Table, version: int, failed: Iterable[str]) -> pa.Table:
+def sources_ledger(frame_sources: pa.Table, version: int, failed: Iterable[str], sha256: dict[str, str],
+                   identical: dict[str, str] | None = None) -> pa.Table:
     """A version's ``sources`` rows for what it brought in: every source with embedded frames
-    (status embedded, its frame count) and every source in ``failed`` without any (status
-    error, 0 frames: seen, so a rerun does not retry it). frame_sources: one ``source`` row per
-    embedded frame."""
+    (status embedded, its frame count), every source in ``failed`` without any (status error,
+    0 frames) and every upload in ``identical`` (URI -> the source with the same bytes; status
+    identical, not embedded). All are seen: a rerun does not retry them. frame_sources: one
+    ``source`` row per embedded frame; sha256: URI -> digest of its bytes."""
     counts = frame_sources.group_by("source").aggregate([("source", "count")])
     errors = sorted(set(failed) - set(counts.column("source").to_pylist()))
+    identical = identical or {}
 
-    def rows(sources: Any, status: str, frames: Any) -> pa.Table:
+    def rows(sources: list[str], status: str, frames: Any) -> pa.Table:
         n = len(sources)
         return pa.table({"source": pa.array(sources, pa.string()), "version": pa.array(np.full(n, version, np.int32)),
-                         "status": pa.array([status] * n, pa.string()), "frames": frames},
+                         "status": pa.array([status] * n, pa.string()), "frames": frames,
+                         "sha256": pa.array([sha256.get(s, "") for s in sources], pa.string()),
+                         "copy_of": pa.array([identical.get(s) for s in sources], pa.string())},
                         schema=VERSION_SOURCES_SCHEMA)
 
-    return pa.concat_tables([rows(counts.column("source"), "embedded", counts.column("source_count").cast(pa.int64())),
-                             rows(errors, "error", pa.array(np.zeros(len(errors), np.int64)))])
+    zeros = lambda n: pa.array(np.zeros(n, np.int64))  # noqa: E731
+    return pa.concat_tables([rows(counts.column("source").to_pylist(), "embedded",
+                                  counts.column("source_count").cast(pa.int64())),
+                             rows(errors, "error", zeros(len(errors))),
+                             rows(sorted(identical), "identical", zeros(len(identical)))])
 
 
 def sources_of_corpus(corpus: str) -> pa.Table:
     layout = RunLayout(corpus)
     failed = storage.read_published(layout.errors, ["source"]).column("source").to_pylist() \
         if storage.is_published(layout.errors) else []
-    return sources_ledger(storage.read_published(layout.embeddings, ["source"]), 1, failed)
+    listed = storage.read_published(layout.sources) if storage.is_published(layout.sources) else pa.table({})
+    sha256 = dict(zip(listed.column("source").to_pylist(), listed.column("sha256").to_pylist())) \
+        if "sha256" in listed.column_names else {}
+    return sources_ledger(storage.read_published(layout.embeddings, ["source"]), 1, failed, sha256)
+
+
+def known_contents(sources: pa.Table) -> dict[str, str]:
+    """sha256 -> the first source (in ledger order) curated with those bytes, from a version's
+    ``sources`` table: what a byte-identical re-upload is a copy of."""
+    known: dict[str, str] = {}
+    for row in sources.select(["source", "status", "sha256", "copy_of"]).to_pylist():
+        if row["sha256"] and row["status"] != "error":
+            known.setdefault(row["sha256"], row["copy_of"] or row["source"])
+    return known
 
 
 def publish_selection_version(source: RunLayout, corpus: str, selection: str, version: int, sources: Sequence[str],

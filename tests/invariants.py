@@ -25,3 +25,40 @@ def assert_nothing_lost(selection_dir: str, all_ids: list[str] | None = None) ->
     lost = named.filter(pc.invert(pc.is_in(named.column("duplicate_of"),
                                            value_set=pa.chunked_array([retained]).combine_chunks())))
     assert lost.num_rows == 0, lost.slice(0, 5).to_pylist()
+
+
+def published_tables(root: str) -> list[str]:
+    """Every published directory under a local run root whose manifest lists Parquet files."""
+    from pathlib import Path
+
+    found = []
+    for success in sorted(Path(root).rglob(storage.SUCCESS)):
+        files = storage.read_manifest(str(success.parent)).get("files", [])
+        if any(f.endswith(".parquet") for f in files):
+            found.append(str(success.parent))
+    return found
+
+
+def assert_tables_open_everywhere(root: str) -> int:
+    """Each published table directory under ``root`` is readable on its own, with the rows its
+    manifest lists, by pyarrow.dataset, pandas, duckdb and polars (the last two by a recursive
+    glob, so a stray Parquet file of another schema or a part the manifest does not list
+    would show). Returns how many tables were checked."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    tables = published_tables(root)
+    assert tables
+    for table_dir in tables:
+        expected = storage.read_published(table_dir).num_rows
+        glob = f"{table_dir}/**/*.parquet"
+        counts = {
+            "pyarrow.dataset": ds.dataset(table_dir, format="parquet").count_rows(),
+            "pandas": len(pd.read_parquet(table_dir)),
+            "duckdb": duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0],
+            "polars": pl.scan_parquet(glob).select(pl.len()).collect().item(),
+        }
+        assert set(counts.values()) == {expected}, (table_dir, expected, counts)
+    return len(tables)

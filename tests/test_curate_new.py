@@ -2,26 +2,31 @@
 
 The corpus is the generator's tiny set curated with a random-initialised ViT-Ti (mean pooled,
 ``random_init: true``). The uploads hold (a) a byte-exact re-upload of a corpus video under a
-new name, (b) a re-encoded, slightly brightened copy of another corpus video (near-duplicates
-of its frames) and (c) a video of new content (the generator with another seed).
+new container (remuxed: the same frames, other bytes), (b) a re-encoded, slightly brightened
+copy of another corpus video (near-duplicates of its frames), (c) a video of new content (the
+generator with another seed) and (d) a byte-identical copy of a corpus video under a new name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from pathlib import Path
 
 import av
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
+from invariants import assert_tables_open_everywhere
 
 from deldist import sample, sample_scenes, storage, versions
 from deldist.config import load_config
 from deldist.curate import Config as CurateConfig
 from deldist.curate import run as run_curate
 from deldist.curate_new import Config, run
-from deldist.versions import read_version, retained_roots
 from deldist.rules import cluster_quantiles
+from deldist.versions import read_version, retained_roots
 
 SELECTION = "meddel_30"
 
@@ -61,6 +66,20 @@ def _transcode(src, dst, delta: int = 1) -> None:
             out.mux(packet)
 
 
+def _remux(src, dst) -> None:
+    """Re-export ``src`` into a new container without re-encoding (a tagged title): the same
+    frames, other bytes, as an export tool writes them."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4") as out:
+        out.metadata["title"] = f"re-export {Path(dst).name}"
+        vin = inp.streams.video[0]
+        stream = out.add_stream_from_template(vin)
+        for packet in inp.demux(vin):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    assert Path(dst).read_bytes() != Path(src).read_bytes()
+
+
 def _new_content(dst) -> int:
     """One video of content the corpus has never seen (the tiny plan with another seed)."""
     plan = sample_scenes.plan_dataset("tiny", seed=123)[0]
@@ -88,9 +107,10 @@ select:
     videos = sorted((tiny_sample / "videos").rglob("*.mp4"))
     uploads = out / "uploads"
     (uploads / "site_x").mkdir(parents=True)
-    shutil.copy(videos[0], uploads / "site_x" / "reupload.mp4")  # (a)
+    _remux(videos[0], uploads / "site_x" / "reupload.mp4")  # (a)
     _transcode(videos[1], uploads / "site_x" / "reencoded.mp4")  # (b)
     _new_content(uploads / "site_x" / "fresh.mp4")  # (c)
+    shutil.copy(videos[2], uploads / "site_x" / "same_bytes.mp4")  # (d)
     new_cfg = Config(corpus=root, selection=SELECTION, input=str(uploads), embed={"batch_size": 32},
                      task_cpus=0.5)
     first = run(new_cfg)
@@ -105,6 +125,7 @@ def _key(frame_id: str) -> str:
 def test_second_batch_removes_copies_and_keeps_new_content(corpus):
     root, first = corpus["root"], corpus["first"]
     assert first["version"] == 2 and first["changed"] and first["new_sources"] == 3
+    assert first["identical_sources"] == 1
     v1_retained = set(read_version(root, SELECTION, "retained", 1).column("id").to_pylist())
     v1_removed = read_version(root, SELECTION, "removed", 1)
     removed = read_version(root, SELECTION, "removed", 2).to_pylist()
@@ -174,7 +195,16 @@ def test_versions_readable_and_every_id_once(corpus):
     batch = summary["batch"]
     assert batch["frames"] == len(batch_ids) and 0.0 <= batch["drift_fraction"] <= 1.0
     sources = read_version(root, SELECTION, "sources", 2)
-    assert sources.num_rows == len(corpus["videos"]) + 3
+    assert sources.num_rows == len(corpus["videos"]) + 4
+    # (d) was not embedded: reported with the corpus video it copies, and every hash is the file's
+    rows = {r["source"]: r for r in sources.to_pylist()}
+    same = rows[str(corpus["uploads"] / "site_x" / "same_bytes.mp4")]
+    assert same["status"] == "identical" and same["frames"] == 0 and same["copy_of"] == str(corpus["videos"][2])
+    assert not [i for i in batch_ids if "same_bytes" in i]
+    for uri in (str(corpus["videos"][2]), str(corpus["uploads"] / "site_x" / "reupload.mp4")):
+        assert rows[uri]["sha256"] == hashlib.sha256(Path(uri).read_bytes()).hexdigest()
+    assert same["sha256"] == rows[same["copy_of"]]["sha256"]
+    assert summary["batch"]["identical_sources"] == [{"source": same["source"], "copy_of": same["copy_of"]}]
 
 
 def test_rerun_is_a_noop_and_a_new_upload_makes_v3(corpus):
@@ -182,10 +212,11 @@ def test_rerun_is_a_noop_and_a_new_upload_makes_v3(corpus):
     cur = storage.join(root, "curated", SELECTION)
     before = sorted(storage.list_files(cur))
     again = run(cfg)
-    assert again == {"version": 2, "changed": False, "new_sources": 0, "path": versions.version_dir(root, SELECTION)}
+    assert again == {"version": 2, "changed": False, "new_sources": 0, "identical_sources": 0,
+                     "path": versions.version_dir(root, SELECTION)}
     assert sorted(storage.list_files(cur)) == before
     # one more upload: only it is embedded; v2 stays as it was
-    shutil.copy(corpus["videos"][2], corpus["uploads"] / "site_x" / "another_copy.mp4")
+    _remux(corpus["videos"][2], corpus["uploads"] / "site_x" / "another_copy.mp4")
     third = run(cfg)
     assert third["version"] == 3 and third["new_sources"] == 1
     assert versions.latest_version(root, SELECTION) == 3
@@ -197,7 +228,7 @@ def test_rerun_is_a_noop_and_a_new_upload_makes_v3(corpus):
 
 def test_other_encoder_is_refused(corpus):
     cfg = corpus["new_cfg"].model_copy(update={"embed": {"pooling": "cls"}})
-    shutil.copy(corpus["videos"][0], corpus["uploads"] / "site_x" / "zz_other.mp4")
+    _remux(corpus["videos"][0], corpus["uploads"] / "site_x" / "zz_other.mp4")
     try:
         with pytest.raises(ValueError, match="other settings"):
             run(cfg)
@@ -208,7 +239,7 @@ def test_other_encoder_is_refused(corpus):
 def test_recluster_by_flag_publishes_a_reclustered_version(corpus):
     root = corpus["root"]
     before = versions.latest_version(root, SELECTION)
-    shutil.copy(corpus["videos"][1], corpus["uploads"] / "site_x" / "late_copy.mp4")
+    _remux(corpus["videos"][1], corpus["uploads"] / "site_x" / "late_copy.mp4")
     cfg = corpus["new_cfg"].model_copy(update={"recluster": True, "recluster_above": 0.0,
                                                "cluster": {"k": 4, "max_iter": 10, "task_cpus": 0.5},
                                                "dedup": {"task_cpus": 0.5}})
@@ -236,3 +267,21 @@ def test_recluster_by_flag_publishes_a_reclustered_version(corpus):
         assert "pass the earlier rules" in summary["target_unreachable_because"]
     # the sources ledger carries over: the same uploads are a no-op now
     assert run(corpus["new_cfg"])["changed"] is False
+
+
+def test_every_published_table_opens_on_its_own(corpus):
+    """Corpus tables, curated versions (their parent's rows copied in, not referenced through
+    ``../``), batches and the recluster run: pandas, pyarrow.dataset, duckdb and polars each
+    read the rows the manifest lists, and no progress records sit inside a table."""
+    root = corpus["root"]
+    checked = assert_tables_open_everywhere(root)
+    assert checked >= 12
+    for v in range(1, versions.latest_version(root, SELECTION) + 1):
+        for table in ("retained", "removed", "sources"):
+            manifest = storage.read_manifest(storage.join(versions.version_dir(root, SELECTION, v), table))
+            assert not [f for f in manifest["files"] if f.startswith("..")]
+    # v2 holds v1's rows itself: deleting v1 leaves v2 whole
+    v2_retained = storage.join(versions.version_dir(root, SELECTION, 2), "retained")
+    v1_ids = set(read_version(root, SELECTION, "retained", 1).column("id").to_pylist())
+    assert v1_ids <= set(pd.read_parquet(v2_retained).id)
+    assert not list(Path(root, "embeddings").rglob("*progress*"))
