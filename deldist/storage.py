@@ -64,18 +64,42 @@ def is_transient_error(error: BaseException) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError) as e:  # no network, no access: the SDK's default, said once per bucket
+        import logging
+
+        logging.getLogger(__name__).warning(f"could not look up the region of s3://{bucket} ({e}); using "
+                                            "us-east-1: set AWS_REGION if the bucket lives elsewhere")
+        return "us-east-1"
+
+
+def s3_region(bucket: str, environ: Any = os.environ, lookup: Any = _bucket_region) -> str:
+    """The region to address ``bucket`` in: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` when set;
+    with a custom endpoint (MinIO, GCS's S3 interop, moto) ``us-east-1``, which such stores
+    accept; else the bucket's own region, looked up once (pyarrow's ``resolve_s3_region``), so
+    a node in one region reads a bucket in another without HTTP 301 errors."""
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    if environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"):
+        return "us-east-1"
+    return lookup(bucket)
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Map a URI to ``(pyarrow filesystem, path inside it)``.
 
     s3:// uses ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` when set (MinIO, moto, other
-    S3-protocol stores) and ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials come from the
-    AWS SDK's default chain.
+    S3-protocol stores) and the region of :func:`s3_region`; credentials come from the AWS
+    SDK's default chain.
     """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3_filesystem(endpoint, region), (parsed.netloc + parsed.path).rstrip("/")
+        return _s3_filesystem(endpoint, s3_region(parsed.netloc)), (parsed.netloc + parsed.path).rstrip("/")
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else uri
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from deldist.io import list_sources
+from deldist import storage
+from deldist.io import content_sha256, list_sources
 
 
 def _touch(path, data=b"x"):
@@ -51,8 +54,8 @@ def test_write_table_leaves_vectors_and_jpegs_uncompressed(tmp_path):
     import pyarrow.parquet as pq
 
     from deldist import storage
-    from deldist.shards import embedding_matrix
     from deldist.schema import embedding_array
+    from deldist.shards import embedding_matrix
 
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     table = pa.table({"id": [f"a#{i}" for i in range(64)],
@@ -82,3 +85,30 @@ def test_drop_repeated_ids_keeps_each_id_once(tmp_path):
     table = pa.concat_tables([pq.read_table(tmp_path / f"part-{i}.parquet") for i in range(2)])
     assert table.to_pydict() == {"id": ["a", "b", "c", "d"], "v": [1, 2, 3, 4]}
     assert storage.drop_repeated_ids(str(tmp_path)) == 0
+
+
+def test_s3_region_from_the_environment_the_endpoint_or_the_bucket():
+    asked = []
+
+    def lookup(bucket):
+        asked.append(bucket)
+        return "eu-west-1"
+
+    assert storage.s3_region("b", {"AWS_REGION": "ap-south-1", "AWS_DEFAULT_REGION": "x"}, lookup) == "ap-south-1"
+    assert storage.s3_region("b", {"AWS_DEFAULT_REGION": "us-west-2"}, lookup) == "us-west-2"
+    # MinIO / GCS interop / moto: their own region rules, no AWS lookup
+    assert storage.s3_region("b", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}, lookup) == "us-east-1"
+    assert not asked
+    # AWS without a region set: the bucket's own
+    assert storage.s3_region("videos", {}, lookup) == "eu-west-1" and asked == ["videos"]
+
+
+def test_content_sha256_local_and_on_s3(tmp_path, s3_bucket):
+    import hashlib
+
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    (tmp_path / "v.mp4").write_bytes(data)
+    storage.write_bytes(f"s3://{s3_bucket}/hash/v.mp4", data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert content_sha256(str(tmp_path / "v.mp4"), chunk_bytes=1 << 20) == expected
+    assert content_sha256(f"s3://{s3_bucket}/hash/v.mp4", chunk_bytes=1 << 20) == expected
