@@ -41,6 +41,7 @@ norm before use (the contract says they already are; this absorbs float drift).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Sequence
@@ -73,6 +74,8 @@ from deldist.schema import ASSIGNMENTS_SCHEMA, centroids_schema
 from deldist.shards import EmptyInputError, Shard, embedding_matrix, normalize_checked, plan_shards, read_shard
 
 # ----------------------------------------------------------------------------- config
+
+log = logging.getLogger(__name__)
 
 
 class Config(StageConfig):
@@ -301,6 +304,7 @@ def _fit(config: Config, plan: Plan) -> Fit:
     out, only k x D sums come back; each group's bounds stay in the object store between passes."""
     import ray
 
+
     started = time.perf_counter()
     load = ray.remote(num_cpus=config.io_cpus, num_returns=3)(_load_fit_shard)
     loads = [load.remote(plan.layout.embeddings, s, plan.dim, config.fit_fraction, config.seed) for s in plan.shards]
@@ -338,6 +342,8 @@ def _fit(config: Config, plan: Plan) -> Fit:
         fit.history.append(stats.objective)
         fit.searched.append(stats.searched / n_fit)
         fit.pass_seconds.append(time.perf_counter() - pass_started)
+        log.info(f"deldist cluster: pass {len(fit.history)}/{config.max_iter}: objective {stats.objective:.6g}, "
+                 f"{fit.searched[-1]:.0%} of the rows searched, {fit.pass_seconds[-1]:.1f} s")
         if has_converged(fit.history, config.tol):
             fit.converged = True
             break
@@ -350,18 +356,20 @@ def _assign_all(config: Config, plan: Plan, fit: Fit) -> list[dict[str, Any]]:
     saw every row (bounds apply), else every row streamed from Parquet once."""
     import ray
 
+    from deldist.runtime import get_with_progress
+
     assign_dir = plan.layout.new_assignments
     c_ref, s_ref = ray.put(fit.centroids), ray.put(fit.shift)
     if config.fit_fraction >= 1.0:
         assign = ray.remote(num_cpus=config.task_cpus, **plan.gpu_opts)(_assign_loaded)
-        results = ray.get([assign.remote(assign_dir, c_ref, s_ref, fit.bounds_refs[g] if config.bounds else None,
-                                         plan.use_gpu, plan.threads, len(group), *[fit.matrices[i] for i in group],
-                                         *[fit.id_refs[i] for i in group])
-                           for g, group in enumerate(fit.groups)])
+        refs = [assign.remote(assign_dir, c_ref, s_ref, fit.bounds_refs[g] if config.bounds else None,
+                              plan.use_gpu, plan.threads, len(group), *[fit.matrices[i] for i in group],
+                              *[fit.id_refs[i] for i in group]) for g, group in enumerate(fit.groups)]
     else:
         assign = ray.remote(num_cpus=config.task_cpus, **plan.gpu_opts)(assign_shard)
-        results = ray.get([assign.remote(plan.layout.embeddings, s, plan.dim, c_ref, assign_dir, plan.use_gpu,
-                                         plan.threads) for s in plan.shards])
+        refs = [assign.remote(plan.layout.embeddings, s, plan.dim, c_ref, assign_dir, plan.use_gpu, plan.threads)
+                for s in plan.shards]
+    results = get_with_progress(refs, "deldist cluster: assignment tasks", log)
     fit.bounds_refs, fit.matrices, fit.id_refs = [], [], []
     return results
 

@@ -42,6 +42,7 @@ an empty assignments table raises :class:`~deldist.shards.EmptyInputError`.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -75,6 +76,8 @@ if TYPE_CHECKING:
     pass
 
 KeepMode = Literal["hard", "easy", "random"]
+
+log = logging.getLogger(__name__)
 
 
 class Config(StageConfig):
@@ -350,6 +353,8 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
     Returns (the parts written, tasks, shards)."""
     import ray
 
+    from deldist.runtime import get_with_progress
+
     out_dir, spec, device = plan.layout.scores, _list_spec(config), "cuda" if gpu else "cpu"
     tiles = (config.block_rows, config.col_block, config.diag_rows)
     fault = (config.inject_fault, plan.layout.root)
@@ -373,7 +378,7 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
         for ref in pending:
             ray.cancel(ref)
         raise
-    parts = ray.get(pending)
+    parts = get_with_progress(pending, "deldist dedup: scoring tasks", log)
     scored = sum(p["rows"] for p in parts)
     if scored != plan.n:
         raise RuntimeError(f"scored {scored} rows but {plan.n} were assigned")

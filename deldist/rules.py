@@ -259,3 +259,17 @@ class Decision:
         self.rules.append({"rule": rule, "reason": reason, "by": by, "parameters": parameters,
                            "removed": int(newly.sum()), **figures})
         return newly
+
+
+def temporal_savings(collapsed: np.ndarray, cluster: np.ndarray) -> dict[str, Any]:
+    """What the temporal rule saves downstream if run before clustering / dedup."""
+    before = np.bincount(cluster).astype(np.float64)
+    after = np.bincount(cluster[~collapsed], minlength=len(before)).astype(np.float64)
+    pairs_before = float((before * (before - 1) / 2).sum())
+    pairs_after = float((after * (after - 1) / 2).sum())
+    return {
+        "collapsed_frames": int(collapsed.sum()),
+        "collapsed_fraction": float(collapsed.mean()) if len(collapsed) else 0.0,
+        "pairwise_pairs_before": pairs_before, "pairwise_pairs_after": pairs_after,
+        "pairwise_work_saved": 1.0 - pairs_after / pairs_before if pairs_before else 0.0,
+    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import ray
 
@@ -74,3 +75,16 @@ def use_gpu(setting: bool | None) -> bool:
 def task_slots(task_cpus: float) -> int:
     """How many tasks of ``task_cpus`` CPUs the cluster holds now (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1.0) // task_cpus))
+
+
+def get_with_progress(refs: list, what: str, logger: Any, every_s: float = 10.0) -> list:
+    """``ray.get(refs)`` in order, logging ``what: i/n done`` as tasks finish (at most every
+    ``every_s`` seconds, and once at the end), so a long stage shows it is moving."""
+    remaining, done, last = list(refs), 0, time.perf_counter()
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=every_s)
+        done += len(ready)
+        if (time.perf_counter() - last >= every_s and remaining) or not remaining:
+            logger.info(f"{what}: {done}/{len(refs)} done")
+            last = time.perf_counter()
+    return ray.get(refs)

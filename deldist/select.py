@@ -68,6 +68,7 @@ directory's own manifest and ``_SUCCESS``.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
@@ -90,6 +91,7 @@ from deldist.rules import (
     near_copy_order,
     outlier_mask,
     random_decision,
+    temporal_savings,
 )
 from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_META, RETAINED_SCHEMA
 from deldist.select_ray import dedup_any_earlier, dedup_kept, temporal_rule
@@ -103,6 +105,8 @@ MEDDEL_TABLE2: dict[float, tuple[int, float]] = {
 
 
 # what each method fixes: the dedup stage's rank order, the outlier distance, the dedup rule
+log = logging.getLogger(__name__)
+
 METHODS: dict[str, dict[str, Any]] = {
     "meddel": {"keep": "easy", "outlier_distance": 0.9, "dedup_rule": "kept"},
     "semdedup": {"keep": "hard", "outlier_distance": None, "dedup_rule": "any_earlier"},
@@ -215,11 +219,20 @@ def apply_rules(config: Config, meta: pa.Table, ids: pa.Array, layout: RunLayout
                              layout.assignments)
         cluster, distance = assignments.column("cluster").to_numpy(), assignments.column("distance").to_numpy()
     decision = apply_filters(config, meta, cluster, distance, layout.embeddings, dim)
+    _log_rules(config.name, decision, 0)
     if extra.near_copy is not None:
         _near_copy_rule(config, meta, ids, decision)
+        _log_rules(config.name, decision, len(decision.rules) - 1)
     if config.eps is not None or config.target_ratio is not None:
         _duplicate_rule(config, ids, layout, dim, decision)
+        _log_rules(config.name, decision, len(decision.rules) - 1)
     return decision
+
+
+def _log_rules(name: str, decision: Decision, first: int) -> None:
+    for rule in decision.rules[first:]:
+        log.info(f"deldist select {name}: {rule['rule']} ({rule['by']}) removed {rule['removed']}, "
+                 f"{int((decision.reason < 0).sum())} of {len(decision.reason)} still kept")
 
 
 def apply_filters(config: Config, meta: pa.Table, cluster: np.ndarray | None, distance: np.ndarray | None,
@@ -326,6 +339,8 @@ def run(config: Config) -> dict[str, Any]:
     summary = summarize(config, meta, decision)
     summary["seconds"] = time.perf_counter() - started
     publish_selection(layout, config.name, tables, summary)
+    log.info(f"deldist select {config.name}: kept {summary['kept_count']} of {summary['input_count']} "
+             f"-> {layout.selection(config.name)}")
     return {"selection": layout.selection(config.name),
             **{k: summary[k] for k in ("input_count", "kept_count", "ratio", "removed_by_reason")}}
 
@@ -406,20 +421,6 @@ def build_tables(ids: pa.Array, decision: Decision, duplicate_of: pa.Array, meta
     }
 
 
-def _temporal_savings(collapsed: np.ndarray, cluster: np.ndarray) -> dict[str, Any]:
-    """What the temporal rule saves downstream if run before clustering / dedup."""
-    before = np.bincount(cluster).astype(np.float64)
-    after = np.bincount(cluster[~collapsed], minlength=len(before)).astype(np.float64)
-    pairs_before = float((before * (before - 1) / 2).sum())
-    pairs_after = float((after * (after - 1) / 2).sum())
-    return {
-        "collapsed_frames": int(collapsed.sum()),
-        "collapsed_fraction": float(collapsed.mean()) if len(collapsed) else 0.0,
-        "pairwise_pairs_before": pairs_before, "pairwise_pairs_after": pairs_after,
-        "pairwise_work_saved": 1.0 - pairs_after / pairs_before if pairs_before else 0.0,
-    }
-
-
 def summarize(config: Config, meta: pa.Table, decision: Decision) -> dict[str, Any]:
     """``summary.json``: counts, ratio, removals per reason and per dataset, the rules that ran,
     the parameters, the rules' figures, and the ground-truth metrics when configured."""
@@ -434,7 +435,7 @@ def summarize(config: Config, meta: pa.Table, decision: Decision) -> dict[str, A
                              "ratio": float(kept[mask].mean()), "removed_by_reason": counts_by_reason(reason[mask])}
     info = {k: v for k, v in decision.info.items() if k != "temporal_collapse"}
     if "temporal_collapse" in decision.info:
-        info["temporal"] = _temporal_savings(*decision.info["temporal_collapse"])
+        info["temporal"] = temporal_savings(*decision.info["temporal_collapse"])
     summary = {
         "name": config.name, "method": config.method, "dedup_rule": config.dedup_rule,
         "input_count": n, "kept_count": int(kept.sum()), "removed_count": int((~kept).sum()),
