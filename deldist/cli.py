@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "cluster": "deldist.cluster",
     "dedup": "deldist.dedup",
     "select": "deldist.select",
+    "sweep": "deldist.sweep",
     "curate": "deldist.curate",
     "curate-new": "deldist.curate_new",
     "materialize": "deldist.materialize",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,19 @@ figure.anchor.removed img{border-color:#c80} .warn{background:#fff3cd;padding:.4
 
 
 @dataclass
+class SimilarityView:
+    """The max_sim histogram of dedup/scores: every item with an earlier-ranked item in its cluster
+    (rank > 0), before any selection rule. ``above``: similarity threshold -> items above it."""
+
+    items: int
+    edges: np.ndarray  # (b + 1,) fixed bins over [-1, 1]
+    counts: np.ndarray  # (b,)
+    quantiles: dict[str, float]
+    above: dict[float, int]
+    src: str | None = None
+
+
+@dataclass
 class RunView:
     """The run-level part of the page."""
 
@@ -57,6 +71,8 @@ class RunView:
     clusters: dict[str, Any] | None = None  # k, min, median, max size
     histogram_src: str | None = None
     selections: list[SelectionView] = field(default_factory=list)
+    similarity: SimilarityView | None = None  # dedup/scores' max_sim, for choosing eps
+    sweeps: list[dict[str, Any]] = field(default_factory=list)  # deldist sweep outputs (html_report.sweep_view)
 
 
 def _figure(frame_id: str, caption: str, thumbs: dict[str, str], missing: dict[str, str], css: str,
@@ -175,6 +191,7 @@ def render_html(run: RunView, frames: dict[str, dict[str, Any]], thumbs: dict[st
             out.append(f'<img class="histogram" src="{_e(run.histogram_src)}" alt="histogram of cluster sizes">')
     else:
         out.append('<p class="muted">no published clusters/</p>')
+    out.append(_similarity_section(run))
     for i, view in enumerate(run.selections):
         out.append(_selection_section(i, view, frames, thumbs, missing))
     out.append("</body></html>")
@@ -214,3 +231,122 @@ def size_histogram(sizes: np.ndarray, max_bins: int = 30) -> tuple[np.ndarray, n
     edges = lo + width * np.arange(n_bins + 1, dtype=np.int64)
     counts = np.bincount((sizes - lo) // width, minlength=n_bins).astype(np.int64)
     return edges, counts
+
+
+# ------------------------------------------------------------------ max_sim and eps (deldist sweep)
+
+
+def similarity_edges(min_eps: float = 1e-4, per_decade: int = 20) -> np.ndarray:
+    """Fixed bin edges over cosine similarity [-1, 1], float64 ascending, spaced evenly in log(1 -
+    similarity) = log(eps): ``per_decade`` bins per decade of eps from ``min_eps`` to 2, and one
+    bin [1 - min_eps, 1]. Near-duplicate similarities crowd just below 1, where linear bins would
+    put them all in one bin; these bins read on the same log axis as eps. Every run, dataset and
+    sweep with the same settings uses the same bins, so their histograms compare bin by bin."""
+    decades = math.log10(2.0 / min_eps)
+    eps = np.r_[0.0, np.logspace(math.log10(min_eps), math.log10(2.0), int(math.ceil(decades * per_decade)) + 1)]
+    return np.sort(1.0 - eps)
+
+
+def similarity_histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """int64 (b,) counts of ``values`` in the bins ``edges`` (as ``np.histogram``: [lo, hi), the
+    last bin [lo, hi]). Values past the ends (float32 rounding past 1) count in the end bins;
+    NaN are left out."""
+    v = np.asarray(values, np.float64)
+    v = np.clip(v[~np.isnan(v)], edges[0], edges[-1])
+    return np.histogram(v, bins=edges)[0].astype(np.int64)
+
+
+def similarity_png(edges: np.ndarray, histograms: dict[str, np.ndarray],
+                   curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                   reference: dict[float, float] | None = None) -> bytes:
+    """PNG: the max_sim histogram over 1 - max_sim on a log axis (the first of ``histograms`` filled,
+    the others as lines; ``edges`` from :func:`similarity_edges`) and, with ``curves`` (label ->
+    (eps, kept fraction)), the kept fraction against eps on the same axis beside it;
+    ``reference``: eps -> kept fraction points to mark (MedDEL's Table 2, on their data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    eps_edges = 1.0 - np.asarray(edges, np.float64)[::-1]
+    eps_edges[0] = eps_edges[1] / 2  # the bin [0, min_eps] drawn at the log axis' left end
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 7, 3.6), squeeze=False)
+    if curves:
+        ax = axes[0, 0]
+        for label, (eps, ratio) in curves.items():
+            ax.plot(eps, ratio, marker=".", label=label)
+        if reference:
+            ax.scatter(list(reference), list(reference.values()), marker="x", color="black", zorder=3,
+                       label="MedDEL Table 2 (their 88k frames)")
+        ax.set_xscale("log")
+        ax.set_xlabel("eps (duplicate above similarity 1 - eps)")
+        ax.set_ylabel("kept fraction")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    ax = axes[0, -1]
+    for i, (label, counts) in enumerate(histograms.items()):
+        ax.stairs(np.asarray(counts)[::-1], eps_edges, fill=i == 0, label=label, alpha=0.6 if i == 0 else 1.0)
+    ax.set_xscale("log")
+    occupied = np.flatnonzero(np.sum([np.asarray(c)[::-1] for c in histograms.values()], axis=0))
+    if len(occupied):
+        ax.set_xlim(eps_edges[occupied[0]], eps_edges[occupied[-1] + 1])
+    ax.set_xlabel("1 - max_sim (max_sim: similarity to the nearest earlier-ranked item)")
+    ax.set_ylabel("items per bin")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _similarity_section(run: RunView) -> str:
+    """The max_sim histogram of dedup/scores and every sweep's kept-vs-eps table."""
+    out = ["<h2>choosing eps: max_sim and kept counts</h2>"]
+    sim = run.similarity
+    if sim is None:
+        out.append('<p class="muted">no published dedup/scores</p>')
+    else:
+        q = ", ".join(f"{k} {v:.4f}" for k, v in sim.quantiles.items())
+        out.append(f'<div class="similarity" data-items="{sim.items}"><p>{_num(sim.items)} items of dedup/scores '
+                   "have an earlier-ranked item in their cluster; their <code>max_sim</code> (before any selection "
+                   f"rule): {_e(q)}</p>")
+        if sim.src:
+            out.append(f'<img class="max-sim-histogram" src="{_e(sim.src)}" alt="histogram of max_sim">')
+        out.append('<table class="max-sim-above"><tr><th>similarity threshold (1 - eps)</th><th>eps</th>'
+                   "<th>items above</th></tr>" + "".join(
+                       f'<tr data-threshold="{t:g}"><td>{t:g}</td><td>{1 - t:.4g}</td><td data-above="{n}">'
+                       f"{_num(n)}</td></tr>" for t, n in sim.above.items()) + "</table>")
+        out.append('<details><summary>histogram bins</summary><table class="max-sim-bins"><tr><th>max_sim from</th>'
+                   "<th>to</th><th>items</th></tr>" + "".join(
+                       f'<tr data-bin="{i}"><td>{sim.edges[i]:.6g}</td><td>{sim.edges[i + 1]:.6g}</td>'
+                       f'<td data-items="{int(sim.counts[i])}">{_num(int(sim.counts[i]))}</td></tr>'
+                       for i in np.flatnonzero(sim.counts)) + "</table></details></div>")
+    for sweep in run.sweeps:
+        out.append(_sweep_table(sweep))
+    if not run.sweeps:
+        out.append('<p class="muted">no sweeps: <code>deldist sweep</code> gives the kept count per eps and per '
+                   "target ratio, per dataset</p>")
+    return "\n".join(out)
+
+
+def _sweep_table(sweep: dict[str, Any]) -> str:
+    """One sweep: kept count and fraction per eps, overall and per dataset (kept_by_eps.csv rows)."""
+    datasets = sweep["datasets"]
+    out = [f'<div class="sweep" data-sweep="{_e(sweep["name"])}"><h3>sweep {_e(sweep["name"])} <span class="muted">'
+           f'(selection {_e(sweep["selection"])}, {_e(sweep["method"])}, dedup_rule {_e(sweep["dedup_rule"])}; '
+           f'{_num(sweep["candidates"])} of {_num(sweep["input"])} items pass the rules before the duplicates)'
+           "</span></h3>"]
+    if sweep.get("src"):
+        out.append(f'<img class="sweep-plot" src="{_e(sweep["src"])}" alt="kept fraction against eps">')
+    out.append('<table class="kept-by-eps"><tr><th>eps</th><th>similarity threshold</th><th>kept</th><th>ratio</th>'
+               + "".join(f"<th>ratio: {_e(d)}</th>" for d in datasets) + "</tr>")
+    for row in sweep["rows"]:
+        cells = [f'<td data-kept="{row["kept"]}">{_num(row["kept"])}</td><td>{_num(row["ratio"])}</td>'
+                 if row["kept"] is not None else '<td colspan="2" class="muted">below the neighbour floor</td>']
+        cells += [f'<td data-dataset="{_e(d)}">{_num(row["by_dataset"][d])}</td>' if row["by_dataset"].get(d)
+                  is not None else "<td></td>" for d in datasets]
+        out.append(f'<tr data-eps="{row["eps"]}"><td>{row["eps"]:g}</td><td>{row["similarity_threshold"]:.4f}</td>'
+                   + "".join(cells) + "</tr>")
+    out.append("</table></div>")
+    return "\n".join(out)

@@ -8,6 +8,10 @@
   frames removed as its duplicates, with their ``max_sim``), removed outliers (farthest from
   their centroid first) and invalid frames (with their quality statistics); each bounded.
 - ``cluster_sizes.png``: histogram of cluster sizes (matplotlib, Agg backend).
+- ``max_sim.png``: histogram of dedup/scores' ``max_sim`` (every item with an earlier-ranked item
+  in its cluster, before any rule; read part by part), beside the items above a few similarity
+  thresholds: what to look at before choosing eps. ``sweep-<n>.png``: each published ``deldist
+  sweep``'s plot, its kept count per eps (overall and per dataset) in a table.
 - ``thumbs/<n>.jpg``: small JPEG thumbnails named by a counter, not by frame id (ids hold any
   character a file name may hold). Taken from a published frame store (``deldist
   materialize``) when one holds the frame, else decoded from the source video or image; a
@@ -24,6 +28,9 @@ tests and scripts can read the numbers back without scraping the layout.
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -32,9 +39,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from deldist import storage
-from deldist.html_render import RunView, histogram_png, render_html
+from deldist.html_render import (
+    RunView,
+    SimilarityView,
+    histogram_png,
+    render_html,
+    similarity_edges,
+    similarity_histogram,
+    similarity_png,
+)
 from deldist.layout import RunLayout
 from deldist.schema import QUALITY_COLUMNS
 from deldist.thumbnails import frame_stores, make_thumbnails, read_rows
@@ -42,6 +58,9 @@ from deldist.thumbnails import frame_stores, make_thumbnails, read_rows
 # reasons whose rows name the frame they duplicate (duplicate_of) and their similarity to it
 GROUP_REASONS: tuple[str, ...] = ("duplicate", "near_copy", "temporal")
 HISTOGRAM = "cluster_sizes.png"
+SIMILARITY = "max_sim.png"
+# the similarity thresholds whose items-above counts the page shows: two tight ones, MedDEL Table 2's 0.9-0.7
+ABOVE: tuple[float, ...] = (0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 THUMBS = "thumbs"
 INDEX = "index.html"
 
@@ -177,16 +196,62 @@ def selection_view(summary: dict[str, Any], removed: pa.Table, *, max_per_galler
         invalid=spread_evenly(removed_ids(removed, "invalid"), max_per_gallery), parameters=shown)
 
 
+def similarity_counts(rank: np.ndarray, max_sim: np.ndarray, edges: np.ndarray,
+                      thresholds: Iterable[float] = ABOVE) -> tuple[np.ndarray, dict[float, int], list[float]]:
+    """For the items with an earlier-ranked item (rank > 0): (histogram counts over ``edges``, items
+    above each threshold, [min, max] of their max_sim or [] for none). Parts of a table add up."""
+    v = np.asarray(max_sim, np.float64)[np.asarray(rank) > 0]
+    span = [float(v.min()), float(v.max())] if len(v) else []
+    return similarity_histogram(v, edges), {t: int((v > t).sum()) for t in thresholds}, span
+
+
+def histogram_quantile(edges: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of histogrammed values, to the bin: the upper edge of the bin it falls in."""
+    cumulative = np.cumsum(counts)
+    return float(edges[1 + int(np.searchsorted(cumulative, q * cumulative[-1]))]) if cumulative[-1] else math.nan
+
+
+def similarity_view(counts: np.ndarray, above: dict[float, int], span: list[float], edges: np.ndarray,
+                    ) -> SimilarityView:
+    """The page's max_sim part from :func:`similarity_counts` (summed over the table's parts)."""
+    quantiles = {"min": span[0]} if span else {}
+    quantiles.update({f"{name} (to the bin)": histogram_quantile(edges, counts, q) for name, q
+                      in (("median", 0.5), ("90th percentile", 0.9), ("99th percentile", 0.99)) if span})
+    quantiles.update({"max": span[1]} if span else {})
+    return SimilarityView(items=int(counts.sum()), edges=edges, counts=counts, quantiles=quantiles, above=above)
+
+
+def sweep_view(name: str, summary: dict[str, Any], eps_rows: list[dict[str, str]]) -> dict[str, Any]:
+    """One ``deldist sweep`` for the page: its summary.json and the rows of its kept_by_eps.csv (as
+    read: strings, "" for blank) -> name, selection, rule, counts, datasets and one row per eps
+    (kept and ratio overall, kept ratio per dataset)."""
+    overall = summary.get("kept_by_eps", [])
+    datasets = list(summary.get("datasets", []))
+    by_dataset: dict[float, dict[str, float | None]] = {}
+    for r in eps_rows:
+        by_dataset.setdefault(float(r["eps"]), {})[r["dataset"]] = float(r["ratio"]) if r["ratio"] != "" else None
+    rows = [{"eps": float(r["eps"]), "similarity_threshold": float(r["similarity_threshold"]), "kept": r["kept"],
+             "ratio": r["ratio"], "by_dataset": {d: by_dataset.get(float(r["eps"]), {}).get(d) for d in datasets}}
+            for r in overall]
+    return {"name": name, "selection": summary.get("selection", ""), "method": summary.get("method", ""),
+            "dedup_rule": summary.get("dedup_rule", ""), "input": int(summary.get("input_count", 0)),
+            "candidates": int(summary.get("candidate_count", 0)), "datasets": datasets, "rows": rows}
+
+
 # ------------------------------------------------------------------ driver
 
 
 def published_selections(output: str) -> list[str]:
     """Names of the run's published selections, sorted."""
-    layout = RunLayout(output)
-    fs, path = storage.resolve(layout.selections)
+    return _published_under(RunLayout(output).selections)
+
+
+def _published_under(parent: str) -> list[str]:
+    """Names of the published directories right under ``parent``, sorted."""
+    fs, path = storage.resolve(parent)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     names = sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
-    return [n for n in names if storage.is_published(layout.selection(n))]
+    return [n for n in names if storage.is_published(storage.join(parent, n))]
 
 
 def _clear(dir_uri: str) -> None:
@@ -227,6 +292,37 @@ def _cluster_figures(layout: RunLayout, run: RunView, outlier_ids: list[str]) ->
     return files, distance
 
 
+def _similarity_figures(layout: RunLayout, run: RunView) -> dict[str, bytes]:
+    """dedup/scores' max_sim histogram (read part by part) and every published sweep into ``run``;
+    the figure files."""
+    files: dict[str, bytes] = {}
+    if storage.is_published(layout.scores):
+        edges = similarity_edges()
+        counts, above, span = np.zeros(len(edges) - 1, np.int64), dict.fromkeys(ABOVE, 0), []
+        fs, paths = storage.published_paths(layout.scores)
+        for path in paths:
+            part = pq.read_table(path, columns=["rank", "max_sim"], filesystem=fs)
+            c, a, s = similarity_counts(part.column("rank").to_numpy(), part.column("max_sim").to_numpy(), edges)
+            counts += c
+            above = {t: above[t] + a[t] for t in ABOVE}
+            span = [min(span[0], s[0]), max(span[1], s[1])] if span and s else span or s
+        run.similarity = similarity_view(counts, above, span, edges)
+        if counts.sum():
+            files[SIMILARITY] = similarity_png(edges, {"dedup/scores, rank > 0": counts})
+            run.similarity.src = SIMILARITY
+    for i, name in enumerate(_published_under(layout.sweeps)):
+        d = layout.sweep(name)
+        outputs = storage.read_manifest(d).get("outputs", {})
+        summary = storage.read_json(storage.join(d, outputs.get("summary", "summary.json")))
+        text = storage.read_bytes(storage.join(d, outputs.get("eps", "kept_by_eps.csv"))).decode("utf-8")
+        view = sweep_view(name, summary, list(csv.DictReader(io.StringIO(text))))
+        if outputs.get("plot") and storage.exists(storage.join(d, outputs["plot"])):
+            view["src"] = f"sweep-{i}.png"
+            files[view["src"]] = storage.read_bytes(storage.join(d, outputs["plot"]))
+        run.sweeps.append(view)
+    return files
+
+
 def write_html_report(output: str, selections: list[str] | None = None, *, max_per_gallery: int = 24,
                       max_groups: int = 8, max_per_group: int = 8, thumb_size: int = 128,
                       decode_workers: int = 2) -> str:
@@ -251,6 +347,7 @@ def write_html_report(output: str, selections: list[str] | None = None, *, max_p
     _clear(out_dir)
     files, distance = _cluster_figures(layout, run, sorted({i for _, removed in loaded
                                                             for i in removed_ids(removed, "outlier")}))
+    files.update(_similarity_figures(layout, run))
     run.selections = [selection_view(summary, removed, max_per_gallery=max_per_gallery, max_groups=max_groups,
                                      max_per_group=max_per_group, outlier_distance=distance or None)
                       for summary, removed in loaded]

@@ -157,57 +157,93 @@ def neighbour_edges(scores: pa.Table, position: np.ndarray, starts: np.ndarray, 
     return NeighbourEdges(position[src_row], dst, sims.flatten().to_numpy().astype(np.float32), bound, floor)
 
 
+class KeptRule:
+    """The ``kept`` duplicate rule over fixed candidates at any similarity threshold, without
+    rerunning the pairwise stage: the scores' rows in position order (cluster, rank), their
+    neighbour lists and the exact fallback's gathered vectors, and :meth:`evaluate` cached per
+    threshold. ``deldist select`` evaluates one threshold (or searches a ``target_ratio``),
+    ``deldist sweep`` a grid of them on the same object."""
+
+    def __init__(self, config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
+                 dim: int | None, floor: float):
+        n = len(candidate)
+        cluster = scores.column("cluster").to_numpy().astype(np.int64)
+        rank = scores.column("rank").to_numpy().astype(np.int64)
+        self.order = order = np.lexsort((rank, cluster))  # position -> row
+        position = np.empty(n, np.int64)
+        position[order] = np.arange(n)
+        self.sizes = sizes = np.bincount(cluster, minlength=int(cluster.max()) + 1)
+        self.starts = starts = np.r_[0, np.cumsum(sizes)[:-1]]
+        if not np.array_equal(rank[order], np.arange(n) - starts[cluster[order]]):
+            raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
+        self.n, self.floor = n, floor
+        self.edges = neighbour_edges(scores, position, starts, floor)
+        self.cand_pos = np.asarray(candidate, bool)[order]
+        self.cluster_pos = cluster[order]
+        self.fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes)
+        self.evaluated: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+
+    def evaluate(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """At similarity threshold ``t`` (>= the floor): (kept bool, duplicate_of position, similarity,
+        in position order; the number of clusters decided exactly)."""
+        if t not in self.evaluated:
+            kept, dup, sim, unresolved = resolve_kept(self.cand_pos, self.edges, t)
+            hard = np.unique(self.cluster_pos[unresolved])
+            for c, k, d, s in self.fallback.run(hard, t, self.cand_pos) if len(hard) else []:
+                span = slice(self.starts[c], self.starts[c] + self.sizes[c])
+                kept[span], dup[span], sim[span] = k, d, s
+            self.evaluated[t] = (kept, dup, sim, len(hard))
+        return self.evaluated[t]
+
+    def kept_rows(self, t: float) -> np.ndarray:
+        """bool (n,) in row order: the candidates kept at threshold ``t``."""
+        kept = np.zeros(self.n, bool)
+        kept[self.order] = self.evaluate(t)[0]
+        return kept
+
+    def thresholds(self) -> np.ndarray:
+        """The thresholds a ratio search tries among (ascending): the floor, every listed similarity
+        above it, and +inf (keep every candidate)."""
+        sim = self.edges.sim
+        return np.unique(np.r_[self.floor, sim[sim >= self.floor], np.inf]).astype(np.float64)
+
+    def search(self, target_ratio: float, ratio_tolerance: float) -> tuple[float, dict[str, Any]]:
+        """The threshold keeping about ``target_ratio`` of the n items -> (threshold, info: target_ratio,
+        target_reachable, thresholds_tried, and target_unreachable_because when not reachable)."""
+        keep_count = int(round(target_ratio * self.n))
+        grid = self.thresholds()
+        threshold, count, reachable = search_threshold(lambda t: int(self.evaluate(t)[0].sum()), grid, keep_count,
+                                                       int(math.floor(ratio_tolerance * self.n)))
+        info: dict[str, Any] = dict(target_ratio=target_ratio, target_reachable=reachable,
+                                    thresholds_tried=len(self.evaluated))
+        if not reachable:
+            low = int(self.evaluate(float(grid[0]))[0].sum())
+            why = (f"at the neighbour floor {self.floor} (the lowest threshold the scores allow) {low} items stay; "
+                   "re-run dedup with a lower neighbour_floor" if low > keep_count else
+                   f"only {int(self.cand_pos.sum())} items pass the earlier rules")
+            info["target_unreachable_because"] = why
+        return threshold, info
+
+
 def dedup_kept(config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
                 dim: int | None, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The ``kept`` duplicate rule over the candidates (rows) -> (duplicate bool (n,), the row
     it duplicates int64 (n,), similarity float32 (n,), info)."""
     n = len(candidate)
-    cluster = scores.column("cluster").to_numpy().astype(np.int64)
-    rank = scores.column("rank").to_numpy().astype(np.int64)
-    order = np.lexsort((rank, cluster))  # position -> row
-    position = np.empty(n, np.int64)
-    position[order] = np.arange(n)
-    sizes = np.bincount(cluster, minlength=int(cluster.max()) + 1)
-    starts = np.r_[0, np.cumsum(sizes)[:-1]]
-    if not np.array_equal(rank[order], np.arange(n) - starts[cluster[order]]):
-        raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
-    edges = neighbour_edges(scores, position, starts, floor)
-    cand_pos = np.asarray(candidate, bool)[order]
-    cluster_pos = cluster[order]
-    fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes)
-    evaluated: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
-
-    def evaluate(t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        if t not in evaluated:
-            kept, dup, sim, unresolved = resolve_kept(cand_pos, edges, t)
-            hard = np.unique(cluster_pos[unresolved])
-            for c, k, d, s in fallback.run(hard, t, cand_pos) if len(hard) else []:
-                span = slice(starts[c], starts[c] + sizes[c])
-                kept[span], dup[span], sim[span] = k, d, s
-            evaluated[t] = (kept, dup, sim, len(hard))
-        return evaluated[t]
-
+    rule = KeptRule(config, scores, candidate, ids, emb_dir, dim, floor)
     info: dict[str, Any] = {}
     if config.target_ratio is not None:
-        keep_count = int(round(config.target_ratio * n))
-        grid = np.unique(np.r_[floor, edges.sim[edges.sim >= floor], np.inf]).astype(np.float64)
-        threshold, count, reachable = search_threshold(lambda t: int(evaluate(t)[0].sum()), grid, keep_count,
-                                                       int(math.floor(config.ratio_tolerance * n)))
-        info.update(target_ratio=config.target_ratio, target_reachable=reachable, thresholds_tried=len(evaluated))
-        if not reachable:
-            low = int(evaluate(float(grid[0]))[0].sum())
-            why = (f"at the neighbour floor {floor} (the lowest threshold the scores allow) {low} items stay; re-run "
-                   "dedup with a lower neighbour_floor" if low > keep_count else
-                   f"only {int(cand_pos.sum())} items pass the earlier rules")
-            info["target_unreachable_because"] = why
+        threshold, found = rule.search(config.target_ratio, config.ratio_tolerance)
+        info.update(found)
     else:
         threshold = 1.0 - float(config.eps)
-    kept, dup, sim, hard_clusters = evaluate(threshold)
+    kept, dup, sim, hard_clusters = rule.evaluate(threshold)
     info.update(similarity_threshold=threshold if math.isfinite(threshold) else None,
                 eps=1.0 - threshold if math.isfinite(threshold) else None,
-                exact_fallback_clusters=hard_clusters, exact_fallback_gathers=fallback.gathers)
+                exact_fallback_clusters=hard_clusters, exact_fallback_gathers=rule.fallback.gathers)
+    order = rule.order
     duplicate = np.zeros(n, bool)
-    duplicate[order] = cand_pos & ~kept
+    duplicate[order] = rule.cand_pos & ~kept
     link = np.full(n, -1, np.int64)
     link[order] = np.where(dup >= 0, order[np.maximum(dup, 0)], -1)
     score = np.full(n, np.nan, np.float32)

@@ -166,6 +166,26 @@ def test_cluster_size_histogram():
     assert Image.open(io.BytesIO(png)).format == "PNG"
 
 
+def test_max_sim_histogram_parts_add_up_and_sweep_rows():
+    edges = html_render.similarity_edges(min_eps=0.01, per_decade=2)
+    assert edges[0] == -1.0 and edges[-1] == 1.0 and edges[-2] == pytest.approx(0.99)
+    rank = np.array([0, 1, 2, 3, 1, 0])
+    sims = np.array([0.0, 0.995, 0.95, 1.0000001, 0.5, 0.3], np.float32)  # past 1: the last bin
+    counts, above, span = html_report.similarity_counts(rank, sims, edges, thresholds=(0.99, 0.9))
+    assert counts.sum() == 4 and counts[-1] == 2 and above == {0.99: 2, 0.9: 3} and span[0] == pytest.approx(0.5)
+    whole = html_report.similarity_counts(rank[:3], sims[:3], edges)[0] + html_report.similarity_counts(
+        rank[3:], sims[3:], edges)[0]
+    assert np.array_equal(whole, counts)
+    assert html_report.histogram_quantile(edges, counts, 0.5) == edges[-3]  # the 2nd of 4 (0.95): its bin's top
+    summary = {"name": "s", "selection": "m", "method": "meddel", "dedup_rule": "kept", "input_count": 10,
+               "candidate_count": 8, "datasets": ["a"],
+               "kept_by_eps": [{"eps": 0.1, "similarity_threshold": 0.9, "kept": 4, "ratio": 0.4}]}
+    rows = [{"eps": "0.1", "dataset": "(all)", "ratio": "0.4"}, {"eps": "0.1", "dataset": "a", "ratio": "0.5"}]
+    view = html_report.sweep_view("s", summary, rows)
+    assert view["rows"] == [{"eps": 0.1, "similarity_threshold": 0.9, "kept": 4, "ratio": 0.4,
+                             "by_dataset": {"a": 0.5}}]
+
+
 def test_decode_chunks_split_far_apart_frames():
     rows = [{"id": f"v#{i}", "source": "/d/v.mp4", "frame_index": i} for i in (900, 3, 10, 400)]
     rows.append({"id": "x.jpg#0", "source": "/d/x.jpg", "frame_index": 0})
@@ -331,6 +351,27 @@ def test_cluster_histogram(curated):
     labels = storage.read_published(storage.join(root, "clusters", "assignments"), ["cluster"]).column("cluster")
     sizes = html_report.cluster_sizes(labels, manifest["k"])
     assert sizes.sum() == result["embed"]["frames"] and len(sizes) == manifest["k"]
+
+
+def test_max_sim_histogram_of_the_scores(curated):
+    """The page's max_sim part (no sweep in this run): its counts are NumPy's on dedup/scores."""
+    root, result = curated
+    _, page = load_page(result["html_report"])
+    scores = storage.read_published(RunLayout(root).scores, ["rank", "max_sim"])
+    later = scores.column("rank").to_numpy() > 0
+    max_sim = scores.column("max_sim").to_numpy()[later]
+    part = page.find("div", class_="similarity")
+    assert len(part) == 1 and int(part[0]["attrs"]["data-items"]) == len(max_sim) > 0
+    expected, _ = np.histogram(np.clip(max_sim, -1, 1), bins=html_render.similarity_edges())
+    shown = {int(r["attrs"]["data-bin"]): int(c["attrs"]["data-items"]) for r in page.find("tr")
+             if "data-bin" in r["attrs"] for c in page.find("td")
+             if c["ancestors"][-1] is r and "data-items" in c["attrs"]}
+    assert shown == {int(i): int(expected[i]) for i in np.flatnonzero(expected)}
+    above = {float(c["ancestors"][-1]["attrs"]["data-threshold"]): int(c["attrs"]["data-above"])
+             for c in page.find("td") if "data-above" in c["attrs"]}
+    assert above == {t: int((max_sim > t).sum()) for t in html_report.ABOVE}
+    assert page.find("img", class_="max-sim-histogram")[0]["attrs"]["src"] == html_report.SIMILARITY
+    assert not page.find("div", class_="sweep")  # no deldist sweep ran
 
 
 @pytest.fixture(scope="module")
