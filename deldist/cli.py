@@ -74,8 +74,9 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     logger.propagate = False
 
 
-def main(argv: list[str] | None = None, stage: str | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command(argv: list[str], stage: str | None = None) -> tuple[str, Any, argparse.Namespace, list[Any]]:
+    """Parse a command line -> (stage name, its module, the flags, the validated configs): every
+    key and value checked before anything runs."""
     named = stage or _stage_in(argv)
     module = importlib.import_module(STAGES[named]) if named else None
     parser = argparse.ArgumentParser(
@@ -90,12 +91,15 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     parser.add_argument("--html", action="store_true", help="write the HTML curation report (= html=true; "
                                                              "report, curate)")
     parser.add_argument("--no-verify", action="store_true", help="skip the closing deldist verify of the run root")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, its sizes and a time / cost "
+                                                                "estimate; write nothing, start no Ray cluster")
+    parser.add_argument("--cost-model", metavar="FILE", help="YAML of deldist.dry_run.CostModel fields (rates, "
+                                                             "cluster shape, prices) for --dry-run")
     parser.add_argument("--json", metavar="FILE", help="write the result JSON to FILE instead of stdout")
     parser.add_argument("--log-level", default="INFO", help="deldist's messages on stderr: DEBUG, INFO, WARNING")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting "
                                                      "(verify: the run root alone is output=<root>)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
-    setup_logging(args.log_level)
     name = stage or args.stage
     module = importlib.import_module(STAGES[name])
     overrides = [o if "=" in o or name != "verify" else f"output={o}" for o in args.overrides]
@@ -103,7 +107,16 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         if "html" not in module.Config.model_fields:
             parser.error(f"--html does not apply to {name}")
         overrides.append("html=true")
-    configs = load_configs(module.Config, args.config, overrides, section=name.replace("-", "_"))
+    return name, module, args, load_configs(module.Config, args.config, overrides, section=name.replace("-", "_"))
+
+
+def main(argv: list[str] | None = None, stage: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name, module, args, configs = parse_command(argv, stage)
+    setup_logging(args.log_level)
+    if args.dry_run:
+        _emit(_dry_run(name, configs, args.cost_model), args.json)
+        return 0
     if args.address:
         import os
 
@@ -117,6 +130,23 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     if not args.no_verify:
         verify_after(name, configs[-1], results[-1])
     return 0
+
+
+def _dry_run(name: str, configs: list, cost_model: str | None) -> dict[str, Any]:
+    import yaml
+
+    from deldist import dry_run
+
+    cost = dry_run.CostModel.model_validate(yaml.safe_load(storage.read_bytes(cost_model)) if cost_model else {})
+    result = dry_run.plan(name, configs, cost)
+    log = logging.getLogger("deldist.dry_run")
+    log.info(f"deldist {name} --dry-run: would run {', '.join(result['would_run'])}")
+    for stage, figures in result["estimate"].items():
+        log.info(f"  {stage}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items() if isinstance(v, float)))
+    total = result["total"]
+    log.info(f"  total on {cost.vcpus} vCPUs + {cost.gpu_nodes} GPUs: {total['wall_h'] * 60:.1f} min, "
+             f"${total['cost_usd']:.2f} (assumed rates: --cost-model to give yours)")
+    return result
 
 
 def _emit(result: Any, json_file: str | None) -> None:

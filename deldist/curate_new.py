@@ -170,6 +170,14 @@ def _batch_embed_config(config: Config, corpus_fp: dict[str, Any], corpus_manife
     return embed.Config.model_validate(settings)
 
 
+def planned_embed_config(config: Config) -> embed.Config:
+    """The embed settings curate-new would give its uploads (the corpus's encoder and sampling;
+    for ``--dry-run``)."""
+    corpus_emb = RunLayout(config.corpus).embeddings
+    return _batch_embed_config(config, storage.read_json(run_file_of(corpus_emb)), storage.read_manifest(corpus_emb),
+                               config.corpus, config.manifest, "")
+
+
 def _check_same_encoder(corpus_fp: dict[str, Any], batch_fp: dict[str, Any]) -> None:
     diff = {k: (corpus_fp.get(k), batch_fp.get(k)) for k in embed.FINGERPRINT_KEYS if corpus_fp.get(k) != batch_fp.get(k)}
     if diff:

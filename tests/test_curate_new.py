@@ -10,6 +10,8 @@ generator with another seed) and (d) a byte-identical copy of a corpus video und
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -285,3 +287,40 @@ def test_every_published_table_opens_on_its_own(corpus):
     v1_ids = set(read_version(root, SELECTION, "retained", 1).column("id").to_pylist())
     assert v1_ids <= set(pd.read_parquet(v2_retained).id)
     assert not list(Path(root, "embeddings").rglob("*progress*"))
+
+
+def test_dry_run_of_dedup_reads_the_real_cluster_sizes(corpus, tmp_path):
+    from deldist import cli
+
+    root = corpus["root"]
+    assert cli.main(["dedup", f"output={root}", "--dry-run", "--json", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    clusters = storage.read_published(storage.join(root, "clusters", "assignments"), ["cluster"]).column("cluster")
+    sizes = np.bincount(clusters.to_numpy())
+    assert plan["estimate"]["dedup"]["sum_cluster_size_squared"] == float((sizes.astype(float) ** 2).sum())
+    assert plan["inputs"]["frames"] == len(clusters)
+
+
+def test_cli_chain_reports_progress_on_stderr(corpus, tmp_path, capsys):
+    """cluster, dedup and select from the CLI on the corpus's embeddings: a line per Lloyd
+    pass, the scoring tasks counted, each rule's removals, the JSON alone on stdout."""
+    from deldist import cli
+
+    common = [f"output={tmp_path / 'run'}", f"embeddings={storage.join(corpus['root'], 'embeddings')}",
+              "--no-verify"]
+    assert cli.main(["cluster", *common, "k=4", "max_iter=5", "tol=0", "task_cpus=0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["k"] == 4
+    assert [line for line in err.splitlines() if "deldist cluster: pass " in line][-1].startswith(
+        "deldist cluster: pass 5/5: objective ")
+    assert "deldist cluster: assignment tasks: " in err
+    assert cli.main(["dedup", *common, "task_cpus=0.5"]) == 0
+    out, err = capsys.readouterr()
+    tasks = re.search(r"deldist dedup: scoring tasks: (\d+)/(\d+) done", err)
+    assert tasks and tasks.group(1) == tasks.group(2) and json.loads(out)
+    assert cli.main(["select", *common, "name=s", "eps=0.1", "deldist_rules.quality={}"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert f"deldist select s: kept {result['kept_count']} of {result['input_count']}" in err
+    assert re.search(r"deldist select s: quality \(deldist\) removed \d+", err)
+    assert re.search(r"deldist select s: duplicate \(.*\) removed \d+", err)
