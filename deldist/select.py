@@ -197,7 +197,7 @@ def _chunks(a: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
 # ----------------------------------------------------------------------------- the selection
 
 
-def _align(ids: pa.Array, table: pa.Table, what: str) -> pa.Table:
+def align_rows(ids: pa.Array, table: pa.Table, what: str) -> pa.Table:
     """Rows of ``table`` (with an ``id`` column) in the order of ``ids``; every id must be
     present exactly once."""
     if table.num_rows != len(ids):
@@ -215,7 +215,7 @@ def apply_rules(config: Config, meta: pa.Table, ids: pa.Array, layout: RunLayout
     extra = config.deldist_rules
     cluster = distance = None
     if config.outlier_distance is not None or extra.outlier_quantile is not None or extra.temporal_threshold is not None:
-        assignments = _align(ids, storage.read_published(layout.assignments, ["id", "cluster", "distance"]),
+        assignments = align_rows(ids, storage.read_published(layout.assignments, ["id", "cluster", "distance"]),
                              layout.assignments)
         cluster, distance = assignments.column("cluster").to_numpy(), assignments.column("distance").to_numpy()
     decision = apply_filters(config, meta, cluster, distance, layout.embeddings, dim)
@@ -300,7 +300,7 @@ def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int |
         if "neighbour_floor" not in manifest:
             raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
         columns += ["neighbours", "neighbour_sims", "unlisted_max_sim"]
-    scores = _align(ids, storage.read_published(layout.scores, columns), layout.scores)
+    scores = align_rows(ids, storage.read_published(layout.scores, columns), layout.scores)
     candidate = decision.reason < 0
     if config.dedup_rule == "kept":
         from deldist.runtime import init_ray

@@ -52,7 +52,7 @@ from deldist.greedy import any_earlier_duplicates, threshold_for_ratio
 from deldist.html_render import similarity_edges, similarity_histogram, similarity_png
 from deldist.layout import RunLayout
 from deldist.rules import counts_by_reason
-from deldist.select import MEDDEL_TABLE2, METHODS, _align, apply_rules, read_frames
+from deldist.select import MEDDEL_TABLE2, METHODS, align_rows, apply_rules, read_frames
 from deldist.select import Config as SelectConfig
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class DuplicateGrid:
             if "neighbour_floor" not in manifest:
                 raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
             columns += ["neighbours", "neighbour_sims", "unlisted_max_sim"]
-        scores = _align(ids, storage.read_published(layout.scores, columns), layout.scores)
+        scores = align_rows(ids, storage.read_published(layout.scores, columns), layout.scores)
         self.config, self.candidate, self.n = config, candidate, len(candidate)
         self.first = scores.column("rank").to_numpy() == 0
         self.max_sim = scores.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
