@@ -150,7 +150,7 @@ def test_run_end_to_end_matches_faiss(ray_session, tmp_path):
     sims = x @ centroids.T
     assert np.array_equal(labels, sims.argmax(axis=1))
     assert np.allclose(distance, 1.0 - sims.max(axis=1), atol=1e-5)
-    sizes = storage.read_published(storage.join(root, "clusters"), columns=["size"]).column("size").to_numpy()
+    sizes = storage.read_published(storage.join(root, "clusters", "centroids"), ["size"]).column("size").to_numpy()
     assert sizes.sum() == 3000 and np.array_equal(sizes, np.bincount(labels, minlength=30))
 
 
