@@ -75,8 +75,12 @@ def tables(root: str) -> dict[str, object]:
         path = storage.join(root, name)
         if storage.is_published(path):
             out[name] = sort(storage.read_published(path))
-    fs, path = storage.resolve(storage.join(root, "clusters", "centroids.parquet"))
-    out["clusters/centroids"] = sort(pq.read_table(path, filesystem=fs))
+    centroids = storage.join(root, "clusters", "centroids")  # a table dir; one file in revisions before dd98045
+    if storage.is_published(centroids):
+        out["clusters/centroids"] = sort(storage.read_published(centroids))
+    else:
+        fs, path = storage.resolve(centroids + ".parquet")
+        out["clusters/centroids"] = sort(pq.read_table(path, filesystem=fs))
     for selection in sorted(os.listdir(os.path.join(root, "selections"))):
         for table in ("retained", "removed"):
             out[f"selections/{selection}/{table}"] = sort(storage.read_published(

@@ -197,6 +197,27 @@ def test_id_hash_is_seeded_uniform_and_order_free():
     assert np.corrcoef(h, id_hash(ids, 1))[0, 1] < 0.05
 
 
+def _fnv_splitmix_reference(text: str, seed: int) -> float:
+    """FNV-1a 64 then splitmix64's finaliser, in Python integers, top 53 bits / 2^64."""
+    mask = 2**64 - 1
+    h = 0xCBF29CE484222325 ^ seed
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & mask
+    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+    h ^= h >> 31
+    return (h >> 11) * 2.0**11 / 2.0**64
+
+
+def test_id_hash_matches_a_python_reference():
+    from deldist.ids import id_hash
+
+    ids = ["", "a", "center_a/vid_001.mp4#3", "ü/é.mp4#12", "x" * 300, "v2/site_x/fresh.mp4#1000"]
+    for seed in (0, 1, 2**63 + 5):
+        expected = [_fnv_splitmix_reference(i, seed) for i in ids]
+        assert id_hash(pa.array(ids), seed).tolist() == expected
+
+
 def test_run_rejects_bad_input(ray_session, tmp_path):
     x = clustered(50, 8, 2, seed=6)
     empty = str(tmp_path / "empty")
