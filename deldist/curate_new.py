@@ -164,7 +164,8 @@ def recluster(config: Config, version: int) -> dict[str, Any]:
 
 def _batch_embed_config(config: Config, corpus_fp: dict[str, Any], corpus_manifest: dict[str, Any],
                         batch_root: str, batch_manifest: str, prefix: str) -> embed.Config:
-    encoder = {k: corpus_fp[k] for k in embed.FINGERPRINT_KEYS if k in embed.Config.model_fields and k in corpus_fp}
+    encoder = {k: embed.recorded(corpus_fp, k) for k in embed.FINGERPRINT_KEYS
+               if k in embed.Config.model_fields and embed.recorded(corpus_fp, k) is not None}
     settings = {**encoder, "weights": corpus_manifest.get("weights"), **config.embed,
                 "input": config.input, "output": batch_root, "manifest": batch_manifest, "id_prefix": prefix}
     return embed.Config.model_validate(settings)
@@ -179,7 +180,8 @@ def planned_embed_config(config: Config) -> embed.Config:
 
 
 def _check_same_encoder(corpus_fp: dict[str, Any], batch_fp: dict[str, Any]) -> None:
-    diff = {k: (corpus_fp.get(k), batch_fp.get(k)) for k in embed.FINGERPRINT_KEYS if corpus_fp.get(k) != batch_fp.get(k)}
+    diff = {k: (embed.recorded(corpus_fp, k), embed.recorded(batch_fp, k)) for k in embed.FINGERPRINT_KEYS
+            if embed.recorded(corpus_fp, k) != embed.recorded(batch_fp, k)}
     if diff:
         raise ValueError(f"the uploads were embedded with other settings than the corpus {diff} (corpus, batch); "
                          "curate-new must use the corpus's encoder and sampling")

@@ -53,7 +53,14 @@ DEFAULT_FPS = 2.0
 # what fixes the embedding of a frame id (embeddings/_run.json): a rerun into the same output,
 # and a curate-new batch against a corpus, must match them
 FINGERPRINT_KEYS: tuple[str, ...] = ("model", "weights_sha256", "random_init", "pooling", "image_size", "mean", "std",
-                                     "fps", "stride", "keyframes_only", "segment_seconds", "dim")
+                                     "fps", "stride", "keyframes_only", "segment_seconds", "dim", "embedding_dtype")
+# keys added after runs were recorded without them: such a run file has the default
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"embedding_dtype": "float32"}
+
+
+def recorded(fingerprint: dict[str, Any], key: str) -> Any:
+    """A fingerprint's value for ``key`` (the default for keys older run files lack)."""
+    return fingerprint.get(key, FINGERPRINT_DEFAULTS.get(key))
 _EMIT_ROWS = 32  # frames per batch a decode task hands downstream
 
 
@@ -85,6 +92,8 @@ class Config(StageConfig):
     decode_memory_mb: int = 768  # reserved per decode task (~500 MiB measured per decode worker here)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # stored embeddings: float16 halves storage and every later read (cosines move by < 1e-3)
+    embedding_dtype: Literal["float32", "float16"] = "float32"
     rows_per_part: int = 2048
     max_sources: int | None = None  # embed at most this many pending sources in this run
     id_prefix: str = ""  # prepended to every source key (and so to every id), e.g. "v2/" for an upload batch
@@ -213,12 +222,12 @@ class Encoder:
         return batch
 
 
-def _write_part(batch: dict[str, np.ndarray], data_dir: str, dim: int) -> dict[str, np.ndarray]:
+def _write_part(batch: dict[str, np.ndarray], data_dir: str, dim: int, dtype: str) -> dict[str, np.ndarray]:
     """Sink: write one batch of embedded frames as a Parquet part; return its row count."""
-    schema = embeddings_schema(dim)
+    schema = embeddings_schema(dim, dtype)
     emb = np.ascontiguousarray(batch["embedding"], dtype=np.float32)
     columns = {name: batch[name] for name in schema.names if name != "embedding"}
-    columns["embedding"] = embedding_array(emb)
+    columns["embedding"] = embedding_array(emb, dtype)
     table = pa.table({n: columns[n] for n in schema.names}).cast(schema)
     storage.write_table(table, storage.join(data_dir, storage.new_part_name()))
     return {"rows": np.array([len(emb)])}
@@ -243,7 +252,7 @@ def _check_or_record_run(layout: RunLayout, fingerprint: dict[str, Any]) -> None
     run_file = run_file_of(layout.embeddings)
     if storage.exists(run_file):
         previous = storage.read_json(run_file)
-        diff = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
+        diff = {k: (recorded(previous, k), v) for k, v in fingerprint.items() if recorded(previous, k) != v}
         if diff:
             raise ValueError(f"{layout.embeddings} was embedded with other settings {diff} (old, new); "
                              "use a new output root to embed with these")
@@ -278,7 +287,8 @@ def _run_pipeline(tasks: list[str], config: Config, layout: RunLayout, dim: int)
         .map_batches(Encoder, fn_constructor_args=(config,), batch_size=config.batch_size,
                      compute=ActorPoolStrategy(min_size=config.actors_min, max_size=config.actors_max),
                      **encoder_resources)
-        .map_batches(_write_part, fn_kwargs={"data_dir": layout.embedding_parts, "dim": dim},
+        .map_batches(_write_part, fn_kwargs={"data_dir": layout.embedding_parts, "dim": dim,
+                                             "dtype": config.embedding_dtype},
                      batch_size=config.rows_per_part, num_cpus=0.1)
     )
     return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
@@ -328,7 +338,8 @@ def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sou
         "errors": len(errors),
         "frames_decoded_per_frame_kept": round(decoded / rows, 3) if rows else None,
         "deldist_version": deldist.__version__,
-        "schema": storage.schema_hex(embeddings_schema(fingerprint["dim"])),
+        "embedding_dtype": config.embedding_dtype,
+        "schema": storage.schema_hex(embeddings_schema(fingerprint["dim"], config.embedding_dtype)),
     }
     fail_once("before_publish", config.inject_fault, layout.root)
     storage.publish(layout.embeddings, parts, meta)

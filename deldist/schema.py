@@ -9,23 +9,27 @@ import pyarrow as pa
 QUALITY_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "blur", "saturated", "dark")
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    """The ``embedding`` column: D little-endian float32 values as one fixed-size binary value.
-    Parquet reads it as one byte copy, ~10x faster than a fixed_size_list<float32>[D] column,
-    whose repetition levels are decoded value by value (0.07 vs 0.7 s per 50k x 768 here).
-    :func:`embedding_array` writes it; ``deldist.shards.embedding_matrix`` reads it (and
-    list columns) back as an (n, D) float32 matrix."""
-    return pa.binary(4 * dim)
+# embed's ``embedding_dtype`` -> the little-endian NumPy type of the stored values
+EMBEDDING_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2"}
 
 
-def embedding_array(x: np.ndarray) -> pa.FixedSizeBinaryArray:
-    """(n, D) float -> the ``embedding`` column (zero-copy from a little-endian float32 matrix)."""
-    x = np.ascontiguousarray(x, dtype="<f4")
+def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    """The ``embedding`` column: D little-endian float32 (or float16) values as one fixed-size
+    binary value. Parquet reads it as one byte copy, ~10x faster than a fixed_size_list<float32>[D]
+    column, whose repetition levels are decoded value by value (0.07 vs 0.7 s per 50k x 768 here).
+    The width tells the two apart given D (4 D or 2 D bytes). :func:`embedding_array` writes it;
+    ``deldist.shards.embedding_matrix`` reads either (and list columns) back as (n, D) float32."""
+    return pa.binary(np.dtype(EMBEDDING_DTYPES[dtype]).itemsize * dim)
+
+
+def embedding_array(x: np.ndarray, dtype: str = "float32") -> pa.FixedSizeBinaryArray:
+    """(n, D) float -> the ``embedding`` column (zero-copy from a little-endian matrix of ``dtype``)."""
+    x = np.ascontiguousarray(x, dtype=EMBEDDING_DTYPES[dtype])
     n, dim = x.shape
-    return pa.FixedSizeBinaryArray.from_buffers(embedding_type(dim), n, [None, pa.py_buffer(x)])
+    return pa.FixedSizeBinaryArray.from_buffers(embedding_type(dim, dtype), n, [None, pa.py_buffer(x)])
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     """``embeddings/``: one row per sampled frame."""
     return pa.schema(
         [
@@ -34,7 +38,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
             ("frame_index", pa.int64()),
             ("timestamp_s", pa.float64()),
             ("dataset", pa.string()),
-            ("embedding", embedding_type(dim)),
+            ("embedding", embedding_type(dim, dtype)),
             *[(name, pa.float32()) for name in QUALITY_COLUMNS],
             ("phash", pa.uint64()),  # 64-bit perceptual hash (deldist.frames.perceptual_hash)
         ]

@@ -34,8 +34,9 @@ class EmptyInputError(ValueError):
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> np.ndarray:
     """Arrow ``embedding`` column -> float32 (n, D): the fixed-size binary column of
-    :func:`deldist.schema.embedding_type` (zero-copy per chunk), or a fixed_size_list / list of
-    float (older runs, centroids).
+    :func:`deldist.schema.embedding_type` (zero-copy per chunk for float32; float16, recognised
+    by its width when ``dim`` is given, is widened), or a fixed_size_list / list of float
+    (older runs, centroids).
 
     Raises :class:`EmbeddingError` on nulls or when the width differs from ``dim``.
     """
@@ -48,11 +49,14 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None)
     if column.null_count:
         raise EmbeddingError(f"{column.null_count} of {n} embeddings are null")
     if pa.types.is_fixed_size_binary(column.type):
-        width = column.type.byte_width // 4
+        # float32 (4 D bytes per row) unless D is given and the rows are 2 D bytes (float16)
+        itemsize = 2 if dim is not None and column.type.byte_width == 2 * dim else 4
+        width = column.type.byte_width // itemsize
         if dim is not None and width != dim:
             raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
         data = column.buffers()[1]
-        return np.frombuffer(data, dtype="<f4", count=n * width, offset=column.offset * width * 4).reshape(n, width)
+        x = np.frombuffer(data, dtype=f"<f{itemsize}", count=n * width, offset=column.offset * width * itemsize)
+        return x.reshape(n, width) if itemsize == 4 else x.reshape(n, width).astype(np.float32)
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from deldist import dedup, pairwise, pairwise_torch, shards, storage, tiles
-from deldist.shards import EmbeddingError, EmptyInputError
 from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, SCORES_SCHEMA, embedding_array, embeddings_schema
+from deldist.shards import EmbeddingError, EmptyInputError
 
 
 def clustered_with_sizes(sizes: list[int], dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -358,18 +359,19 @@ def test_keep_first_exact_matches_float64_reference(block_rows, fixed, threshold
 
 
 def write_run(root: str, x: np.ndarray, labels: np.ndarray, distance: np.ndarray, parts: int = 3,
-              clusters_dim: int | None = None, drop_assignments: int = 0) -> list[str]:
-    """Publish embeddings/ and clusters/ (assignments + a centroids manifest) under ``root``."""
+              clusters_dim: int | None = None, drop_assignments: int = 0, dtype: str = "float32") -> list[str]:
+    """Publish embeddings/ (stored as ``dtype``) and clusters/ (assignments + a centroids
+    manifest) under ``root``."""
     n, dim = x.shape
     ids = [f"vid{i % 3}.mp4#{i}" for i in range(n)]
-    schema = embeddings_schema(dim)
+    schema = embeddings_schema(dim, dtype)
     emb_dir, files = storage.join(root, "embeddings"), []
     for rows in np.array_split(np.arange(n), parts):
         table = pa.table({
             "id": [ids[i] for i in rows], "source": [f"vid{i % 3}.mp4" for i in rows],
             "frame_index": pa.array(rows, pa.int64()), "timestamp_s": pa.array(rows * 0.5),
             "dataset": ["d"] * len(rows),
-            "embedding": embedding_array(x[rows]),
+            "embedding": embedding_array(x[rows], dtype),
             **{q: pa.array(np.full(len(rows), 0.5), pa.float32()) for q in QUALITY_COLUMNS},
             "phash": pa.array(np.zeros(len(rows), np.uint64)),
         }, schema=schema)
@@ -427,6 +429,30 @@ def test_run_matches_reference_with_a_split_cluster(ray_session, tmp_path, keep)
             listed = scores.column("neighbours")[k].as_py()
             assert set(listed) == ref[r][0]
             assert ref[r][1] <= scores.column("unlisted_max_sim")[k].as_py() + 1e-5
+
+
+def test_run_reads_float16_embeddings(ray_session, tmp_path):
+    """embed's ``embedding_dtype: float16``: the stage widens and renormalises the stored rows,
+    so its scores are the float64 reference's on the float16 vectors."""
+    x, labels, distance = clustered_with_sizes([150, 1, 60, 9], 32, seed=8)
+    root = str(tmp_path / "run")
+    ids = write_run(root, x, labels, distance, dtype="float16")
+    part = storage.published_paths(storage.join(root, "embeddings"))[1][0]
+    assert pq.read_schema(part).field("embedding").type == pa.binary(2 * 32)
+    dedup.run(dedup.Config(output=root, block_rows=32, col_block=64, task_cpus=0.5))
+    scores = storage.read_published(storage.join(root, "dedup", "scores"))
+    row_of = {i: r for r, i in enumerate(ids)}
+    rows = np.array([row_of[i] for i in scores.column("id").to_pylist()])
+    x16 = x.astype(np.float16).astype(np.float64)
+    x16 = (x16 / np.linalg.norm(x16, axis=1, keepdims=True)).astype(np.float32)
+    rank = np.empty(len(x), np.int64)
+    rank[rows] = scores.column("rank").to_numpy()
+    max_sim = np.empty(len(x), np.float32)
+    max_sim[rows] = scores.column("max_sim").to_numpy()
+    dup_row = np.full(len(x), -1)
+    dup_row[rows] = [-1 if d is None else row_of[d] for d in scores.column("duplicate_of").to_pylist()]
+    assert_matches_reference(x16, labels, rank, max_sim, dup_row)
+    assert np.abs(max_sim - reference_scores(x, labels, rank)[0]).max() < 2e-3  # float16 moves cosines little
 
 
 def test_run_rejects_bad_input(ray_session, tmp_path):

@@ -18,8 +18,8 @@ import pytest
 from deldist import storage
 from deldist.config import load_config
 from deldist.embed import Config, run
-from deldist.shards import embedding_matrix
 from deldist.schema import embeddings_schema
+from deldist.shards import embedding_matrix
 
 STRIDE = 3
 BAD = {"bad/zero.mp4": "zero-byte", "bad/truncated.mp4": "truncated", "bad/text.jpg": "text",
@@ -150,6 +150,27 @@ def test_other_settings_into_same_output_refused(first_run, s3_input):
     input_uri, _, _ = s3_input
     with pytest.raises(ValueError, match="other settings"):
         run(_config(input_uri, output, pooling="mean"))
+
+
+def test_float16_embeddings_halve_the_vectors_and_match_float32(first_run, s3_input, s3_bucket):
+    """``embedding_dtype: float16``: 2 D bytes per row, the float32 run's vectors within float16
+    rounding, recorded in the manifest and the run file (a float32 rerun into it is refused)."""
+    output, _ = first_run
+    input_uri, _, _ = s3_input
+    half = f"s3://{s3_bucket}/e2e/float16"
+    run(_config(f"{input_uri}/kvasir", half, embedding_dtype="float16"))
+    manifest = storage.read_manifest(storage.join(half, "embeddings"))
+    assert manifest["embedding_dtype"] == "float16" and manifest["dim"] == 192
+    table = storage.read_published(storage.join(half, "embeddings"), ["source", "embedding"])
+    assert table.schema.field("embedding").type == pa.binary(2 * 192)
+    full = storage.read_published(storage.join(output, "embeddings"), ["source", "embedding"])
+    full_by_source = dict(zip(full.column("source").to_pylist(), embedding_matrix(full.column("embedding"), 192)))
+    x16 = embedding_matrix(table.column("embedding"), 192)
+    assert x16.dtype == np.float32 and len(x16) == len(full_by_source.keys() & set(table.column("source").to_pylist()))
+    x32 = np.stack([full_by_source[s] for s in table.column("source").to_pylist()])
+    assert np.abs(x16 - x32).max() <= 2.0**-11 + 1e-6  # float16's rounding of values in [-1, 1]
+    with pytest.raises(ValueError, match="embedding_dtype"):
+        run(_config(f"{input_uri}/kvasir", half))
 
 
 def test_resume_after_interruption(first_run, s3_input, s3_bucket):

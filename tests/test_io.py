@@ -87,6 +87,30 @@ def test_drop_repeated_ids_keeps_each_id_once(tmp_path):
     assert storage.drop_repeated_ids(str(tmp_path)) == 0
 
 
+def test_drop_repeated_ids_at_scale_against_a_set(tmp_path):
+    """200k ids over 7 parts with repeats across and within parts (and a part of nothing but
+    repeats): the same rows go as with a plain set, first copy kept."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deldist import storage
+
+    rng = np.random.default_rng(3)
+    names = np.array([f"site_{i % 13}/v{i // 97}.mp4#{i}" for i in range(150_000)])
+    parts = [names[rng.integers(0, len(names), 30_000)] for _ in range(6)] + [names[:10]]
+    for k, ids in enumerate(parts):
+        storage.write_table(pa.table({"id": ids, "k": np.full(len(ids), k)}), str(tmp_path / f"part-{k}.parquet"))
+    seen, expected = set(), []
+    for ids in parts:
+        for i in ids:
+            expected.append(i not in seen)
+            seen.add(i)
+    assert storage.drop_repeated_ids(str(tmp_path)) == expected.count(False)
+    kept = pa.concat_tables([pq.read_table(tmp_path / f"part-{k}.parquet") for k in range(7)])
+    assert kept.column("id").to_pylist() == [i for i, e in zip(np.concatenate(parts), expected) if e]
+
+
 def test_s3_region_from_the_environment_the_endpoint_or_the_bucket():
     asked = []
 
