@@ -2,8 +2,8 @@
 (53-bit id hashes, exact strings only for colliding hashes) against a Python set of every id
 (what embed and materialize did before), on the same Parquet parts.
 
-Each variant runs in its own process; peak RSS (ru_maxrss) minus the process's RSS before the
-call is what the check itself holds. Ids look like embed's (``site_k/video_j.mp4#frame``);
+Each variant runs in its own process; its peak RSS (VmHWM) minus its RSS before the call is
+what the check itself holds. Ids look like embed's (``site_k/video_j.mp4#frame``);
 ``--repeat`` of the rows are copies of earlier ones (a retried task's part).
 
     .venv/bin/python bench/driver_memory.py [--n 2000000] [--parts 40] [--repeat 0.01]
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
 
 
 def write_parts(root: Path, n: int, parts: int, repeat: float, seed: int = 0) -> int:
@@ -67,7 +70,9 @@ def child(variant: str, parts_dir: str) -> None:
     started = time.perf_counter()
     dropped = storage.drop_repeated_ids(parts_dir) if variant == "hashes" else set_baseline(parts_dir)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve, so a child started by a
+    # parent holding the generated ids would report the parent's peak
+    peak = _status_mib("VmHWM")
     print(json.dumps({"variant": variant, "dropped": dropped, "seconds": round(seconds, 2),
                       "held_mib": round(peak - before, 1)}))
 

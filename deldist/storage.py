@@ -232,25 +232,25 @@ def drop_repeated_ids(parts_dir: str) -> int:
     (parts in listing order; a retried task wrote it twice): the first copy stays. Returns the
     rows dropped.
 
-    The driver holds 20 bytes per row, not the ids: a 53-bit hash of each id (sorted), and
-    the exact strings only of rows whose hash repeats (at 100M ids ~0.5 pairs collide by
-    chance). A Python set of 100M ids would take ~10 GB."""
+    The driver holds 16 bytes per row, not the ids: a 53-bit hash of each id and a sorted copy,
+    then the exact strings only of rows whose hash repeats (at 100M ids ~0.5 pairs collide by
+    chance). A Python set of the ids takes ~110 bytes per id (``bench/driver_memory.py``)."""
     from deldist.ids import id_hash
 
     fs, _ = resolve(parts_dir)
     paths = [p for p in list_files(parts_dir) if p.endswith(".parquet")]
-    hashes = [id_hash(pq.read_table(p, columns=["id"], filesystem=fs).column("id")) for p in paths]
-    sizes = np.array([len(h) for h in hashes], np.int64)
-    if not len(paths) or not sizes.sum():
+    sizes = np.array([pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths], np.int64)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+    h = np.empty(int(sizes.sum()), np.float64)
+    for k, p in enumerate(paths):
+        h[starts[k]:starts[k] + sizes[k]] = id_hash(pq.read_table(p, columns=["id"], filesystem=fs).column("id"))
+    ordered = np.sort(h)
+    repeats = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    if not len(repeats):
         return 0
-    h = np.concatenate(hashes)
-    del hashes
-    order = np.argsort(h, kind="stable")  # equal hashes stay in (part, row) order
-    same = np.flatnonzero(h[order][1:] == h[order][:-1])
-    if not len(same):
-        return 0
-    suspects = np.unique(order[np.r_[same, same + 1]])  # global row numbers, ascending
-    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    where = np.minimum(np.searchsorted(repeats, h), len(repeats) - 1)
+    suspects = np.flatnonzero(repeats[where] == h)  # global row numbers, ascending
     part_of = np.searchsorted(starts, suspects, side="right") - 1
     strings = np.empty(len(suspects), object)
     for k in np.unique(part_of):
