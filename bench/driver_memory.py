@@ -1,6 +1,9 @@
-"""The driver's memory for the end-of-embed repeat check: ``deldist.storage.drop_repeated_ids``
-(53-bit id hashes, exact strings only for colliding hashes) against a Python set of every id
-(what embed and materialize did before), on the same Parquet parts.
+"""The embed driver's memory for its per-frame state, on the same Parquet parts:
+
+- the resume state (which frames are in the parts): ``embed_units.FramesPresent``, built one
+  part at a time, against a dict of Python lists of every frame index (what ``load_state`` did);
+- the end-of-embed repeat check: ``deldist.storage.drop_repeated_ids`` (53-bit id hashes, exact
+  strings only for colliding hashes) against a Python set of every id (what it did before).
 
 Each variant runs in its own process; its peak RSS (VmHWM) minus its RSS before the call is
 what the check itself holds. Ids look like embed's (``site_k/video_j.mp4#frame``);
@@ -63,17 +66,43 @@ def set_baseline(parts_dir: str) -> int:
     return dropped
 
 
+def dict_baseline(parts_dir: str) -> int:
+    """Source key -> a list of frame indices, from every id as a Python string."""
+    from collections import defaultdict
+
+    import pyarrow.parquet as pq
+
+    from deldist.ids import split_id
+
+    present: dict[str, list[int]] = defaultdict(list)
+    for path in sorted(Path(parts_dir).glob("*.parquet")):
+        for i in pq.read_table(path, columns=["id"]).column("id").to_pylist():
+            key, index = split_id(i)
+            present[key].append(index)
+    return sum(len(v) for v in present.values())
+
+
+def frames_present(parts_dir: str) -> int:
+    import pyarrow.parquet as pq
+
+    from deldist.embed_units import FramesPresent
+
+    paths = sorted(Path(parts_dir).glob("*.parquet"))
+    return len(FramesPresent.from_ids(pq.read_table(p, columns=["id"]).column("id") for p in paths).index)
+
+
 def child(variant: str, parts_dir: str) -> None:
     from deldist import storage
 
     before = _rss_mib()
     started = time.perf_counter()
-    dropped = storage.drop_repeated_ids(parts_dir) if variant == "hashes" else set_baseline(parts_dir)
+    result = {"hashes": storage.drop_repeated_ids, "set": set_baseline, "dict": dict_baseline,
+               "arrays": frames_present}[variant](parts_dir)
     seconds = time.perf_counter() - started
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve, so a child started by a
     # parent holding the generated ids would report the parent's peak
     peak = _status_mib("VmHWM")
-    print(json.dumps({"variant": variant, "dropped": dropped, "seconds": round(seconds, 2),
+    print(json.dumps({"variant": variant, "result": result, "seconds": round(seconds, 2),
                       "held_mib": round(peak - before, 1)}))
 
 
@@ -82,7 +111,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2_000_000)
     parser.add_argument("--parts", type=int, default=40)
     parser.add_argument("--repeat", type=float, default=0.01)
-    parser.add_argument("--child", choices=["set", "hashes"])
+    parser.add_argument("--child", choices=["set", "hashes", "dict", "arrays"])
     parser.add_argument("--dir")
     args = parser.parse_args()
     if args.child:
@@ -92,13 +121,16 @@ def main() -> None:
         copies = write_parts(Path(tmp), args.n, args.parts, args.repeat)
         print(f"{args.n} ids + {copies} repeats in {args.parts} parts")
         results = {}
-        for variant in ("set", "hashes"):  # the set first: drop_repeated_ids rewrites the parts
+        for variant in ("dict", "arrays", "set", "hashes"):  # hashes last: drop_repeated_ids rewrites the parts
             out = subprocess.run([sys.executable, __file__, "--child", variant, "--dir", tmp], check=True,
                                  capture_output=True, text=True).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
             print(results[variant])
-        assert results["set"]["dropped"] == results["hashes"]["dropped"] == copies
-        print(f"held: set {results['set']['held_mib']} MiB, hashes {results['hashes']['held_mib']} MiB "
+        assert results["set"]["result"] == results["hashes"]["result"] == copies
+        assert results["dict"]["result"] == results["arrays"]["result"] == args.n + copies
+        print(f"resume state held: dict {results['dict']['held_mib']} MiB, arrays {results['arrays']['held_mib']} MiB; "
+              f"time: {results['dict']['seconds']} s, {results['arrays']['seconds']} s")
+        print(f"repeat check held: set {results['set']['held_mib']} MiB, hashes {results['hashes']['held_mib']} MiB "
               f"({results['set']['held_mib'] / max(results['hashes']['held_mib'], 1e-9):.1f}x less); "
               f"time: set {results['set']['seconds']} s, hashes {results['hashes']['seconds']} s")
 

@@ -71,7 +71,15 @@ from deldist.kmeans import (
 )
 from deldist.layout import RunLayout
 from deldist.schema import ASSIGNMENTS_SCHEMA, centroids_schema
-from deldist.shards import EmptyInputError, Shard, embedding_matrix, normalize_checked, plan_shards, read_shard
+from deldist.shards import (
+    EmptyInputError,
+    Shard,
+    embedding_matrix,
+    normalize_checked,
+    plan_shards,
+    read_shard,
+    table_matrix,
+)
 
 # ----------------------------------------------------------------------------- config
 
@@ -154,7 +162,7 @@ def _load_fit_shard(emb_dir: str, shard: Shard, dim: int, fraction: float, seed:
     table = read_shard(emb_dir, shard, ["id", "embedding"])
     table = table.take(pc.sort_indices(table, [("id", "ascending")]))  # sums in one order, whatever embed's
     ids = table.column("id").combine_chunks()
-    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
+    x = normalize_checked(table_matrix(table, dim), ids)
     if fraction < 1.0:
         keep = id_hash(ids, seed) < fraction
         x = np.ascontiguousarray(x[keep])
@@ -206,7 +214,7 @@ def assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, ou
     use_threads(threads)
     table = read_shard(emb_dir, shard, ["id", "embedding"])
     ids = table.column("id")
-    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
+    x = normalize_checked(table_matrix(table, dim), ids)
     labels, sims = nearest_centroid(x, centroids, use_gpu)
     return _assignments_part(out_dir, ids, labels, sims, len(centroids))
 

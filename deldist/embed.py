@@ -30,7 +30,15 @@ from pydantic import model_validator
 import deldist
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.embed_units import PROGRESS_SCHEMA, load_state, pack_tasks, plan_units, source_hashes, source_progress
+from deldist.embed_units import (
+    PROGRESS_SCHEMA,
+    FramesPresent,
+    load_state,
+    pack_tasks,
+    plan_units,
+    source_hashes,
+    source_progress,
+)
 from deldist.faults import fail_once
 from deldist.frames import (
     IMAGENET_MEAN,
@@ -295,12 +303,12 @@ def _run_pipeline(tasks: list[str], config: Config, layout: RunLayout, dim: int)
 
 
 def _publish_sources(layout: RunLayout, config: Config, sources: list[Source], skipped: list[str],
-                     errors: list[dict[str, Any]], present: dict[str, list[int]]) -> None:
+                     errors: list[dict[str, Any]], present: FramesPresent) -> None:
     """``sources/``: one row per listed file with the sha256 of its bytes, so ``deldist verify``
     can account for each and curate-new can recognise byte-identical re-uploads."""
     error_rows = Counter(e["source"] for e in errors)
     sha = source_hashes(layout.source_hashes, [s.uri for s in sources], config.decode_cpus)
-    rows = [{"source": s.uri, "key": s.key, "dataset": s.dataset, "kind": s.kind, "frames": len(present.get(s.key, ())),
+    rows = [{"source": s.uri, "key": s.key, "dataset": s.dataset, "kind": s.kind, "frames": len(present.of(s.key)),
              "errors": error_rows[s.uri], "sha256": sha[s.uri]} for s in sources]
     rows += [{"source": uri, "key": "", "dataset": "", "kind": "skipped", "frames": 0, "errors": error_rows[uri],
               "sha256": ""} for uri in skipped]
@@ -308,7 +316,7 @@ def _publish_sources(layout: RunLayout, config: Config, sources: list[Source], s
 
 
 def _publish(layout: RunLayout, config: Config, fingerprint: dict[str, Any], sources: list[Source],
-             skipped: list[str], progress: dict[str, dict[str, Any]], present: dict[str, list[int]],
+             skipped: list[str], progress: dict[str, dict[str, Any]], present: FramesPresent,
              decoded: int) -> dict[str, Any]:
     by_key = {s.key: s for s in sources}
     errors = [{"source": s, "stage": "list", "error_type": "UnsupportedType",

@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deldist import storage
 from deldist.frames import probe_video
-from deldist.ids import split_id
+from deldist.ids import split_ids
 from deldist.io import Source, content_sha256, open_source
 from deldist.layout import RunLayout
 
@@ -45,11 +48,47 @@ def unit_of(frame_index: int, segment_frames: int) -> int:
     return frame_index // segment_frames if segment_frames > 0 else 0
 
 
-def source_progress(progress: list[dict[str, Any]], present: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class FramesPresent:
+    """The frame indices already in the parts, per source key, as arrays: one Python object
+    per source, none per frame (the driver of a 100M-frame run would hold ~10 GB of them).
+
+    slots: source key -> slot; starts: (s + 1,) slot boundaries into ``index``; index: (n,)
+    int64 frame indices grouped by slot, ascending within each."""
+
+    slots: dict[str, int]
+    starts: np.ndarray
+    index: np.ndarray
+
+    @classmethod
+    def from_ids(cls, chunks: Iterable[pa.Array | pa.ChunkedArray]) -> "FramesPresent":
+        """From the id columns of the parts, one part at a time (the driver never holds all
+        the id strings at once: 12 bytes per frame, then 8)."""
+        slots: dict[str, int] = {}
+        codes, frames = [], []
+        for ids in chunks:
+            keys, index = split_ids(ids if len(ids) else pa.array([], pa.string()))
+            valid = pc.is_valid(index)
+            encoded = pc.dictionary_encode(keys.filter(valid))
+            local = np.array([slots.setdefault(k, len(slots)) for k in encoded.dictionary.to_pylist()], np.int32)
+            codes.append(local[encoded.indices.to_numpy(zero_copy_only=False)] if len(local) else local)
+            frames.append(index.filter(valid).to_numpy(zero_copy_only=False).astype(np.int64))
+        code = np.concatenate(codes) if codes else np.empty(0, np.int32)
+        frame = np.concatenate(frames) if frames else np.empty(0, np.int64)
+        counts = np.bincount(code, minlength=len(slots))
+        return cls(slots, np.r_[0, np.cumsum(counts)].astype(np.int64), frame[np.lexsort((frame, code))])
+
+    def of(self, key: str) -> np.ndarray:
+        """(m,) int64 frame indices of source ``key`` in the parts, ascending."""
+        slot = self.slots.get(key)
+        return self.index[self.starts[slot]:self.starts[slot + 1]] if slot is not None else self.index[:0]
+
+
+def source_progress(progress: list[dict[str, Any]], present: FramesPresent) -> dict[str, dict[str, Any]]:
     """Per source key: ``done`` (bool), ``units_done`` (set), ``errors``, ``expected`` frames.
 
     ``progress``: unit records (PROGRESS_SCHEMA rows, possibly repeated across reruns);
-    ``present``: source key -> frame indices already in the parts.
+    ``present``: the frame indices already in the parts.
     A unit is done when it has a record and all its expected frames are present; a source
     when all its units are, or when it failed before any unit (listing / probe error).
     """
@@ -64,10 +103,8 @@ def source_progress(progress: list[dict[str, Any]], present: dict[str, list[int]
             continue
         n_units, seg = records[0]["n_units"], records[0]["segment_frames"]
         expected = {r["unit"]: r["expected"] for r in records}  # reruns record the same number
-        have = defaultdict(int)
-        for index in present.get(key, ()):
-            have[unit_of(index, seg)] += 1
-        units_done = {u for u, n in expected.items() if have[u] >= n}
+        have = np.bincount(present.of(key) // seg if seg > 0 else np.zeros(len(present.of(key)), np.int64))
+        units_done = {u for u, n in expected.items() if (have[u] if u < len(have) else 0) >= n}
         out[key] = {"done": len(units_done) == n_units, "units_done": units_done, "errors": errors,
                     "expected": sum(expected.values())}
     return out
@@ -122,19 +159,15 @@ def _read_parquet_files(uri: str, columns: list[str] | None, schema: pa.Schema |
     return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns)
 
 
-def load_state(layout: RunLayout) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
-    """(progress records, source key -> frame indices already in the parts), published or not."""
+def load_state(layout: RunLayout) -> tuple[list[dict[str, Any]], FramesPresent]:
+    """(progress records, the frame indices already in the parts), published or not."""
     progress = _read_parquet_files(layout.embed_progress, None, PROGRESS_SCHEMA).to_pylist()
-    parts = layout.embedding_parts
-    ids = _read_parquet_files(parts, ["id"]).column("id").to_pylist() if storage.list_files(parts) else []
-    present: dict[str, list[int]] = defaultdict(list)
-    for i in ids:
-        key, index = split_id(i)
-        present[key].append(index)
-    return progress, present
+    fs, _ = storage.resolve(layout.embedding_parts)
+    paths = [p for p in storage.list_files(layout.embedding_parts) if p.endswith(".parquet")]
+    return progress, FramesPresent.from_ids(pq.read_table(p, columns=["id"], filesystem=fs).column("id") for p in paths)
 
 
-def plan_units(pending: list[Source], done_units: dict[str, set[int]], present: dict[str, list[int]],
+def plan_units(pending: list[Source], done_units: dict[str, set[int]], present: FramesPresent,
                segment_seconds: float, probe_cpus: float, progress_dir: str) -> list[dict[str, Any]]:
     """Probe pending videos (in Ray tasks) and list the units still to decode; a video that
     cannot be probed gets its failure record in ``progress_dir``."""
@@ -142,7 +175,7 @@ def plan_units(pending: list[Source], done_units: dict[str, set[int]], present: 
 
     units: list[dict[str, Any]] = []
     base = lambda s: {"uri": s.uri, "key": s.key, "dataset": s.dataset, "kind": s.kind,  # noqa: E731
-                      "skip": sorted(present.get(s.key, ()))}
+                      "skip": present.of(s.key).tolist()}
     for s in pending:
         if s.kind == "image":
             units.append({**base(s), "unit": 0, "n_units": 1, "segment_frames": 0})

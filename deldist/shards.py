@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deldist import storage
+from deldist.schema import EMBEDDING_DTYPES
 
 
 class EmbeddingError(ValueError):
@@ -32,25 +33,30 @@ class EmptyInputError(ValueError):
     """The published input table has no rows."""
 
 
-def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> np.ndarray:
+def table_matrix(table: pa.Table, dim: int | None = None) -> np.ndarray:
+    """The ``embedding`` column of a table read from ``embeddings/`` -> float32 (n, D), in the
+    dtype its field metadata names (float32 when none)."""
+    metadata = table.schema.field("embedding").metadata or {}
+    return embedding_matrix(table.column("embedding"), dim, metadata.get(b"dtype", b"float32").decode())
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None, dtype: str = "float32") -> np.ndarray:
     """Arrow ``embedding`` column -> float32 (n, D): the fixed-size binary column of
-    :func:`deldist.schema.embedding_type` (zero-copy per chunk for float32; float16, recognised
-    by its width when ``dim`` is given, is widened), or a fixed_size_list / list of float
-    (older runs, centroids).
+    :func:`deldist.schema.embedding_type` holding ``dtype`` values (zero-copy per chunk for
+    float32; float16 is widened), or a fixed_size_list / list of float (older runs, centroids).
 
     Raises :class:`EmbeddingError` on nulls or when the width differs from ``dim``.
     """
     if isinstance(column, pa.ChunkedArray):
         if column.num_chunks > 1 and pa.types.is_fixed_size_binary(column.type):
-            parts = [embedding_matrix(chunk, dim) for chunk in column.chunks]
+            parts = [embedding_matrix(chunk, dim, dtype) for chunk in column.chunks]
             return np.concatenate(parts)
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     n = len(column)
     if column.null_count:
         raise EmbeddingError(f"{column.null_count} of {n} embeddings are null")
     if pa.types.is_fixed_size_binary(column.type):
-        # float32 (4 D bytes per row) unless D is given and the rows are 2 D bytes (float16)
-        itemsize = 2 if dim is not None and column.type.byte_width == 2 * dim else 4
+        itemsize = np.dtype(EMBEDDING_DTYPES[dtype]).itemsize
         width = column.type.byte_width // itemsize
         if dim is not None and width != dim:
             raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
@@ -235,7 +241,7 @@ def route_shard(emb_dir: str, shard: Shard, dim: int | None, lookup: pa.Table,
     """
     table = read_shard(emb_dir, shard, ["id", "embedding"])
     ids = table.column("id").combine_chunks()
-    x = normalize_checked(embedding_matrix(table.column("embedding"), dim), ids)
+    x = normalize_checked(table_matrix(table, dim), ids)
     position = pc.index_in(ids, value_set=lookup.column("id"))
     found = pc.is_valid(position).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(found)

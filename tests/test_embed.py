@@ -19,7 +19,7 @@ from deldist import storage
 from deldist.config import load_config
 from deldist.embed import Config, run
 from deldist.schema import embeddings_schema
-from deldist.shards import embedding_matrix
+from deldist.shards import embedding_matrix, table_matrix
 
 STRIDE = 3
 BAD = {"bad/zero.mp4": "zero-byte", "bad/truncated.mp4": "truncated", "bad/text.jpg": "text",
@@ -163,9 +163,10 @@ def test_float16_embeddings_halve_the_vectors_and_match_float32(first_run, s3_in
     assert manifest["embedding_dtype"] == "float16" and manifest["dim"] == 192
     table = storage.read_published(storage.join(half, "embeddings"), ["source", "embedding"])
     assert table.schema.field("embedding").type == pa.binary(2 * 192)
+    assert table.schema.field("embedding").metadata == {b"dtype": b"float16"}  # 2 D bytes could be float32 x D / 2
     full = storage.read_published(storage.join(output, "embeddings"), ["source", "embedding"])
     full_by_source = dict(zip(full.column("source").to_pylist(), embedding_matrix(full.column("embedding"), 192)))
-    x16 = embedding_matrix(table.column("embedding"), 192)
+    x16 = table_matrix(table, 192)
     assert x16.dtype == np.float32 and len(x16) == len(full_by_source.keys() & set(table.column("source").to_pylist()))
     x32 = np.stack([full_by_source[s] for s in table.column("source").to_pylist()])
     assert np.abs(x16 - x32).max() <= 2.0**-11 + 1e-6  # float16's rounding of values in [-1, 1]
@@ -197,3 +198,26 @@ def test_resume_after_interruption(first_run, s3_input, s3_bucket):
     ref_emb = dict(zip(ref.column("id").to_pylist(), embedding_matrix(ref.column("embedding"))))
     for i, e in zip(ids, embedding_matrix(table.column("embedding"))):
         np.testing.assert_allclose(e, ref_emb[i], atol=1e-4)
+
+
+def test_frames_present_matches_a_dict_of_frame_lists():
+    """embed's resume state from the parts' id columns, part by part: each source's frame
+    indices, sorted (keys may hold '#'; an empty part changes nothing)."""
+    from collections import defaultdict
+
+    from deldist.embed_units import FramesPresent
+    from deldist.ids import split_id
+
+    rng = np.random.default_rng(4)
+    keys = ["a/x.mp4", "b#c.mp4", "img.jpg", "v2/site/y.mp4"]
+    ids = [f"{keys[k]}#{i}" for k, i in zip(rng.integers(0, 4, 3000), rng.permutation(3000))]
+    chunks = [pa.array(ids[:1000]), pa.array([], pa.string()), pa.chunked_array([ids[1000:2500]]), pa.array(ids[2500:])]
+    present = FramesPresent.from_ids(chunks)
+    expected = defaultdict(list)
+    for i in ids:
+        key, index = split_id(i)
+        expected[key].append(index)
+    assert set(present.slots) == set(expected)
+    for key, frames in expected.items():
+        assert present.of(key).tolist() == sorted(frames)
+    assert present.of("missing.mp4").tolist() == [] and len(present.index) == 3000
