@@ -63,20 +63,26 @@ class FramesPresent:
     @classmethod
     def from_ids(cls, chunks: Iterable[pa.Array | pa.ChunkedArray]) -> "FramesPresent":
         """From the id columns of the parts, one part at a time (the driver never holds all
-        the id strings at once: 12 bytes per frame, then 8)."""
+        the id strings at once): each frame is one int64, slot << 32 | frame index, sorted in
+        place, so the peak is ~16 bytes per frame and what stays 8."""
         slots: dict[str, int] = {}
-        codes, frames = [], []
+        packed = []
         for ids in chunks:
             keys, index = split_ids(ids if len(ids) else pa.array([], pa.string()))
             valid = pc.is_valid(index)
             encoded = pc.dictionary_encode(keys.filter(valid))
-            local = np.array([slots.setdefault(k, len(slots)) for k in encoded.dictionary.to_pylist()], np.int32)
-            codes.append(local[encoded.indices.to_numpy(zero_copy_only=False)] if len(local) else local)
-            frames.append(index.filter(valid).to_numpy(zero_copy_only=False).astype(np.int64))
-        code = np.concatenate(codes) if codes else np.empty(0, np.int32)
-        frame = np.concatenate(frames) if frames else np.empty(0, np.int64)
-        counts = np.bincount(code, minlength=len(slots))
-        return cls(slots, np.r_[0, np.cumsum(counts)].astype(np.int64), frame[np.lexsort((frame, code))])
+            local = np.array([slots.setdefault(k, len(slots)) for k in encoded.dictionary.to_pylist()], np.int64)
+            frames = index.filter(valid).to_numpy(zero_copy_only=False).astype(np.int64)
+            if len(frames) and (frames.min() < 0 or frames.max() >= 2**32):
+                raise ValueError("frame indices must be in [0, 2^32)")
+            packed.append((local[encoded.indices.to_numpy(zero_copy_only=False)] << 32 | frames) if len(local)
+                          else frames)
+        flat = np.concatenate(packed) if packed else np.empty(0, np.int64)
+        del packed
+        flat.sort()
+        starts = np.searchsorted(flat, np.arange(len(slots) + 1, dtype=np.int64) << 32)
+        flat &= 0xFFFFFFFF  # what stays: the frame indices, grouped by slot, ascending
+        return cls(slots, starts.astype(np.int64), flat)
 
     def of(self, key: str) -> np.ndarray:
         """(m,) int64 frame indices of source ``key`` in the parts, ascending."""
