@@ -109,7 +109,8 @@ def source_progress(progress: list[dict[str, Any]], present: FramesPresent) -> d
             continue
         n_units, seg = records[0]["n_units"], records[0]["segment_frames"]
         expected = {r["unit"]: r["expected"] for r in records}  # reruns record the same number
-        have = np.bincount(present.of(key) // seg if seg > 0 else np.zeros(len(present.of(key)), np.int64))
+        frames = present.of(key)
+        have = np.bincount(frames // seg if seg > 0 else np.zeros_like(frames))
         units_done = {u for u, n in expected.items() if (have[u] if u < len(have) else 0) >= n}
         out[key] = {"done": len(units_done) == n_units, "units_done": units_done, "errors": errors,
                     "expected": sum(expected.values())}

@@ -289,7 +289,9 @@ def _near_copy_rule(config: Config, meta: pa.Table, ids: pa.Array, decision: Dec
                     chance_pairs=chance_pairs(int((decision.reason < 0).sum()), rule.max_hamming))
 
 
-def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int | None, decision: Decision) -> None:
+def read_scores(config: Config, ids: pa.Array, layout: RunLayout) -> tuple[pa.Table, dict[str, Any]]:
+    """dedup's scores in the order of ``ids`` (with the neighbour lists the kept rule needs) and
+    their manifest; refuses scores ranked for another method or without lists."""
     expected = METHODS[config.method]["keep"]
     manifest = storage.read_manifest(layout.scores)
     if manifest.get("keep") != expected:
@@ -300,7 +302,12 @@ def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int |
         if "neighbour_floor" not in manifest:
             raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
         columns += ["neighbours", "neighbour_sims", "unlisted_max_sim"]
-    scores = align_rows(ids, storage.read_published(layout.scores, columns), layout.scores)
+    return align_rows(ids, storage.read_published(layout.scores, columns), layout.scores), manifest
+
+
+def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int | None, decision: Decision) -> None:
+    expected = METHODS[config.method]["keep"]
+    scores, manifest = read_scores(config, ids, layout)
     candidate = decision.reason < 0
     if config.dedup_rule == "kept":
         from deldist.runtime import init_ray

@@ -52,7 +52,7 @@ from deldist.greedy import any_earlier_duplicates, threshold_for_ratio
 from deldist.html_render import similarity_edges, similarity_histogram, similarity_png
 from deldist.layout import RunLayout
 from deldist.rules import counts_by_reason
-from deldist.select import MEDDEL_TABLE2, METHODS, align_rows, apply_rules, read_frames
+from deldist.select import MEDDEL_TABLE2, apply_rules, read_frames, read_scores
 from deldist.select import Config as SelectConfig
 
 log = logging.getLogger(__name__)
@@ -171,17 +171,7 @@ class DuplicateGrid:
 
     def __init__(self, config: SelectConfig, layout: RunLayout, ids: pa.Array, candidate: np.ndarray,
                  dim: int | None):
-        expected = METHODS[config.method]["keep"]
-        manifest = storage.read_manifest(layout.scores)
-        if manifest.get("keep") != expected:
-            raise ValueError(f"method {config.method} ranks each cluster keep={expected} but {layout.scores} was "
-                             f"ranked keep={manifest.get('keep')}; re-run dedup with keep: {expected}")
-        columns = ["id", "cluster", "rank", "max_sim"]
-        if config.dedup_rule == "kept":
-            if "neighbour_floor" not in manifest:
-                raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
-            columns += ["neighbours", "neighbour_sims", "unlisted_max_sim"]
-        scores = align_rows(ids, storage.read_published(layout.scores, columns), layout.scores)
+        scores, manifest = read_scores(config, ids, layout)
         self.config, self.candidate, self.n = config, candidate, len(candidate)
         self.first = scores.column("rank").to_numpy() == 0
         self.max_sim = scores.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
