@@ -20,6 +20,11 @@ Devices: ``device="cpu"`` runs the kernels in NumPy (float32 sgemm); any other t
 cluster's row range), full-precision float32 matmuls (TF32 off: its 10-bit mantissa moves
 cosines by ~1e-3, enough to flip a ``max_sim > 1 - eps`` decision or a tie), results back as
 NumPy. Both paths give the same results up to float32 rounding, with the same tie rule.
+Precision (``precision``, deldist's own rule): the tiles may be computed in bfloat16 with every
+written value recomputed in float32 (:mod:`deldist.pairwise_bf16`, a proven error margin): the
+same ``max_sim`` and ``duplicate_of``, exact listed similarities and sound bounds, so every
+selection decides as on the float32 scores. ``"auto"`` uses it for large clusters on CPUs
+with native bfloat16 (AMX, AVX512-BF16); GPUs stay float32.
 GPU memory per scoring task: its bucket (up to ``bucket_rows`` x D x 4 bytes) or rows
 [0, stop) of its split cluster, plus a few O(block_rows x col_block) tiles.
 
@@ -58,6 +63,7 @@ from deldist.config import StageConfig
 from deldist.faults import fail_once
 from deldist.layout import RunLayout
 from deldist.pairwise import to_device, triu_neighbours
+from deldist.pairwise_bf16 import bf16_supported, triu_neighbours_bf16
 from deldist.schema import SCORES_SCHEMA
 from deldist.shards import (
     Bucket,
@@ -76,6 +82,10 @@ if TYPE_CHECKING:
     pass
 
 KeepMode = Literal["hard", "easy", "random"]
+Precision = Literal["auto", "float32", "bfloat16"]
+# clusters from this size on use the bfloat16 kernel under precision="auto": below it the
+# per-row float32 rechecks and per-call costs outweigh the faster tiles (bench/dedup.py)
+BF16_MIN_ROWS = 1024
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +119,10 @@ class Config(StageConfig):
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (each runs single-threaded BLAS)")
     io_cpus: float = Field(1.0, gt=0, description="CPUs per shuffle (read) task: Parquet decode and routing are CPU-bound")
+    precision: Precision = Field("auto", description="similarity tiles in float32, or in bfloat16 with every "
+                                                    "written value recomputed in float32 (the same results); auto: "
+                                                    "bfloat16 for clusters of >= 1024 rows on CPUs with AMX or "
+                                                    "AVX512-BF16")
     use_gpu: bool | None = Field(None, description="score on GPUs (torch) (default: when the cluster has GPUs)")
     task_gpus: float = Field(0.5, gt=0, le=1, description="GPU share per scoring task when use_gpu (0.5: two tasks "
                                                            "per GPU, one's gather/write overlaps the other's matmuls)")
@@ -158,13 +172,13 @@ def rank_within_clusters(ids: pa.Array | pa.ChunkedArray, cluster: np.ndarray, d
 
 def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
                           spec: ListSpec = ListSpec(), block_rows: int = 256, col_block: int = 16_384,
-                          diag_rows: int = 64, device: Device = "cpu") -> pa.Table:
+                          diag_rows: int = 64, device: Device = "cpu", precision: Precision = "float32") -> pa.Table:
     """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
 
     x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
     must be 0..n_c-1 inside each cluster (checked: the ranking and the data must agree).
     spec: the neighbour lists kept per row; device: as in :func:`triu_max_sim` (``x`` is
-    copied there once for all its clusters).
+    copied there once for all its clusters); precision: see :func:`cluster_neighbours`.
     """
     n = len(x)
     width = spec.by_similarity + spec.by_rank
@@ -180,11 +194,23 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
             raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
         xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
         for s, e in zip(starts, ends):
-            sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = triu_neighbours(
-                xd[s:e], spec=spec, block_rows=block_rows, col_block=col_block, diag_rows=diag_rows, device=device)
+            sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = cluster_neighbours(
+                xd[s:e], 0, e - s, spec, (block_rows, col_block, diag_rows), device, precision)
             max_sim[s:e] = sims
             dup[s:e] = np.where(arg >= 0, arg + s, -1)
     return scores_table(ids, cluster, rank, max_sim, dup, nbr, nbr_sim, bound)
+
+
+def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tuple[int, int, int], device: Device,
+                       precision: Precision) -> tuple[np.ndarray, ...]:
+    """Rows [start, stop) of one rank-ordered cluster -> :func:`triu_neighbours`'s results,
+    from float32 tiles or (``precision``) from bfloat16 tiles with float32 values
+    (:mod:`deldist.pairwise_bf16`: the same max, argmax and decisions). ``"auto"``: bfloat16
+    on CPUs that multiply it natively, for clusters of at least ``BF16_MIN_ROWS`` rows."""
+    bf16 = precision == "bfloat16" or (precision == "auto" and stop >= BF16_MIN_ROWS and bf16_supported())
+    if bf16 and device == "cpu":
+        return triu_neighbours_bf16(np.asarray(x), start, stop, spec)
+    return triu_neighbours(x, start, stop, spec, *tiles, device=device)
 
 
 def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: np.ndarray,
@@ -216,7 +242,7 @@ def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: 
 
 
 def _score_bucket(out_dir: str, spec: ListSpec, block_rows: int, col_block: int, diag_rows: int, device: Device,
-                  *slices: tuple[pa.Table, np.ndarray], fault: tuple[str | None, str] = (None, "")) -> dict[str, Any]:
+                  precision: Precision, *slices: tuple[pa.Table, np.ndarray], fault: tuple[str | None, str] = (None, "")) -> dict[str, Any]:
     """Task body: score every (small) cluster of one bucket on ``device`` and write a scores part."""
     fail_once("score_task", *fault)
     began = time.perf_counter()
@@ -225,7 +251,7 @@ def _score_bucket(out_dir: str, spec: ListSpec, block_rows: int, col_block: int,
     ids = meta.column("id").combine_chunks()
     gathered = time.perf_counter()
     table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
-                                  spec, block_rows, col_block, diag_rows, device)
+                                  spec, block_rows, col_block, diag_rows, device, precision)
     return write_scores_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
 
 
@@ -239,13 +265,14 @@ def _gather_cluster(*slices: tuple[pa.Table, np.ndarray]) -> tuple[np.ndarray, p
 
 
 def _score_rows(out_dir: str, x: np.ndarray, ids: pa.Array, cluster: int, start: int, stop: int, spec: ListSpec,
-                block_rows: int, col_block: int, diag_rows: int, device: Device = "cpu",
+                block_rows: int, col_block: int, diag_rows: int, device: Device = "cpu", precision: Precision = "float32",
                 fault: tuple[str | None, str] = (None, "")) -> dict[str, Any]:
     """Task body: rows [start, stop) of one split cluster -> a scores part (on ``device``: only
     rows [0, stop) are copied there)."""
     fail_once("score_task", *fault)
     began = time.perf_counter()
-    sims, arg, nbr, nbr_sim, bound = triu_neighbours(x, start, stop, spec, block_rows, col_block, diag_rows, device)
+    sims, arg, nbr, nbr_sim, bound = cluster_neighbours(x, start, stop, spec, (block_rows, col_block, diag_rows),
+                                                        device, precision)
     table = scores_table(ids.slice(start, stop - start), np.full(stop - start, cluster),
                          np.arange(start, stop), sims, arg, nbr, nbr_sim, bound, dup_ids=ids)
     return write_scores_part(out_dir, table, time.perf_counter() - began, 0.0)
@@ -304,14 +331,14 @@ def run(config: Config) -> dict[str, Any]:
     storage.publish(plan.layout.scores, [p["path"] for p in parts],
                     {**fingerprint(config), "schema": storage.schema_hex(SCORES_SCHEMA), "rows": plan.n, "keep": config.keep,
                      "seed": config.seed, "clusters": plan.layout.clusters, "use_gpu": gpu,
-                     "neighbours_by_similarity": spec.by_similarity, "neighbours_by_rank": spec.by_rank,
+                     "precision": config.precision, "neighbours_by_similarity": spec.by_similarity, "neighbours_by_rank": spec.by_rank,
                      "neighbour_floor": spec.floor})
     sizes = plan.sizes
     return {
         "scores": plan.layout.scores, "rows": plan.n, "clusters": int((sizes > 0).sum()), "keep": config.keep,
         "largest_cluster": int(sizes.max()), "pairs": int((sizes.astype(np.int64) * (sizes - 1) // 2).sum()),
         "buckets": len(plan.buckets), "split_clusters": sum(1 for b in plan.buckets if b.row_ranges),
-        "tasks": tasks, "shards": shards, "use_gpu": gpu,
+        "tasks": tasks, "shards": shards, "use_gpu": gpu, "precision": config.precision,
         "seconds": {"plan": planned - started, "shuffle_and_score": time.perf_counter() - planned,
                     **{f"{what}_tasks_total": sum(p[f"{what}_seconds"] for p in parts)
                        for what in ("gather", "score", "write")}},
@@ -369,9 +396,9 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
         if bucket.row_ranges:
             x_ref, ids_ref = gather.remote(*slices)
             pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec, *tiles, device,
-                                          fault=fault) for a, e in bucket.row_ranges]
+                                          config.precision, fault=fault) for a, e in bucket.row_ranges]
         else:
-            pending.append(score_bucket.remote(out_dir, spec, *tiles, device, *slices, fault=fault))
+            pending.append(score_bucket.remote(out_dir, spec, *tiles, device, config.precision, *slices, fault=fault))
     try:
         check_shuffle(ray.get(route_stats), plan.n, "assignments")
     except ValueError:

@@ -455,6 +455,48 @@ def test_run_reads_float16_embeddings(ray_session, tmp_path):
     assert np.abs(max_sim - reference_scores(x, labels, rank)[0]).max() < 2e-3  # float16 moves cosines little
 
 
+def read_scores_by_row(root: str, ids: list[str]) -> dict[str, np.ndarray]:
+    """dedup/scores/ in the row order of ``ids``: max_sim, duplicate_of row, lists, bound."""
+    scores = storage.read_published(storage.join(root, "dedup", "scores"))
+    row_of = {i: r for r, i in enumerate(ids)}
+    order = np.argsort([row_of[i] for i in scores.column("id").to_pylist()])
+    dup = [-1 if d is None else row_of[d] for d in scores.column("duplicate_of").to_pylist()]
+    return {"max_sim": scores.column("max_sim").to_numpy()[order], "dup": np.array(dup)[order],
+            "rank": scores.column("rank").to_numpy()[order],
+            "neighbours": [scores.column("neighbours")[int(k)].as_py() for k in order],
+            "neighbour_sims": [scores.column("neighbour_sims")[int(k)].as_py() for k in order],
+            "bound": scores.column("unlisted_max_sim").to_numpy()[order]}
+
+
+def test_run_in_bfloat16_gives_the_float32_scores(ray_session, tmp_path):
+    """precision="bfloat16" (deldist.pairwise_bf16), packed and split clusters: the same max_sim
+    and duplicate_of as the float32 run; listed similarities exact, bounds sound."""
+    x, labels, distance = clustered_with_sizes([1300, 1, 400, 12], 24, seed=9)
+    x[[900, 1100]] = x[50]  # exact copies: ties
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        root = str(tmp_path / precision)
+        ids = write_run(root, x, labels, distance)
+        summary = dedup.run(dedup.Config(output=root, keep="hard", precision=precision, split_rows=1000,
+                                         num_buckets=2, task_cpus=0.5))
+        assert summary["precision"] == precision and summary["split_clusters"] == 1
+        runs[precision] = read_scores_by_row(root, ids)
+    f32, b16 = runs["float32"], runs["bfloat16"]
+    assert np.array_equal(f32["rank"], b16["rank"])
+    np.testing.assert_allclose(b16["max_sim"], f32["max_sim"], atol=1e-6)
+    assert np.array_equal(b16["dup"], f32["dup"])
+    x64 = x.astype(np.float64)
+    for c in (0, 2):
+        members = np.flatnonzero(labels == c)
+        members = members[np.argsort(b16["rank"][members])]
+        sims = x64[members] @ x64[members].T
+        for r, row in enumerate(members):
+            listed = b16["neighbours"][row]
+            np.testing.assert_allclose(b16["neighbour_sims"][row], sims[r, listed], atol=1e-6)
+            unlisted = np.delete(sims[r, :r], listed)
+            assert unlisted.max(initial=-np.inf) <= b16["bound"][row] + 1e-6
+
+
 def test_run_rejects_bad_input(ray_session, tmp_path):
     x, labels, distance = clustered_with_sizes([20, 10], 8, seed=6)
     mismatch = str(tmp_path / "dim")

@@ -1,0 +1,144 @@
+"""deldist.pairwise_bf16: the margin holds on adversarial rows, and the bfloat16 kernel's
+results are the float32 kernel's (max, argmax, exact listed values, a sound bound, the same
+kept-aware decisions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deldist import greedy, pairwise, pairwise_bf16, tiles
+
+
+def near_dup_rows(n: int, dim: int, seed: int, copies: int, spread: float = 0.05) -> np.ndarray:
+    """Unit rows around one centre (all pairwise similarities high, as in a tight cluster),
+    ``copies`` of them near-copies of an earlier row."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(dim) + 0.6 * rng.standard_normal((n, dim))
+    src = rng.integers(0, n - 1, copies)
+    dst = np.minimum(src + rng.integers(1, 20, copies), n - 1)
+    x[dst] = x[src] + spread * rng.standard_normal((copies, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def adversarial_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit rows whose every element rounds to bfloat16 with nearly the largest relative
+    error (mantissas just below a rounding midpoint), all of one sign: the errors add up."""
+    rng = np.random.default_rng(seed)
+    mag = 2.0 ** rng.integers(-6, -4, (n, dim))  # powers of two ...
+    x = (mag * (1 + 2.0 ** -8 - 2.0 ** -20 * rng.random((n, dim)))).astype(np.float32)  # ... just under +half ulp
+    return x / np.linalg.norm(x, axis=1, keepdims=True).astype(np.float32)
+
+
+def bf16_tile(x: np.ndarray) -> np.ndarray:
+    """What the kernel scans: x @ x.T in bfloat16 (as float32)."""
+    xb = pairwise_bf16.prepare(x).xb[: len(x)]
+    return (xb @ xb.T).float().numpy()
+
+
+@pytest.mark.parametrize("make", [adversarial_rows, lambda n, d, s: near_dup_rows(n, d, s, 40)])
+@pytest.mark.parametrize("dim", [16, 768])
+def test_margin_bounds_the_bfloat16_error(make, dim):
+    x = make(200, dim, 3)
+    bf = pairwise_bf16.prepare(x)
+    delta = bf.margins(0, len(x)).astype(np.float64)
+    got = bf16_tile(x).astype(np.float64)
+    exact32 = (x @ x.T).astype(np.float64)
+    above_one = np.where(got >= 1, pairwise_bf16.ABOVE_ONE, 0.0)
+    err = np.abs(got - exact32)
+    assert np.all(err <= delta[:, None] + above_one)
+    if make is adversarial_rows:  # the bound is not loose by orders of magnitude where errors add up
+        assert err.max() > 0.25 * delta.max()
+
+
+def test_margin_uses_the_rounding_error_norms():
+    x = near_dup_rows(50, 768, 1, 10)
+    bf = pairwise_bf16.prepare(x)
+    x_bf = bf.xb[: len(x)].float().numpy().astype(np.float64)
+    np.testing.assert_allclose(bf.err, np.linalg.norm(x_bf - x, axis=1), rtol=2e-4)
+    np.testing.assert_allclose(bf.norm, np.linalg.norm(x.astype(np.float64), axis=1), rtol=2e-4)
+    assert np.all(bf.norm >= np.linalg.norm(x.astype(np.float64), axis=1))
+    assert np.all(bf.err >= np.linalg.norm(x_bf - x, axis=1))  # rounded up
+    assert torch.equal(bf.xb[: len(x)], torch.from_numpy(x).to(torch.bfloat16))  # round to nearest even, as torch
+    assert 0.003 < bf.margins(0, len(x)).max() < 0.008  # ~2 x 0.0016 + 2^-9: far below the worst case 3 x 2^-8
+
+
+def float64_lists(x: np.ndarray, i: int, floor: float) -> np.ndarray:
+    return (x[:i].astype(np.float64) @ x[i].astype(np.float64))
+
+
+@pytest.mark.parametrize("spec", [None, tiles.ListSpec(), tiles.ListSpec(4, 3, 0.3), tiles.ListSpec(6, 0, 0.9)])
+@pytest.mark.parametrize("start,stop", [(0, 700), (300, 650)])
+def test_results_are_the_float32_kernels(spec, start, stop):
+    x = near_dup_rows(700, 64, seed=5, copies=200)
+    x[[410, 411, 600]] = x[77]  # exact copies: ties go to the earliest
+    stats: dict[str, int] = {}
+    got = pairwise_bf16.triu_neighbours_bf16(x, start, stop, spec, block_rows=128, col_block=256, stats=stats)
+    if spec is None:
+        ref = pairwise.triu_max_sim(x, start, stop)
+    else:
+        ref = pairwise.triu_neighbours(x, start, stop, spec)
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-6)
+    same = got[1] == ref[1]
+    x64 = x.astype(np.float64)
+    rows = np.arange(start, stop)
+    tie = np.abs(np.einsum("ij,ij->i", x64[rows], x64[np.maximum(got[1], 0)])
+                 - np.einsum("ij,ij->i", x64[rows], x64[np.maximum(ref[1], 0)])) < 1e-6
+    assert np.all(same | tie) and same.mean() > 0.99
+    assert got[1][410 - start] == ref[1][410 - start] == 77 if start <= 410 < stop else True
+    assert stats["candidates"] > 0
+    if spec is None:
+        return
+    idx, sim, bound = got[2:]
+    for r, i in enumerate(rows):
+        s64 = x64[:i] @ x64[i]
+        listed = idx[r][idx[r] >= 0]
+        np.testing.assert_allclose(sim[r][idx[r] >= 0], s64[listed], atol=1e-6)  # exact values
+        assert np.all(s64[listed] >= spec.floor - 1e-6)
+        unlisted = np.delete(s64, listed)
+        assert unlisted.max(initial=-np.inf) <= bound[r] + 1e-6  # the bound is sound
+        assert bound[r] >= spec.floor
+    # the lists are useful, not just sound: most rows list at least as many items as float32's
+    assert (np.sum(idx >= 0, axis=1) >= np.sum(ref[2] >= 0, axis=1) - 2).mean() > 0.9
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.9, 0.95, 0.99])
+def test_kept_aware_decisions_match_the_float32_run(threshold):
+    x = near_dup_rows(600, 48, seed=7, copies=250, spread=0.1)
+    spec = tiles.ListSpec()
+    candidate = np.random.default_rng(1).random(len(x)) > 0.1  # some rows removed by earlier rules
+    exact_kept, _, _ = pairwise.keep_first_exact(x, candidate, threshold)
+    decided = []
+    for lists in (pairwise.triu_neighbours(x, spec=spec), pairwise_bf16.triu_neighbours_bf16(x, spec=spec)):
+        _, _, idx, sim, bound = lists
+        src = np.repeat(np.arange(len(x)), idx.shape[1])
+        live = idx.ravel() >= 0
+        edges = greedy.NeighbourEdges(src[live], idx.ravel()[live], sim.ravel()[live], bound, spec.floor)
+        kept, dup, dup_sim, unresolved = greedy.resolve_kept(candidate, edges, threshold)
+        # up to the first unresolved row the lists decide alone; the selection recomputes the rest
+        first = int(np.argmax(unresolved)) if unresolved.any() else len(x)
+        decided.append(first)
+        assert np.array_equal(kept[:first], exact_kept[:first])
+        removed = np.flatnonzero(~kept[:first] & candidate[:first])
+        assert np.all(exact_kept[dup[removed]]) and np.all(dup_sim[removed] > threshold)
+    print(threshold, decided)
+    assert decided[1] >= 0.5 * decided[0]  # bfloat16's looser bounds leave the exact fallback little more
+
+
+def test_a_row_whose_window_overflows_is_recomputed_in_float32():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(32)
+    x = base + 1e-3 * rng.standard_normal((300, 32))  # 300 rows within bfloat16's margin of each other
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    stats: dict[str, int] = {}
+    got = pairwise_bf16.triu_neighbours_bf16(x, spec=None, window=8, stats=stats)
+    ref = pairwise.triu_max_sim(x)
+    assert stats["fallback_rows"] > 100
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-6)
+    assert (got[1] == ref[1]).mean() > 0.99
+
+
+def test_tile_shapes_must_be_padded_multiples():
+    with pytest.raises(ValueError, match="multiple"):
+        pairwise_bf16.triu_neighbours_bf16(near_dup_rows(10, 8, 0, 2), block_rows=100)
