@@ -110,6 +110,10 @@ class Config(StageConfig):
     io_cpus: float = Field(0.5, gt=0, description="CPUs per load task")
     use_gpu: bool | None = Field(None, description="faiss GPU index in tasks (default: when the cluster has GPUs)")
     bounds: bool = Field(True, description="skip rows whose cluster provably cannot change (Hamerly bounds)")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="scores of the streamed assignment (fit_fraction < 1): float32 (faiss), or bfloat16 "
+                            "with each row's near-best centroids rechecked in float32 (the same labels); auto: "
+                            "bfloat16 on CPUs with AMX or AVX512-BF16")
 
 
 # ----------------------------------------------------------------------------- math (pure)
@@ -209,13 +213,13 @@ def _assignments_part(out_dir: str, ids: pa.Array | pa.ChunkedArray, labels: np.
 
 
 def assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, out_dir: str,
-                  use_gpu: bool, threads: int) -> dict[str, Any]:
+                  use_gpu: bool, threads: int, precision: str = "float32") -> dict[str, Any]:
     """Task body: read one shard from Parquet, assign it, write its ``assignments`` part."""
     use_threads(threads)
     table = read_shard(emb_dir, shard, ["id", "embedding"])
     ids = table.column("id")
     x = normalize_checked(table_matrix(table, dim), ids)
-    labels, sims = nearest_centroid(x, centroids, use_gpu)
+    labels, sims = nearest_centroid(x, centroids, use_gpu, precision)
     return _assignments_part(out_dir, ids, labels, sims, len(centroids))
 
 
@@ -375,15 +379,15 @@ def _assign_all(config: Config, plan: Plan, fit: Fit) -> list[dict[str, Any]]:
                               *[fit.id_refs[i] for i in group]) for g, group in enumerate(fit.groups)]
     else:
         assign = ray.remote(num_cpus=config.task_cpus, **plan.gpu_opts)(assign_shard)
-        refs = [assign.remote(plan.layout.embeddings, s, plan.dim, c_ref, assign_dir, plan.use_gpu, plan.threads)
-                for s in plan.shards]
+        refs = [assign.remote(plan.layout.embeddings, s, plan.dim, c_ref, assign_dir, plan.use_gpu, plan.threads,
+                              config.precision) for s in plan.shards]
     results = get_with_progress(refs, "deldist cluster: assignment tasks", log)
     fit.bounds_refs, fit.matrices, fit.id_refs = [], [], []
     return results
 
 
 def assign_to_centroids(embeddings: str, centroids: np.ndarray, out_dir: str, *, shard_rows: int, task_cpus: float,
-                        use_gpu: bool) -> pa.Table:
+                        use_gpu: bool, precision: str = "auto") -> pa.Table:
     """Assign every row of a published embeddings directory to its nearest of ``centroids``
     ((k, D) float32, unit rows) with Ray tasks; publish the assignments in ``out_dir`` and
     return them (id, cluster, distance)."""
@@ -392,7 +396,7 @@ def assign_to_centroids(embeddings: str, centroids: np.ndarray, out_dir: str, *,
     task = ray.remote(num_cpus=task_cpus, **({"num_gpus": 1} if use_gpu else {}))(assign_shard)
     c_ref = ray.put(centroids)
     parts = ray.get([task.remote(embeddings, s, int(centroids.shape[1]), c_ref, out_dir, use_gpu,
-                                 max(1, round(task_cpus))) for s in plan_shards(embeddings, shard_rows)])
+                                 max(1, round(task_cpus)), precision) for s in plan_shards(embeddings, shard_rows)])
     storage.publish(out_dir, [p["path"] for p in parts],
                     {"schema": storage.schema_hex(ASSIGNMENTS_SCHEMA), "rows": sum(p["rows"] for p in parts)})
     return storage.read_published(out_dir)

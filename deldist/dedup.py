@@ -59,11 +59,12 @@ from pydantic import Field
 
 from deldist import storage
 from deldist.arrays import equal_runs
+from deldist.bf16_tiles import bf16_supported
 from deldist.config import StageConfig
 from deldist.faults import fail_once
 from deldist.layout import RunLayout
 from deldist.pairwise import to_device, triu_neighbours
-from deldist.pairwise_bf16 import bf16_supported, triu_neighbours_bf16
+from deldist.pairwise_bf16 import triu_neighbours_bf16
 from deldist.schema import SCORES_SCHEMA
 from deldist.shards import (
     Bucket,

@@ -103,15 +103,23 @@ def _check_dims(x: np.ndarray, centroids: np.ndarray) -> None:
             f"dimension mismatch: embeddings {tuple(x.shape)} vs centroids {tuple(centroids.shape)}")
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product (faiss ``IndexFlatIP``).
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, precision: str = "float32",
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product (faiss ``IndexFlatIP``), or with ``precision``
+    ``"bfloat16"`` (``"auto"``: on CPUs that multiply it natively, without a GPU) from
+    bfloat16 scores with the float32 label and similarity (:func:`deldist.pairwise_bf16.nearest_bf16`).
 
     x: (n, D) float32 unit rows; centroids: (k, D) float32.
     Returns (labels int64 (n,), similarity float32 (n,)).
     """
+    from deldist.bf16_tiles import bf16_supported
+    from deldist.pairwise_bf16 import nearest_bf16
+
     _check_dims(x, centroids)
     if len(x) == 0:
         return np.empty(0, np.int64), np.empty(0, np.float32)
+    if not use_gpu and (precision == "bfloat16" or (precision == "auto" and bf16_supported())):
+        return nearest_bf16(x, centroids)
     sims, labels = _flat_ip_index(centroids, use_gpu).search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return labels[:, 0].astype(np.int64), sims[:, 0].astype(np.float32)
 

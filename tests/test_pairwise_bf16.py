@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from deldist import greedy, pairwise, pairwise_bf16, tiles
+from deldist import bf16_tiles, greedy, pairwise, pairwise_bf16, tiles
 
 
 def near_dup_rows(n: int, dim: int, seed: int, copies: int, spread: float = 0.05) -> np.ndarray:
@@ -33,7 +33,7 @@ def adversarial_rows(n: int, dim: int, seed: int) -> np.ndarray:
 
 def bf16_tile(x: np.ndarray) -> np.ndarray:
     """What the kernel scans: x @ x.T in bfloat16 (as float32)."""
-    xb = pairwise_bf16.prepare(x).xb[: len(x)]
+    xb = bf16_tiles.prepare(x).xb[: len(x)]
     return (xb @ xb.T).float().numpy()
 
 
@@ -41,11 +41,11 @@ def bf16_tile(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("dim", [16, 768])
 def test_margin_bounds_the_bfloat16_error(make, dim):
     x = make(200, dim, 3)
-    bf = pairwise_bf16.prepare(x)
+    bf = bf16_tiles.prepare(x)
     delta = bf.margins(0, len(x)).astype(np.float64)
     got = bf16_tile(x).astype(np.float64)
     exact32 = (x @ x.T).astype(np.float64)
-    above_one = np.where(got >= 1, pairwise_bf16.ABOVE_ONE, 0.0)
+    above_one = np.where(got >= 1, bf16_tiles.ABOVE_ONE, 0.0)
     err = np.abs(got - exact32)
     assert np.all(err <= delta[:, None] + above_one)
     if make is adversarial_rows:  # the bound is not loose by orders of magnitude where errors add up
@@ -54,7 +54,7 @@ def test_margin_bounds_the_bfloat16_error(make, dim):
 
 def test_margin_uses_the_rounding_error_norms():
     x = near_dup_rows(50, 768, 1, 10)
-    bf = pairwise_bf16.prepare(x)
+    bf = bf16_tiles.prepare(x)
     x_bf = bf.xb[: len(x)].float().numpy().astype(np.float64)
     np.testing.assert_allclose(bf.err, np.linalg.norm(x_bf - x, axis=1), rtol=2e-4)
     np.testing.assert_allclose(bf.norm, np.linalg.norm(x.astype(np.float64), axis=1), rtol=2e-4)
@@ -142,3 +142,30 @@ def test_a_row_whose_window_overflows_is_recomputed_in_float32():
 def test_tile_shapes_must_be_padded_multiples():
     with pytest.raises(ValueError, match="multiple"):
         pairwise_bf16.triu_neighbours_bf16(near_dup_rows(10, 8, 0, 2), block_rows=100)
+
+
+def test_nearest_bf16_gives_the_float32_labels():
+    """The k-means assignment from bfloat16 scores: labels and similarities of the float32
+    (faiss) search, ties to the lower centroid index, including rows equal to a centroid."""
+    from deldist import kmeans
+
+    x = near_dup_rows(3000, 64, seed=11, copies=600)
+    centroids = kmeans.normalize_rows(x[:: 37].copy() + 0.01)
+    x[[5, 6]] = centroids[[3, 3]]  # rows on a centroid
+    centroids[9] = centroids[4]  # duplicate centroids: the tie goes to 4
+    x[7] = centroids[4]
+    stats: dict[str, int] = {}
+    labels, sims = pairwise_bf16.nearest_bf16(x, centroids, stats=stats)
+    ref_sims = x.astype(np.float64) @ centroids.astype(np.float64).T
+    ref = ref_sims.argmax(axis=1)
+    close = np.abs(ref_sims[np.arange(len(x)), labels] - ref_sims.max(axis=1)) < 1e-6
+    assert np.all((labels == ref) | close) and (labels == ref).mean() > 0.99
+    np.testing.assert_allclose(sims, ref_sims.max(axis=1), atol=1e-6)
+    assert labels[7] == 4 and labels[5] == labels[6] == 3
+    faiss_labels, _ = kmeans.nearest_centroid(x, centroids, precision="float32")
+    assert (faiss_labels == labels).mean() > 0.99
+    auto_labels, _ = kmeans.nearest_centroid(x, centroids, precision="bfloat16")
+    assert np.array_equal(auto_labels, labels)
+    assert stats["candidates"] >= len(x)
+    empty = pairwise_bf16.nearest_bf16(x[:0], centroids)
+    assert len(empty[0]) == 0
