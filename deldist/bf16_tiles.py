@@ -107,7 +107,7 @@ def bf16_supported() -> bool:
         return False
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def dot_float32(a, b):  # pragma: no cover - compiled
     s = np.float32(0.0)
     for k in range(a.shape[0]):
@@ -115,7 +115,7 @@ def dot_float32(a, b):  # pragma: no cover - compiled
     return s
 
 
-@numba.njit(cache=True, fastmath=True)  # finite inputs; lets the row max vectorise
+@numba.njit(cache=True, fastmath=True, nogil=True)  # finite inputs; lets the row max vectorise
 def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, win_idx, win_sim, win_count,
                win_top, rank_idx, rank_count, rank_sure, delta, floor, by_rank):  # pragma: no cover - compiled
     """Fold a bfloat16 tile (as float32) into the candidates of rows [first_row, first_row +

@@ -116,6 +116,10 @@ class Config(StageConfig):
     col_block: int = Field(16_384, ge=1, description="columns per similarity tile")
     split_rows: int = Field(50_000, ge=2, description="clusters larger than this are split over several tasks")
     bucket_rows: int = Field(200_000, ge=1, description="soft cap on rows in one packed task")
+    memory_budget_gb: float | None = Field(None, gt=0, description="vectors one wave of buckets may hold in the "
+                                                                     "object store (default: half of it); larger "
+                                                                     "inputs are scored in waves, each re-reading "
+                                                                     "the embeddings")
     num_buckets: int | None = Field(None, ge=1, description="packed tasks (default: 2 x cluster CPUs / task_cpus)")
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (each runs single-threaded BLAS)")
@@ -375,10 +379,36 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
     return Plan(layout, dim, lookup, sizes, buckets)
 
 
+def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float) -> list[list[int]]:
+    """Group buckets (in order) into waves whose rows fit ``budget_bytes`` as float32 twice
+    (the shuffled slices, then each task's gathered copy): only one wave's vectors are in the
+    object store at a time. A bucket larger than the budget is a wave of its own."""
+    waves: list[list[int]] = [[]]
+    held = 0.0
+    for b, bucket in enumerate(buckets):
+        need = 2.0 * bucket.rows * dim * 4
+        if waves[-1] and held + need > budget_bytes:
+            waves.append([])
+            held = 0.0
+        waves[-1].append(b)
+        held += need
+    return waves
+
+
+def _memory_budget(config: Config) -> float:
+    """Bytes of vectors one wave may hold: ``memory_budget_gb``, or half the object store."""
+    import ray
+
+    if config.memory_budget_gb is not None:
+        return config.memory_budget_gb * 2 ** 30
+    return 0.5 * ray.cluster_resources().get("object_store_memory", 2 * 2 ** 30)
+
+
 def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]], int, int]:
-    """The shuffle (each embeddings shard read once, split by bucket) and the scoring tasks:
-    packed buckets directly, split clusters gathered once then scored by row-range tasks.
-    Returns (the parts written, tasks, shards)."""
+    """The shuffle and the scoring tasks, one wave of buckets at a time (:func:`plan_waves`):
+    per wave, each embeddings shard is read and split by the wave's buckets, then packed
+    buckets are scored directly and split clusters gathered once, then scored by row-range
+    tasks. Returns (the parts written, tasks, shard reads)."""
     import ray
 
     from deldist.runtime import get_with_progress
@@ -386,28 +416,41 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
     out_dir, spec, device = plan.layout.scores, _list_spec(config), "cuda" if gpu else "cpu"
     tiles = (config.block_rows, config.col_block, config.diag_rows)
     fault = (config.inject_fault, plan.layout.root)
-    slices_of, route_stats = shuffle_by_bucket(plan.layout.embeddings, plan.dim, plan.lookup, len(plan.buckets),
-                                               config.shard_rows, config.io_cpus)
     gpu_opts = {"num_gpus": config.task_gpus} if gpu else {}
     score_bucket = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_bucket)
     gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
     score_rows = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_rows)
-    pending = []
-    for bucket, slices in zip(plan.buckets, slices_of):
-        if bucket.row_ranges:
-            x_ref, ids_ref = gather.remote(*slices)
-            pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec, *tiles, device,
-                                          config.precision, fault=fault) for a, e in bucket.row_ranges]
-        else:
-            pending.append(score_bucket.remote(out_dir, spec, *tiles, device, config.precision, *slices, fault=fault))
-    try:
-        check_shuffle(ray.get(route_stats), plan.n, "assignments")
-    except ValueError:
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-    parts = get_with_progress(pending, "deldist dedup: scoring tasks", log)
+    waves = plan_waves(plan.buckets, int(plan.dim or 1), _memory_budget(config))
+    bucket_of = plan.lookup.column("bucket").to_numpy()
+    parts: list[dict[str, Any]] = []
+    tasks = reads = 0
+    for w, wave in enumerate(waves):
+        local = np.full(len(plan.buckets), -1, np.int32)  # plan bucket -> its index in this wave; -1: another wave
+        local[wave] = np.arange(len(wave), dtype=np.int32)
+        lookup = plan.lookup.set_column(1, "bucket", pa.array(local[bucket_of]))
+        slices_of, route_stats = shuffle_by_bucket(plan.layout.embeddings, plan.dim, lookup, len(wave),
+                                                   config.shard_rows, config.io_cpus)
+        pending = []
+        for b, slices in zip(wave, slices_of):
+            bucket = plan.buckets[b]
+            if bucket.row_ranges:
+                x_ref, ids_ref = gather.remote(*slices)
+                pending += [score_rows.remote(out_dir, x_ref, ids_ref, bucket.clusters[0], a, e, spec, *tiles, device,
+                                              config.precision, fault=fault) for a, e in bucket.row_ranges]
+            else:
+                pending.append(score_bucket.remote(out_dir, spec, *tiles, device, config.precision, *slices,
+                                                   fault=fault))
+        del slices_of  # the tasks hold the slices now; each is freed when its task ends
+        try:
+            check_shuffle(ray.get(route_stats), plan.n, "assignments")
+        except ValueError:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+        label = f"wave {w + 1}/{len(waves)}: " if len(waves) > 1 else ""
+        parts += get_with_progress(pending, f"deldist dedup: {label}scoring tasks", log)
+        tasks, reads = tasks + len(pending), reads + len(route_stats)
     scored = sum(p["rows"] for p in parts)
     if scored != plan.n:
         raise RuntimeError(f"scored {scored} rows but {plan.n} were assigned")
-    return parts, len(pending), len(route_stats)
+    return parts, tasks, reads

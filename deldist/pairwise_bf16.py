@@ -16,7 +16,7 @@ from deldist.bf16_tiles import ABOVE_ONE, HALF_ULP_BELOW_ONE, Bf16Rows, Candidat
 from deldist.tiles import ListSpec, check_range, union_lists
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _add_candidates(x, i, idx, count, cand_idx, cand_sim, n):  # pragma: no cover - compiled
     """Append idx[:count] not yet among cand_idx[:n], with their float32 dot to row i."""
     n0 = n
@@ -34,7 +34,7 @@ def _add_candidates(x, i, idx, count, cand_idx, cand_sim, n):  # pragma: no cove
     return n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _finish_rows(x, first_row, top_idx, excluded, win_idx, win_count, rank_idx, rank_count, delta, floor, by_sim,
                  by_rank, out_max, out_arg, out_top_idx, out_top_sim, out_first_idx, out_first_sim, out_bound,
                  certified):  # pragma: no cover - compiled
@@ -194,7 +194,7 @@ def triu_neighbours_bf16(x: np.ndarray, start: int = 0, stop: int | None = None,
     return out_max, out_arg, idx, sim, bound
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _finish_nearest(q, keys, first, top_idx, win_idx, win_count, out_best, out_arg):  # pragma: no cover - compiled
     """Rows [first, first + len(out_best)) of q: the float32 max over their window (and top)
     keys, ties to the lower key index."""

@@ -123,6 +123,14 @@ def test_row_ranges_cover_the_triangle_evenly():
     assert np.array_equal(np.concatenate([p[1] for p in pieces]), arg)
 
 
+def test_plan_waves_fit_the_budget():
+    buckets = [shards.Bucket([c], rows, 0.0) for c, rows in enumerate([100, 50, 50, 400, 10])]
+    per_row = 2 * 8 * 4  # float32 D = 8, slices + gathered copy
+    assert dedup.plan_waves(buckets, 8, 200 * per_row) == [[0, 1, 2], [3], [4]]  # 400 alone: over budget
+    assert dedup.plan_waves(buckets, 8, 1e12) == [[0, 1, 2, 3, 4]]
+    assert dedup.plan_waves(buckets, 8, 1.0) == [[0], [1], [2], [3], [4]]
+
+
 def test_plan_buckets_packs_small_and_splits_huge():
     sizes = np.array([5, 0, 400, 7, 9, 3, 2])
     buckets = shards.plan_buckets(sizes, n_buckets=2, split_rows=100, bucket_rows=1000)
@@ -468,20 +476,27 @@ def read_scores_by_row(root: str, ids: list[str]) -> dict[str, np.ndarray]:
             "bound": scores.column("unlisted_max_sim").to_numpy()[order]}
 
 
-def test_run_in_bfloat16_gives_the_float32_scores(ray_session, tmp_path):
+def test_run_in_bfloat16_or_in_waves_gives_the_float32_scores(ray_session, tmp_path):
     """precision="bfloat16" (deldist.pairwise_bf16), packed and split clusters: the same max_sim
-    and duplicate_of as the float32 run; listed similarities exact, bounds sound."""
+    and duplicate_of as the float32 run; listed similarities exact, bounds sound. And the
+    float32 run in waves (memory_budget_gb) gives the same table."""
     x, labels, distance = clustered_with_sizes([1300, 1, 400, 12], 24, seed=9)
     x[[900, 1100]] = x[50]  # exact copies: ties
     runs = {}
-    for precision in ("float32", "bfloat16"):
-        root = str(tmp_path / precision)
+    for name, precision, budget in (("float32", "float32", None), ("bfloat16", "bfloat16", None),
+                                    ("waves", "float32", 1e-6)):
+        root = str(tmp_path / name)
         ids = write_run(root, x, labels, distance)
         summary = dedup.run(dedup.Config(output=root, keep="hard", precision=precision, split_rows=1000,
-                                         num_buckets=2, task_cpus=0.5))
+                                         num_buckets=2, task_cpus=0.5, memory_budget_gb=budget))
         assert summary["precision"] == precision and summary["split_clusters"] == 1
-        runs[precision] = read_scores_by_row(root, ids)
+        runs[name] = read_scores_by_row(root, ids)
     f32, b16 = runs["float32"], runs["bfloat16"]
+    # out of core: a budget below one bucket scores every bucket in a wave of its own (the
+    # embeddings read once per wave), with the same scores
+    for key in ("max_sim", "dup", "rank", "bound"):
+        assert np.array_equal(runs["waves"][key], f32[key])
+    assert runs["waves"]["neighbours"] == f32["neighbours"]
     assert np.array_equal(f32["rank"], b16["rank"])
     np.testing.assert_allclose(b16["max_sim"], f32["max_sim"], atol=1e-6)
     assert np.array_equal(b16["dup"], f32["dup"])
