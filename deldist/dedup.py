@@ -76,6 +76,7 @@ from deldist.shards import (
     gather_sorted,
     plan_buckets,
     shuffle_by_bucket,
+    sorted_lookup,
 )
 from deldist.tiles import Device, ListSpec
 
@@ -303,7 +304,7 @@ class Plan:
 
     layout: RunLayout
     dim: int | None
-    lookup: pa.Table  # id, bucket, cluster, rank
+    lookup: pa.Table  # id, bucket, cluster, rank, id_key (rows sorted by it: shards.sorted_lookup)
     sizes: np.ndarray  # (k,) items per cluster
     buckets: list[Bucket]
 
@@ -376,7 +377,7 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
                            config.bucket_rows)
     lookup = pa.table({"id": assignments.column("id"), "bucket": bucket_of_groups(buckets, len(sizes))[cluster],
                        "cluster": cluster.astype(np.int32), "rank": rank})
-    return Plan(layout, dim, lookup, sizes, buckets)
+    return Plan(layout, dim, sorted_lookup(lookup), sizes, buckets)  # sorted once for every wave
 
 
 def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float) -> list[list[int]]:

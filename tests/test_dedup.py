@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -536,3 +537,21 @@ def test_run_rejects_bad_input(ray_session, tmp_path):
     write_run(empty, x[:0], labels[:0], distance[:0], parts=1)
     with pytest.raises(EmptyInputError):
         dedup.run(dedup.Config(output=empty))
+
+
+@pytest.mark.parametrize("coarse_hash", [False, True])
+def test_positions_in_finds_every_id_and_only_those(monkeypatch, coarse_hash):
+    """The shuffle's id lookup (binary search on a sorted 53-bit id hash, strings confirmed):
+    every id found at its row, absent ids -1; with a hash that collides constantly (string
+    length) the exact fallback gives the same answer."""
+    if coarse_hash:
+        monkeypatch.setattr(shards, "id_hash", lambda ids: np.asarray(pc.utf8_length(ids), np.float64))
+    ids = [f"site_{i % 7}/v{i // 13}.mp4#{i}" for i in range(500)]
+    lookup = shards.sorted_lookup(pa.table({"id": ids, "bucket": np.arange(500, dtype=np.int32)}))
+    assert list(lookup.column_names) == ["id", "bucket", "id_key"]
+    assert np.all(np.diff(lookup.column("id_key").to_numpy()) >= 0)
+    query = pa.array(ids[::-3] + ["absent.mp4#1", "site_0/v0.mp4#999999"])
+    pos = shards.positions_in(query, lookup)
+    assert pos[-1] == -1 and pos[-2] == -1
+    assert lookup.column("id").take(pa.array(pos[:-2])).to_pylist() == ids[::-3]
+    assert shards.positions_in(pa.array([], pa.string()), lookup).tolist() == []
