@@ -47,6 +47,9 @@ import numpy as np
 
 HALF_ULP_BELOW_ONE = 2.0 ** -9  # rounding a tile value in (-1, 1) to bfloat16
 ABOVE_ONE = 2.0 ** -9  # the extra margin of a value read as >= 1 (half an ulp is 2^-8 there)
+# LLVM fast-math flags for the compiled loops: reassociation (vectorised sums and maxima), but
+# not "ninf": the scan's state starts at -inf and must compare as such (inputs are finite)
+FAST = {"nnan", "nsz", "arcp", "contract", "reassoc", "afn"}
 ROW_PAD, COL_PAD = 64, 256  # tile shapes are multiples of these: oneDNN builds one kernel per shape (~5 ms each)
 
 
@@ -107,7 +110,7 @@ def bf16_supported() -> bool:
         return False
 
 
-@numba.njit(cache=True, fastmath=True, nogil=True)
+@numba.njit(cache=True, fastmath=FAST, nogil=True)
 def dot_float32(a, b):  # pragma: no cover - compiled
     s = np.float32(0.0)
     for k in range(a.shape[0]):
@@ -115,7 +118,7 @@ def dot_float32(a, b):  # pragma: no cover - compiled
     return s
 
 
-@numba.njit(cache=True, fastmath=True, nogil=True)  # finite inputs; lets the row max vectorise
+@numba.njit(cache=True, fastmath=FAST, nogil=True)  # lets the row max vectorise
 def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, win_idx, win_sim, win_count,
                win_top, rank_idx, rank_count, rank_sure, delta, floor, by_rank):  # pragma: no cover - compiled
     """Fold a bfloat16 tile (as float32) into the candidates of rows [first_row, first_row +

@@ -316,8 +316,8 @@ def test_cli_chain_reports_progress_on_stderr(corpus, tmp_path, capsys):
     assert "deldist cluster: assignment tasks: " in err
     assert cli.main(["dedup", *common, "task_cpus=0.5"]) == 0
     out, err = capsys.readouterr()
-    tasks = re.search(r"deldist dedup: scoring tasks: (\d+)/(\d+) done", err)
-    assert tasks and tasks.group(1) == tasks.group(2) and json.loads(out)
+    tasks = re.findall(r"deldist dedup: scoring tasks: (\d+)/(\d+) done", err)  # the last line: all done
+    assert tasks and tasks[-1][0] == tasks[-1][1] and json.loads(out)
     assert cli.main(["select", *common, "name=s", "eps=0.1", "deldist_rules.quality={}"]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
