@@ -12,13 +12,14 @@ layout -> plan -> execute -> publish:
   ConvNets (``EvalSettings``) on (a) the synthetic set, (b) a random real subset of the same
   size (the same number per class, drawn with the seed: the paper's indicator), (c) the whole
   train split, and test each on the test split;
-- write each seed's synthetic set as a frame store (``materialize``'s ``FRAMES_SCHEMA``: id,
-  JPEG, width, height) that also holds ``images/<id>.png`` and ``labels.csv`` (``name,label``),
-  the layout ``deldist finetune``'s classification path reads (``classification.data`` = the
-  store), and ``summary.json``.
+- write each seed's synthetic set as ``images/<id>.png`` and ``labels.csv`` (``name,label``),
+  the layout ``deldist finetune``'s classification path reads (``classification.data`` =
+  ``synthetic/seed<k>``), and as a frame store ``synthetic/seed<k>/frames/`` (``materialize``'s
+  ``FRAMES_SCHEMA``: id, JPEG, width, height; published), then ``summary.json``.
 
-Output ``<output>/distill/<name>/``: ``synthetic/seed<k>/`` (published frame stores) and
-``summary.json`` (published with the directory's manifest): per seed the three accuracies,
+Output ``<output>/distill/<name>/``: ``synthetic/seed<k>/``, ``losses.json`` (the matching loss
+per iteration and seed) and ``summary.json``, published last (its manifest lists the summary,
+the losses and every PNG / CSV; each frame store has its own): per seed the accuracies,
 the matching loss at the start and end, how far the images moved; mean and spread (sample
 standard deviation) over seeds; the fraction of full-data accuracy each recovers.
 """
@@ -160,10 +161,11 @@ def seed_run(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
 
 
 def write_synthetic(root: str, images: np.ndarray, labels: np.ndarray, classes: list[str], quality: int,
-                    meta: dict[str, Any]) -> int:
-    """Publish a synthetic set at ``root`` as a frame store (``data/`` parts in FRAMES_SCHEMA; id =
-    ``<class>_<k>``) plus ``images/<id>.png`` and ``labels.csv`` (name,label). images uint8
-    (N, H, W, C). Returns the row count."""
+                    meta: dict[str, Any]) -> list[str]:
+    """Write a synthetic set under ``root``: ``images/<id>.png`` and ``labels.csv`` (name,label),
+    the layout finetune's classification path reads, then publish ``root/frames/`` as a frame
+    store (``data/`` parts in FRAMES_SCHEMA, id = ``<class>_<k>``, JPEG). images uint8
+    (N, H, W, C). Returns the paths of the PNGs and the CSV (for the run's manifest)."""
     import io
 
     from PIL import Image
@@ -182,14 +184,15 @@ def write_synthetic(root: str, images: np.ndarray, labels: np.ndarray, classes: 
         files.append(storage.join(root, "images", f"{name}.png"))
         storage.write_bytes(files[-1], buf.getvalue())
         label_rows.append({"name": name, "label": classes[int(label)]})
-    part = storage.join(root, "data", storage.new_part_name())
+    files.append(storage.join(root, "labels.csv"))
+    storage.write_csv(files[-1], label_rows)
+    store = storage.join(root, "frames")
+    part = storage.join(store, "data", storage.new_part_name())
     storage.write_table(pa.Table.from_pylist(rows, schema=FRAMES_SCHEMA), part)
-    storage.write_csv(storage.join(root, "labels.csv"), label_rows)
-    paths = [storage.resolve(u)[1] for u in [part, storage.join(root, "labels.csv"), *files]]
-    storage.publish(root, paths, {**meta, "rows": len(rows), "classes": classes,
-                                  "deldist_version": deldist.__version__,
-                                  "schema": storage.schema_hex(FRAMES_SCHEMA)})
-    return len(rows)
+    storage.publish(store, [storage.resolve(part)[1]], {
+        **meta, "rows": len(rows), "classes": classes, "labels": storage.join(root, "labels.csv"),
+        "deldist_version": deldist.__version__, "schema": storage.schema_hex(FRAMES_SCHEMA)})
+    return [storage.resolve(f)[1] for f in files]
 
 
 def summarise(runs: list[dict[str, Any]], config: Config, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -247,9 +250,10 @@ def run(config: Config) -> dict[str, Any]:
     remote = ray.remote(num_cpus=config.task_cpus, max_retries=2)(seed_run)
     pending = [remote.remote(*refs, len(classes), config, config.seed + k) for k in range(config.seeds)]
     runs = sorted(ray.get(pending), key=lambda r: r["seed"])
+    files = []
     for r in runs:
         root = storage.join(out, "synthetic", f"seed{r['seed']}")
-        write_synthetic(root, to_uint8(r["images"], mean, std), r["labels"], classes, config.jpeg_quality,
+        files += write_synthetic(root, to_uint8(r["images"], mean, std), r["labels"], classes, config.jpeg_quality,
                         {"method": config.method, "seed": r["seed"], "image_size": config.image_size})
         r["synthetic"] = root
         log.info(f"  seed {r['seed']}: " + ", ".join(f"{m} {a:.3f}" for m, a in r["accuracy"].items())
@@ -258,7 +262,7 @@ def run(config: Config) -> dict[str, Any]:
     summary["seconds"] = round(time.time() - started, 1)
     storage.write_json(summary_of(out), summary)
     storage.write_json(storage.join(out, "losses.json"), {str(r["seed"]): r["losses"] for r in runs})
-    files = [storage.resolve(summary_of(out))[1], storage.resolve(storage.join(out, "losses.json"))[1]]
+    files += [storage.resolve(summary_of(out))[1], storage.resolve(storage.join(out, "losses.json"))[1]]
     storage.publish(out, files, {"method": config.method, "seeds": summary["seeds"]})
     return {k: summary[k] for k in ("method", "accuracy", "fraction_of_full", "distilled_beats_random")
             if k in summary} | {"summary": summary_of(out)}

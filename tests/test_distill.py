@@ -181,7 +181,7 @@ def test_distill_on_ray_writes_a_frame_store_and_summary_finetune_reads(ray_sess
     assert all(r["moved_rms"] > 0 for r in summary["per_seed"])
     for seed in (0, 1):
         store = out / "distill" / "dm" / "synthetic" / f"seed{seed}"
-        table = storage.read_published(str(store))
+        table = storage.read_published(str(store / "frames"))
         assert table.schema.equals(FRAMES_SCHEMA) and table.num_rows == 6
         assert Image.open(io.BytesIO(table.column("jpeg")[0].as_py())).size == (16, 16)
         ft = finetune.Config(output=str(tmp_path / "ft"), random_init=True, image_size=16,
