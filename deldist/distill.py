@@ -48,7 +48,7 @@ class AugmentRanges:
 
 
 class ConvNet(nn.Module):
-    """The ConvNet of DC / DSA / DM (DC §4 "ConvNet"; reference ``ConvNet`` with ``instancenorm``,
+    """The ConvNet of DC / DSA / DM (their experiments' default network; reference ``ConvNet`` with ``instancenorm``,
     ``avgpooling``): ``depth`` x [conv 3x3 (``width`` channels, padding 1), instance norm
     (``GroupNorm(width, width)``, affine, as the reference code builds it), ReLU, average pool 2],
     then one linear classifier.
@@ -163,8 +163,8 @@ def dsa_augment(x: torch.Tensor, seed: int, strategy: str = DSA_STRATEGY,
 
 def dm_loss(net: ConvNet, real: list[torch.Tensor], synthetic: list[torch.Tensor], seed: int,
             strategy: str = DSA_STRATEGY) -> torch.Tensor:
-    """The DM objective for one sampled network theta and augmentation omega (DM §3, Eq. 4 of the
-    paper's final objective; the reference ``main_DM.py``):
+    """The DM objective for one sampled network theta and augmentation omega (DM §3, the objective
+    with DSA's augmentation A(., omega); the reference ``main_DM.py``):
 
         sum_c || mean_i psi_theta(A(x_i^c, omega_c)) - mean_j psi_theta(A(s_j^c, omega_c)) ||^2
 
@@ -250,7 +250,7 @@ def distill_dm(real: list[torch.Tensor], per_class: int, settings: DistillSettin
 
 
 def gradient_distance(grads_real: list[torch.Tensor], grads_syn: list[torch.Tensor]) -> torch.Tensor:
-    """DC's layer-wise gradient distance (DC §3.2, Eq. 10; reference ``match_loss`` 'ours'):
+    """DC's layer-wise gradient distance (DC §3, the distance d(A, B); reference ``match_loss`` 'ours'):
 
         D = sum_layers sum_i (1 - <A_i, B_i> / (||A_i|| ||B_i|| + 1e-6))
 
@@ -268,7 +268,7 @@ def gradient_distance(grads_real: list[torch.Tensor], grads_syn: list[torch.Tens
 
 def dc_loss(net: ConvNet, real: list[torch.Tensor], synthetic: list[torch.Tensor], seed: int | None,
             strategy: str = DSA_STRATEGY) -> torch.Tensor:
-    """sum_c D(grad_theta CE(net(A(x^c)), c), grad_theta CE(net(A(s^c)), c)) (DC §3.2 Eq. 9-10;
+    """sum_c D(grad_theta CE(net(A(x^c)), c), grad_theta CE(net(A(s^c)), c)) (DC §3, gradient matching;
     with ``seed`` (one per class, shared by real and synthetic) it is DSA §3's matching with
     A(., omega); ``seed=None``: plain DC, no augmentation). Differentiable in the synthetic
     images (second order through the synthetic gradient)."""
@@ -325,8 +325,9 @@ def distill_dc(real: list[torch.Tensor], per_class: int, settings: DistillSettin
 class EvalSettings:
     """Training a fresh ConvNet on a (synthetic or real) set: the DM / DSA evaluation recipe, SGD
     lr 0.01, momentum 0.9, weight decay 5e-4, lr x 0.1 at half the epochs, DSA augmentation on
-    every batch. deldist's default is 300 epochs (the papers train 1,000 / 300 ...) to fit a
-    2-core machine."""
+    every batch. deldist's rules: 300 epochs by default (the DM paper trains 1,000; the stage's
+    config sets 100) to fit a 2-core machine, and the augmentation draws one transform per batch
+    (Siamese mode) where the reference draws per image."""
 
     epochs: int = 300
     lr: float = 0.01
