@@ -25,3 +25,9 @@ bench: install
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+# dataset distillation (DM) on the sample's classification set; not part of `make demo`
+.PHONY: distill
+distill: install
+	test -f $(DEMO_DIR)/sample/kvasir/labels.csv || $(PY) -m deldist.sample --out $(DEMO_DIR)/sample --size demo
+	$(VENV)/bin/deldist distill --config configs/distill.yaml data=$(DEMO_DIR)/sample/kvasir output=$(DEMO_DIR)/distill_run

@@ -31,7 +31,12 @@ STAGES: dict[str, str] = {
     "finetune": "deldist.finetune",
     "report": "deldist.report",
     "verify": "deldist.verify",
+    "distill": "deldist.distill_ray",
 }
+
+# stages whose output root need not be a curation run root (no embeddings/): verified after
+# the run only when it is one
+STANDALONE = {"distill"}
 
 
 def _run_root(config: object) -> str | None:
@@ -46,6 +51,8 @@ def verify_after(name: str, config: object, result: object) -> dict | None:
 
     root = _run_root(config)
     if name == "verify" or root is None or (isinstance(result, dict) and result.get("published") is False):
+        return None
+    if name in STANDALONE and not storage.is_published(storage.join(root, "embeddings")):
         return None
     return verify.run(verify.Config(output=root))
 

@@ -15,6 +15,7 @@
         pretrain/<name>/            pretrain: checkpoints, metrics, encoder.safetensors
         finetune/<name>/            finetune: summary, metrics
         reports/<name>/             report: NormDEL table and plot; reports/html/: the HTML page
+        distill/<name>/             distill: synthetic sets (frame stores) and summary.json
         curated/<selection>/        curate-new: v1, v2, ... latest.json, batches/v<N>/
 
 Stages take a :class:`RunLayout` (``RunLayout.of(config)`` honours a stage's ``embeddings`` /
@@ -180,6 +181,10 @@ class RunLayout:
 
     def report(self, name: str) -> str:
         return self.join("reports", name)
+
+    def distill(self, name: str) -> str:
+        """``deldist distill``'s synthetic sets (``synthetic/seed<k>/``) and ``summary.json``."""
+        return self.join("distill", name)
 
     @property
     def html(self) -> str:
