@@ -31,14 +31,13 @@ from deldist import storage
 from deldist.config import StageConfig
 from deldist.dynamics import DYNAMICS, TRAIN_SET
 from deldist.ids import id_hash
-from deldist.importance import MODES, default_window, difficulty, removed_by_mode, window_mean
+from deldist.importance import DEFAULT_MODE, MODES, default_window, difficulty, removed_by_mode, window_mean
 from deldist.layout import RunLayout
 from deldist.rules import REASONS, Decision, counts_by_reason, random_decision
 from deldist.schema import REMOVED_SCHEMA, RETAINED_SCHEMA
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODE = "keep_hard"
 RULES = {
     "dad": ("dad_pruned", "DAD: Dice of the argmax prediction on the foreground, averaged over a window of epochs",
             "He et al. 2023, Data-Centric Diet (arXiv 2308.01189); window and mode: deldist's defaults"),
@@ -131,7 +130,8 @@ def run(config: Config) -> dict[str, Any]:
     for sub, table in tables.items():
         storage.replace_table(layout.selection_table(config.name, sub), table)
     summary = {
-        "name": config.name, "method": config.method, "population": "labelled", "applies_to": "finetune",
+        "name": config.name, "method": config.method, "mode": config.mode, "population": "labelled",
+        "applies_to": "finetune",
         "dynamics": config.dynamics, "input_count": len(ids), "kept_count": int(kept.sum()),
         "removed_count": int((~kept).sum()), "ratio": float(kept.mean()) if len(ids) else 0.0,
         "removed_by_reason": counts_by_reason(decision.reason), "rules": decision.rules,

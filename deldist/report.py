@@ -35,6 +35,7 @@ from pydantic import Field
 
 from deldist import storage
 from deldist.config import StageConfig
+from deldist.importance import DEFAULT_MODE
 from deldist.layout import RunLayout, summary_of
 from deldist.metrics import normdel
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FULL = "all"
 PRETRAIN_SET, FINETUNE_SET = "pretraining frames", "finetune images"
+LABELLED_FULL = "finetune-all"  # the finetune-set rows' R = 1: the same encoder on every training image
 # plotted method series: a DM distillation row (method "dm") joins the classification plot when added
 SERIES = ("meddel", "meddel+deldist", "semdedup", "random", "dad", "el2n", "dm")
 
@@ -113,7 +115,8 @@ def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
              "| selection | method | R | frames | epochs | steps | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss "
              "| pruned set |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['selection']} | {r['method']} | {_fmt(r['retained'])} | {_fmt(r.get('frames'))} | "
+        method = f"{r['method']}, {r['mode']}" if r.get("mode") else r["method"]
+        lines.append(f"| {r['selection']} | {method} | {_fmt(r['retained'])} | {_fmt(r.get('frames'))} | "
                      f"{_fmt(r.get('epochs'))} | {_fmt(r.get('steps'))} | "
                      f"{_fmt(r['miou'], True)} | {_fmt(r['normdel'], True)} | {_fmt(r.get('miou_fg_bg'), True)} | "
                      f"{_fmt(r.get('pretrain_loss'))} | {r.get('pruned', PRETRAIN_SET)} |")
@@ -126,11 +129,12 @@ def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
 def _series(rows: list[dict[str, Any]], key: str, pruned: str = PRETRAIN_SET) -> dict[str, list[tuple[float, float]]]:
     """method -> [(R, value)] sorted by R, over the rows that prune ``pruned``; the full-data
     point joins every curve at R = 1."""
-    full = [(1.0, r[key]) for r in rows if r["method"] == "full" and r[key] is not None]
+    rows = [r for r in rows if r.get("pruned", PRETRAIN_SET) == pruned and r[key] is not None
+            and r.get("mode") in (None, DEFAULT_MODE)]  # a pruning's other modes: the table only
+    full = [(1.0, r[key]) for r in rows if r["method"] == "full"]
     out: dict[str, list[tuple[float, float]]] = {}
     for method in SERIES:
-        pts = [(r["retained"], r[key]) for r in rows
-               if r["method"] == method and r[key] is not None and r.get("pruned", PRETRAIN_SET) == pruned]
+        pts = [(r["retained"], r[key]) for r in rows if r["method"] == method]
         if pts:
             out[method] = sorted(pts + full)
     if not out and full:
@@ -247,7 +251,7 @@ def selection_info(output: str, selection: str) -> dict[str, Any]:
     if any(rule.get("by") == "deldist" for rule in summary.get("rules", [])):
         method += "+deldist"  # the paper's method with deldist's own rules on top
     return {"method": method, "retained": float(summary["ratio"]), "kept": summary.get("kept_count"),
-            "applies_to": summary.get("applies_to", "pretrain")}
+            "applies_to": summary.get("applies_to", "pretrain"), "mode": summary.get("mode")}
 
 
 def _pretrained(config: Config, selection: str, frames: str, retained: float) -> dict[str, Any]:
@@ -302,11 +306,16 @@ def _finetune_set_row(config: Config, selection: str, info: dict[str, Any], fram
         weights = config.labelled_encoder
     base = finetune.Config.model_validate({**config.finetune, "output": config.output, "random_init": True})
     epochs = schedule_epochs(base.segmentation.epochs, info["retained"], config.schedule)
-    fine = _finetuned(config, f"{config.name}-{selection}", weights, model, {"selection": selection, "epochs": epochs})
+    if selection == LABELLED_FULL:  # the run the full pretraining's row (or the control) finetuned already
+        fine = _finetuned(config, f"{config.name}-{FULL if weights else 'control'}", weights, model)
+    else:
+        fine = _finetuned(config, f"{config.name}-{selection}", weights, model, {"selection": selection,
+                                                                                 "epochs": epochs})
     seg = fine["segmentation"]
     log.info(f"deldist report: {selection}: finetuned on {seg['train_images']} images x {epochs} epochs: "
              f"mIoU {seg['miou']:.4f}")
-    return {"selection": selection, "method": info["method"], "retained": info["retained"], "pruned": FINETUNE_SET,
+    return {"selection": selection, "method": info["method"], "mode": info.get("mode"), "retained": info["retained"],
+            "pruned": FINETUNE_SET,
             "frames": seg["train_images"], "epochs": seg["epochs"], "steps": seg["steps"], "miou": seg["miou"],
             "miou_fg_bg": seg["miou_fg_bg"], "iou_fg_per_image": seg.get("iou_fg_per_image"),
             "dice_fg": seg.get("dice_fg"), "pretrain_loss": None, **_classification_columns(fine)}
@@ -338,13 +347,17 @@ def run(config: Config) -> dict[str, Any]:
         return {"html": html}
     init_ray()
     frames = config.frames or RunLayout(config.output).frames()
-    if not storage.is_published(frames):
+    pretrains = any(s == FULL or selection_info(config.output, s)["applies_to"] != "finetune"
+                    for s in config.selections) or config.labelled_encoder == FULL
+    if pretrains and not storage.is_published(frames):  # finetune-set prunings alone need no frames
         materialize.run(materialize.Config(output=config.output, frames=frames, size=config.frame_size))
     results = []
     for selection in config.selections:
         info = selection_info(config.output, selection)
         if info["applies_to"] == "finetune":
             results.append(_finetune_set_row(config, selection, info, frames))
+            if not any(r["selection"] == LABELLED_FULL for r in results):
+                results.append(_finetune_set_row(config, LABELLED_FULL, {"method": "full", "retained": 1.0}, frames))
             continue
         pre = _pretrained(config, selection, frames, info["retained"])
         fine = _finetuned(config, f"{config.name}-{selection}", pre["encoder"], pre["model"])

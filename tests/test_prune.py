@@ -145,7 +145,6 @@ def test_recorded_in_ray_train_pruned_and_taken_by_finetune_and_report(ray_sessi
     # finetune on the retained images only; report gives the selection a finetune-set row
     fine = _finetune(root, data, name="on_dad", engine="local", segmentation={**seg, "selection": "dad_50"})
     assert fine["segmentation"]["train_images"] == len(retained)
-    storage.publish(storage.join(root, "frames", "all"), [], {"rows": 0})  # no pretraining rows in this report
     rep = report.run(report.Config(output=root, name="t", selections=["dad_50", "random_50"], control=False,
                                    labelled_encoder="random_init", schedule="equal_epochs",
                                    finetune={"model": MODEL, "image_size": 64, "engine": "local",
@@ -153,7 +152,8 @@ def test_recorded_in_ray_train_pruned_and_taken_by_finetune_and_report(ray_sessi
     rows = {r["selection"]: r for r in rep["rows"]}
     assert rows["dad_50"]["method"] == "dad" and rows["dad_50"]["pruned"] == report.FINETUNE_SET
     assert rows["dad_50"]["frames"] == rows["random_50"]["frames"] == len(retained)
-    assert "| dad_50 | dad | " in storage.read_bytes(rep["table"]).decode()
+    assert "| dad_50 | dad, keep_hard | " in storage.read_bytes(rep["table"]).decode()
+    assert rows[report.LABELLED_FULL]["frames"] == 9 and rows[report.LABELLED_FULL]["method"] == "full"
     # a selection that retains a test image is refused (it would train on the test split)
     test_ids = sorted({f"{p[1].rsplit('/', 1)[1]}#0" for p in labelled.segmentation_pairs(data)} - set(train["id"]))
     storage.replace_table(RunLayout(root).selection_table("dad_50", "retained"), pa.table({"id": test_ids[:1]}))
