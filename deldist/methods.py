@@ -29,7 +29,7 @@ from pydantic import Field
 
 from deldist import finetune, prune, report, storage
 from deldist.config import StageConfig, load_config
-from deldist.importance import MODES
+from deldist.importance import DEFAULT_MODE, MODES
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "methods.yaml"
 
@@ -43,6 +43,8 @@ class Config(StageConfig):
     methods: list[str] = Field(default_factory=lambda: ["dad", "el2n"])
     modes: list[str] = Field(default_factory=lambda: list(MODES))
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="finetune seeds of the report runs")
+    ablation_seeds: list[int] = Field(default_factory=lambda: [0], description="seeds that run every mode; the "
+                                      "other seeds run the default mode (and random) only")
     finetune: dict[str, Any] = Field(default_factory=dict, description="deldist finetune settings of every run")
     record: dict[str, Any] = Field(default_factory=dict, description="the recording run's own settings on top")
 
@@ -59,8 +61,8 @@ def sample_stills(out: Path) -> str:
     return str(root)
 
 
-def selection_names(config: Config) -> list[str]:
-    """Prune every method x mode x budget and the random draw per budget -> the names."""
+def selection_names(config: Config) -> list[tuple[str, str]]:
+    """Prune every method x mode x budget and the random draw per budget -> (name, mode)."""
     names = []
     for budget in config.budgets:
         pct = f"{round(100 * budget)}"
@@ -68,7 +70,7 @@ def selection_names(config: Config) -> list[str]:
         for name, method, mode in [*runs, (f"random-{pct}", "random", MODES[0])]:
             prune.run(prune.Config(output=config.output, name=name, dynamics="record", method=method, mode=mode,
                                    prune_fraction=1 - budget))
-            names.append(name)
+            names.append((name, mode if method != "random" else DEFAULT_MODE))
     return names
 
 
@@ -89,7 +91,7 @@ def ablation(rows_by_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, An
 
 def ablation_markdown(table: list[dict[str, Any]], seeds: list[int]) -> str:
     lines = [f"Test mIoU (foreground IoU, %) after finetuning on the retained training images, mean +- sd over "
-             f"finetune seeds {seeds}; same steps for every row (equal compute).", "",
+             f"the finetune seeds run (of {seeds}); same steps for every row (equal compute).", "",
              "| method | mode | R | mIoU mean | sd | per seed |", "|---|---|---|---|---|---|"]
     for r in table:
         runs = ", ".join(f"{100 * v:.1f}" for v in r["miou_runs"])
@@ -112,7 +114,8 @@ def run(config: Config) -> dict[str, Any]:
     fine = {**config.finetune, "segmentation": {**config.finetune.get("segmentation", {}), "data": config.data}}
     rows_by_seed, reports = {}, {}
     for seed in config.seeds:
-        result = report.run(report.Config(output=config.output, name=f"methods-s{seed}", selections=names,
+        chosen = [n for n, mode in names if seed in config.ablation_seeds or mode == DEFAULT_MODE]
+        result = report.run(report.Config(output=config.output, name=f"methods-s{seed}", selections=chosen,
                                           labelled_encoder="random_init", control=False,
                                           finetune={**fine, "seed": seed}))
         rows_by_seed[seed], reports[seed] = result["rows"], result["report"]

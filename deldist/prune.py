@@ -130,7 +130,8 @@ def run(config: Config) -> dict[str, Any]:
     for sub, table in tables.items():
         storage.replace_table(layout.selection_table(config.name, sub), table)
     summary = {
-        "name": config.name, "method": config.method, "mode": config.mode, "population": "labelled",
+        "name": config.name, "method": config.method, "population": "labelled",
+        "mode": None if config.method == "random" else config.mode,
         "applies_to": "finetune",
         "dynamics": config.dynamics, "input_count": len(ids), "kept_count": int(kept.sum()),
         "removed_count": int((~kept).sum()), "ratio": float(kept.mean()) if len(ids) else 0.0,
@@ -143,7 +144,8 @@ def run(config: Config) -> dict[str, Any]:
     storage.publish(layout.selection(config.name), [], {"name": config.name, "retained": "retained",
                                                          "removed": "removed", "population": "population",
                                                          "summary": "summary.json"})
-    log.info(f"deldist prune {config.name}: {config.method} ({config.mode}, epochs {window[0]}-{window[1]}) kept "
-             f"{summary['kept_count']} of {summary['input_count']} training images")
+    how = "a seeded draw" if config.method == "random" else f"{config.mode}, epochs {window[0]}-{window[1]}"
+    log.info(f"deldist prune {config.name}: {config.method} ({how}) kept {summary['kept_count']} of "
+             f"{summary['input_count']} training images")
     return {"selection": layout.selection(config.name),
             **{k: summary[k] for k in ("method", "input_count", "kept_count", "ratio", "removed_by_reason")}}

@@ -245,7 +245,7 @@ def _plot_pillow(rows: list[dict[str, Any]], caption: str = "") -> bytes:
 def selection_info(output: str, selection: str) -> dict[str, Any]:
     """(method, retained fraction, kept count) of a selection; ``all`` is the full data."""
     if selection == FULL:
-        return {"method": "full", "retained": 1.0}
+        return {"method": "full", "retained": 1.0, "applies_to": "pretrain"}
     summary = storage.read_json(RunLayout(output).selection_summary(selection))
     method = summary.get("method", "meddel")
     if any(rule.get("by") == "deldist" for rule in summary.get("rules", [])):
