@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from deldist import report, storage
-from deldist.metrics import normdel
 from deldist.layout import RunLayout
+from deldist.metrics import normdel
 
 
 def _rows():
