@@ -109,7 +109,7 @@ def _fmt(value: Any, percent: bool = False) -> str:
 def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
     """Table 3 style: mIoU and NormDEL in percent per selection."""
     lines = [f"mIoU = foreground (polyp) IoU on the held-out split, %; NormDEL with alpha = {alpha:g}, %; "
-             "R = retained fraction of the pretraining frames.", "",
+             "R = retained fraction of the pruned set.", "",
              "Rows pruning the finetune set (deldist prune: DAD, EL2N, their random baseline) count training "
              "images and finetune epochs / steps; the others pretraining frames, epochs and steps.", "",
              "| selection | method | R | frames | epochs | steps | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss "
