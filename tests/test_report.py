@@ -95,9 +95,10 @@ def test_finetune_set_rows_have_their_own_series_and_panel():
     rows = report.table_rows([
         *_rows(),
         {"selection": "finetune-all", "method": "full", "retained": 1.0, "pruned": fs, "miou": 0.62},
-        {"selection": "dad-50", "method": "dad", "mode": "keep_hard", "retained": 0.5, "pruned": fs, "miou": 0.6},
+        {"selection": "dad-50", "method": "dad", "mode": report.DEFAULT_MODE, "retained": 0.5, "pruned": fs, "miou": 0.6},
         {"selection": "dad-easy-50", "method": "dad", "mode": "keep_easy", "retained": 0.5, "pruned": fs, "miou": 0.4},
-        {"selection": "el2n-50", "method": "el2n", "mode": "keep_hard", "retained": 0.5, "pruned": fs, "miou": 0.5},
+        {"selection": "el2n-50", "method": "el2n", "mode": report.DEFAULT_MODE, "retained": 0.5, "pruned": fs,
+         "miou": 0.5},
         {"selection": "random-50", "method": "random", "retained": 0.5, "pruned": fs, "miou": 0.55},
     ], alpha=1.0)
     assert [r["selection"] for r in rows[:4]] == ["all", "meddel-0.05", "random-0.05", "random-init"]
