@@ -42,6 +42,8 @@ class Config(StageConfig):
     budgets: list[float] = Field(default_factory=lambda: [0.5, 0.25], description="retained fractions R")
     methods: list[str] = Field(default_factory=lambda: ["dad", "el2n"])
     modes: list[str] = Field(default_factory=lambda: list(MODES))
+    ablation_methods: list[str] = Field(default_factory=lambda: ["dad"], description="methods run in every mode; "
+                                        "the others in the default mode only")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="finetune seeds of the report runs")
     ablation_seeds: list[int] = Field(default_factory=lambda: [0], description="seeds that run every mode; the "
                                       "other seeds run the default mode (and random) only")
@@ -66,7 +68,8 @@ def selection_names(config: Config) -> list[tuple[str, str]]:
     names = []
     for budget in config.budgets:
         pct = f"{round(100 * budget)}"
-        runs = [(f"{m}-{mode}-{pct}", m, mode) for m in config.methods for mode in config.modes]
+        runs = [(f"{m}-{mode}-{pct}", m, mode) for m in config.methods
+                for mode in (config.modes if m in config.ablation_methods else [DEFAULT_MODE])]
         for name, method, mode in [*runs, (f"random-{pct}", "random", MODES[0])]:
             prune.run(prune.Config(output=config.output, name=name, dynamics="record", method=method, mode=mode,
                                    prune_fraction=1 - budget))
