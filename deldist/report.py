@@ -144,7 +144,7 @@ def _series(rows: list[dict[str, Any]], key: str, pruned: str = PRETRAIN_SET) ->
 
 def steps_caption(rows: list[dict[str, Any]], schedule: str) -> str:
     """One line on the pretraining budget under the plot: the steps every selection trained."""
-    steps = sorted({int(r["steps"]) for r in rows if r.get("steps")})
+    steps = sorted({int(r["steps"]) for r in rows if r.get("steps") and r.get("pruned", PRETRAIN_SET) == PRETRAIN_SET})
     if not steps:
         return ""
     span = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
@@ -162,11 +162,14 @@ def plot_png(rows: list[dict[str, Any]], caption: str = "") -> tuple[bytes, str]
     except ImportError:
         return _plot_pillow(rows, caption), "pillow"
     control = next((r["miou"] for r in rows if r["method"] == "control"), None)
+    finetune_set = any(r.get("pruned") == FINETUNE_SET for r in rows)
+    pretraining = any(r.get("pruned", PRETRAIN_SET) == PRETRAIN_SET and r["method"] != "control" for r in rows)
     panels = [("miou", "mIoU (%)", PRETRAIN_SET), ("normdel", "NormDEL (%)", PRETRAIN_SET)]
-    if any(r.get("pruned") == FINETUNE_SET for r in rows):
+    panels = panels if pretraining or not finetune_set else []  # prunings of the finetune set alone: their panel
+    if finetune_set:
         panels.append(("miou", "mIoU (%), finetune set pruned", FINETUNE_SET))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
-    for ax, (key, title, pruned) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title, pruned) in zip(axes[0], panels):
         for method, pts in _series(rows, key, pruned).items():
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
         if key == "miou" and control is not None:
