@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_out
+METHODS_DIR ?= methods_out
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo methods bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +21,15 @@ test: install
 demo: install
 	$(PY) -m deldist.demo --out $(DEMO_DIR)
 
+# DAD / EL2N / random pruning of the sample's labelled set, every mode, three seeds (configs/methods.yaml)
+methods: install
+	$(PY) -m deldist.methods --out $(METHODS_DIR)
+
 bench: install
 	$(PY) bench/embed.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) $(METHODS_DIR) .pytest_cache
 
 # dataset distillation (DM) on the sample's classification set; not part of `make demo`
 .PHONY: distill

@@ -29,6 +29,7 @@ STAGES: dict[str, str] = {
     "materialize": "deldist.materialize",
     "pretrain": "deldist.pretrain",
     "finetune": "deldist.finetune",
+    "prune": "deldist.prune",
     "report": "deldist.report",
     "verify": "deldist.verify",
     "distill": "deldist.distill_ray",

@@ -35,7 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from deldist import storage
 from deldist.augment import flip_pairs
 from deldist.config import StageConfig
+from deldist.dynamics import PassRecorder, write_dynamics
 from deldist.frames import IMAGENET_MEAN, IMAGENET_STD
+from deldist.ids import frame_id
 from deldist.labelled import file_stem, list_images, load_image, load_pairs, segmentation_pairs, split_indices
 from deldist.layout import RunLayout, summary_of
 from deldist.trainer import LocalSession, LoopSettings, RayTrainSession, Training, all_reduce_sum, ray_run_config
@@ -58,6 +60,10 @@ class Segmentation(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     hidden: int = Field(256, ge=1, description="MLP head width")
     dice_weight: float = Field(1.0, ge=0)
+    selection: str | None = Field(None, description="train on this selection's retained ids only (a pruning of the "
+                                                    "labelled set, `deldist prune`); the test split stays whole")
+    record_dynamics: bool = Field(False, description="record each sample's Dice and EL2N at every training pass "
+                                                     "-> finetune/<name>/dynamics/ (what `deldist prune` scores)")
 
 
 class Classification(BaseModel):
@@ -131,6 +137,8 @@ class SegLoop:
     segmentation: Segmentation
     steps_per_epoch: int
     n_train: int
+    ids: tuple[str, ...] = ()  # every labelled pair's id, by row index (recorded dynamics name them)
+    train_index: tuple[int, ...] = ()
 
 
 def segmentation_loop(config: dict[str, Any], session: Any = None) -> None:
@@ -155,27 +163,35 @@ def segmentation_loop(config: dict[str, Any], session: Any = None) -> None:
     train = session.dataset("train")
     # a resumed run draws other flips than the run it resumes
     flips = torch.Generator().manual_seed(loop.settings.seed * 7919 + session.rank * 104729 + run.state["step"])
+    recorder = PassRecorder(session.rank) if seg.record_dynamics else None
     while run.state["epoch"] < seg.epochs:
         run.model.train()
         loss_sum, n, started = 0.0, 0, time.perf_counter()
         # a new order every epoch: blocks reshuffled (randomize_block_order) + a local buffer
         for i, batch in enumerate(train.iter_torch_batches(batch_size=seg.batch_size, drop_last=True,
                                                            local_shuffle_buffer_size=4 * seg.batch_size,
-                                                           dtypes={"image": torch.uint8, "mask": torch.long})):
+                                                           dtypes={"image": torch.uint8, "mask": torch.long, "index": torch.long})):
             if i >= loop.steps_per_epoch:
                 break
             images, masks = flip_pairs(batch["image"].to(run.device), batch["mask"].to(run.device), flips)
             with run.autocast():
                 logits = run.model(run.inputs(images))
             loss = dice_ce_loss(logits, masks, seg.dice_weight)
+            if recorder is not None:  # this pass's per-sample Dice and EL2N, on every worker
+                recorder.add(batch["index"], run.state["epoch"] + 1, run.state["step"] + 1, logits, masks)
             run.step(loss)
             loss_sum += float(loss.detach())
             n += 1
         loss_total, n_total = all_reduce_sum([loss_sum, n], run.device)
+        if recorder is not None:
+            recorder.end_epoch(run.state)  # gathered into rank 0's checkpointed state
         run.end_epoch({"epoch": run.state["epoch"] + 1, "step": run.state["step"], "loss": loss_total / max(1, n_total),
                        "lr": max(g["lr"] for g in run.optimizer.param_groups if not g.get("head")),  # the last block's
                        "seconds": time.perf_counter() - started}, "segmentation_metrics")
     if session.rank == 0:
+        if recorder is not None:
+            write_dynamics(loop.settings.run_dir, run.state.get("dynamics"), list(loop.ids), list(loop.train_index),
+                           posixpath.basename(seg.data.rstrip("/")))
         _evaluate_segmentation(run, loop, session.dataset("test"))
 
 
@@ -191,7 +207,7 @@ def _evaluate_segmentation(run: Training, loop: SegLoop, test: Any) -> None:
     iou_sum, images = 0.0, 0
     with torch.inference_mode():
         for batch in test.iter_torch_batches(batch_size=loop.segmentation.batch_size,
-                                             dtypes={"image": torch.uint8, "mask": torch.long}):
+                                             dtypes={"image": torch.uint8, "mask": torch.long, "index": torch.long}):
             with run.autocast():
                 pred = run.core(run.inputs(batch["image"])).argmax(dim=1).cpu().numpy()
             target = batch["mask"].numpy()
@@ -218,7 +234,12 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
         raise ValueError("segmentation.data is not set (a Kvasir-SEG layout: images/ + masks/)")
     pairs = segmentation_pairs(seg.data)
     train_idx, test_idx = split_indices(len(pairs), seg.test_fraction, seg.split_seed)
-    rows = [{"image_uri": pairs[i][1], "mask_uri": pairs[i][2]} for i in range(len(pairs))]
+    rows = [{"image_uri": pairs[i][1], "mask_uri": pairs[i][2], "index": i} for i in range(len(pairs))]
+    ids = [frame_id(posixpath.basename(p[1]), 0) for p in pairs]
+    if seg.selection:
+        from deldist.labelled import selection_subset
+
+        train_idx = selection_subset(config.output, seg.selection, ids, train_idx, test_idx)
 
     def dataset(indices: np.ndarray) -> Any:
         items = [rows[i] for i in indices]
@@ -235,7 +256,7 @@ def run_segmentation(config: Config, use_gpu: bool) -> dict[str, Any]:
     settings = LoopSettings(config.name, out, use_gpu, config.torch_threads or max(1, int(config.cpus_per_worker)),
                             config.precision, tuple(config.mean), tuple(config.std), config.seed)
     loop = SegLoop(settings, config.model, config.image_size, config.weights, config.random_init, seg, steps_per_epoch,
-                   len(train_idx))
+                   len(train_idx), tuple(ids), tuple(int(i) for i in train_idx))
     if config.engine == "local":
         if config.num_workers != 1:
             raise ValueError("engine=local runs one worker: set num_workers=1")

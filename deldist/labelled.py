@@ -58,9 +58,34 @@ def load_mask(data: bytes, size: int) -> np.ndarray:
 
 
 def load_pairs(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray Data: {image_uri, mask_uri} -> {"image": uint8 (B, 3, S, S), "mask": uint8 (B, S, S)}."""
+    """Ray Data: {image_uri, mask_uri[, index]} -> {"image": uint8 (B, 3, S, S), "mask": uint8
+    (B, S, S)[, "index": int64 (B,), the pair's row, passed through]}."""
     images = [load_image(storage.read_bytes(str(u)), size) for u in batch["image_uri"]]
     masks = [load_mask(storage.read_bytes(str(u)), size) for u in batch["mask_uri"]]
-    return {"image": np.stack(images), "mask": np.stack(masks)}
+    index = {"index": np.asarray(batch["index"], np.int64)} if "index" in batch else {}
+    return {"image": np.stack(images), "mask": np.stack(masks), **index}
+
+
+def selection_subset(output: str, selection: str, ids: list[str], train_idx: np.ndarray,
+                     test_idx: np.ndarray) -> np.ndarray:
+    """The training rows a selection of the labelled set retains: ``train_idx`` restricted to the
+    ids in ``<output>/selections/<selection>/retained``. ids: every pair's id, by row. A
+    selection that retains a test image, or ids that are not labelled pairs, is refused."""
+    from deldist.layout import RunLayout
+
+    retained = set(storage.read_published(RunLayout(output).selection_table(selection, "retained"),
+                                          columns=["id"]).column("id").to_pylist())
+    unknown = retained - set(ids)
+    if unknown:
+        raise ValueError(f"selection {selection!r} retains {len(unknown)} ids that are no image/mask pair here, "
+                         f"e.g. {sorted(unknown)[:3]}")
+    leaked = [ids[i] for i in test_idx if ids[i] in retained]
+    if leaked:
+        raise ValueError(f"selection {selection!r} retains {len(leaked)} images of the test split, e.g. {leaked[:3]}: "
+                         "prune with the finetune's test_fraction and split_seed")
+    kept = np.asarray([i for i in train_idx if ids[i] in retained], dtype=np.int64)
+    if len(kept) == 0:
+        raise ValueError(f"selection {selection!r} retains no training image")
+    return kept
 
 

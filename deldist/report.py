@@ -35,12 +35,17 @@ from pydantic import Field
 
 from deldist import storage
 from deldist.config import StageConfig
+from deldist.importance import DEFAULT_MODE
 from deldist.layout import RunLayout, summary_of
 from deldist.metrics import normdel
 
 log = logging.getLogger(__name__)
 
 FULL = "all"
+PRETRAIN_SET, FINETUNE_SET = "pretraining frames", "finetune images"
+LABELLED_FULL = "finetune-all"  # the finetune-set rows' R = 1: the same encoder on every training image
+# plotted method series: a DM distillation row (method "dm") joins the classification plot when added
+SERIES = ("meddel", "meddel+deldist", "semdedup", "random", "dad", "el2n", "dm")
 
 
 class Config(StageConfig):
@@ -62,6 +67,8 @@ class Config(StageConfig):
     normdel: bool | None = Field(None, description="pretrain + finetune + NormDEL table; default: yes unless html")
     html_gallery: int = Field(24, ge=0, description="HTML report: frames per outlier / invalid gallery")
     html_groups: int = Field(8, ge=0, description="HTML report: largest duplicate groups shown per selection")
+    labelled_encoder: str = Field("all", description="the encoder the finetune rows of labelled-set prunings "
+                                  "(deldist prune) train: all = pretrained on every frame, random_init, or weights")
 
 
 # ------------------------------------------------------------------ table (pure)
@@ -85,8 +92,10 @@ def table_rows(results: list[dict[str, Any]], alpha: float) -> list[dict[str, An
         row = dict(r)
         row["normdel"] = normdel(r["miou"], r["retained"], alpha) if r["retained"] is not None else None
         rows.append(row)
-    order = {"full": 0, "meddel": 1, "meddel+deldist": 1.5, "semdedup": 1.7, "random": 2, "control": 4}
-    return sorted(rows, key=lambda r: (order.get(r["method"], 3), -(r["retained"] or 0), r["selection"]))
+    order = {"full": 0, "meddel": 1, "meddel+deldist": 1.5, "semdedup": 1.7, "random": 2, "dad": 2.2, "el2n": 2.4,
+             "dm": 2.6, "control": 4}
+    return sorted(rows, key=lambda r: (r.get("pruned") == FINETUNE_SET, order.get(r["method"], 3),
+                                       -(r["retained"] or 0), r["selection"]))
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
@@ -100,26 +109,32 @@ def _fmt(value: Any, percent: bool = False) -> str:
 def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
     """Table 3 style: mIoU and NormDEL in percent per selection."""
     lines = [f"mIoU = foreground (polyp) IoU on the held-out split, %; NormDEL with alpha = {alpha:g}, %; "
-             "R = retained fraction of the pretraining frames.", "",
-             "| selection | method | R | frames | epochs | steps | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "R = retained fraction of the pruned set.", "",
+             "Rows pruning the finetune set (deldist prune: DAD, EL2N, their random baseline) count training "
+             "images and finetune epochs / steps; the others pretraining frames, epochs and steps.", "",
+             "| selection | method | R | frames | epochs | steps | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss "
+             "| pruned set |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['selection']} | {r['method']} | {_fmt(r['retained'])} | {_fmt(r.get('frames'))} | "
+        method = f"{r['method']}, {r['mode']}" if r.get("mode") else r["method"]
+        lines.append(f"| {r['selection']} | {method} | {_fmt(r['retained'])} | {_fmt(r.get('frames'))} | "
                      f"{_fmt(r.get('epochs'))} | {_fmt(r.get('steps'))} | "
                      f"{_fmt(r['miou'], True)} | {_fmt(r['normdel'], True)} | {_fmt(r.get('miou_fg_bg'), True)} | "
-                     f"{_fmt(r.get('pretrain_loss'))} |")
+                     f"{_fmt(r.get('pretrain_loss'))} | {r.get('pruned', PRETRAIN_SET)} |")
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ plot
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[float, float]]]:
-    """method -> [(R, value)] sorted by R; the full-data point joins both curves at R = 1."""
-    full = [(1.0, r[key]) for r in rows if r["method"] == "full" and r[key] is not None]
+def _series(rows: list[dict[str, Any]], key: str, pruned: str = PRETRAIN_SET) -> dict[str, list[tuple[float, float]]]:
+    """method -> [(R, value)] sorted by R, over the rows that prune ``pruned``; the full-data
+    point joins every curve at R = 1."""
+    rows = [r for r in rows if r.get("pruned", PRETRAIN_SET) == pruned and r[key] is not None
+            and r.get("mode") in (None, DEFAULT_MODE)]  # a pruning's other modes: the table only
+    full = [(1.0, r[key]) for r in rows if r["method"] == "full"]
     out: dict[str, list[tuple[float, float]]] = {}
-    for method in ("meddel", "meddel+deldist", "semdedup", "random"):
-        pts = [(r["retained"], r[key]) for r in rows if r["method"] == method and r[key] is not None]
+    for method in SERIES:
+        pts = [(r["retained"], r[key]) for r in rows if r["method"] == method]
         if pts:
             out[method] = sorted(pts + full)
     if not out and full:
@@ -129,7 +144,7 @@ def _series(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[float,
 
 def steps_caption(rows: list[dict[str, Any]], schedule: str) -> str:
     """One line on the pretraining budget under the plot: the steps every selection trained."""
-    steps = sorted({int(r["steps"]) for r in rows if r.get("steps")})
+    steps = sorted({int(r["steps"]) for r in rows if r.get("steps") and r.get("pruned", PRETRAIN_SET) == PRETRAIN_SET})
     if not steps:
         return ""
     span = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
@@ -147,9 +162,15 @@ def plot_png(rows: list[dict[str, Any]], caption: str = "") -> tuple[bytes, str]
     except ImportError:
         return _plot_pillow(rows, caption), "pillow"
     control = next((r["miou"] for r in rows if r["method"] == "control"), None)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in ((axes[0], "miou", "mIoU (%)"), (axes[1], "normdel", "NormDEL (%)")):
-        for method, pts in _series(rows, key).items():
+    finetune_set = any(r.get("pruned") == FINETUNE_SET for r in rows)
+    pretraining = any(r.get("pruned", PRETRAIN_SET) == PRETRAIN_SET and r["method"] != "control" for r in rows)
+    panels = [("miou", "mIoU (%)", PRETRAIN_SET), ("normdel", "NormDEL (%)", PRETRAIN_SET)]
+    panels = panels if pretraining or not finetune_set else []  # prunings of the finetune set alone: their panel
+    if finetune_set:
+        panels.append(("miou", "mIoU (%), finetune set pruned", FINETUNE_SET))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title, pruned) in zip(axes[0], panels):
+        for method, pts in _series(rows, key, pruned).items():
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
         if key == "miou" and control is not None:
             ax.axhline(100 * control, linestyle="--", color="grey", label="random init")
@@ -227,12 +248,13 @@ def _plot_pillow(rows: list[dict[str, Any]], caption: str = "") -> bytes:
 def selection_info(output: str, selection: str) -> dict[str, Any]:
     """(method, retained fraction, kept count) of a selection; ``all`` is the full data."""
     if selection == FULL:
-        return {"method": "full", "retained": 1.0}
+        return {"method": "full", "retained": 1.0, "applies_to": "pretrain"}
     summary = storage.read_json(RunLayout(output).selection_summary(selection))
     method = summary.get("method", "meddel")
     if any(rule.get("by") == "deldist" for rule in summary.get("rules", [])):
         method += "+deldist"  # the paper's method with deldist's own rules on top
-    return {"method": method, "retained": float(summary["ratio"]), "kept": summary.get("kept_count")}
+    return {"method": method, "retained": float(summary["ratio"]), "kept": summary.get("kept_count"),
+            "applies_to": summary.get("applies_to", "pretrain"), "mode": summary.get("mode")}
 
 
 def _pretrained(config: Config, selection: str, frames: str, retained: float) -> dict[str, Any]:
@@ -257,15 +279,49 @@ def _pretrained(config: Config, selection: str, frames: str, retained: float) ->
             "model": meta["model"]}
 
 
-def _finetuned(config: Config, name: str, weights: str | None, model: str) -> dict[str, Any]:
+def _finetuned(config: Config, name: str, weights: str | None, model: str,
+               segmentation: dict[str, Any] | None = None) -> dict[str, Any]:
     from deldist import finetune
 
     out = RunLayout(config.output).finetune(name)
     if not storage.is_published(out):
         settings = {**config.finetune, "output": config.output, "name": name, "model": model,
                     "weights": weights, "random_init": weights is None}
+        if segmentation:
+            settings["segmentation"] = {**config.finetune.get("segmentation", {}), **segmentation}
         finetune.run(finetune.Config.model_validate(settings))
     return storage.read_json(summary_of(out))
+
+
+def _finetune_set_row(config: Config, selection: str, info: dict[str, Any], frames: str) -> dict[str, Any]:
+    """The row of a pruning of the labelled finetune set (``deldist prune``): the encoder of
+    ``labelled_encoder`` finetuned on the retained training images, for base epochs / R under
+    ``equal_compute`` (the same steps as the whole training set; the DAD authors' code trains
+    a fixed number of iterations whatever it pruned)."""
+    from deldist import finetune
+
+    model = config.pretrain.get("model") or config.finetune.get("model") or "vit_base_patch16_224"
+    weights: str | None = None
+    if config.labelled_encoder == FULL:
+        pre = _pretrained(config, FULL, frames, 1.0)
+        weights, model = pre["encoder"], pre["model"]
+    elif config.labelled_encoder != "random_init":
+        weights = config.labelled_encoder
+    base = finetune.Config.model_validate({**config.finetune, "output": config.output, "random_init": True})
+    epochs = schedule_epochs(base.segmentation.epochs, info["retained"], config.schedule)
+    if selection == LABELLED_FULL:  # the run the full pretraining's row (or the control) finetuned already
+        fine = _finetuned(config, f"{config.name}-{FULL if weights else 'control'}", weights, model)
+    else:
+        fine = _finetuned(config, f"{config.name}-{selection}", weights, model, {"selection": selection,
+                                                                                 "epochs": epochs})
+    seg = fine["segmentation"]
+    log.info(f"deldist report: {selection}: finetuned on {seg['train_images']} images x {epochs} epochs: "
+             f"mIoU {seg['miou']:.4f}")
+    return {"selection": selection, "method": info["method"], "mode": info.get("mode"), "retained": info["retained"],
+            "pruned": FINETUNE_SET,
+            "frames": seg["train_images"], "epochs": seg["epochs"], "steps": seg["steps"], "miou": seg["miou"],
+            "miou_fg_bg": seg["miou_fg_bg"], "iou_fg_per_image": seg.get("iou_fg_per_image"),
+            "dice_fg": seg.get("dice_fg"), "pretrain_loss": None, **_classification_columns(fine)}
 
 
 def _classification_columns(summary: dict[str, Any]) -> dict[str, float]:
@@ -294,11 +350,18 @@ def run(config: Config) -> dict[str, Any]:
         return {"html": html}
     init_ray()
     frames = config.frames or RunLayout(config.output).frames()
-    if not storage.is_published(frames):
+    pretrains = any(s == FULL or selection_info(config.output, s)["applies_to"] != "finetune"
+                    for s in config.selections) or config.labelled_encoder == FULL
+    if pretrains and not storage.is_published(frames):  # finetune-set prunings alone need no frames
         materialize.run(materialize.Config(output=config.output, frames=frames, size=config.frame_size))
     results = []
     for selection in config.selections:
         info = selection_info(config.output, selection)
+        if info["applies_to"] == "finetune":
+            results.append(_finetune_set_row(config, selection, info, frames))
+            if not any(r["selection"] == LABELLED_FULL for r in results):
+                results.append(_finetune_set_row(config, LABELLED_FULL, {"method": "full", "retained": 1.0}, frames))
+            continue
         pre = _pretrained(config, selection, frames, info["retained"])
         fine = _finetuned(config, f"{config.name}-{selection}", pre["encoder"], pre["model"])
         seg = fine["segmentation"]

@@ -225,7 +225,9 @@ def random_decision(ids: pa.Array, ratio: float, seed: int) -> np.ndarray:
     return reason
 
 
-REASONS: tuple[str, ...] = ("invalid", "outlier", "temporal", "near_copy", "duplicate", "random")
+# dad_pruned / el2n_pruned: deldist prune's rules on a labelled set (deldist.importance)
+REASONS: tuple[str, ...] = ("invalid", "outlier", "temporal", "near_copy", "duplicate", "random", "dad_pruned",
+                            "el2n_pruned")
 
 
 def counts_by_reason(reason: np.ndarray) -> dict[str, int]:

@@ -78,6 +78,19 @@ def all_reduce_sum(values: list[float], device: Any) -> list[float]:
     return t.tolist()
 
 
+def all_gather_rows(rows: Any) -> Any:
+    """Every worker's (n_i, C) tensor, concatenated in rank order on every worker (the tensor
+    itself with one worker). Workers may hold different row counts."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows.cpu())
+    return torch.cat(gathered)
+
+
 class RayTrainSession:
     """What a train loop needs from Ray Train: rank, dataset shards, checkpoints, DDP."""
 

@@ -14,7 +14,8 @@ What is checked (each a named check in the report; ``ok`` only when none fails):
 - ``clusters``: ``k`` centroids of the embeddings' dimension, finite and unit length; every
   embedded id assigned once, to a cluster in [0, k).
 - ``scores``: every assigned id scored once.
-- ``selections/<name>``: retained and removed partition the embedded ids; every removed item
+- ``selections/<name>``: retained and removed partition the embedded ids (a ``deldist prune``
+  selection of a labelled set: the ids of its ``population/``); every removed item
   that names ``duplicate_of`` names a retained id (selections under the ``kept`` rule:
   SemDeDup's ``any_earlier`` may name a removed one); reasons known; the summary's counts match.
 - ``curated/<selection>``: versions 1..N published, ``latest.json`` names the newest; each
@@ -274,10 +275,13 @@ def _check_selection(layout: RunLayout, name: str, ids: pa.Array, report: Report
     retained_table = storage.read_published(table_of(d, "retained"))
     retained = retained_table.column("id").combine_chunks()
     removed = storage.read_published(table_of(d, "removed"), columns=["id", "reason", "duplicate_of"])
+    labelled = summary.get("population") == "labelled"  # deldist prune: a labelled set, not embedded frames
+    if labelled:
+        ids = _ids(table_of(d, "population"))
     problems = partition_problems(ids, retained, removed, summary.get("dedup_rule", "kept") == "kept")
     if summary.get("kept_count") is not None and summary["kept_count"] != len(retained):
         problems.append(f"summary kept_count {summary['kept_count']} != {len(retained)} retained rows")
-    if set(RETAINED_META) <= set(retained_table.column_names):
+    if set(RETAINED_META) <= set(retained_table.column_names) and not labelled:
         problems += meta_problems(retained_table, storage.read_published(layout.embeddings,
                                                                          columns=["id", *RETAINED_META]))
     report.check(f"selections/{name}", problems)

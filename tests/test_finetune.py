@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from deldist import augment, finetune, labelled, storage
-from deldist.metrics import confusion_counts, segmentation_scores
 from deldist.layout import RunLayout
+from deldist.metrics import confusion_counts, segmentation_scores
 
 MODEL = "deldist_vit_micro_patch16"
 SIZE = 64

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from deldist import report, storage
-from deldist.metrics import normdel
 from deldist.layout import RunLayout
+from deldist.metrics import normdel
 
 
 def _rows():
@@ -86,3 +86,27 @@ def test_report_run_reuses_finished_runs(ray_session, tmp_path):
     # another schedule over the same runs is refused rather than mislabelled
     with pytest.raises(ValueError, match="equal_epochs schedule"):
         report.run(report.Config(output=root, name="t3", selections=["all", "m5"], schedule="equal_epochs"))
+
+
+def test_finetune_set_rows_have_their_own_series_and_panel():
+    """deldist prune rows (DAD / EL2N / random of the labelled set) plot against the finetune
+    set's R, beside their own R = 1 row; a non-default mode stays in the table only."""
+    fs = report.FINETUNE_SET
+    rows = report.table_rows([
+        *_rows(),
+        {"selection": "finetune-all", "method": "full", "retained": 1.0, "pruned": fs, "miou": 0.62},
+        {"selection": "dad-50", "method": "dad", "mode": report.DEFAULT_MODE, "retained": 0.5, "pruned": fs, "miou": 0.6},
+        {"selection": "dad-easy-50", "method": "dad", "mode": "keep_easy", "retained": 0.5, "pruned": fs, "miou": 0.4},
+        {"selection": "el2n-50", "method": "el2n", "mode": report.DEFAULT_MODE, "retained": 0.5, "pruned": fs,
+         "miou": 0.5},
+        {"selection": "random-50", "method": "random", "retained": 0.5, "pruned": fs, "miou": 0.55},
+    ], alpha=1.0)
+    assert [r["selection"] for r in rows[:4]] == ["all", "meddel-0.05", "random-0.05", "random-init"]
+    series = report._series(rows, "miou", fs)
+    assert series == {"random": [(0.5, 0.55), (1.0, 0.62)], "dad": [(0.5, 0.6), (1.0, 0.62)],
+                      "el2n": [(0.5, 0.5), (1.0, 0.62)]}
+    assert report._series(rows, "miou")["random"] == [(0.05, 0.70), (1.0, 0.7602)]  # pretraining rows only
+    md = report.markdown_table(rows, 1.0)
+    assert "| dad-easy-50 | dad, keep_easy | 0.5 |" in md and md.count(f"| {fs} |") == 5
+    png, backend = report.plot_png(rows)
+    assert backend == "pillow" or Image.open(io.BytesIO(png)).width > 1200  # three panels of 4.5 in at 110 dpi
