@@ -111,9 +111,9 @@ class Config(StageConfig):
     use_gpu: bool | None = Field(None, description="faiss GPU index in tasks (default: when the cluster has GPUs)")
     bounds: bool = Field(True, description="skip rows whose cluster provably cannot change (Hamerly bounds)")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="scores of the streamed assignment (fit_fraction < 1): float32 (faiss), or bfloat16 "
-                            "with each row's near-best centroids rechecked in float32 (the same labels); auto: "
-                            "bfloat16 on CPUs with AMX or AVX512-BF16")
+        "float32", description="scores of the streamed assignment (fit_fraction < 1): float32 (faiss), or bfloat16 "
+                               "with each row's near-best centroids rechecked in float32 (the same labels; not "
+                               "benchmarked yet); auto: bfloat16 on CPUs with AMX or AVX512-BF16")
 
 
 # ----------------------------------------------------------------------------- math (pure)
@@ -387,7 +387,7 @@ def _assign_all(config: Config, plan: Plan, fit: Fit) -> list[dict[str, Any]]:
 
 
 def assign_to_centroids(embeddings: str, centroids: np.ndarray, out_dir: str, *, shard_rows: int, task_cpus: float,
-                        use_gpu: bool, precision: str = "auto") -> pa.Table:
+                        use_gpu: bool, precision: str = "float32") -> pa.Table:
     """Assign every row of a published embeddings directory to its nearest of ``centroids``
     ((k, D) float32, unit rows) with Ray tasks; publish the assignments in ``out_dir`` and
     return them (id, cluster, distance)."""

@@ -23,7 +23,8 @@ NumPy. Both paths give the same results up to float32 rounding, with the same ti
 Precision (``precision``, deldist's own rule): the tiles may be computed in bfloat16 with every
 written value recomputed in float32 (:mod:`deldist.pairwise_bf16`, a proven error margin): the
 same ``max_sim`` and ``duplicate_of``, exact listed similarities and sound bounds, so every
-selection decides as on the float32 scores. ``"auto"`` uses it for large clusters on CPUs
+selection decides as on the float32 scores. Opt-in (the default is float32): on the bench's
+dense clusters it is slower (bench/RESULTS.md). ``"auto"`` uses it for large clusters on CPUs
 with native bfloat16 (AMX, AVX512-BF16); GPUs stay float32.
 GPU memory per scoring task: its bucket (up to ``bucket_rows`` x D x 4 bytes) or rows
 [0, stop) of its split cluster, plus a few O(block_rows x col_block) tiles.
@@ -125,10 +126,10 @@ class Config(StageConfig):
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (each runs single-threaded BLAS)")
     io_cpus: float = Field(1.0, gt=0, description="CPUs per shuffle (read) task: Parquet decode and routing are CPU-bound")
-    precision: Precision = Field("auto", description="similarity tiles in float32, or in bfloat16 with every "
-                                                    "written value recomputed in float32 (the same results); auto: "
-                                                    "bfloat16 for clusters of >= 1024 rows on CPUs with AMX or "
-                                                    "AVX512-BF16")
+    precision: Precision = Field("float32", description="similarity tiles in float32, or in bfloat16 with every "
+                                                       "written value recomputed in float32 (the same results; "
+                                                       "slower on dense clusters, bench/RESULTS.md); auto: bfloat16 "
+                                                       "for clusters of >= 1024 rows on CPUs with AMX or AVX512-BF16")
     use_gpu: bool | None = Field(None, description="score on GPUs (torch) (default: when the cluster has GPUs)")
     task_gpus: float = Field(0.5, gt=0, le=1, description="GPU share per scoring task when use_gpu (0.5: two tasks "
                                                            "per GPU, one's gather/write overlaps the other's matmuls)")
