@@ -45,6 +45,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from deldist.tiles import insert_top
+
 HALF_ULP_BELOW_ONE = 2.0 ** -9  # rounding a tile value in (-1, 1) to bfloat16
 ABOVE_ONE = 2.0 ** -9  # the extra margin of a value read as >= 1 (half an ulp is 2^-8 there)
 # LLVM fast-math flags for the compiled loops: reassociation (vectorised sums and maxima), but
@@ -180,14 +182,7 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
                     out = top_sim[r, k_top - 1]
                     if out > excluded[r]:
                         excluded[r] = out
-                    pos = k_top - 1
-                    while pos > 0 and top_sim[r, pos - 1] < s:
-                        top_sim[r, pos] = top_sim[r, pos - 1]
-                        top_idx[r, pos] = top_idx[r, pos - 1]
-                        pos -= 1
-                    top_sim[r, pos] = s
-                    top_idx[r, pos] = c0 + c
-                    cut = top_sim[r, k_top - 1]
+                    cut = insert_top(top_sim, top_idx, r, s, c0 + c)
                 elif s > excluded[r]:
                     excluded[r] = s
                 if s >= win_top[r] - two_delta and win_count[r] >= 0:

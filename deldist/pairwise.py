@@ -21,7 +21,16 @@ import numpy as np
 
 from deldist import pairwise_torch
 from deldist.greedy import keep_first_in_order
-from deldist.tiles import Device, ListSpec, Matrix, check_range, rectangle_tiles, triangle_tiles, union_lists
+from deldist.tiles import (
+    Device,
+    ListSpec,
+    Matrix,
+    check_range,
+    insert_top,
+    rectangle_tiles,
+    triangle_tiles,
+    union_lists,
+)
 
 _MASKS: dict[int, np.ndarray] = {}
 
@@ -69,14 +78,7 @@ def _merge_tile(sims, c0, r0, top_sim, top_idx, first_sim, first_idx, first_coun
             if s <= floor_below:
                 continue
             if s > cut:
-                pos = m - 1
-                while pos > 0 and top_sim[row, pos - 1] < s:
-                    top_sim[row, pos] = top_sim[row, pos - 1]
-                    top_idx[row, pos] = top_idx[row, pos - 1]
-                    pos -= 1
-                top_sim[row, pos] = s
-                top_idx[row, pos] = c0 + c
-                cut = top_sim[row, m - 1]
+                cut = insert_top(top_sim, top_idx, row, s, c0 + c)
             k = first_count[row]
             if k < mr:
                 first_sim[row, k] = s

@@ -62,6 +62,21 @@ def rectangle_tiles(m: int, p: int, block_rows: int, col_block: int) -> Iterator
             yield r0, min(r0 + block_rows, m), c0, min(c0 + col_block, p)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")  # inlined into both kernels' loops
+def insert_top(top_sim, top_idx, row, s, j):  # pragma: no cover - compiled
+    """Insert (s, j) into row ``row`` of a descending top list (the last entry drops out;
+    ties keep the earlier entry first); returns the list's new last value, the next cut."""
+    m = top_sim.shape[1]
+    pos = m - 1
+    while pos > 0 and top_sim[row, pos - 1] < s:
+        top_sim[row, pos] = top_sim[row, pos - 1]
+        top_idx[row, pos] = top_idx[row, pos - 1]
+        pos -= 1
+    top_sim[row, pos] = s
+    top_idx[row, pos] = j
+    return top_sim[row, m - 1]
+
+
 @numba.njit(cache=True)
 def _union_rows(top_idx, top_sim, first_idx, first_sim, out_idx, out_sim):  # pragma: no cover - compiled
     """Per row: the by-similarity list, then the by-rank entries it lacks, sorted by
