@@ -428,9 +428,13 @@ def run_demo_chain(output: str, kvasir: str, selections: list[str], name: str = 
     """
     from deldist import materialize
 
-    materialize.run(materialize.Config(output=output, size=96))  # 1.5x the 64 px crops: room to crop
+    # 96 px: 1.5x the 64 px crops, room to crop. The store is named by its size, so a demo_out
+    # left by a version that stored another size is not mixed with it (materialize refuses that)
+    frames = storage.join(output, "frames", "all_96px")
+    materialize.run(materialize.Config(output=output, frames=frames, size=96))
     settings = demo_settings(kvasir, quick)
     settings["pretrain"]["engine"] = settings["finetune"]["engine"] = engine
-    result = run(Config(output=output, name=name, selections=selections, frame_size=96, **settings))
+    result = run(Config(output=output, name=name, selections=selections, frames=frames, frame_size=96,
+                        **settings))
     return {"table": storage.read_bytes(result["table"]).decode(), "plot": result["plot"],
             "plot_backend": result["plot_backend"], "rows": result["rows"], "report": result["report"]}
