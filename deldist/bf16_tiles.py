@@ -69,14 +69,17 @@ class Bf16Rows:
     norm: np.ndarray
     bf_norm: np.ndarray
 
-    def margins(self, s: int, e: int) -> np.ndarray:
-        """delta_i (float32 (e - s,)) for rows [s, e) scored against each other (docstring)."""
+    def margins(self, s: int, e: int, cols: "Bf16Rows | None" = None) -> np.ndarray:
+        """delta_i (float32 (e - s,)) for rows [s, e) scored against ``cols`` (default: the
+        same rows [s, e), scored against each other), with every column term at its maximum
+        over ``cols`` (module docstring)."""
+        if e <= s:
+            return np.zeros(0, np.float32)
         d = self.xb.shape[1]
         g = d * 2.0 ** -24 / (1.0 - d * 2.0 ** -24)
         err, norm, bf_norm = (a[s:e].astype(np.float64) for a in (self.err, self.norm, self.bf_norm))
-        if e <= s:
-            return np.zeros(0, np.float32)
-        delta = (err * bf_norm.max() + norm * err.max() + g * bf_norm * bf_norm.max() + g * norm * norm.max()
+        c_err, c_norm, c_bf = (err, norm, bf_norm) if cols is None else (cols.err, cols.norm, cols.bf_norm)
+        delta = (err * c_bf.max() + norm * c_err.max() + g * bf_norm * c_bf.max() + g * norm * c_norm.max()
                  + HALF_ULP_BELOW_ONE)
         return (delta + 1e-6).astype(np.float32)  # + 1e-6: the float32 sums that compare against it
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from deldist.bf16_tiles import ABOVE_ONE, HALF_ULP_BELOW_ONE, Bf16Rows, Candidates, TileProducts, dot_float32, prepare
+from deldist.bf16_tiles import ABOVE_ONE, Bf16Rows, Candidates, TileProducts, dot_float32, prepare
 from deldist.tiles import ListSpec, check_range, union_lists
 
 
@@ -230,10 +230,7 @@ def nearest_bf16(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_blo
         return arg, best
     products = TileProducts(block_rows, col_block)
     qb, kb = prepare(q), prepare(keys)
-    d = q.shape[1]
-    g = d * 2.0 ** -24 / (1.0 - d * 2.0 ** -24)
-    delta = (qb.err * kb.bf_norm.max() + qb.norm * kb.err.max() + g * qb.bf_norm * kb.bf_norm.max()
-             + g * qb.norm * kb.norm.max() + HALF_ULP_BELOW_ONE + 1e-6).astype(np.float32)
+    delta = qb.margins(0, m, cols=kb)
     cand = Candidates(m, 1, window, 0)
     beyond = 1 << 62  # a "row" after every key column: no triangle
     for r0 in range(0, m, block_rows):
