@@ -10,14 +10,14 @@ Each variant runs in its own subprocess (clean peak memory) on 2 CPUs:
            embeddings + assignments, group, loop, write)
   kernel   one process: deldist.pairwise.triu_max_sim per cluster (blockwise, lower triangle
            only, NumPy sgemm) on the same in-memory matrix, clusters over 2 threads x 1 BLAS thread
-  bf16     the same with deldist.pairwise_bf16 (bfloat16 tiles, every result recomputed in
-           float32), max only (``bf16``) and with the stage's neighbour lists (``bf16_lists``),
-           one prepared matrix, clusters over 2 threads x 1 torch thread
+  lowp     the same with deldist.pairwise_lowp (``--low``: int8 or bfloat16 tiles, every result
+           recomputed in float32), max only (``lowp``) and with the stage's neighbour lists
+           (``lowp_lists``), one prepared matrix, clusters over 2 threads x 1 torch thread
   stage    deldist.dedup.run on a local Ray cluster (num_cpus=2) from Parquet: read + shuffle
            by cluster + score (2 tasks x 1 BLAS thread) + write dedup/scores/; the stage also
            keeps every item's neighbour lists (16 + 16 earlier items above 0.5, the default),
            which the plain loop and the kernel variant do not compute; ``--precision``:
-           the stage's precision setting (auto: bfloat16 for clusters >= 1024 rows here)
+           the stage's precision setting (auto: int8 for large clusters on CPUs with AMX)
 
 floor = sum over clusters of n_c^2 * D * 2 FLOPs / the float32 matmul rate of 2 cores measured
 in this run (torch.mm, best of 2 threads and 2 x 1 thread): the full matrix's flops, which is
@@ -44,15 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kmeans import (  # noqa: E402
-    DIM,
-    TreeMemory,
-    ray_start,
-    run_child,
-    self_peak_rss_gib,
-    synthetic,
-    write_embeddings,
-)
+from kmeans import DIM, TreeMemory, ray_start, run_child, self_peak_rss_gib, synthetic, write_embeddings  # noqa: E402
 
 
 def _load(workdir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,15 +159,15 @@ def child_kernel(workdir: str, block_rows: int, rounds: int) -> dict:
     return {"seconds": min(times), "seconds_all": times, "loaded_gib": loaded_gib, "peak_gib": self_peak_rss_gib()}
 
 
-def child_bf16(workdir: str, rounds: int, lists: int) -> dict:
-    """deldist.pairwise_bf16 per cluster, 2 threads x 1 torch thread (torch and numba release
+def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
+    """deldist.pairwise_lowp per cluster, 2 threads x 1 torch thread (torch and numba release
     the GIL), on one matrix prepared once (its time is included)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from deldist.bf16_tiles import prepare
-    from deldist.pairwise_bf16 import triu_neighbours_bf16
+    from deldist.lowp_tiles import prepare_rows
+    from deldist.pairwise_lowp import triu_neighbours_lowp
     from deldist.tiles import ListSpec
 
     torch.set_num_threads(1)
@@ -188,16 +180,16 @@ def child_bf16(workdir: str, rounds: int, lists: int) -> dict:
     stats: dict[str, int] = {}
     spans = sorted(zip(bounds[:-1], bounds[1:]), key=lambda se: se[0] - se[1])  # largest first
     warm = xs[:3000]  # numba's cached code and oneDNN's kernels load on first use: not timed
-    triu_neighbours_bf16(warm, spec=spec, prepared=(prepare(warm), 0))
+    triu_neighbours_lowp(warm, spec=spec, precision=low, prepared=(prepare_rows(warm, low), 0))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        prepared = prepare(xs)
+        prepared = prepare_rows(xs, low)
         stats.clear()
 
         def score(span: tuple[int, int]) -> None:
             s, e = span
-            out = triu_neighbours_bf16(xs[s:e], spec=spec, prepared=(prepared, s), stats=stats)
+            out = triu_neighbours_lowp(xs[s:e], spec=spec, precision=low, prepared=(prepared, s), stats=stats)
             rows = order[s:e]
             max_sim[rows] = out[0]
             dup_row[rows] = np.where(out[1] >= 0, rows[np.maximum(out[1], 0)], -1)
@@ -205,7 +197,7 @@ def child_bf16(workdir: str, rounds: int, lists: int) -> dict:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(score, spans))
         times.append(time.perf_counter() - start)
-    _save(workdir, "bf16_lists" if lists else "bf16", max_sim, dup_row)
+    _save(workdir, "lowp_lists" if lists else "lowp", max_sim, dup_row)
     return {"seconds": min(times), "seconds_all": times, "loaded_gib": loaded_gib, "peak_gib": self_peak_rss_gib(),
             "candidates_per_row": round(stats.get("candidates", 0) / len(x), 1),
             "fallback_rows": stats.get("fallback_rows", 0)}
@@ -286,9 +278,10 @@ def main() -> None:
                         help="interleaved repetitions of every variant; each variant's fastest counts")
     parser.add_argument("--lists", type=int, default=16,
                         help="the stage's neighbour lists per item (by similarity and by rank each; 0: none)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "int8", "bfloat16"],
                         help="the stage's precision setting")
-    parser.add_argument("--child", choices=["plain", "kernel", "bf16", "bf16_lists", "stage"])
+    parser.add_argument("--low", default="int8", choices=["int8", "bfloat16"], help="the lowp variants' tiles")
+    parser.add_argument("--child", choices=["plain", "kernel", "lowp", "lowp_lists", "stage"])
     parser.add_argument("--workdir")
     args = parser.parse_args()
     if args.child:
@@ -296,8 +289,8 @@ def main() -> None:
             result = child_plain(args.workdir, args.rounds)
         elif args.child == "kernel":
             result = child_kernel(args.workdir, args.block_rows, args.rounds)
-        elif args.child in ("bf16", "bf16_lists"):
-            result = child_bf16(args.workdir, args.rounds, args.lists if args.child == "bf16_lists" else 0)
+        elif args.child in ("lowp", "lowp_lists"):
+            result = child_lowp(args.workdir, args.rounds, args.lists if args.child == "lowp_lists" else 0, args.low)
         else:
             result = child_stage(args.workdir, args.block_rows, args.rounds, args.lists, args.precision)
         print(json.dumps(result))
@@ -338,8 +331,8 @@ def main() -> None:
               flush=True)
 
         extra = ["--block-rows", str(args.block_rows), "--rounds", "1", "--lists", str(args.lists),
-                 "--precision", args.precision]
-        runs: dict[str, list[dict]] = {"plain": [], "kernel": [], "bf16": [], "bf16_lists": [], "stage": []}
+                 "--precision", args.precision, "--low", args.low]
+        runs: dict[str, list[dict]] = {"plain": [], "kernel": [], "lowp": [], "lowp_lists": [], "stage": []}
         rates = []
         for r in range(args.rounds):  # interleaved, so a burst of load hits every variant alike
             rates.append(sgemm_gflops())
@@ -353,10 +346,10 @@ def main() -> None:
         rate = max(rates)
         floor = pairs_full * DIM * 2 / (rate * 1e9)
         checks = {f"{a}_vs_{b}": compare(workdir, x, a, b) for a, b in
-                  (("plain", "kernel"), ("plain", "stage"), ("kernel", "stage"), ("kernel", "bf16"),
-                   ("kernel", "bf16_lists"))}
-        plain, kernel, stage, bf16, bf16_lists = (results[v]["seconds"] for v in ("plain", "kernel", "stage", "bf16",
-                                                                                   "bf16_lists"))
+                  (("plain", "kernel"), ("plain", "stage"), ("kernel", "stage"), ("kernel", "lowp"),
+                   ("kernel", "lowp_lists"))}
+        plain, kernel, stage, lowp, lowp_lists = (results[v]["seconds"] for v in ("plain", "kernel", "stage", "lowp",
+                                                                                   "lowp_lists"))
         summary = {
             "n": n, "dim": DIM, "k": args.k, "sgemm_gflops_2_cores": round(rate, 1), "floor_s": round(floor, 3),
             "plain_s": round(plain, 3), "kernel_s": round(kernel, 3), "stage_s": round(stage, 3),
@@ -368,23 +361,24 @@ def main() -> None:
             "speedup_kernel_vs_plain": round(plain / kernel, 2), "speedup_stage_vs_plain": round(plain / stage, 2),
             "kernel_over_floor": round(kernel / floor, 2), "stage_over_floor": round(stage / floor, 2),
             "plain_over_floor": round(plain / floor, 2),
-            "bf16_s": round(bf16, 3), "bf16_lists_s": round(bf16_lists, 3), "bf16_over_floor": round(bf16 / floor, 2),
-            "bf16_lists_over_floor": round(bf16_lists / floor, 2), "stage_precision": args.precision,
-            "bf16_candidates_per_row": {v: results[v]["candidates_per_row"] for v in ("bf16", "bf16_lists")},
-            "bf16_fallback_rows": {v: results[v]["fallback_rows"] for v in ("bf16", "bf16_lists")},
+            "lowp_tiles": args.low, "lowp_s": round(lowp, 3), "lowp_lists_s": round(lowp_lists, 3),
+            "lowp_over_floor": round(lowp / floor, 2), "lowp_lists_over_floor": round(lowp_lists / floor, 2),
+            "stage_precision": args.precision,
+            "lowp_candidates_per_row": {v: results[v]["candidates_per_row"] for v in ("lowp", "lowp_lists")},
+            "lowp_fallback_rows": {v: results[v]["fallback_rows"] for v in ("lowp", "lowp_lists")},
             "plain_threads": results["plain"]["threads"], "rounds": args.rounds,
             "seconds_all": {v: [round(x["seconds"], 3) for x in runs[v]] for v in runs},
             "peak_gib": {v: round(max(x["peak_gib"] for x in runs[v]), 2) for v in runs},
             "peak_gib_plain_end_to_end": round(max(x["peak_end_to_end_gib"] for x in runs["plain"]), 2),
-            "rss_after_loading_input_gib": {v: round(results[v]["loaded_gib"], 2) for v in ("plain", "kernel", "bf16")},
+            "rss_after_loading_input_gib": {v: round(results[v]["loaded_gib"], 2) for v in ("plain", "kernel", "lowp")},
             "identical": checks,
         }
         print(json.dumps(summary, indent=1))
         print(f"speedup vs plain loop: kernel {summary['speedup_kernel_vs_plain']}x (same in-memory input), "
               f"Ray stage from Parquet {summary['speedup_stage_vs_plain_end_to_end']}x vs the plain loop from the "
               f"same Parquet (target >= 2); over the matmul floor: kernel "
-              f"{summary['kernel_over_floor']}x, stage {summary['stage_over_floor']}x (target <= 2); bfloat16 kernel "
-              f"{summary['bf16_over_floor']}x, with lists {summary['bf16_lists_over_floor']}x (target <= 0.5)")
+              f"{summary['kernel_over_floor']}x, stage {summary['stage_over_floor']}x (target <= 2); {args.low} kernel "
+              f"{summary['lowp_over_floor']}x, with lists {summary['lowp_lists_over_floor']}x (target <= 0.5)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

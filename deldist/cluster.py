@@ -110,10 +110,10 @@ class Config(StageConfig):
     io_cpus: float = Field(0.5, gt=0, description="CPUs per load task")
     use_gpu: bool | None = Field(None, description="faiss GPU index in tasks (default: when the cluster has GPUs)")
     bounds: bool = Field(True, description="skip rows whose cluster provably cannot change (Hamerly bounds)")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "float32", description="scores of the streamed assignment (fit_fraction < 1): float32 (faiss), or bfloat16 "
-                               "with each row's near-best centroids rechecked in float32 (the same labels; not "
-                               "benchmarked yet); auto: bfloat16 on CPUs with AMX or AVX512-BF16")
+    precision: Literal["auto", "float32", "int8", "bfloat16"] = Field(
+        "float32", description="scores of the streamed assignment (fit_fraction < 1): float32 (faiss), or int8 / "
+                               "bfloat16 tiles with each row's near-best centroids rechecked in float32 (the same "
+                               "labels); auto: int8 on CPUs with AMX")
 
 
 # ----------------------------------------------------------------------------- math (pure)

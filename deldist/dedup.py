@@ -20,12 +20,14 @@ Devices: ``device="cpu"`` runs the kernels in NumPy (float32 sgemm); any other t
 cluster's row range), full-precision float32 matmuls (TF32 off: its 10-bit mantissa moves
 cosines by ~1e-3, enough to flip a ``max_sim > 1 - eps`` decision or a tie), results back as
 NumPy. Both paths give the same results up to float32 rounding, with the same tie rule.
-Precision (``precision``, deldist's own rule): the tiles may be computed in bfloat16 with every
-written value recomputed in float32 (:mod:`deldist.pairwise_bf16`, a proven error margin): the
-same ``max_sim`` and ``duplicate_of``, exact listed similarities and sound bounds, so every
-selection decides as on the float32 scores. Opt-in (the default is float32): on the bench's
-dense clusters it is slower (bench/RESULTS.md). ``"auto"`` uses it for large clusters on CPUs
-with native bfloat16 (AMX, AVX512-BF16); GPUs stay float32.
+Precision (``precision``, deldist's own rule): the tiles may be computed in a low precision
+with every written value recomputed in float32 (:mod:`deldist.pairwise_lowp`, a proven error
+margin): the same ``max_sim`` and ``duplicate_of``, exact listed similarities and sound
+bounds, so every selection decides as on the float32 scores. ``"int8"``: int8 digit products
+with exact integer sums (the fast one on CPUs with AMX); ``"bfloat16"``: bfloat16 tiles
+(slower than float32 on the bench's dense clusters, bench/RESULTS.md). ``"auto"`` (the
+default) uses int8 for clusters of at least ``LOWP_MIN_ROWS`` rows on CPUs with AMX, float32
+elsewhere; GPUs stay float32.
 GPU memory per scoring task: its bucket (up to ``bucket_rows`` x D x 4 bytes) or rows
 [0, stop) of its split cluster, plus a few O(block_rows x col_block) tiles.
 
@@ -60,12 +62,12 @@ from pydantic import Field
 
 from deldist import storage
 from deldist.arrays import equal_runs
-from deldist.bf16_tiles import bf16_supported
 from deldist.config import StageConfig
 from deldist.faults import fail_once
 from deldist.layout import RunLayout
+from deldist.lowp_tiles import fastest_supported
 from deldist.pairwise import to_device, triu_neighbours
-from deldist.pairwise_bf16 import triu_neighbours_bf16
+from deldist.pairwise_lowp import triu_neighbours_lowp
 from deldist.schema import SCORES_SCHEMA
 from deldist.shards import (
     Bucket,
@@ -85,10 +87,10 @@ if TYPE_CHECKING:
     pass
 
 KeepMode = Literal["hard", "easy", "random"]
-Precision = Literal["auto", "float32", "bfloat16"]
-# clusters from this size on use the bfloat16 kernel under precision="auto": below it the
-# per-row float32 rechecks and per-call costs outweigh the faster tiles (bench/dedup.py)
-BF16_MIN_ROWS = 1024
+Precision = Literal["auto", "float32", "int8", "bfloat16"]
+# clusters from this size on use the int8 tiles under precision="auto": below it the padded
+# tiles and per-call costs outweigh the faster products (bench/dedup.py)
+LOWP_MIN_ROWS = 1536
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +128,9 @@ class Config(StageConfig):
     shard_rows: int = Field(65_536, ge=1, description="target rows per read shard")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per scoring task (each runs single-threaded BLAS)")
     io_cpus: float = Field(1.0, gt=0, description="CPUs per shuffle (read) task: Parquet decode and routing are CPU-bound")
-    precision: Precision = Field("float32", description="similarity tiles in float32, or in bfloat16 with every "
-                                                       "written value recomputed in float32 (the same results; "
-                                                       "slower on dense clusters, bench/RESULTS.md); auto: bfloat16 "
-                                                       "for clusters of >= 1024 rows on CPUs with AMX or AVX512-BF16")
+    precision: Precision = Field("auto", description="similarity tiles in float32, or in int8 / bfloat16 with every "
+                                                    "written value recomputed in float32 (the same results); auto: "
+                                                    "int8 for clusters of >= 1536 rows on CPUs with AMX, else float32")
     use_gpu: bool | None = Field(None, description="score on GPUs (torch) (default: when the cluster has GPUs)")
     task_gpus: float = Field(0.5, gt=0, le=1, description="GPU share per scoring task when use_gpu (0.5: two tasks "
                                                            "per GPU, one's gather/write overlaps the other's matmuls)")
@@ -211,12 +212,14 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
 def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tuple[int, int, int], device: Device,
                        precision: Precision) -> tuple[np.ndarray, ...]:
     """Rows [start, stop) of one rank-ordered cluster -> :func:`triu_neighbours`'s results,
-    from float32 tiles or (``precision``) from bfloat16 tiles with float32 values
-    (:mod:`deldist.pairwise_bf16`: the same max, argmax and decisions). ``"auto"``: bfloat16
-    on CPUs that multiply it natively, for clusters of at least ``BF16_MIN_ROWS`` rows."""
-    bf16 = precision == "bfloat16" or (precision == "auto" and stop >= BF16_MIN_ROWS and bf16_supported())
-    if bf16 and device == "cpu":
-        return triu_neighbours_bf16(np.asarray(x), start, stop, spec)
+    from float32 tiles or (``precision``) from int8 / bfloat16 tiles with float32 values
+    (:mod:`deldist.pairwise_lowp`: the same max, argmax and decisions). ``"auto"``: the tile
+    this CPU runs fastest (:func:`~deldist.lowp_tiles.fastest_supported`), for clusters of at
+    least ``LOWP_MIN_ROWS`` rows."""
+    if precision == "auto":
+        precision = (fastest_supported() or "float32") if stop >= LOWP_MIN_ROWS else "float32"
+    if precision != "float32" and device == "cpu":
+        return triu_neighbours_lowp(np.asarray(x), start, stop, spec, precision)
     return triu_neighbours(x, start, stop, spec, *tiles, device=device)
 
 

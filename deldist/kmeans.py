@@ -106,20 +106,23 @@ def _check_dims(x: np.ndarray, centroids: np.ndarray) -> None:
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, precision: str = "float32",
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by inner product (faiss ``IndexFlatIP``), or with ``precision``
-    ``"bfloat16"`` (``"auto"``: on CPUs that multiply it natively, without a GPU) from
-    bfloat16 scores with the float32 label and similarity (:func:`deldist.pairwise_bf16.nearest_bf16`).
+    ``"int8"`` / ``"bfloat16"`` (``"auto"``: the tile this CPU runs fastest, without a GPU)
+    from low-precision scores with the float32 label and similarity
+    (:func:`deldist.pairwise_lowp.nearest_lowp`).
 
     x: (n, D) float32 unit rows; centroids: (k, D) float32.
     Returns (labels int64 (n,), similarity float32 (n,)).
     """
-    from deldist.bf16_tiles import bf16_supported
-    from deldist.pairwise_bf16 import nearest_bf16
+    from deldist.lowp_tiles import fastest_supported
+    from deldist.pairwise_lowp import nearest_lowp
 
     _check_dims(x, centroids)
     if len(x) == 0:
         return np.empty(0, np.int64), np.empty(0, np.float32)
-    if not use_gpu and (precision == "bfloat16" or (precision == "auto" and bf16_supported())):
-        return nearest_bf16(x, centroids)
+    if precision == "auto":
+        precision = fastest_supported() or "float32"
+    if not use_gpu and precision != "float32":
+        return nearest_lowp(x, centroids, precision)
     sims, labels = _flat_ip_index(centroids, use_gpu).search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return labels[:, 0].astype(np.int64), sims[:, 0].astype(np.float32)
 

@@ -477,22 +477,22 @@ def read_scores_by_row(root: str, ids: list[str]) -> dict[str, np.ndarray]:
             "bound": scores.column("unlisted_max_sim").to_numpy()[order]}
 
 
-def test_run_in_bfloat16_or_in_waves_gives_the_float32_scores(ray_session, tmp_path):
-    """precision="bfloat16" (deldist.pairwise_bf16), packed and split clusters: the same max_sim
-    and duplicate_of as the float32 run; listed similarities exact, bounds sound. And the
-    float32 run in waves (memory_budget_gb) gives the same table."""
+@pytest.mark.parametrize("low", ["int8", "bfloat16"])
+def test_run_in_low_precision_or_in_waves_gives_the_float32_scores(ray_session, tmp_path, low):
+    """precision="int8" / "bfloat16" (deldist.pairwise_lowp), packed and split clusters: the
+    same max_sim and duplicate_of as the float32 run; listed similarities exact, bounds sound.
+    And the float32 run in waves (memory_budget_gb) gives the same table."""
     x, labels, distance = clustered_with_sizes([1300, 1, 400, 12], 24, seed=9)
     x[[900, 1100]] = x[50]  # exact copies: ties
     runs = {}
-    for name, precision, budget in (("float32", "float32", None), ("bfloat16", "bfloat16", None),
-                                    ("waves", "float32", 1e-6)):
+    for name, precision, budget in (("float32", "float32", None), ("low", low, None), ("waves", "float32", 1e-6)):
         root = str(tmp_path / name)
         ids = write_run(root, x, labels, distance)
         summary = dedup.run(dedup.Config(output=root, keep="hard", precision=precision, split_rows=1000,
                                          num_buckets=2, task_cpus=0.5, memory_budget_gb=budget))
         assert summary["precision"] == precision and summary["split_clusters"] == 1
         runs[name] = read_scores_by_row(root, ids)
-    f32, b16 = runs["float32"], runs["bfloat16"]
+    f32, b16 = runs["float32"], runs["low"]
     # out of core: a budget below one bucket scores every bucket in a wave of its own (the
     # embeddings read once per wave), with the same scores
     for key in ("max_sim", "dup", "rank", "bound"):

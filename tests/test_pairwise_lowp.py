@@ -1,6 +1,6 @@
-"""deldist.pairwise_bf16: the margin holds on adversarial rows, and the bfloat16 kernel's
-results are the float32 kernel's (max, argmax, exact listed values, a sound bound, the same
-kept-aware decisions)."""
+"""deldist.pairwise_lowp: the int8 and bfloat16 margins hold on adversarial rows, and the
+low-precision kernels' results are the float32 kernel's (max, argmax, exact listed values, a
+sound bound, the same kept-aware decisions)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from deldist import bf16_tiles, greedy, pairwise, pairwise_bf16, tiles
+from deldist import bf16_tiles, greedy, int8_tiles, lowp_tiles, pairwise, pairwise_lowp, tiles
+
+PRECISIONS = ["int8", "bfloat16"]
 
 
 def near_dup_rows(n: int, dim: int, seed: int, copies: int, spread: float = 0.05) -> np.ndarray:
@@ -64,17 +66,66 @@ def test_margin_uses_the_rounding_error_norms():
     assert 0.003 < bf.margins(0, len(x)).max() < 0.008  # ~2 x 0.0016 + 2^-9: far below the worst case 3 x 2^-8
 
 
-def float64_lists(x: np.ndarray, i: int, floor: float) -> np.ndarray:
-    return (x[:i].astype(np.float64) @ x[i].astype(np.float64))
+def int8_adversarial_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit rows whose quantisation errors and low digits are all near their largest and of
+    one sign (values just under q + 1/2 with q = 63 mod 128): every term of the int8 margin
+    adds up."""
+    rng = np.random.default_rng(seed)
+    q = 128 * rng.integers(8, 120, (n, dim)) + 63
+    q[:, 0] = int8_tiles.Q_MAX  # the row's largest element fixes its scale at 1
+    x = (q + 0.4999 * (np.arange(dim) > 0)).astype(np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def int8_tile(x: np.ndarray) -> np.ndarray:
+    rows = int8_tiles.prepare(x)
+    rp = -(-len(x) // lowp_tiles.ROW_PAD) * lowp_tiles.ROW_PAD
+    cp = -(-len(x) // lowp_tiles.COL_PAD) * lowp_tiles.COL_PAD
+    return int8_tiles.Int8TileProducts(rp, cp)(rows, 0, len(x), rows, 0, len(x))[: len(x), : len(x)]
+
+
+@pytest.mark.parametrize("make", [int8_adversarial_rows, adversarial_rows, lambda n, d, s: near_dup_rows(n, d, s, 40)])
+@pytest.mark.parametrize("dim", [16, 768])
+def test_margin_bounds_the_int8_error(make, dim):
+    x = make(200, dim, 3)
+    delta = int8_tiles.prepare(x).margins(0, len(x)).astype(np.float64)
+    got = int8_tile(x).astype(np.float64)
+    err = np.abs(got - (x @ x.T).astype(np.float64))
+    assert np.all(err <= delta[:, None])
+    if make is int8_adversarial_rows:  # the bound is not loose by orders of magnitude where errors add up
+        assert err.max() > 0.25 * delta.max()
+
+
+def test_int8_digits_and_norms():
+    x = near_dup_rows(50, 768, 1, 10)
+    rows = int8_tiles.prepare(x)
+    x64 = x.astype(np.float64)
+    scale = np.abs(x64).max(axis=1) / int8_tiles.Q_MAX
+    q = np.rint(x64 / scale[:, None])
+    a = rows.hi[: len(x)].numpy().astype(np.int64)
+    pair_rows, pair_cols = (t[: len(x)].numpy().astype(np.int64) for t in (rows.pair_rows, rows.pair_cols))
+    b = pair_rows[:, 768:]
+    assert np.array_equal(128 * a + b, q) and np.abs(a).max() <= 127 and -64 <= b.min() and b.max() <= 63
+    assert np.array_equal(pair_rows[:, :768], a) and np.array_equal(pair_cols, np.hstack([b, a]))
+    assert not rows.hi[len(x):].any() and not rows.scale[len(x):].any()  # zero padding rows
+    err = np.linalg.norm(x64 - scale[:, None] * q, axis=1)
+    np.testing.assert_allclose(rows.err, err, rtol=1e-9)
+    np.testing.assert_allclose(rows.lo, scale * np.linalg.norm(b, axis=1), rtol=1e-9)
+    np.testing.assert_allclose(rows.norm, np.linalg.norm(x64, axis=1), rtol=1e-9)
+    assert np.all(rows.err >= err) and np.all(rows.norm >= np.linalg.norm(x64, axis=1))
+    # ~1.3e-4 of rounding and low digits plus the float32 recheck's own D 2^-24: ~25x under bfloat16's
+    assert 1e-4 < rows.margins(0, len(x)).max() < 4e-4
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("spec", [None, tiles.ListSpec(), tiles.ListSpec(4, 3, 0.3), tiles.ListSpec(6, 0, 0.9)])
 @pytest.mark.parametrize("start,stop", [(0, 700), (300, 650)])
-def test_results_are_the_float32_kernels(spec, start, stop):
+def test_results_are_the_float32_kernels(spec, start, stop, precision):
     x = near_dup_rows(700, 64, seed=5, copies=200)
     x[[410, 411, 600]] = x[77]  # exact copies: ties go to the earliest
     stats: dict[str, int] = {}
-    got = pairwise_bf16.triu_neighbours_bf16(x, start, stop, spec, block_rows=128, col_block=256, stats=stats)
+    got = pairwise_lowp.triu_neighbours_lowp(x, start, stop, spec, precision, block_rows=128, col_block=256,
+                                            stats=stats)
     if spec is None:
         ref = pairwise.triu_max_sim(x, start, stop)
     else:
@@ -103,14 +154,16 @@ def test_results_are_the_float32_kernels(spec, start, stop):
     assert (np.sum(idx >= 0, axis=1) >= np.sum(ref[2] >= 0, axis=1) - 2).mean() > 0.9
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("threshold", [0.8, 0.9, 0.95, 0.99])
-def test_kept_aware_decisions_match_the_float32_run(threshold):
+def test_kept_aware_decisions_match_the_float32_run(threshold, precision):
     x = near_dup_rows(600, 48, seed=7, copies=250, spread=0.1)
     spec = tiles.ListSpec()
     candidate = np.random.default_rng(1).random(len(x)) > 0.1  # some rows removed by earlier rules
     exact_kept, _, _ = pairwise.keep_first_exact(x, candidate, threshold)
     decided = []
-    for lists in (pairwise.triu_neighbours(x, spec=spec), pairwise_bf16.triu_neighbours_bf16(x, spec=spec)):
+    for lists in (pairwise.triu_neighbours(x, spec=spec), pairwise_lowp.triu_neighbours_lowp(x, spec=spec,
+                                                                                               precision=precision)):
         _, _, idx, sim, bound = lists
         src = np.repeat(np.arange(len(x)), idx.shape[1])
         live = idx.ravel() >= 0
@@ -122,31 +175,35 @@ def test_kept_aware_decisions_match_the_float32_run(threshold):
         assert np.array_equal(kept[:first], exact_kept[:first])
         removed = np.flatnonzero(~kept[:first] & candidate[:first])
         assert np.all(exact_kept[dup[removed]]) and np.all(dup_sim[removed] > threshold)
-    print(threshold, decided)
-    assert decided[1] >= 0.5 * decided[0]  # bfloat16's looser bounds leave the exact fallback little more
+    # the low-precision bounds leave the exact fallback little more (int8's are ~float32's)
+    assert decided[1] >= (0.95 if precision == "int8" else 0.5) * decided[0]
 
 
-def test_a_row_whose_window_overflows_is_recomputed_in_float32():
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_row_whose_window_overflows_is_recomputed_in_float32(precision):
     rng = np.random.default_rng(0)
     base = rng.standard_normal(32)
-    x = base + 1e-3 * rng.standard_normal((300, 32))  # 300 rows within bfloat16's margin of each other
+    x = base + 1e-3 * rng.standard_normal((300, 32))  # 300 rows within either tile's margin of each other
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     stats: dict[str, int] = {}
-    got = pairwise_bf16.triu_neighbours_bf16(x, spec=None, window=8, stats=stats)
+    got = pairwise_lowp.triu_neighbours_lowp(x, spec=None, precision=precision, window=8, stats=stats)
     ref = pairwise.triu_max_sim(x)
     assert stats["fallback_rows"] > 100
     np.testing.assert_allclose(got[0], ref[0], atol=1e-6)
     assert (got[1] == ref[1]).mean() > 0.99
 
 
-def test_tile_shapes_must_be_padded_multiples():
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_tile_shapes_must_be_padded_multiples(precision):
     with pytest.raises(ValueError, match="multiple"):
-        pairwise_bf16.triu_neighbours_bf16(near_dup_rows(10, 8, 0, 2), block_rows=100)
+        pairwise_lowp.triu_neighbours_lowp(near_dup_rows(10, 8, 0, 2), precision=precision, block_rows=100)
 
 
-def test_nearest_bf16_gives_the_float32_labels():
-    """The k-means assignment from bfloat16 scores: labels and similarities of the float32
-    (faiss) search, ties to the lower centroid index, including rows equal to a centroid."""
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_nearest_lowp_gives_the_float32_labels(precision):
+    """The k-means assignment from low-precision scores: labels and similarities of the
+    float32 (faiss) search, ties to the lower centroid index, including rows equal to a
+    centroid."""
     from deldist import kmeans
 
     x = near_dup_rows(3000, 64, seed=11, copies=600)
@@ -155,7 +212,7 @@ def test_nearest_bf16_gives_the_float32_labels():
     centroids[9] = centroids[4]  # duplicate centroids: the tie goes to 4
     x[7] = centroids[4]
     stats: dict[str, int] = {}
-    labels, sims = pairwise_bf16.nearest_bf16(x, centroids, stats=stats)
+    labels, sims = pairwise_lowp.nearest_lowp(x, centroids, precision, stats=stats)
     ref_sims = x.astype(np.float64) @ centroids.astype(np.float64).T
     ref = ref_sims.argmax(axis=1)
     close = np.abs(ref_sims[np.arange(len(x)), labels] - ref_sims.max(axis=1)) < 1e-6
@@ -164,8 +221,8 @@ def test_nearest_bf16_gives_the_float32_labels():
     assert labels[7] == 4 and labels[5] == labels[6] == 3
     faiss_labels, _ = kmeans.nearest_centroid(x, centroids, precision="float32")
     assert (faiss_labels == labels).mean() > 0.99
-    auto_labels, _ = kmeans.nearest_centroid(x, centroids, precision="bfloat16")
+    auto_labels, _ = kmeans.nearest_centroid(x, centroids, precision=precision)
     assert np.array_equal(auto_labels, labels)
     assert stats["candidates"] >= len(x)
-    empty = pairwise_bf16.nearest_bf16(x[:0], centroids)
+    empty = pairwise_lowp.nearest_lowp(x[:0], centroids, precision)
     assert len(empty[0]) == 0

@@ -1,0 +1,159 @@
+"""What the low-precision pairwise kernels (:mod:`deldist.pairwise_lowp`) share: the scan that
+folds a tile into each row's candidates, and the choice of tile.
+
+A tile is computed in a low precision with a proven per-row margin delta (|tile - float32
+value| <= delta_i, plus ``above_one`` for values read as >= 1): in bfloat16
+(:mod:`deldist.bf16_tiles`) or from int8 digit products with exact integer sums
+(:mod:`deldist.int8_tiles`). The scan keeps what the tile cannot rule out, and the kernels
+recompute all of it in float32, so their results are the float32 kernel's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numba
+import numpy as np
+
+from deldist.tiles import insert_top
+
+# LLVM fast-math flags for the compiled loops: reassociation (vectorised sums and maxima), but
+# not "ninf": the scan's state starts at -inf and must compare as such (inputs are finite)
+FAST = {"nnan", "nsz", "arcp", "contract", "reassoc", "afn"}
+ROW_PAD, COL_PAD = 64, 256  # tile shapes are multiples of these: oneDNN builds one kernel per shape (~5 ms each)
+LowPrecision = Literal["int8", "bfloat16"]
+
+
+def prepare_rows(x: np.ndarray, precision: LowPrecision) -> Any:
+    """x (n, D) float32 unit rows -> the prepared rows of ``precision``'s tiles
+    (:class:`~deldist.int8_tiles.Int8Rows` or :class:`~deldist.bf16_tiles.Bf16Rows`):
+    ``margins(s, e, cols)``, ``above_one`` and ``products(block_rows, col_block)``."""
+    if precision == "int8":
+        from deldist import int8_tiles
+
+        return int8_tiles.prepare(x)
+    if precision == "bfloat16":
+        from deldist import bf16_tiles
+
+        return bf16_tiles.prepare(x)
+    raise ValueError(f"unknown low precision {precision!r}")
+
+
+def fastest_supported() -> LowPrecision | None:
+    """The low-precision tile this CPU runs faster than float32 sgemm, or None: int8 on CPUs
+    with AMX (measured: bench/RESULTS.md); bfloat16 measured slower than float32 on every
+    CPU tried, so it is never chosen by itself."""
+    from deldist.int8_tiles import int8_supported
+
+    return "int8" if int8_supported() else None
+
+
+@numba.njit(cache=True, fastmath=FAST, nogil=True)
+def dot_float32(a, b):  # pragma: no cover - compiled
+    s = np.float32(0.0)
+    for k in range(a.shape[0]):
+        s += a[k] * b[k]
+    return s
+
+
+@numba.njit(cache=True, fastmath=FAST, nogil=True)  # lets the row max vectorise
+def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, win_idx, win_sim, win_count,
+               win_top, rank_idx, rank_count, rank_sure, delta, above_one, floor, by_rank):  # pragma: no cover - compiled
+    """Fold a low-precision tile (as float32) into the candidates of rows [first_row, first_row +
+    rows) (state rows 0..rows-1 of the views), columns numbered from ``c0``; only columns
+    j < min(row, col_stop) count (the strict lower triangle; a query-key product passes a
+    ``first_row`` beyond every column). Per row:
+
+    - the ``K`` largest values (ties: the earlier column) and ``excluded``, the largest value
+      not among them (bounds every unlisted column);
+    - the window: every column within 2 (delta + ``above_one``) of the row's largest
+      tile value (``win_top``), which holds the float32 argmax; ``win_count`` -1 when it
+      overflowed;
+    - in column order, the columns that may be at or above ``floor`` until ``by_rank`` of
+      them surely are (or the buffer is full).
+    """
+    k_top = top_sim.shape[1]
+    cap = rank_idx.shape[1]
+    w_cap = win_idx.shape[1]
+    for r in range(rows):
+        i = first_row + r
+        ncols = min(sims.shape[1], i - c0, col_stop - c0)
+        if ncols <= 0:
+            continue
+        row = sims[r]
+        margin = delta[r] + above_one
+        floor_low, floor_high = floor - margin, floor + margin
+        two_delta = 2 * margin
+        cut = top_sim[r, k_top - 1]
+        tile_max = -np.inf
+        for c in range(ncols):
+            if row[c] > tile_max:
+                tile_max = row[c]
+        if tile_max <= cut and tile_max < win_top[r] - two_delta:
+            if tile_max > excluded[r]:
+                excluded[r] = tile_max
+        else:
+            for c in range(ncols):
+                s = row[c]
+                if s > cut:
+                    out = top_sim[r, k_top - 1]
+                    if out > excluded[r]:
+                        excluded[r] = out
+                    cut = insert_top(top_sim, top_idx, r, s, c0 + c)
+                elif s > excluded[r]:
+                    excluded[r] = s
+                if s >= win_top[r] - two_delta and win_count[r] >= 0:
+                    if s > win_top[r]:
+                        win_top[r] = s
+                        kept = 0  # drop the entries the new top leaves behind
+                        for e in range(win_count[r]):
+                            if win_sim[r, e] >= s - two_delta:
+                                win_sim[r, kept] = win_sim[r, e]
+                                win_idx[r, kept] = win_idx[r, e]
+                                kept += 1
+                        win_count[r] = kept
+                    if win_count[r] == w_cap:
+                        win_count[r] = -1
+                    else:
+                        win_sim[r, win_count[r]] = s
+                        win_idx[r, win_count[r]] = c0 + c
+                        win_count[r] += 1
+        if by_rank > 0 and rank_sure[r] < by_rank and rank_count[r] < cap:
+            for c in range(ncols):
+                s = row[c]
+                if s >= floor_low:
+                    rank_idx[r, rank_count[r]] = c0 + c
+                    rank_count[r] += 1
+                    if s >= floor_high:
+                        rank_sure[r] += 1
+                    if rank_sure[r] >= by_rank or rank_count[r] >= cap:
+                        break
+
+
+class Candidates:
+    """The per-row state :func:`scan_tile` folds tiles into (rows of a scored range)."""
+
+    def __init__(self, rows: int, k_top: int, window: int, rank_cap: int):
+        self.top_sim = np.full((rows, k_top), -np.inf, np.float32)
+        self.top_idx = np.full((rows, k_top), -1, np.int64)
+        self.excluded = np.full(rows, -np.inf, np.float32)
+        self.win_idx = np.full((rows, window), -1, np.int64)
+        self.win_sim = np.full((rows, window), -np.inf, np.float32)
+        self.win_count = np.zeros(rows, np.int64)
+        self.win_top = np.full(rows, -np.inf, np.float32)
+        self.rank_idx = np.full((rows, max(rank_cap, 1)), -1, np.int64)
+        self.rank_count = np.zeros(rows, np.int64)
+        self.rank_sure = np.zeros(rows, np.int64)
+
+    def scan(self, tile: np.ndarray, s0: int, s1: int, first_row: int, c0: int, col_stop: int, delta: np.ndarray,
+             above_one: float, floor: float, by_rank: int) -> None:
+        """Fold ``tile`` (rows s0:s1 of the state; matrix rows from ``first_row``, columns
+        from ``c0``, valid below ``col_stop``) into the state (:func:`scan_tile`)."""
+        scan_tile(tile, s1 - s0, first_row, c0, col_stop, self.top_sim[s0:s1], self.top_idx[s0:s1],
+                  self.excluded[s0:s1], self.win_idx[s0:s1], self.win_sim[s0:s1], self.win_count[s0:s1],
+                  self.win_top[s0:s1], self.rank_idx[s0:s1], self.rank_count[s0:s1], self.rank_sure[s0:s1],
+                  delta[s0:s1], np.float32(above_one), np.float32(floor), by_rank)
+
+    def count(self) -> int:
+        """Candidates recomputed in float32 (at most: the lists may share some)."""
+        return int((self.top_idx >= 0).sum() + np.maximum(self.win_count, 0).sum() + self.rank_count.sum())
