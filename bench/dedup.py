@@ -84,7 +84,7 @@ def child_plain(workdir: str, rounds: int) -> dict:
     import torch
 
     from deldist import storage
-    from deldist.dedup import rank_within_clusters, scores_table
+    from deldist.dedup_scores import rank_within_clusters, scores_table
     from deldist.shards import embedding_matrix
 
     x, order, bounds = _load(workdir)
@@ -166,8 +166,7 @@ def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
 
     import torch
 
-    from deldist.lowp_tiles import prepare_rows
-    from deldist.pairwise_lowp import triu_neighbours_lowp
+    from deldist.pairwise_lowp import prepare_rows, triu_neighbours_lowp
     from deldist.tiles import ListSpec
 
     torch.set_num_threads(1)
@@ -300,7 +299,7 @@ def main() -> None:
     import torch
 
     from deldist import storage
-    from deldist.dedup import rank_within_clusters
+    from deldist.dedup_scores import rank_within_clusters
     from deldist.schema import ASSIGNMENTS_SCHEMA
 
     n = 1_000_000 if args.large else args.n

@@ -8,7 +8,7 @@ first-ranked item) and that item's id (``duplicate_of``; null for the first). A 
 later removes an item when ``max_sim > 1 - eps``; storing scores, not booleans, makes every
 threshold a cheap filter.
 
-Math: :func:`triu_max_sim` computes, for rank-ordered rows ``x`` (n, D), the row-wise max and
+Math (:mod:`deldist.dedup_scores` and the kernels it calls): :func:`~deldist.pairwise.triu_max_sim` computes, for rank-ordered rows ``x`` (n, D), the row-wise max and
 argmax of the strictly lower triangle of ``x @ x.T`` blockwise: a block of ``block_rows``
 rows is multiplied against the earlier rows in column tiles of ``col_block`` (no mask), and
 its diagonal block in sub-blocks of ``diag_rows`` rows with only their own triangle masked,
@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -61,13 +61,17 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from deldist import storage
-from deldist.arrays import equal_runs
 from deldist.config import StageConfig
+from deldist.dedup_scores import (
+    KeepMode,
+    Precision,
+    cluster_neighbours,
+    rank_within_clusters,
+    score_sorted_clusters,
+    scores_table,
+)
 from deldist.faults import fail_once
 from deldist.layout import RunLayout
-from deldist.lowp_tiles import fastest_supported
-from deldist.pairwise import to_device, triu_neighbours
-from deldist.pairwise_lowp import triu_neighbours_lowp
 from deldist.schema import SCORES_SCHEMA
 from deldist.shards import (
     Bucket,
@@ -82,15 +86,6 @@ from deldist.shards import (
     sorted_lookup,
 )
 from deldist.tiles import Device, ListSpec
-
-if TYPE_CHECKING:
-    pass
-
-KeepMode = Literal["hard", "easy", "random"]
-Precision = Literal["auto", "float32", "int8", "bfloat16"]
-# clusters from this size on use the int8 tiles under precision="auto": below it the padded
-# tiles and per-call costs outweigh the faster products (bench/dedup.py)
-LOWP_MIN_ROWS = 1536
 
 log = logging.getLogger(__name__)
 
@@ -134,118 +129,6 @@ class Config(StageConfig):
     use_gpu: bool | None = Field(None, description="score on GPUs (torch) (default: when the cluster has GPUs)")
     task_gpus: float = Field(0.5, gt=0, le=1, description="GPU share per scoring task when use_gpu (0.5: two tasks "
                                                            "per GPU, one's gather/write overlaps the other's matmuls)")
-
-
-# ----------------------------------------------------------------------------- math (pure)
-
-
-def rank_within_clusters(ids: pa.Array | pa.ChunkedArray, cluster: np.ndarray, distance: np.ndarray,
-                         keep: KeepMode = "hard", seed: int = 0) -> np.ndarray:
-    """Rank (int64, 0 = first) of every item inside its cluster.
-
-    ids: (n,) strings (unique); cluster: (n,) int; distance: (n,) cosine distance to the
-    centroid. ``hard`` ranks the farthest first, ``easy`` the nearest first, ``random`` by a
-    seeded permutation assigned in id order (independent of the row order). Ties are broken
-    by id, so the result never depends on the input order.
-    """
-    n = len(cluster)
-    if n == 0:
-        return np.empty(0, np.int64)
-    ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
-    if keep == "random":
-        key = np.empty(n, np.float64)
-        by_id = pc.sort_indices(ids).to_numpy()
-        key[by_id] = np.random.default_rng(seed).permutation(n)
-        direction = "ascending"
-    elif keep in ("hard", "easy"):
-        key = np.asarray(distance, np.float64)
-        direction = "descending" if keep == "hard" else "ascending"
-    else:
-        raise ValueError(f"keep must be hard, easy or random, got {keep!r}")
-    table = pa.table({"cluster": np.asarray(cluster), "key": key, "id": ids})
-    order = pc.sort_indices(table, sort_keys=[("cluster", "ascending"), ("key", direction),
-                                              ("id", "ascending")]).to_numpy()
-    sorted_cluster = np.asarray(cluster)[order]
-    starts, ends = equal_runs(sorted_cluster)
-    run_start = np.repeat(starts, ends - starts)
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n) - run_start
-    return rank
-
-
-# torch versions of the same blocks: same loops, same merge rule, so the same results up to
-# float32 rounding. Written for CUDA; they run on any torch device, so the tests check them
-# on the CPU by calling _triu_max_sim_torch / _max_sim_to_torch with device="cpu".
-
-
-def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
-                          spec: ListSpec = ListSpec(), block_rows: int = 256, col_block: int = 16_384,
-                          diag_rows: int = 64, device: Device = "cpu", precision: Precision = "float32") -> pa.Table:
-    """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
-
-    x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
-    must be 0..n_c-1 inside each cluster (checked: the ranking and the data must agree).
-    spec: the neighbour lists kept per row; device: as in :func:`triu_max_sim` (``x`` is
-    copied there once for all its clusters); precision: see :func:`cluster_neighbours`.
-    """
-    n = len(x)
-    width = spec.by_similarity + spec.by_rank
-    max_sim = np.zeros(n, np.float32)
-    dup = np.full(n, -1, np.int64)
-    nbr = np.full((n, width), -1, np.int64)
-    nbr_sim = np.full((n, width), -np.inf, np.float32)
-    bound = np.full(n, spec.floor, np.float32)
-    if n:
-        starts, ends = equal_runs(cluster)
-        expected = np.arange(n) - np.repeat(starts, ends - starts)
-        if not np.array_equal(np.asarray(rank), expected):
-            raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
-        xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
-        for s, e in zip(starts, ends):
-            sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = cluster_neighbours(
-                xd[s:e], 0, e - s, spec, (block_rows, col_block, diag_rows), device, precision)
-            max_sim[s:e] = sims
-            dup[s:e] = np.where(arg >= 0, arg + s, -1)
-    return scores_table(ids, cluster, rank, max_sim, dup, nbr, nbr_sim, bound)
-
-
-def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tuple[int, int, int], device: Device,
-                       precision: Precision) -> tuple[np.ndarray, ...]:
-    """Rows [start, stop) of one rank-ordered cluster -> :func:`triu_neighbours`'s results,
-    from float32 tiles or (``precision``) from int8 / bfloat16 tiles with float32 values
-    (:mod:`deldist.pairwise_lowp`: the same max, argmax and decisions). ``"auto"``: the tile
-    this CPU runs fastest (:func:`~deldist.lowp_tiles.fastest_supported`), for clusters of at
-    least ``LOWP_MIN_ROWS`` rows."""
-    if precision == "auto":
-        precision = (fastest_supported() or "float32") if stop >= LOWP_MIN_ROWS else "float32"
-    if precision != "float32" and device == "cpu":
-        return triu_neighbours_lowp(np.asarray(x), start, stop, spec, precision)
-    return triu_neighbours(x, start, stop, spec, *tiles, device=device)
-
-
-def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: np.ndarray,
-                 dup_row: np.ndarray, neighbours: np.ndarray, neighbour_sims: np.ndarray, bound: np.ndarray,
-                 dup_ids: pa.Array | None = None) -> pa.Table:
-    """Assemble SCORES_SCHEMA rows; ``dup_row`` indexes ``dup_ids`` (default ``ids``), -1 = none.
-    neighbours / neighbour_sims: (n, L) ranks within the cluster and similarities, each row
-    valid entries first (-1 padding); bound: (n,) ``unlisted_max_sim``."""
-    dup_ids = ids if dup_ids is None else dup_ids
-    has_dup = dup_row >= 0
-    taken = pc.take(dup_ids, pa.array(np.where(has_dup, dup_row, 0)))
-    duplicate_of = pc.if_else(pa.array(has_dup), taken, pa.nulls(len(dup_row), pa.string()))
-    valid = np.asarray(neighbours) >= 0
-    offsets = pa.array(np.r_[0, np.cumsum(valid.sum(axis=1))].astype(np.int32))
-    return pa.table({
-        "id": ids,
-        "cluster": pa.array(np.asarray(cluster, np.int32)),
-        "rank": pa.array(np.asarray(rank, np.int64)),
-        "max_sim": pa.array(np.asarray(max_sim, np.float32)),
-        "duplicate_of": duplicate_of,
-        "neighbours": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(neighbours)[valid].astype(np.int32))),
-        "neighbour_sims": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(neighbour_sims)[valid],
-                                                                     pa.float32())),
-        "unlisted_max_sim": pa.array(np.asarray(bound, np.float32)),
-    }, schema=SCORES_SCHEMA)
 
 
 # ----------------------------------------------------------------------------- Ray wiring

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from deldist import runtime, storage
 from deldist.arrays import equal_runs
-from deldist.dedup import rank_within_clusters
+from deldist.dedup_scores import rank_within_clusters
 from deldist.pairwise import keep_first_exact
 from deldist.rules import Decision
 from deldist.shards import bucket_count, bucket_of_groups, gather_sorted, plan_buckets, shuffle_by_bucket

@@ -113,8 +113,7 @@ def nearest_centroid(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False
     x: (n, D) float32 unit rows; centroids: (k, D) float32.
     Returns (labels int64 (n,), similarity float32 (n,)).
     """
-    from deldist.lowp_tiles import fastest_supported
-    from deldist.pairwise_lowp import nearest_lowp
+    from deldist.pairwise_lowp import fastest_supported, nearest_lowp
 
     _check_dims(x, centroids)
     if len(x) == 0:

@@ -1,5 +1,5 @@
 """What the low-precision pairwise kernels (:mod:`deldist.pairwise_lowp`) share: the scan that
-folds a tile into each row's candidates, and the choice of tile.
+folds a tile into each row's candidates.
 
 A tile is computed in a low precision with a proven per-row margin delta (|tile - float32
 value| <= delta_i, plus ``above_one`` for values read as >= 1): in bfloat16
@@ -10,7 +10,7 @@ recompute all of it in float32, so their results are the float32 kernel's.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numba
 import numpy as np
@@ -22,30 +22,6 @@ from deldist.tiles import insert_top
 FAST = {"nnan", "nsz", "arcp", "contract", "reassoc", "afn"}
 ROW_PAD, COL_PAD = 64, 256  # tile shapes are multiples of these: oneDNN builds one kernel per shape (~5 ms each)
 LowPrecision = Literal["int8", "bfloat16"]
-
-
-def prepare_rows(x: np.ndarray, precision: LowPrecision) -> Any:
-    """x (n, D) float32 unit rows -> the prepared rows of ``precision``'s tiles
-    (:class:`~deldist.int8_tiles.Int8Rows` or :class:`~deldist.bf16_tiles.Bf16Rows`):
-    ``margins(s, e, cols)``, ``above_one`` and ``products(block_rows, col_block)``."""
-    if precision == "int8":
-        from deldist import int8_tiles
-
-        return int8_tiles.prepare(x)
-    if precision == "bfloat16":
-        from deldist import bf16_tiles
-
-        return bf16_tiles.prepare(x)
-    raise ValueError(f"unknown low precision {precision!r}")
-
-
-def fastest_supported() -> LowPrecision | None:
-    """The low-precision tile this CPU runs faster than float32 sgemm, or None: int8 on CPUs
-    with AMX (measured: bench/RESULTS.md); bfloat16 measured slower than float32 on every
-    CPU tried, so it is never chosen by itself."""
-    from deldist.int8_tiles import int8_supported
-
-    return "int8" if int8_supported() else None
 
 
 @numba.njit(cache=True, fastmath=FAST, nogil=True)

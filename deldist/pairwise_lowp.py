@@ -24,8 +24,27 @@ from typing import Any
 import numba
 import numpy as np
 
-from deldist.lowp_tiles import Candidates, LowPrecision, dot_float32, prepare_rows
+from deldist import bf16_tiles, int8_tiles
+from deldist.lowp_tiles import Candidates, LowPrecision, dot_float32
 from deldist.tiles import ListSpec, check_range, union_lists
+
+
+def prepare_rows(x: np.ndarray, precision: LowPrecision) -> Any:
+    """x (n, D) float32 unit rows -> the prepared rows of ``precision``'s tiles
+    (:class:`~deldist.int8_tiles.Int8Rows` or :class:`~deldist.bf16_tiles.Bf16Rows`):
+    ``margins(s, e, cols)``, ``above_one`` and ``products(block_rows, col_block)``."""
+    if precision == "int8":
+        return int8_tiles.prepare(x)
+    if precision == "bfloat16":
+        return bf16_tiles.prepare(x)
+    raise ValueError(f"unknown low precision {precision!r}")
+
+
+def fastest_supported() -> LowPrecision | None:
+    """The low-precision tile this CPU runs faster than float32 sgemm, or None: int8 on CPUs
+    with AMX (measured: bench/RESULTS.md); bfloat16 measured slower than float32 on every
+    CPU tried, so it is never chosen by itself."""
+    return "int8" if int8_tiles.int8_supported() else None
 
 
 @numba.njit(cache=True, nogil=True)
@@ -153,7 +172,7 @@ def triu_neighbours_lowp(x: np.ndarray, start: int = 0, stop: int | None = None,
 
     x: (n, D) float32 unit rows in rank order; rows [start, stop) are scored. ``prepared``:
     (rows, offset) when x is rows [offset, offset + n) of a bucket prepared by
-    :func:`~deldist.lowp_tiles.prepare_rows` in ``precision`` (else x is prepared here). Tiles are ``block_rows`` (a multiple of 64) rows against column chunks of
+    :func:`prepare_rows` in ``precision`` (else x is prepared here). Tiles are ``block_rows`` (a multiple of 64) rows against column chunks of
     ``col_block`` (a multiple of 256) of all earlier rows, padded to multiples of 64 x 256
     (the diagonal triangle is masked in the scan). Each row keeps its ``by_similarity`` +
     ``spare`` largest tile values (the spares tighten ``bound``), the columns within 2

@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from deldist import dedup, pairwise, pairwise_torch, shards, storage, tiles
+from deldist import dedup, dedup_scores, pairwise, pairwise_torch, shards, storage, tiles
 from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, SCORES_SCHEMA, embedding_array, embeddings_schema
 from deldist.shards import EmbeddingError, EmptyInputError
 
@@ -72,9 +72,9 @@ SIZES = [1, 70, 3, 1, 25, 1, 130]  # single-item clusters and clusters larger th
 def test_scores_equal_all_pairs_reference(keep):
     x, labels, distance = clustered_with_sizes(SIZES, 24, seed=1)
     ids = pa.array([f"f{i:04d}" for i in range(len(x))])
-    rank = dedup.rank_within_clusters(ids, labels, distance, keep, seed=3)
+    rank = dedup_scores.rank_within_clusters(ids, labels, distance, keep, seed=3)
     order = np.lexsort((rank, labels))
-    table = dedup.score_sorted_clusters(x[order], ids.take(pa.array(order)), labels[order], rank[order],
+    table = dedup_scores.score_sorted_clusters(x[order], ids.take(pa.array(order)), labels[order], rank[order],
                                         block_rows=16, col_block=40, diag_rows=6)
     assert table.schema.equals(SCORES_SCHEMA)
     back = np.argsort(order)
@@ -101,12 +101,12 @@ def test_rank_modes():
     ids = pa.array(["d", "a", "c", "b", "e"])
     labels = np.array([0, 0, 0, 1, 1])
     distance = np.array([0.1, 0.3, 0.2, 0.5, 0.5], np.float32)
-    assert dedup.rank_within_clusters(ids, labels, distance, "hard").tolist() == [2, 0, 1, 0, 1]
-    assert dedup.rank_within_clusters(ids, labels, distance, "easy").tolist() == [0, 2, 1, 0, 1]
-    r1 = dedup.rank_within_clusters(ids, labels, distance, "random", seed=7)
+    assert dedup_scores.rank_within_clusters(ids, labels, distance, "hard").tolist() == [2, 0, 1, 0, 1]
+    assert dedup_scores.rank_within_clusters(ids, labels, distance, "easy").tolist() == [0, 2, 1, 0, 1]
+    r1 = dedup_scores.rank_within_clusters(ids, labels, distance, "random", seed=7)
     assert sorted(r1[:3].tolist()) == [0, 1, 2] and sorted(r1[3:].tolist()) == [0, 1]
     shuffled = [4, 2, 0, 3, 1]  # random ranks follow the ids, not the row order
-    r2 = dedup.rank_within_clusters(ids.take(pa.array(shuffled)), labels[shuffled], distance[shuffled], "random", 7)
+    r2 = dedup_scores.rank_within_clusters(ids.take(pa.array(shuffled)), labels[shuffled], distance[shuffled], "random", 7)
     assert r2.tolist() == r1[shuffled].tolist()
 
 
@@ -146,7 +146,7 @@ def test_empty_and_single_inputs():
     assert len(sims) == 0 and len(arg) == 0
     sims, arg = pairwise.triu_max_sim(np.ones((1, 8), np.float32) / np.sqrt(8))
     assert sims.tolist() == [0.0] and arg.tolist() == [-1]
-    assert len(dedup.rank_within_clusters(pa.array([], pa.string()), np.array([]), np.array([]))) == 0
+    assert len(dedup_scores.rank_within_clusters(pa.array([], pa.string()), np.array([]), np.array([]))) == 0
 
 
 # ----------------------------------------------------------------------------- torch path (GPU kernels, run on the CPU)
@@ -275,11 +275,11 @@ def cuda_on_cpu(monkeypatch):
 def test_score_sorted_clusters_on_the_torch_path(cuda_on_cpu):
     x, labels, distance = clustered_with_sizes(SIZES, 24, seed=1)
     ids = pa.array([f"f{i:04d}" for i in range(len(x))])
-    rank = dedup.rank_within_clusters(ids, labels, distance, "hard")
+    rank = dedup_scores.rank_within_clusters(ids, labels, distance, "hard")
     order = np.lexsort((rank, labels))
     args = (x[order], ids.take(pa.array(order)), labels[order], rank[order], tiles.ListSpec(4, 3, 0.2))
-    on_torch = dedup.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cuda")
-    on_numpy = dedup.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cpu")
+    on_torch = dedup_scores.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cuda")
+    on_numpy = dedup_scores.score_sorted_clusters(*args, block_rows=16, col_block=40, diag_rows=6, device="cpu")
     assert on_torch.schema.equals(SCORES_SCHEMA)
     assert np.abs(on_torch.column("max_sim").to_numpy() - on_numpy.column("max_sim").to_numpy()).max() < 1e-6
     assert on_torch.column("duplicate_of").equals(on_numpy.column("duplicate_of"))
@@ -419,7 +419,7 @@ def test_run_matches_reference_with_a_split_cluster(ray_session, tmp_path, keep)
     rows = np.array([row_of[i] for i in got])
     rank = np.empty(len(x), np.int64)
     rank[rows] = scores.column("rank").to_numpy()
-    expected_rank = dedup.rank_within_clusters(pa.array(ids), labels, distance, keep, seed=2)
+    expected_rank = dedup_scores.rank_within_clusters(pa.array(ids), labels, distance, keep, seed=2)
     assert np.array_equal(rank, expected_rank)
     assert np.array_equal(scores.column("cluster").to_numpy(), labels[rows])
     max_sim = np.empty(len(x), np.float32)

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import cluster, dedup, greedy, groundtruth, pairwise, rules, select, select_ray, storage, tiles
+from deldist import cluster, dedup, dedup_scores, greedy, groundtruth, pairwise, rules, select, select_ray, storage, tiles
 from deldist.shards import embedding_matrix
 from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
@@ -73,9 +73,9 @@ def scored(x: np.ndarray, cluster: np.ndarray, spec) -> tuple[pa.Table, np.ndarr
     """dedup scores (real kernel) of rows x, ranked by row order within each cluster -> (scores
     table aligned with the rows, rank, position order)."""
     ids = pa.array([f"r{i:05d}" for i in range(len(x))])
-    rank = dedup.rank_within_clusters(ids, cluster, np.zeros(len(x)), "random", seed=1)
+    rank = dedup_scores.rank_within_clusters(ids, cluster, np.zeros(len(x)), "random", seed=1)
     order = np.lexsort((rank, cluster))
-    table = dedup.score_sorted_clusters(x[order], ids.take(pa.array(order)), cluster[order], rank[order], spec,
+    table = dedup_scores.score_sorted_clusters(x[order], ids.take(pa.array(order)), cluster[order], rank[order], spec,
                                         block_rows=32, col_block=48, diag_rows=8)
     back = np.argsort(order)
     return table.take(pa.array(back)), rank, order
