@@ -66,6 +66,7 @@ class Bf16Rows:
     norm: np.ndarray
     bf_norm: np.ndarray
     above_one = ABOVE_ONE
+    spare = 8  # extra top candidates per row: their exact values tighten the bound of the unlisted
 
     def margins(self, s: int, e: int, cols: "Bf16Rows | None" = None) -> np.ndarray:
         """delta_i (float32 (e - s,)) for rows [s, e) scored against ``cols`` (default: the

@@ -34,6 +34,7 @@ No value is rounded above 1 beyond that: :attr:`Int8Rows.above_one` is 0.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ import numpy as np
 
 from deldist.lowp_tiles import COL_PAD, ROW_PAD
 
+_SCRATCH = threading.local()
 Q_MAX = 16255  # |q| <= Q_MAX keeps the high digit within [-127, 127]
 HIGH = 128  # q = HIGH * a + b
 
@@ -50,28 +52,44 @@ HIGH = 128  # q = HIGH * a + b
 class Int8Rows:
     """Rows prepared once for the int8 tiles (a bucket, sliced per cluster).
 
-    hi: (n + pad, D) int8 tensor, the high digits a; pair_rows: (n + pad, 2D) [a, b];
-    pair_cols: (n + pad, 2D) [b, a] (``COL_PAD`` zero rows after the n: tiles may read past
-    a slice's end; those rows are never scanned); scale (n + pad,) float64 s (0 on padding);
-    lo, err, q_norm, norm (n,) float64: |s b|, |x - s q|, |s q| and |x|, rounded up.
+    digits: (n + pad, 3D) int8 tensor [b, a, b] per row, so that the high digits a, the
+    rows' pairs [a, b] and the columns' pairs [b, a] are views of it (then ``COL_PAD``
+    padding rows: tiles may read past a slice's end; those entries are never scanned); scale
+    (n + pad,) float64 s (0 on padding); lo, err, q_norm, norm (n,) float64: |s b|,
+    |x - s q|, |s q| and |x|, rounded up.
     """
 
-    hi: Any
-    pair_rows: Any
-    pair_cols: Any
+    digits: Any
     scale: np.ndarray
     lo: np.ndarray
     err: np.ndarray
     q_norm: np.ndarray
     norm: np.ndarray
     above_one = 0.0  # a tile value is rounded once to float32 and that is inside delta
+    spare = 0  # no extra top candidates: the bound (the first unlisted value + delta) is tight already
+
+    @property
+    def dim(self) -> int:
+        return self.digits.shape[1] // 3
+
+    @property
+    def hi(self) -> Any:
+        return self.digits[:, self.dim:2 * self.dim]
+
+    @property
+    def pair_rows(self) -> Any:
+        return self.digits[:, self.dim:]
+
+    @property
+    def pair_cols(self) -> Any:
+        return self.digits[:, :2 * self.dim]
 
     def margins(self, s: int, e: int, cols: "Int8Rows | None" = None) -> np.ndarray:
         """delta_i (float32 (e - s,)) for rows [s, e) scored against ``cols`` (default: the
         same rows [s, e)), every column term at its maximum over them (module docstring)."""
         if e <= s:
             return np.zeros(0, np.float32)
-        d = self.hi.shape[1]
+        d = self.dim
         g = d * 2.0 ** -24 / (1.0 - d * 2.0 ** -24)
         lo, err, q_norm, norm = (a[s:e] for a in (self.lo, self.err, self.q_norm, self.norm))
         c_lo, c_err, c_q, c_norm = (lo, err, q_norm, norm) if cols is None else (cols.lo, cols.err, cols.q_norm,
@@ -85,44 +103,46 @@ class Int8Rows:
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"nnan", "ninf", "nsz", "contract", "reassoc", "arcp", "afn"})
-def _split_rows(x, hi, pair_rows, pair_cols, scale, lo, err, q_norm, norm):  # pragma: no cover - compiled
-    """Per row: the scale, both digits and the norms in float64 (integers up to 2^14 are
-    exact there, so the digit arithmetic is too), then the digits copied into the three
-    layouts (separate loops, so each vectorises). q may be any integer (the margin uses the
-    actual error of the one chosen), so it is rounded from x * (1 / s); |q| <= Q_MAX still
-    holds (|x| / s <= Q_MAX (1 + 2^-52))."""
+def _split_rows(x, digits, scale, lo, err, q_norm, norm):  # pragma: no cover - compiled
+    """Per row: the scale, both digits (int32 arithmetic) into [b, a, b], and the norms
+    (float64 sums); every loop vectorises. q may be any integer near x / s (the margin uses
+    the actual error of the one chosen): x * fl(1 / s) rounded half away from zero, so
+    |q| <= Q_MAX (|x| / s <= Q_MAX, and the float32 product is off by far less than 1/2)."""
     d = x.shape[1]
-    high = np.empty(d, np.int8)
-    low = np.empty(d, np.int8)
+    bits = x.view(np.uint32)
+    q = np.empty(d, np.int32)
+    b = np.empty(d, np.int32)
+    top_word = np.empty(1, np.uint32)
+    top_float = top_word.view(np.float32)
     for i in range(x.shape[0]):
-        top = 0.0
+        top_bits = np.uint32(0)  # max |x_k| through the bit patterns: an integer max vectorises
         for k in range(d):
-            top = max(top, abs(np.float64(x[i, k])))
+            u = bits[i, k] & np.uint32(0x7FFFFFFF)
+            top_bits = u if u > top_bits else top_bits
+        top_word[0] = top_bits
+        top = np.float64(top_float[0])
         s = top / Q_MAX if top > 0 else 1.0
-        inv = 1.0 / s
+        inv = np.float32(1.0 / s)
+        for k in range(d):
+            v = x[i, k] * inv
+            q[k] = np.int32(v + (np.float32(0.5) if v >= 0 else np.float32(-0.5)))
+        row = digits[i]  # separate loops over one row's view: each vectorises (the 2D stores did not)
+        for k in range(d):
+            a = (q[k] + np.int32(HIGH // 2)) >> 7  # floor((q + 64) / 128): an arithmetic shift
+            b[k] = q[k] - (a << 7)
+            row[d + k] = np.int8(a)
+        for k in range(d):
+            row[k] = np.int8(b[k])
+        for k in range(d):
+            row[2 * d + k] = np.int8(b[k])
         e2 = l2 = q2 = n2 = 0.0
         for k in range(d):
             v = np.float64(x[i, k])
-            q = np.rint(v * inv)
-            a = np.floor((q + HIGH // 2) * (1.0 / HIGH))
-            b = q - HIGH * a
-            high[k] = np.int8(np.int32(a))
-            low[k] = np.int8(np.int32(b))
-            e = v - s * q
+            e = v - s * np.float64(q[k])
             e2 += e * e
-            l2 += b * b
-            q2 += q * q
+            l2 += np.float64(b[k]) * np.float64(b[k])
+            q2 += np.float64(q[k]) * np.float64(q[k])
             n2 += v * v
-        for k in range(d):
-            hi[i, k] = high[k]
-        for k in range(d):
-            pair_rows[i, k] = high[k]
-        for k in range(d):
-            pair_rows[i, d + k] = low[k]
-        for k in range(d):
-            pair_cols[i, k] = low[k]
-        for k in range(d):
-            pair_cols[i, d + k] = high[k]
         scale[i] = s
         lo[i] = s * np.sqrt(l2)
         err[i] = np.sqrt(e2)
@@ -130,22 +150,33 @@ def _split_rows(x, hi, pair_rows, pair_cols, scale, lo, err, q_norm, norm):  # p
         norm[i] = np.sqrt(n2)
 
 
-def prepare(x: np.ndarray) -> Int8Rows:
+def _digit_rows(rows: int, width: int, reuse: bool) -> np.ndarray:
+    """(rows, width) int8: fresh (zeros), or a view of this thread's scratch buffer, grown as
+    needed (a cluster's fresh digits page-faulted as much as computing them cost)."""
+    if not reuse:
+        return np.zeros((rows, width), np.int8)
+    buffer = getattr(_SCRATCH, "digits", None)
+    if buffer is None or buffer.size < rows * width:
+        buffer = np.zeros(max(rows * width, 1 << 23), np.int8)  # >= 4 MB: NumPy asks for huge pages
+        _SCRATCH.digits = buffer
+    return buffer[:rows * width].reshape(rows, width)
+
+
+def prepare(x: np.ndarray, reuse: bool = False) -> Int8Rows:
     """x (n, D) float32 -> :class:`Int8Rows` in one compiled pass. The float64 norms are
-    rounded up by 1e-12 relative (their own rounding, in any order, is ~D 2^-53)."""
+    rounded up by 1e-12 relative (their own rounding, in any order, is ~D 2^-53). ``reuse``:
+    the digits live in this thread's scratch buffer, valid until the next ``reuse`` call."""
     import torch
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
-    hi = np.zeros((n + COL_PAD, d), np.int8)
-    pair_rows, pair_cols = (np.zeros((n + COL_PAD, 2 * d), np.int8) for _ in range(2))
+    digits = _digit_rows(n + COL_PAD, 3 * d, reuse)
     scale = np.zeros(n + COL_PAD, np.float64)
     lo, err, q_norm, norm = (np.empty(n, np.float64) for _ in range(4))
     if n:
-        _split_rows(x, hi, pair_rows, pair_cols, scale, lo, err, q_norm, norm)
+        _split_rows(x, digits, scale, lo, err, q_norm, norm)
     up = 1 + 1e-12
-    return Int8Rows(torch.from_numpy(hi), torch.from_numpy(pair_rows), torch.from_numpy(pair_cols), scale,
-                    lo * up, err * up, q_norm * up, norm * up)
+    return Int8Rows(torch.from_numpy(digits), scale, lo * up, err * up, q_norm * up, norm * up)
 
 
 def int8_supported() -> bool:

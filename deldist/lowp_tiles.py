@@ -69,18 +69,24 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
             if tile_max > excluded[r]:
                 excluded[r] = tile_max
         else:
+            ex, wt = excluded[r], win_top[r]
+            low = min(cut, wt - two_delta)  # below it a value can only raise ``ex``: the common case
             for c in range(ncols):
                 s = row[c]
+                if s < low:
+                    if s > ex:
+                        ex = s
+                    continue
                 if s > cut:
                     out = top_sim[r, k_top - 1]
-                    if out > excluded[r]:
-                        excluded[r] = out
+                    if out > ex:
+                        ex = out
                     cut = insert_top(top_sim, top_idx, r, s, c0 + c)
-                elif s > excluded[r]:
-                    excluded[r] = s
-                if s >= win_top[r] - two_delta and win_count[r] >= 0:
-                    if s > win_top[r]:
-                        win_top[r] = s
+                elif s > ex:
+                    ex = s
+                if s >= wt - two_delta and win_count[r] >= 0:
+                    if s > wt:
+                        wt = s
                         kept = 0  # drop the entries the new top leaves behind
                         for e in range(win_count[r]):
                             if win_sim[r, e] >= s - two_delta:
@@ -94,6 +100,8 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
                         win_sim[r, win_count[r]] = s
                         win_idx[r, win_count[r]] = c0 + c
                         win_count[r] += 1
+                low = min(cut, wt - two_delta)
+            excluded[r], win_top[r] = ex, wt
         if by_rank > 0 and rank_sure[r] < by_rank and rank_count[r] < cap:
             for c in range(ncols):
                 s = row[c]

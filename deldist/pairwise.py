@@ -70,20 +70,26 @@ def _merge_tile(sims, c0, r0, top_sim, top_idx, first_sim, first_idx, first_coun
         cut = top_sim[row, m - 1] if m else np.inf
         row_best = best[r]
         row_arg = arg[r]
+        k = first_count[row]
+        # at or below ``low`` a value changes nothing once the by-rank list is full: the common case
+        low = min(row_best, max(cut, floor_below)) if k >= mr else -np.inf
         for c in range(sims.shape[1]):
             s = sims[r, c]
+            if s <= low:
+                continue
             if s > row_best:
                 row_best = s
                 row_arg = c0 + c
-            if s <= floor_below:
-                continue
-            if s > cut:
-                cut = insert_top(top_sim, top_idx, row, s, c0 + c)
-            k = first_count[row]
-            if k < mr:
-                first_sim[row, k] = s
-                first_idx[row, k] = c0 + c
-                first_count[row] = k + 1
+            if s > floor_below:
+                if s > cut:
+                    cut = insert_top(top_sim, top_idx, row, s, c0 + c)
+                if k < mr:
+                    first_sim[row, k] = s
+                    first_idx[row, k] = c0 + c
+                    k += 1
+            if k >= mr:
+                low = min(row_best, max(cut, floor_below))
+        first_count[row] = k
         best[r] = row_best
         arg[r] = row_arg
 

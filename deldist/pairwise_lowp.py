@@ -29,12 +29,13 @@ from deldist.lowp_tiles import Candidates, LowPrecision, dot_float32
 from deldist.tiles import ListSpec, check_range, union_lists
 
 
-def prepare_rows(x: np.ndarray, precision: LowPrecision) -> Any:
+def prepare_rows(x: np.ndarray, precision: LowPrecision, reuse: bool = False) -> Any:
     """x (n, D) float32 unit rows -> the prepared rows of ``precision``'s tiles
     (:class:`~deldist.int8_tiles.Int8Rows` or :class:`~deldist.bf16_tiles.Bf16Rows`):
-    ``margins(s, e, cols)``, ``above_one`` and ``products(block_rows, col_block)``."""
+    ``margins(s, e, cols)``, ``above_one``, ``spare`` and ``products(block_rows, col_block)``.
+    ``reuse`` (int8): in this thread's scratch buffer, valid until its next reuse."""
     if precision == "int8":
-        return int8_tiles.prepare(x)
+        return int8_tiles.prepare(x, reuse)
     if precision == "bfloat16":
         return bf16_tiles.prepare(x)
     raise ValueError(f"unknown low precision {precision!r}")
@@ -165,7 +166,7 @@ def _exact_rows(x: np.ndarray, rows: np.ndarray, spec: ListSpec | None, chunk: i
 
 def triu_neighbours_lowp(x: np.ndarray, start: int = 0, stop: int | None = None, spec: ListSpec | None = ListSpec(),
                          precision: LowPrecision = "int8", block_rows: int = 256, col_block: int = 2048,
-                         window: int = 64, spare: int = 8, prepared: tuple[Any, int] | None = None,
+                         window: int = 64, prepared: tuple[Any, int] | None = None,
                          stats: dict[str, int] | None = None) -> tuple[np.ndarray, ...]:
     """:func:`deldist.pairwise.triu_neighbours` (``spec``) or :func:`~deldist.pairwise.triu_max_sim`
     (``spec=None``) from ``precision``'s tiles, with float32 results (module docstring).
@@ -175,7 +176,8 @@ def triu_neighbours_lowp(x: np.ndarray, start: int = 0, stop: int | None = None,
     :func:`prepare_rows` in ``precision`` (else x is prepared here). Tiles are ``block_rows`` (a multiple of 64) rows against column chunks of
     ``col_block`` (a multiple of 256) of all earlier rows, padded to multiples of 64 x 256
     (the diagonal triangle is masked in the scan). Each row keeps its ``by_similarity`` +
-    ``spare`` largest tile values (the spares tighten ``bound``), the columns within 2
+    the rows' ``spare`` largest tile values (bfloat16: 8, which tighten ``bound`` where the margin
+    is wide; int8: 0), the columns within 2
     delta of its largest (up to ``window``; a row whose window overflows is recomputed in
     float32 whole) and its by-rank buffer; all are recomputed in float32. ``stats`` (if given) gets ``candidates`` (float32 dots) and
     ``fallback_rows``. Returns what the float32 kernel returns: (max_sim, argmax[, idx, sim, bound]).
@@ -184,14 +186,14 @@ def triu_neighbours_lowp(x: np.ndarray, start: int = 0, stop: int | None = None,
     n = len(x)
     stop = check_range(n, start, stop)
     rows = stop - start
-    lp, offset = prepared if prepared is not None else (prepare_rows(x, precision), 0)
+    lp, offset = prepared if prepared is not None else (prepare_rows(x, precision, reuse=True), 0)
     products = lp.products(block_rows, col_block)
     delta = lp.margins(offset, offset + n)[start:stop]
     above_one = np.float32(lp.above_one)
     by_sim = spec.by_similarity if spec is not None else 0
     by_rank = spec.by_rank if spec is not None else 0
     floor = np.float32(spec.floor if spec is not None else np.inf)
-    cand = Candidates(rows, by_sim + spare if by_sim else 1, window, 2 * by_rank)
+    cand = Candidates(rows, by_sim + lp.spare if by_sim else 1, window, 2 * by_rank)
     out_max = np.full(rows, -np.inf, np.float32)
     out_arg = np.full(rows, -1, np.int64)
     top_out = (np.full((rows, by_sim), -1, np.int64), np.full((rows, by_sim), -np.inf, np.float32))

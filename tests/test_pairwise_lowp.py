@@ -101,13 +101,16 @@ def test_int8_digits_and_norms():
     rows = int8_tiles.prepare(x)
     x64 = x.astype(np.float64)
     scale = np.abs(x64).max(axis=1) / int8_tiles.Q_MAX
-    q = np.rint(x64 / scale[:, None])
-    a = rows.hi[: len(x)].numpy().astype(np.int64)
-    pair_rows, pair_cols = (t[: len(x)].numpy().astype(np.int64) for t in (rows.pair_rows, rows.pair_cols))
-    b = pair_rows[:, 768:]
-    assert np.array_equal(128 * a + b, q) and np.abs(a).max() <= 127 and -64 <= b.min() and b.max() <= 63
-    assert np.array_equal(pair_rows[:, :768], a) and np.array_equal(pair_cols, np.hstack([b, a]))
-    assert not rows.hi[len(x):].any() and not rows.scale[len(x):].any()  # zero padding rows
+    digits = rows.digits[: len(x)].numpy().astype(np.int64)
+    b, a = digits[:, :768], digits[:, 768:1536]
+    assert np.array_equal(digits[:, 1536:], b)  # [b, a, b]: the pairs [a, b] and [b, a] are views
+    assert np.array_equal(rows.pair_rows[: len(x)].numpy(), np.hstack([a, b]))
+    assert np.array_equal(rows.pair_cols[: len(x)].numpy(), np.hstack([b, a]))
+    q = 128 * a + b
+    assert np.abs(a).max() <= 127 and -64 <= b.min() and b.max() <= 63
+    assert np.abs(x64 / scale[:, None] - q).max() <= 0.5 + 1e-3  # q rounds x / s
+    np.testing.assert_allclose(rows.scale[: len(x)], scale, rtol=1e-12)
+    assert not rows.digits[len(x):].any() and not rows.scale[len(x):].any()  # zero padding rows
     err = np.linalg.norm(x64 - scale[:, None] * q, axis=1)
     np.testing.assert_allclose(rows.err, err, rtol=1e-9)
     np.testing.assert_allclose(rows.lo, scale * np.linalg.norm(b, axis=1), rtol=1e-9)
