@@ -32,7 +32,18 @@ def dot_float32(a, b):  # pragma: no cover - compiled
     return s
 
 
-@numba.njit(cache=True, fastmath=FAST, nogil=True)  # lets the row max vectorise
+INT32_MIN = np.int32(-2 ** 31)
+CHUNK = 64  # columns whose max the scan compares first (one AVX-512 vector)
+
+
+@numba.njit(cache=True, inline="always")
+def _sortable(bits):  # pragma: no cover - compiled
+    """float32 bits (as int32) -> an int32 in the floats' order (finite values, +-inf), and
+    back: the same map (flip the magnitude bits of negatives), its own inverse."""
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+@numba.njit(cache=True, fastmath=FAST, nogil=True)
 def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, win_idx, win_sim, win_count,
                win_top, rank_idx, rank_count, rank_sure, delta, above_one, floor, by_rank):  # pragma: no cover - compiled
     """Fold a low-precision tile (as float32) into the candidates of rows [first_row, first_row +
@@ -51,6 +62,10 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
     k_top = top_sim.shape[1]
     cap = rank_idx.shape[1]
     w_cap = win_idx.shape[1]
+    bits = sims.view(np.int32)
+    chunk_max = np.empty((sims.shape[1] + CHUNK - 1) // CHUNK, np.int32)
+    word = np.empty(1, np.float32)
+    word_bits = word.view(np.int32)
     for r in range(rows):
         i = first_row + r
         ncols = min(sims.shape[1], i - c0, col_stop - c0)
@@ -61,17 +76,39 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
         floor_low, floor_high = floor - margin, floor + margin
         two_delta = 2 * margin
         cut = top_sim[r, k_top - 1]
-        tile_max = -np.inf
-        for c in range(ncols):
-            if row[c] > tile_max:
-                tile_max = row[c]
-        if tile_max <= cut and tile_max < win_top[r] - two_delta:
-            if tile_max > excluded[r]:
-                excluded[r] = tile_max
-        else:
-            ex, wt = excluded[r], win_top[r]
-            low = min(cut, wt - two_delta)  # below it a value can only raise ``ex``: the common case
-            for c in range(ncols):
+        ex, wt = excluded[r], win_top[r]
+        # one vectorised pass: each chunk's max, as integers that order like the floats
+        # (float maxima do not vectorise in numba)
+        row_bits = bits[r]
+        n_chunks = (ncols + CHUNK - 1) // CHUNK
+        for h in range(n_chunks):
+            top_key = INT32_MIN
+            base = h * CHUNK
+            if base + CHUNK <= ncols:  # a fixed trip count: this is the loop that vectorises
+                for c in range(CHUNK):
+                    key = _sortable(row_bits[base + c])
+                    top_key = key if key > top_key else top_key
+            else:
+                for c in range(base, ncols):
+                    key = _sortable(row_bits[c])
+                    top_key = key if key > top_key else top_key
+            chunk_max[h] = top_key
+        word_bits[0] = _sortable(chunk_max[:n_chunks].max())
+        top = max(wt, word[0])  # the row's largest value once this tile is in
+        # below ``low`` a value can only raise ``ex``: it is under the list's cut (or under
+        # k_top chunk maxima of this tile), and more than 2 delta under the row's largest
+        sure = cut
+        if n_chunks >= k_top and k_top > 1 and cut == -np.inf:  # (a full list's cut is usually higher)
+            word_bits[0] = _sortable(np.partition(chunk_max[:n_chunks], n_chunks - k_top)[n_chunks - k_top])
+            sure = max(sure, word[0])
+        low = min(sure, top - two_delta)
+        for h in range(n_chunks):
+            word_bits[0] = _sortable(chunk_max[h])
+            if word[0] < low:
+                if word[0] > ex:
+                    ex = word[0]
+                continue
+            for c in range(h * CHUNK, min(ncols, (h + 1) * CHUNK)):
                 s = row[c]
                 if s < low:
                     if s > ex:
@@ -100,8 +137,8 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
                         win_sim[r, win_count[r]] = s
                         win_idx[r, win_count[r]] = c0 + c
                         win_count[r] += 1
-                low = min(cut, wt - two_delta)
-            excluded[r], win_top[r] = ex, wt
+                low = min(max(cut, sure), top - two_delta)
+        excluded[r], win_top[r] = ex, wt
         if by_rank > 0 and rank_sure[r] < by_rank and rank_count[r] < cap:
             for c in range(ncols):
                 s = row[c]
