@@ -10,9 +10,10 @@ Each variant runs in its own subprocess (clean peak memory) on 2 CPUs:
            embeddings + assignments, group, loop, write)
   kernel   one process: deldist.pairwise.triu_max_sim per cluster (blockwise, lower triangle
            only, NumPy sgemm) on the same in-memory matrix, clusters over 2 threads x 1 BLAS thread
-  lowp     the same with deldist.pairwise_lowp (``--low``: int8 or bfloat16 tiles, every result
-           recomputed in float32), max only (``lowp``) and with the stage's neighbour lists
-           (``lowp_lists``), one prepared matrix, clusters over 2 threads x 1 torch thread
+  lowp     the kernel as the stage's ``precision: auto`` runs it: deldist.pairwise_lowp (``--low``:
+           int8 or bfloat16 tiles, every result recomputed in float32) for clusters of >=
+           LOWP_MIN_ROWS rows, float32 below; max only (``lowp``) and with the stage's neighbour
+           lists (``lowp_lists``), clusters over 2 threads x 1 torch thread
   stage    deldist.dedup.run on a local Ray cluster (num_cpus=2) from Parquet: read + shuffle
            by cluster + score (2 tasks x 1 BLAS thread) + write dedup/scores/; the stage also
            keeps every item's neighbour lists (16 + 16 earlier items above 0.5, the default),
@@ -160,13 +161,16 @@ def child_kernel(workdir: str, block_rows: int, rounds: int) -> dict:
 
 
 def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
-    """deldist.pairwise_lowp per cluster, 2 threads x 1 torch thread (torch and numba release
-    the GIL), on one matrix prepared once (its time is included)."""
+    """The low-precision kernel as the stage's ``precision: auto`` runs it: deldist.pairwise_lowp
+    (``low`` tiles) for clusters of at least ``LOWP_MIN_ROWS`` rows, the float32 kernel for the
+    others; 2 threads x 1 torch / BLAS thread (torch and numba release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from deldist.pairwise_lowp import prepare_rows, triu_neighbours_lowp
+    from deldist.dedup_scores import LOWP_MIN_ROWS
+    from deldist.pairwise import triu_max_sim, triu_neighbours
+    from deldist.pairwise_lowp import triu_neighbours_lowp
     from deldist.tiles import ListSpec
 
     torch.set_num_threads(1)
@@ -178,21 +182,23 @@ def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
     spec = ListSpec(lists, lists) if lists else None
     stats: dict[str, int] = {}
     spans = sorted(zip(bounds[:-1], bounds[1:]), key=lambda se: se[0] - se[1])  # largest first
-    warm = xs[:3000]  # numba's cached code and oneDNN's kernels load on first use: not timed
-    triu_neighbours_lowp(warm, spec=spec, precision=low, prepared=(prepare_rows(warm, low), 0))
+
+    def score(span: tuple[int, int]) -> None:
+        s, e = span
+        if e - s >= LOWP_MIN_ROWS:
+            out = triu_neighbours_lowp(xs[s:e], spec=spec, precision=low, stats=stats)
+        else:
+            out = triu_neighbours(xs[s:e], spec=spec) if spec else triu_max_sim(xs[s:e])
+        rows = order[s:e]
+        max_sim[rows] = out[0]
+        dup_row[rows] = np.where(out[1] >= 0, rows[np.maximum(out[1], 0)], -1)
+
+    score((0, min(len(xs), LOWP_MIN_ROWS)))  # numba's cached code and oneDNN's kernels load on first use
+    score((0, 100))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        prepared = prepare_rows(xs, low)
         stats.clear()
-
-        def score(span: tuple[int, int]) -> None:
-            s, e = span
-            out = triu_neighbours_lowp(xs[s:e], spec=spec, precision=low, prepared=(prepared, s), stats=stats)
-            rows = order[s:e]
-            max_sim[rows] = out[0]
-            dup_row[rows] = np.where(out[1] >= 0, rows[np.maximum(out[1], 0)], -1)
-
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(score, spans))
         times.append(time.perf_counter() - start)

@@ -33,7 +33,7 @@ def dot_float32(a, b):  # pragma: no cover - compiled
 
 
 INT32_MIN = np.int32(-2 ** 31)
-CHUNK = 64  # columns whose max the scan compares first (one AVX-512 vector)
+CHUNK = 64  # columns whose max the scan compares first
 
 
 @numba.njit(cache=True, inline="always")
