@@ -111,9 +111,9 @@ class Config(StageConfig):
     use_gpu: bool | None = Field(None, description="faiss GPU index in tasks (default: when the cluster has GPUs)")
     bounds: bool = Field(True, description="skip rows whose cluster provably cannot change (Hamerly bounds)")
     precision: Literal["auto", "float32", "int8", "bfloat16"] = Field(
-        "float32", description="scores of the streamed assignment (fit_fraction < 1): float32 (faiss), or int8 / "
-                               "bfloat16 tiles with each row's near-best centroids rechecked in float32 (the same "
-                               "labels); auto: int8 on CPUs with AMX")
+        "auto", description="scores of the streamed assignment (fit_fraction < 1): float32 (faiss), or int8 / "
+                            "bfloat16 tiles with each row's near-best centroids rechecked in float32 (the same "
+                            "labels); auto: int8 on CPUs with AMX (1.5x faiss there, bench/RESULTS.md), else float32")
 
 
 # ----------------------------------------------------------------------------- math (pure)
