@@ -43,6 +43,65 @@ def _sortable(bits):  # pragma: no cover - compiled
     return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
+@numba.njit(cache=True, inline="always")
+def _fill_rank_buffer(row, ncols, c0, r, rank_idx, rank_count, rank_sure, floor_low, floor_high,
+                      by_rank):  # pragma: no cover - compiled
+    """In column order, buffer the columns that may be at or above the floor until ``by_rank``
+    of them surely are (or the buffer is full)."""
+    cap = rank_idx.shape[1]
+    for c in range(ncols):
+        s = row[c]
+        if s >= floor_low:
+            rank_idx[r, rank_count[r]] = c0 + c
+            rank_count[r] += 1
+            if s >= floor_high:
+                rank_sure[r] += 1
+            if rank_sure[r] >= by_rank or rank_count[r] >= cap:
+                break
+
+
+@numba.njit(cache=True, inline="always")
+def _chunk_maxima(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
+    """The max of every CHUNK columns of a row, as :func:`_sortable` keys; returns the chunks."""
+    n_chunks = (ncols + CHUNK - 1) // CHUNK
+    for h in range(n_chunks):
+        top_key = INT32_MIN
+        base = h * CHUNK
+        if base + CHUNK <= ncols:  # a fixed trip count: this is the loop that vectorises
+            for c in range(CHUNK):
+                key = _sortable(row_bits[base + c])
+                top_key = key if key > top_key else top_key
+        else:
+            for c in range(base, ncols):
+                key = _sortable(row_bits[c])
+                top_key = key if key > top_key else top_key
+        chunk_max[h] = top_key
+    return n_chunks
+
+
+@numba.njit(cache=True, inline="always")
+def _add_to_window(win_idx, win_sim, win_count, r, s, j, top, two_delta):  # pragma: no cover - compiled
+    """Add column j (value s, within 2 delta of the row's largest ``top``) to row r's window;
+    a new largest drops the entries it leaves behind; a full window overflows (count -1).
+    Returns the row's largest value."""
+    if s > top:
+        top = s
+        kept = 0
+        for e in range(win_count[r]):
+            if win_sim[r, e] >= s - two_delta:
+                win_sim[r, kept] = win_sim[r, e]
+                win_idx[r, kept] = win_idx[r, e]
+                kept += 1
+        win_count[r] = kept
+    if win_count[r] == win_idx.shape[1]:
+        win_count[r] = -1
+    else:
+        win_sim[r, win_count[r]] = s
+        win_idx[r, win_count[r]] = j
+        win_count[r] += 1
+    return top
+
+
 @numba.njit(cache=True, fastmath=FAST, nogil=True)
 def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, win_idx, win_sim, win_count,
                win_top, rank_idx, rank_count, rank_sure, delta, above_one, floor, by_rank):  # pragma: no cover - compiled
@@ -61,7 +120,6 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
     """
     k_top = top_sim.shape[1]
     cap = rank_idx.shape[1]
-    w_cap = win_idx.shape[1]
     bits = sims.view(np.int32)
     chunk_max = np.empty((sims.shape[1] + CHUNK - 1) // CHUNK, np.int32)
     word = np.empty(1, np.float32)
@@ -79,20 +137,7 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
         ex, wt = excluded[r], win_top[r]
         # one vectorised pass: each chunk's max, as integers that order like the floats
         # (float maxima do not vectorise in numba)
-        row_bits = bits[r]
-        n_chunks = (ncols + CHUNK - 1) // CHUNK
-        for h in range(n_chunks):
-            top_key = INT32_MIN
-            base = h * CHUNK
-            if base + CHUNK <= ncols:  # a fixed trip count: this is the loop that vectorises
-                for c in range(CHUNK):
-                    key = _sortable(row_bits[base + c])
-                    top_key = key if key > top_key else top_key
-            else:
-                for c in range(base, ncols):
-                    key = _sortable(row_bits[c])
-                    top_key = key if key > top_key else top_key
-            chunk_max[h] = top_key
+        n_chunks = _chunk_maxima(bits[r], ncols, chunk_max)
         word_bits[0] = _sortable(chunk_max[:n_chunks].max())
         top = max(wt, word[0])  # the row's largest value once this tile is in
         # below ``low`` a value can only raise ``ex``: it is under the list's cut (or under
@@ -122,33 +167,11 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
                 elif s > ex:
                     ex = s
                 if s >= wt - two_delta and win_count[r] >= 0:
-                    if s > wt:
-                        wt = s
-                        kept = 0  # drop the entries the new top leaves behind
-                        for e in range(win_count[r]):
-                            if win_sim[r, e] >= s - two_delta:
-                                win_sim[r, kept] = win_sim[r, e]
-                                win_idx[r, kept] = win_idx[r, e]
-                                kept += 1
-                        win_count[r] = kept
-                    if win_count[r] == w_cap:
-                        win_count[r] = -1
-                    else:
-                        win_sim[r, win_count[r]] = s
-                        win_idx[r, win_count[r]] = c0 + c
-                        win_count[r] += 1
+                    wt = _add_to_window(win_idx, win_sim, win_count, r, s, c0 + c, wt, two_delta)
                 low = min(max(cut, sure), top - two_delta)
         excluded[r], win_top[r] = ex, wt
         if by_rank > 0 and rank_sure[r] < by_rank and rank_count[r] < cap:
-            for c in range(ncols):
-                s = row[c]
-                if s >= floor_low:
-                    rank_idx[r, rank_count[r]] = c0 + c
-                    rank_count[r] += 1
-                    if s >= floor_high:
-                        rank_sure[r] += 1
-                    if rank_sure[r] >= by_rank or rank_count[r] >= cap:
-                        break
+            _fill_rank_buffer(row, ncols, c0, r, rank_idx, rank_count, rank_sure, floor_low, floor_high, by_rank)
 
 
 class Candidates:
