@@ -183,14 +183,16 @@ def _sample_rows(x: np.ndarray, ids: pa.Array, below: float, seed: int
     return (np.asarray(x)[keep], h[keep]), int(keep.sum())
 
 
-def _init_task(k: int, init: str, seed: int, m: int, *samples: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def _init_task(k: int, init: str, seed: int, m: int, threads: int, *samples: tuple[np.ndarray, np.ndarray],
+               ) -> np.ndarray:
     """Task body: seed k centroids (k, D) from the m candidate rows of smallest id hash, in
-    hash order (so the seeding depends on the ids' content, not on the shards or row order)."""
+    hash order (so the seeding depends on the ids' content, not on the shards or row order),
+    over ``threads`` threads (the same centroids for any count)."""
     rows = np.concatenate([x for x, _ in samples])
     order = np.argsort(np.concatenate([h for _, h in samples]), kind="stable")[:m]
     sample = np.ascontiguousarray(rows[order])
     rng = np.random.default_rng(seed)
-    return kmeans_plus_plus(sample, k, rng) if init == "k-means++" else random_init(sample, k, rng)
+    return kmeans_plus_plus(sample, k, rng, threads=threads) if init == "k-means++" else random_init(sample, k, rng)
 
 
 def _stats_task(centroids: np.ndarray, shift: np.ndarray | None, n_far: int, use_gpu: bool, threads: int,
@@ -316,6 +318,7 @@ def _fit(config: Config, plan: Plan) -> Fit:
     out, only k x D sums come back; each group's bounds stay in the object store between passes."""
     import ray
 
+    from deldist.runtime import largest_node_cpus
 
     started = time.perf_counter()
     load = ray.remote(num_cpus=config.io_cpus, num_returns=3)(_load_fit_shard)
@@ -334,8 +337,11 @@ def _fit(config: Config, plan: Plan) -> Fit:
     samples, counts = zip(*[sample_task.remote(mat, ids, below, config.seed) for mat, ids in zip(matrices, id_refs)])
     if sum(ray.get(list(counts))) < m:
         samples, _ = zip(*[sample_task.remote(mat, ids, 1.0, config.seed) for mat, ids in zip(matrices, id_refs)])
-    centroids = ray.get(ray.remote(num_cpus=config.task_cpus)(_init_task).remote(config.k, config.init,
-                                                                                  config.seed, m, *samples))
+    # the seeding is k sequential passes over its sample and nothing else runs meanwhile: it
+    # takes a whole node's CPUs (k = 10,000: ~370 s on one core of this VM, half on two)
+    init_cpus = max(config.task_cpus, largest_node_cpus())
+    centroids = ray.get(ray.remote(num_cpus=init_cpus)(_init_task).remote(
+        config.k, config.init, config.seed, m, max(1, int(init_cpus)), *samples))
     groups = balanced_groups(row_counts, plan.n_tasks)
     fit = Fit(centroids, None, matrices, id_refs, [None] * len(groups), groups, n_fit)
     initialised = time.perf_counter()

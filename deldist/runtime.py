@@ -72,6 +72,11 @@ def use_gpu(setting: bool | None) -> bool:
     return cluster_gpus() > 0 if setting is None else bool(setting)
 
 
+def largest_node_cpus() -> float:
+    """The CPUs of the alive node that has most (what one task can take whole)."""
+    return max((float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")), default=1.0)
+
+
 def task_slots(task_cpus: float) -> int:
     """How many tasks of ``task_cpus`` CPUs the cluster holds now (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1.0) // task_cpus))

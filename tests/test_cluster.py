@@ -275,3 +275,18 @@ def test_stage_fingerprints_skip_unchanged_and_refuse_stale_inputs(ray_session, 
     write_embeddings(storage.join(root, "embeddings"), clustered(700, 16, 6, seed=9), parts=2)
     with pytest.raises(storage.StaleInputError, match="rerun deldist cluster"):
         dedup.run(dedup_cfg)
+
+
+def test_seeding_over_threads_gives_the_same_centroids():
+    """kmeans_plus_plus with its candidates' product split over threads (what the seeding task
+    does with a node's CPUs) picks exactly the centroids of the one-thread run."""
+    from deldist.kmeans import kmeans_plus_plus
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3001, 32)).astype(np.float32)
+    x[100:110] = x[5]  # exact duplicates: never drawn while other rows are at positive distance
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    one = kmeans_plus_plus(x, 60, np.random.default_rng(9))
+    for threads in (2, 3):
+        assert np.array_equal(kmeans_plus_plus(x, 60, np.random.default_rng(9), threads=threads), one)
+    assert len(np.unique(one, axis=0)) == 60
