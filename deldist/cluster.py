@@ -59,18 +59,16 @@ from deldist.kmeans import (
     PartialStats,
     assign_with_bounds,
     centroid_shift,
-    default_init_sample_size,
     has_converged,
-    kmeans_plus_plus,
     nearest_centroid,
     partial_stats,
-    random_init,
     reduce_stats,
     update_centroids,
     use_threads,
 )
 from deldist.layout import RunLayout
 from deldist.schema import ASSIGNMENTS_SCHEMA, centroids_schema
+from deldist.seeding import default_init_sample_size, kmeans_plus_plus, random_init
 from deldist.shards import (
     EmptyInputError,
     Shard,

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import cluster, kmeans, shards, storage
+from deldist import cluster, kmeans, seeding, shards, storage
 from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 
@@ -98,7 +98,7 @@ def test_update_reseeds_empty_clusters_with_farthest_points():
 
 def test_kmeans_plus_plus_picks_distinct_points_even_with_duplicates():
     x = np.repeat(clustered(5, 8, 5, seed=2), 20, axis=0)  # 5 distinct points, 100 rows
-    c = kmeans.kmeans_plus_plus(x, 5, np.random.default_rng(0))
+    c = seeding.kmeans_plus_plus(x, 5, np.random.default_rng(0))
     assert len(np.unique(np.round(c, 5), axis=0)) == 5
 
 
@@ -113,7 +113,7 @@ def test_bad_vectors_are_named():
     with pytest.raises(shards.EmbeddingError, match="dimension mismatch"):
         kmeans.nearest_centroid(clustered(5, 4, 1, seed=0), clustered(3, 6, 1, seed=0))
     with pytest.raises(ValueError, match="k=9"):
-        kmeans.kmeans_plus_plus(x[:5], 9, np.random.default_rng(0))
+        seeding.kmeans_plus_plus(x[:5], 9, np.random.default_rng(0))
 
 
 def test_plan_shards_packs_row_groups(tmp_path):
@@ -280,7 +280,7 @@ def test_stage_fingerprints_skip_unchanged_and_refuse_stale_inputs(ray_session, 
 def test_seeding_over_threads_gives_the_same_centroids():
     """kmeans_plus_plus with its candidates' product split over threads (what the seeding task
     does with a node's CPUs) picks exactly the centroids of the one-thread run."""
-    from deldist.kmeans import kmeans_plus_plus
+    from deldist.seeding import kmeans_plus_plus
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3001, 32)).astype(np.float32)
