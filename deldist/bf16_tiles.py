@@ -39,14 +39,13 @@ checks the bound on adversarial rows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numba
 import numpy as np
 
-from deldist.lowp_tiles import COL_PAD, FAST, ROW_PAD
+from deldist.lowp_tiles import COL_PAD, FAST, check_tile_shape, padded_shape
 
 HALF_ULP_BELOW_ONE = 2.0 ** -9  # rounding a tile value in (-1, 1) to bfloat16
 ABOVE_ONE = 2.0 ** -9  # the extra margin of a value read as >= 1 (half an ulp is 2^-8 there)
@@ -143,8 +142,7 @@ class Bf16TileProducts:
     def __init__(self, block_rows: int, col_block: int):
         import torch
 
-        if block_rows % ROW_PAD or col_block % COL_PAD:
-            raise ValueError(f"block_rows must be a multiple of {ROW_PAD} and col_block of {COL_PAD}")
+        check_tile_shape(block_rows, col_block)
         self.out_bf = torch.empty(block_rows * col_block, dtype=torch.bfloat16)
         self.out_f32 = torch.empty(block_rows * col_block, dtype=torch.float32)
 
@@ -153,8 +151,7 @@ class Bf16TileProducts:
         ``right``, rp and cp the counts padded to the tile multiples (one kernel per shape)."""
         import torch
 
-        rp = int(math.ceil(rows / ROW_PAD) * ROW_PAD)
-        cp = int(math.ceil(cols / COL_PAD) * COL_PAD)
+        rp, cp = padded_shape(rows, cols)
         out_bf, out_f32 = self.out_bf[:rp * cp].view(rp, cp), self.out_f32[:rp * cp].view(rp, cp)
         torch.mm(left.xb[r0:r0 + rp], right.xb[c0:c0 + cp].T, out=out_bf)
         out_f32.copy_(out_bf)

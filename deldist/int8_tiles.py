@@ -33,7 +33,6 @@ No value is rounded above 1 beyond that: :attr:`Int8Rows.above_one` is 0.
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from deldist.lowp_tiles import COL_PAD, ROW_PAD
+from deldist.lowp_tiles import COL_PAD, check_tile_shape, padded_shape
 
 _SCRATCH = threading.local()
 Q_MAX = 16255  # |q| <= Q_MAX keeps the high digit within [-127, 127]
@@ -207,8 +206,7 @@ class Int8TileProducts:
     def __init__(self, block_rows: int, col_block: int):
         import torch
 
-        if block_rows % ROW_PAD or col_block % COL_PAD:
-            raise ValueError(f"block_rows must be a multiple of {ROW_PAD} and col_block of {COL_PAD}")
+        check_tile_shape(block_rows, col_block)
         self.g_hi = torch.empty(block_rows * col_block, dtype=torch.int32)
         self.g_pair = torch.empty(block_rows * col_block, dtype=torch.int32)
         self.out = np.empty(block_rows * col_block, np.float32)
@@ -218,8 +216,7 @@ class Int8TileProducts:
         ``right``, rp and cp the counts padded to the tile multiples."""
         import torch
 
-        rp = int(math.ceil(rows / ROW_PAD) * ROW_PAD)
-        cp = int(math.ceil(cols / COL_PAD) * COL_PAD)
+        rp, cp = padded_shape(rows, cols)
         g_hi, g_pair = self.g_hi[:rp * cp].view(rp, cp), self.g_pair[:rp * cp].view(rp, cp)
         torch._int_mm(left.hi[r0:r0 + rp], right.hi[c0:c0 + cp].T, out=g_hi)
         torch._int_mm(left.pair_rows[r0:r0 + rp], right.pair_cols[c0:c0 + cp].T, out=g_pair)

@@ -24,6 +24,17 @@ ROW_PAD, COL_PAD = 64, 256  # tile shapes are multiples of these: oneDNN builds 
 LowPrecision = Literal["int8", "bfloat16"]
 
 
+def check_tile_shape(block_rows: int, col_block: int) -> None:
+    """The tile products' buffers hold block_rows x col_block: both must be pad multiples."""
+    if block_rows % ROW_PAD or col_block % COL_PAD:
+        raise ValueError(f"block_rows must be a multiple of {ROW_PAD} and col_block of {COL_PAD}")
+
+
+def padded_shape(rows: int, cols: int) -> tuple[int, int]:
+    """A tile's rows and columns rounded up to the pad multiples (one oneDNN kernel per shape)."""
+    return -(-rows // ROW_PAD) * ROW_PAD, -(-cols // COL_PAD) * COL_PAD
+
+
 @numba.njit(cache=True, fastmath=FAST, nogil=True)
 def dot_float32(a, b):  # pragma: no cover - compiled
     s = np.float32(0.0)

@@ -38,8 +38,13 @@ class EmptyInputError(ValueError):
 def table_matrix(table: pa.Table, dim: int | None = None) -> np.ndarray:
     """The ``embedding`` column of a table read from ``embeddings/`` -> float32 (n, D), in the
     dtype its field metadata names (float32 when none)."""
+    return embedding_matrix(table.column("embedding"), dim, embedding_dtype(table))
+
+
+def embedding_dtype(table: pa.Table) -> str:
+    """The dtype the ``embedding`` field's metadata names (float32 when none)."""
     metadata = table.schema.field("embedding").metadata or {}
-    return embedding_matrix(table.column("embedding"), dim, metadata.get(b"dtype", b"float32").decode())
+    return metadata.get(b"dtype", b"float32").decode()
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None, dtype: str = "float32") -> np.ndarray:
@@ -278,8 +283,7 @@ def route_shard(emb_dir: str, shard: Shard, dim: int | None, lookup: pa.Table,
     ids = table.column("id").combine_chunks()
     # each file's rows stay where Parquet decoded them (zero-copy views): the rows are copied
     # once, into their bucket's slice, not first into one matrix of the shard
-    metadata = table.schema.field("embedding").metadata or {}
-    dtype = metadata.get(b"dtype", b"float32").decode()
+    dtype = embedding_dtype(table)
     parts, start = [], 0
     for chunk in table.column("embedding").chunks:
         parts.append(normalize_checked(embedding_matrix(chunk, dim, dtype), ids.slice(start, len(chunk))))

@@ -79,8 +79,7 @@ def int8_adversarial_rows(n: int, dim: int, seed: int) -> np.ndarray:
 
 def int8_tile(x: np.ndarray) -> np.ndarray:
     rows = int8_tiles.prepare(x)
-    rp = -(-len(x) // lowp_tiles.ROW_PAD) * lowp_tiles.ROW_PAD
-    cp = -(-len(x) // lowp_tiles.COL_PAD) * lowp_tiles.COL_PAD
+    rp, cp = lowp_tiles.padded_shape(len(x), len(x))
     return int8_tiles.Int8TileProducts(rp, cp)(rows, 0, len(x), rows, 0, len(x))[: len(x), : len(x)]
 
 
