@@ -161,16 +161,20 @@ def child_kernel(workdir: str, block_rows: int, rounds: int) -> dict:
 
 
 def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
-    """The low-precision kernel as the stage's ``precision: auto`` runs it: deldist.pairwise_lowp
-    (``low`` tiles) for clusters of at least ``LOWP_MIN_ROWS`` rows, the float32 kernel for the
-    others; 2 threads x 1 torch / BLAS thread (torch and numba release the GIL)."""
+    """The kernel as the stage's ``precision: auto`` runs it, 2 threads x 1 torch / BLAS thread
+    (torch and numba release the GIL). Max only (``lists`` 0): deldist.pairwise_lowp (``low``
+    tiles) for clusters of at least ``LOWP_MIN_ROWS`` rows, the float32 kernel below, clusters
+    spread over the threads. With lists: deldist.dedup_scores.sorted_cluster_neighbours, the
+    scoring tasks' own call (one call for a bucket's float32 clusters), on two contiguous
+    halves of the clusters of equal cost, like two buckets."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from deldist.dedup_scores import LOWP_MIN_ROWS
-    from deldist.pairwise import triu_max_sim, triu_neighbours
+    from deldist import dedup_scores
+    from deldist.pairwise import triu_max_sim
     from deldist.pairwise_lowp import triu_neighbours_lowp
+    from deldist.shards import cluster_cost
     from deldist.tiles import ListSpec
 
     torch.set_num_threads(1)
@@ -179,28 +183,47 @@ def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
     loaded_gib = self_peak_rss_gib()
     max_sim = np.zeros(len(x), np.float32)
     dup_row = np.full(len(x), -1, np.int64)
-    spec = ListSpec(lists, lists) if lists else None
     stats: dict[str, int] = {}
-    spans = sorted(zip(bounds[:-1], bounds[1:]), key=lambda se: se[0] - se[1])  # largest first
+    starts, ends = bounds[:-1], bounds[1:]
+    monkey = dedup_scores.triu_neighbours_lowp
+
+    def counted(*args, **kwargs):  # the stage's calls, with the fallback statistics
+        return monkey(*args, **kwargs, stats=stats)
+
+    dedup_scores.triu_neighbours_lowp = counted
+
+    def score_half(span: tuple[int, int]) -> None:
+        a, b = span  # clusters [a, b)
+        s0, s1 = int(starts[a]), int(ends[b - 1])
+        sims, dup = dedup_scores.sorted_cluster_neighbours(xs[s0:s1], starts[a:b] - s0, ends[a:b] - s0,
+                                                           ListSpec(lists, lists), precision="auto")[:2]
+        rows = order[s0:s1]
+        max_sim[rows] = sims
+        dup_row[rows] = np.where(dup >= 0, order[s0 + np.maximum(dup, 0)], -1)
 
     def score(span: tuple[int, int]) -> None:
         s, e = span
-        if e - s >= LOWP_MIN_ROWS:
-            out = triu_neighbours_lowp(xs[s:e], spec=spec, precision=low, stats=stats)
+        if e - s >= dedup_scores.LOWP_MIN_ROWS:
+            out = triu_neighbours_lowp(xs[s:e], spec=None, precision=low, stats=stats)
         else:
-            out = triu_neighbours(xs[s:e], spec=spec) if spec else triu_max_sim(xs[s:e])
+            out = triu_max_sim(xs[s:e])
         rows = order[s:e]
         max_sim[rows] = out[0]
         dup_row[rows] = np.where(out[1] >= 0, rows[np.maximum(out[1], 0)], -1)
 
-    score((0, min(len(xs), LOWP_MIN_ROWS)))  # numba's cached code and oneDNN's kernels load on first use
-    score((0, 100))
+    cost = np.cumsum(cluster_cost(ends - starts).astype(np.float64))
+    middle = int(np.searchsorted(cost, cost[-1] / 2)) + 1
+    halves = [(0, middle), (middle, len(starts))]
+    spans = sorted(zip(starts, ends), key=lambda se: se[0] - se[1])  # largest first
+    work, items = (score_half, [h for h in halves if h[1] > h[0]]) if lists else (score, spans)
+    score((0, min(len(xs), dedup_scores.LOWP_MIN_ROWS)))  # numba's cached code and oneDNN's kernels load on first use
+    score_half((0, 2))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         stats.clear()
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(score, spans))
+            list(pool.map(work, items))
         times.append(time.perf_counter() - start)
     _save(workdir, "lowp_lists" if lists else "lowp", max_sim, dup_row)
     return {"seconds": min(times), "seconds_all": times, "loaded_gib": loaded_gib, "peak_gib": self_peak_rss_gib(),

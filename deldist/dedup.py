@@ -57,7 +57,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from deldist import storage
@@ -80,6 +79,7 @@ from deldist.shards import (
     bucket_count,
     bucket_of_groups,
     check_shuffle,
+    duplicate_ids,
     gather_sorted,
     plan_buckets,
     shuffle_by_bucket,
@@ -179,12 +179,6 @@ def write_scores_part(out_dir: str, table: pa.Table, score_seconds: float, gathe
             "gather_seconds": gather_seconds, "write_seconds": time.perf_counter() - began}
 
 
-def _check_unique(ids: pa.ChunkedArray, what: str) -> None:
-    distinct = pc.count_distinct(ids).as_py()
-    if distinct != len(ids):
-        raise ValueError(f"{what} holds {len(ids) - distinct} duplicate ids; ids must be unique")
-
-
 @dataclass
 class Plan:
     """What a dedup run scores: every assigned item's cluster and rank, packed into buckets."""
@@ -253,7 +247,6 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
     assignments = storage.read_published(layout.assignments, columns=["id", "cluster", "distance"])
     if assignments.num_rows == 0:
         raise EmptyInputError(f"{layout.assignments} has no rows: nothing to deduplicate")
-    _check_unique(assignments.column("id"), layout.assignments)
     cluster = assignments.column("cluster").to_numpy().astype(np.int64)
     if cluster.min() < 0:
         raise ValueError(f"{layout.assignments} has negative cluster ids")
@@ -264,7 +257,11 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
                            config.bucket_rows)
     lookup = pa.table({"id": assignments.column("id"), "bucket": bucket_of_groups(buckets, len(sizes))[cluster],
                        "cluster": cluster.astype(np.int32), "rank": rank})
-    return Plan(layout, dim, sorted_lookup(lookup), sizes, buckets)  # sorted once for every wave
+    lookup = sorted_lookup(lookup)  # sorted once for every wave
+    repeated = duplicate_ids(lookup)
+    if repeated:
+        raise ValueError(f"{layout.assignments} holds {repeated} duplicate ids; ids must be unique")
+    return Plan(layout, dim, lookup, sizes, buckets)
 
 
 def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float) -> list[list[int]]:

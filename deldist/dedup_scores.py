@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deldist.arrays import equal_runs
-from deldist.pairwise import to_device, triu_neighbours
+from deldist.pairwise import to_device, triu_neighbours, triu_neighbours_clusters
 from deldist.pairwise_lowp import fastest_supported, triu_neighbours_lowp
 from deldist.schema import SCORES_SCHEMA
 from deldist.tiles import Device, ListSpec
@@ -66,8 +66,30 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
 
     x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
     must be 0..n_c-1 inside each cluster (checked: the ranking and the data must agree).
-    spec: the neighbour lists kept per row; device: as in :func:`triu_max_sim` (``x`` is
-    copied there once for all its clusters); precision: see :func:`cluster_neighbours`.
+    spec, device, precision: as in :func:`sorted_cluster_neighbours`.
+    """
+    n = len(x)
+    starts, ends = equal_runs(cluster)
+    expected = np.arange(n) - np.repeat(starts, ends - starts)
+    if not np.array_equal(np.asarray(rank), expected):
+        raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
+    scores = sorted_cluster_neighbours(x, starts, ends, spec, (block_rows, col_block, diag_rows), device, precision)
+    return scores_table(ids, cluster, rank, *scores)
+
+
+def sorted_cluster_neighbours(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: ListSpec = ListSpec(),
+                              tiles: tuple[int, int, int] = (256, 16_384, 64), device: Device = "cpu",
+                              precision: Precision = "float32") -> tuple[np.ndarray, ...]:
+    """Every row's max similarity, duplicate row and neighbour lists within its cluster, for
+    rank-ordered clusters stored one after another: cluster i is rows [starts[i], ends[i]).
+
+    x: (n, D) float32 unit rows; spec: the neighbour lists kept per row; device: as in
+    :func:`~deldist.pairwise.triu_max_sim` (``x`` is copied there once for all its clusters);
+    precision: per cluster as in :func:`cluster_neighbours`. On the CPU the float32 clusters
+    are scored in one call (:func:`~deldist.pairwise.triu_neighbours_clusters`: per-call
+    costs paid once per bucket, which matters for clusters of a few hundred rows).
+    Returns (max_sim float32 (n,), duplicate row int64 (n,) (-1: none), neighbours int64
+    (n, L) ranks within the cluster, their similarities float32 (n, L), bound float32 (n,)).
     """
     n = len(x)
     width = spec.by_similarity + spec.by_rank
@@ -76,18 +98,22 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
     nbr = np.full((n, width), -1, np.int64)
     nbr_sim = np.full((n, width), -np.inf, np.float32)
     bound = np.full(n, spec.floor, np.float32)
-    if n:
-        starts, ends = equal_runs(cluster)
-        expected = np.arange(n) - np.repeat(starts, ends - starts)
-        if not np.array_equal(np.asarray(rank), expected):
-            raise ValueError("ranks are not 0..n-1 within each cluster: assignments and embeddings disagree")
-        xd = to_device(x, device)  # one copy per bucket; each cluster is a slice of it
-        for s, e in zip(starts, ends):
-            sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = cluster_neighbours(
-                xd[s:e], 0, e - s, spec, (block_rows, col_block, diag_rows), device, precision)
-            max_sim[s:e] = sims
-            dup[s:e] = np.where(arg >= 0, arg + s, -1)
-    return scores_table(ids, cluster, rank, max_sim, dup, nbr, nbr_sim, bound)
+    sizes = ends - starts
+    low = _resolve_precision(precision, sizes) != "float32" if device == "cpu" else np.ones(len(sizes), bool)
+    if not low.all():  # float32 clusters on the CPU: one call for all of them
+        s32, e32 = starts[~low], ends[~low]
+        # rows [a, b) from the first to the last of them; the others in between are overwritten below
+        a, b = int(s32[0]), int(e32[-1])
+        max_sim[a:b], arg, nbr[a:b], nbr_sim[a:b], bound[a:b] = triu_neighbours_clusters(x, s32, s32, e32, spec,
+                                                                                        *tiles)
+        dup[a:b] = np.where(arg >= 0, arg + np.repeat(starts, sizes)[a:b], -1)
+    xd = to_device(x, device) if low.any() else x  # one copy per bucket; each cluster is a slice of it
+    for s, e in zip(starts[low], ends[low]):  # low precision, or on a GPU
+        sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = cluster_neighbours(xd[s:e], 0, e - s, spec, tiles, device,
+                                                                           precision)
+        max_sim[s:e] = sims
+        dup[s:e] = np.where(arg >= 0, arg + s, -1)
+    return max_sim, dup, nbr, nbr_sim, bound
 
 
 def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tuple[int, int, int], device: Device,
@@ -97,11 +123,18 @@ def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tup
     (:mod:`deldist.pairwise_lowp`: the same max, argmax and decisions). ``"auto"``: the tile
     this CPU runs fastest (:func:`~deldist.pairwise_lowp.fastest_supported`), for clusters of at
     least ``LOWP_MIN_ROWS`` rows."""
-    if precision == "auto":
-        precision = (fastest_supported() or "float32") if stop >= LOWP_MIN_ROWS else "float32"
+    precision = _resolve_precision(precision, np.array([stop]))[0]
     if precision != "float32" and device == "cpu":
         return triu_neighbours_lowp(np.asarray(x), start, stop, spec, precision)
     return triu_neighbours(x, start, stop, spec, *tiles, device=device)
+
+
+def _resolve_precision(precision: Precision, rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) the tiles each cluster of ``rows`` rows runs on a CPU: ``auto`` is this
+    CPU's fastest low precision for clusters of at least ``LOWP_MIN_ROWS`` rows, else float32."""
+    if precision != "auto":
+        return np.full(len(rows), precision, dtype=object)
+    return np.where(np.asarray(rows) >= LOWP_MIN_ROWS, fastest_supported() or "float32", "float32").astype(object)
 
 
 def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: np.ndarray,

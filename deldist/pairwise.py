@@ -56,24 +56,27 @@ def _merge_max(best: np.ndarray, arg: np.ndarray, sims: np.ndarray, offset: int)
     arg[better] = tile_arg[better]
 
 
-@numba.njit(cache=True)
-def _merge_tile(sims, c0, r0, top_sim, top_idx, first_sim, first_idx, first_count, floor_below, best,
+@numba.njit(cache=True, nogil=True)
+def _merge_tile(sims, c0, r0, first_row, top_sim, top_idx, first_sim, first_idx, first_count, floor_below, best,
                 arg):  # pragma: no cover - compiled
     """One pass over a similarity tile: each row's max (the first on ties), its
     ``by_similarity`` most similar columns (sorted insertion; ties keep the earlier column)
     and its first ``by_rank`` columns at or above the floor. Columns must arrive in
-    increasing order per row."""
+    increasing order per row. ``first_row`` >= 0: the tile reaches the diagonal and its row r
+    is row ``first_row + r`` of x, which only sees columns before it (so no mask is needed)."""
     m = top_sim.shape[1]
     mr = first_sim.shape[1]
     for r in range(sims.shape[0]):
         row = r0 + r
+        cols = sims.shape[1] if first_row < 0 else min(sims.shape[1], first_row + r - c0)
         cut = top_sim[row, m - 1] if m else np.inf
         row_best = best[r]
         row_arg = arg[r]
         k = first_count[row]
-        # at or below ``low`` a value changes nothing once the by-rank list is full: the common case
-        low = min(row_best, max(cut, floor_below)) if k >= mr else -np.inf
-        for c in range(sims.shape[1]):
+        # at or below ``low`` a value changes nothing: not the max, and below the floor (by-rank
+        # list open) or below the floor and the top list's cut (both lists full)
+        low = min(row_best, max(cut, floor_below) if k >= mr else floor_below)
+        for c in range(cols):
             s = sims[r, c]
             if s <= low:
                 continue
@@ -87,8 +90,7 @@ def _merge_tile(sims, c0, r0, top_sim, top_idx, first_sim, first_idx, first_coun
                     first_sim[row, k] = s
                     first_idx[row, k] = c0 + c
                     k += 1
-            if k >= mr:
-                low = min(row_best, max(cut, floor_below))
+            low = min(row_best, max(cut, floor_below) if k >= mr else floor_below)
         first_count[row] = k
         best[r] = row_best
         arg[r] = row_arg
@@ -115,12 +117,14 @@ class NeighbourLists:
         self.first_idx = np.full((rows, spec.by_rank), -1, np.int64)
         self.first_count = np.zeros(rows, np.int64)
 
-    def merge(self, r0: int, r1: int, sims: np.ndarray, c0: int, best: np.ndarray, arg: np.ndarray) -> None:
+    def merge(self, r0: int, r1: int, sims: np.ndarray, c0: int, best: np.ndarray, arg: np.ndarray,
+              first_row: int = -1) -> None:
         """Fold the (r1 - r0, cols) tile ``sims`` (columns numbered from ``c0``; masked
         entries -inf) into rows [r0, r1), and into their running max ``best`` / ``arg``
-        (views of rows [r0, r1))."""
-        _merge_tile(sims, c0, r0, self.top_sim, self.top_idx, self.first_sim, self.first_idx, self.first_count,
-                    self.floor_below, best, arg)
+        (views of rows [r0, r1)). ``first_row`` >= 0: the tile's row r is row ``first_row +
+        r`` of x and sees only the columns before it (a diagonal tile, unmasked)."""
+        _merge_tile(sims, c0, r0, first_row, self.top_sim, self.top_idx, self.first_sim, self.first_idx,
+                    self.first_count, self.floor_below, best, arg)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(idx int64 (rows, L), sim float32 (rows, L), bound float32 (rows,)): the union of
@@ -185,23 +189,55 @@ def _triu_max_sim_numpy(x: np.ndarray, start: int = 0, stop: int | None = None, 
     """:func:`triu_max_sim` in NumPy (float32 sgemm); with ``spec``, :func:`triu_neighbours`."""
     n = len(x)
     stop = check_range(n, start, stop)
+    if spec is not None:
+        return triu_neighbours_clusters(x, np.array([0]), np.array([start]), np.array([stop]), spec, block_rows,
+                                        col_block, diag_rows)
     out_sim = np.full(stop - start, -np.inf, np.float32)
     out_arg = np.full(stop - start, -1, np.int64)
-    lists = NeighbourLists(stop - start, spec) if spec is not None else None
     if stop > start:
         x = np.ascontiguousarray(x, dtype=np.float32)
         for r0, r1, c0, c1, diagonal in triangle_tiles(start, stop, block_rows, col_block, diag_rows):
             sims = x[r0:r1] @ x[c0:c1].T
             if diagonal:
                 np.copyto(sims[:, r0 - c0:], -np.inf, where=_upper_mask(diag_rows)[: r1 - r0, : r1 - r0])
-            if lists is None:
-                _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
-            else:
-                lists.merge(r0 - start, r1 - start, sims, c0, out_sim[r0 - start:r1 - start],
-                            out_arg[r0 - start:r1 - start])
+            _merge_max(out_sim[r0 - start:r1 - start], out_arg[r0 - start:r1 - start], sims, c0)
         if start == 0:
             out_sim[0], out_arg[0] = 0.0, -1
-    return (out_sim, out_arg) if lists is None else (out_sim, out_arg, *lists.result())
+    return out_sim, out_arg
+
+
+def triu_neighbours_clusters(x: np.ndarray, cluster_starts: np.ndarray, starts: np.ndarray, stops: np.ndarray,
+                             spec: ListSpec = ListSpec(), block_rows: int = 256, col_block: int = 16_384,
+                             diag_rows: int = 64) -> tuple[np.ndarray, ...]:
+    """:func:`triu_neighbours` (float32, NumPy) of many row ranges at once: rows [starts[i],
+    stops[i]) of ``x``, each against the rows before it in its cluster, which begins at row
+    ``cluster_starts[i]`` of x (clusters stored one after another, each in rank order).
+    Argmax and neighbour indices count from the cluster's first row.
+
+    One accumulator, one reused tile buffer and one list union serve every range, so a
+    bucket of small clusters pays the per-call costs once. Diagonal tiles need no mask: the
+    merge stops each row at its own column. Returns (max_sim (r,), argmax (r,), idx int64
+    (r, L), sim float32 (r, L), bound (r,)) for the r = stops[-1] - starts[0] rows from
+    ``starts[0]`` on (ranges ascending); rows outside every range keep -inf / -1 / empty
+    lists / bound = floor. A cluster's first row gets max_sim 0 and argmax -1.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    first = int(starts[0]) if len(starts) else 0
+    rows = int(stops[-1]) - first if len(starts) else 0
+    best = np.full(rows, -np.inf, np.float32)
+    arg = np.full(rows, -1, np.int64)
+    lists = NeighbourLists(rows, spec)
+    buffer = np.empty(block_rows * min(col_block, max(len(x), 1)), np.float32)  # one tile, reused
+    for base, start, stop in zip(cluster_starts.tolist(), starts.tolist(), stops.tolist()):
+        cluster = x[base:stop]
+        for r0, r1, c0, c1, _ in triangle_tiles(start - base, stop - base, block_rows, col_block, diag_rows):
+            sims = buffer[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+            np.matmul(cluster[r0:r1], cluster[c0:c1].T, out=sims)
+            l0 = base + r0 - first
+            lists.merge(l0, l0 + r1 - r0, sims, c0, best[l0:l0 + r1 - r0], arg[l0:l0 + r1 - r0], first_row=r0)
+        if start == base < stop:
+            best[start - first], arg[start - first] = 0.0, -1
+    return (best, arg, *lists.result())
 
 
 def _max_sim_to_numpy(q: np.ndarray, keys: np.ndarray, block_rows: int = 256, col_block: int = 16_384,

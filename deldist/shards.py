@@ -1,6 +1,6 @@
 """Reading embedding tables in shards, and the bucket shuffle: the plumbing several stages share.
 
-- :func:`plan_shards` / :func:`read_shard`: a published table cut into row-group shards of about
+- :func:`plan_shards` / :func:`read_shard`: a published table cut into balanced row-group shards of about
   ``shard_rows`` rows, each read by one task.
 - :func:`embedding_matrix` / :func:`normalize_checked`: an ``embedding`` column as a checked,
   unit-norm (n, D) float32 matrix.
@@ -141,35 +141,40 @@ def _file_row_groups(fs: Any, path: str) -> list[int]:
 
 
 def plan_shards(dir_uri: str, shard_rows: int, min_shards: int = 1) -> list[Shard]:
-    """Split a published table into shards of at most ``shard_rows`` rows, smaller when
-    needed to get about ``min_shards`` shards (parallelism). Shards hold whole row groups
-    (consecutive small files are packed together), so a row group larger than the target is
-    one shard on its own. Reads only the Parquet footers."""
+    """Split a published table into shards of about ``shard_rows`` rows, smaller when needed
+    to get about ``min_shards`` shards (parallelism). Shards hold whole row groups
+    (consecutive small files are packed together) and are balanced: each row group goes to
+    the shard its middle row falls in, so no shard is a small remainder (a wave of read tasks
+    with one task left over wastes the other CPUs) and none exceeds the target by more than
+    half a row group; a row group larger than the target is one shard on its own. Reads only
+    the Parquet footers."""
     fs, paths = storage.published_paths(dir_uri)
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         row_groups = list(pool.map(lambda p: _file_row_groups(fs, p), paths))
     total = sum(sum(g) for g in row_groups)
-    shard_rows = max(1, min(shard_rows, math.ceil(total / max(1, min_shards))))
+    target = max(1, min(shard_rows, math.ceil(total / max(1, min_shards))))
+    n_shards = max(1, math.ceil(total / target))
     shards: list[Shard] = []
-    pieces: list[tuple[str, tuple[int, ...]]] = []
-    rows = 0
+    pieces: list[tuple[str, list[int]]] = []
+    rows = before = 0
+    current = 0  # the shard being filled
     for path, groups in zip(paths, row_groups):
-        current: list[int] = []
         for i, n in enumerate(groups):
             if n == 0:
                 continue
-            if rows and rows + n > shard_rows:
-                if current:
-                    pieces.append((path, tuple(current)))
-                    current = []
-                shards.append(Shard(tuple(pieces), rows))
+            index = min(n_shards - 1, int((before + n / 2) * n_shards // total))
+            if index != current and rows:
+                shards.append(Shard(tuple((p, tuple(g)) for p, g in pieces), rows))
                 pieces, rows = [], 0
-            current.append(i)
+            current = index
+            if pieces and pieces[-1][0] == path:
+                pieces[-1][1].append(i)
+            else:
+                pieces.append((path, [i]))
             rows += n
-        if current:
-            pieces.append((path, tuple(current)))
+            before += n
     if rows:
-        shards.append(Shard(tuple(pieces), rows))
+        shards.append(Shard(tuple((p, tuple(g)) for p, g in pieces), rows))
     return shards
 
 
@@ -203,7 +208,7 @@ class Bucket:
 
 def cluster_cost(n: int | np.ndarray) -> Any:
     """Relative work of scoring a cluster of n rows: n^2/2 pair dot products plus per-row cost."""
-    return n * (n / 2.0 + 64.0)
+    return n * (n / 2.0 + 256.0)
 
 
 def plan_buckets(sizes: np.ndarray, n_buckets: int, split_rows: int, bucket_rows: int) -> list[Bucket]:
@@ -247,6 +252,18 @@ def sorted_lookup(lookup: pa.Table) -> pa.Table:
     key = id_hash(lookup.column("id"))
     order = np.argsort(key, kind="stable")
     return lookup.take(pa.array(order)).append_column("id_key", pa.array(key[order]))
+
+
+def duplicate_ids(lookup: pa.Table) -> int:
+    """How many rows of a :func:`sorted_lookup` table repeat an earlier row's id. Equal ids
+    have equal hashes, so only rows in runs of equal ``id_key`` are compared as strings."""
+    keys = lookup.column("id_key").to_numpy()
+    same = np.flatnonzero(keys[1:] == keys[:-1])
+    if not len(same):
+        return 0
+    rows = np.unique(np.r_[same, same + 1])
+    ids = lookup.column("id").take(pa.array(rows))
+    return len(rows) - pc.count_distinct(ids).as_py()
 
 
 def positions_in(ids: pa.Array, lookup: pa.Table) -> np.ndarray:

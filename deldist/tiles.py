@@ -77,7 +77,7 @@ def insert_top(top_sim, top_idx, row, s, j):  # pragma: no cover - compiled
     return top_sim[row, m - 1]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _union_rows(top_idx, top_sim, first_idx, first_sim, out_idx, out_sim):  # pragma: no cover - compiled
     """Per row: the by-similarity list, then the by-rank entries it lacks, sorted by
     similarity descending (ties: lower index first) by insertion; -1 / -inf padding."""

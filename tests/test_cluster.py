@@ -119,9 +119,14 @@ def test_bad_vectors_are_named():
 def test_plan_shards_packs_row_groups(tmp_path):
     emb = str(tmp_path / "embeddings")
     write_embeddings(emb, clustered(100, 4, 2, seed=0), parts=5)
-    planned = shards.plan_shards(emb, shard_rows=45)
-    assert sum(s.num_rows for s in planned) == 100
-    assert all(s.num_rows <= 45 for s in planned) and len(planned) == 3
+    planned = shards.plan_shards(emb, shard_rows=45)  # 5 files of 20 rows -> 3 shards of 40, 20, 40
+    assert [s.num_rows for s in planned] == [40, 20, 40]
+    # balanced: 26 files of 7-8 rows, at least 4 shards -> four of about 51 rows (packing files
+    # greedily up to the target would leave a fifth shard of 15 rows)
+    many = str(tmp_path / "many")
+    write_embeddings(many, clustered(203, 4, 2, seed=0), parts=26)
+    sizes = [s.num_rows for s in shards.plan_shards(many, shard_rows=1000, min_shards=4)]
+    assert len(sizes) == 4 and sum(sizes) == 203 and min(sizes) >= 40, sizes
     rows = sum(shards.read_shard(emb, s, ["id"]).num_rows for s in planned)
     assert rows == 100
 

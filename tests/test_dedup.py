@@ -328,6 +328,48 @@ def test_neighbour_lists_match_float64_reference(spec, device):
             assert unlisted_max <= bound[r] + 1e-5  # the bound the selection relies on
 
 
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_bucket_of_clusters_lists_match_float64_reference(monkeypatch, precision):
+    """score_sorted_clusters on a bucket of many clusters (one accumulator for all the float32
+    ones; under ``auto`` with a low LOWP_MIN_ROWS the large clusters run the low-precision
+    tiles in the same bucket): every row's max, argmax and lists as the float64 reference
+    of its own cluster, never a row of another cluster."""
+    monkeypatch.setattr(dedup_scores, "LOWP_MIN_ROWS", 60)
+    low_calls = []
+    lowp = dedup_scores.triu_neighbours_lowp
+    monkeypatch.setattr(dedup_scores, "triu_neighbours_lowp", lambda x, *a, **k: low_calls.append(len(x)) or lowp(x, *a, **k))
+    spec = tiles.ListSpec(4, 3, 0.3)
+    x, labels, distance = clustered_with_sizes([1, 70, 3, 130, 1, 25, 64, 2], 24, seed=6)
+    ids = pa.array([f"f{i:04d}" for i in range(len(x))])
+    rank = dedup_scores.rank_within_clusters(ids, labels, distance, "hard")
+    order = np.lexsort((rank, labels))
+    table = dedup_scores.score_sorted_clusters(x[order], ids.take(pa.array(order)), labels[order], rank[order],
+                                               spec, block_rows=16, col_block=40, diag_rows=6, precision=precision)
+    low = precision == "auto" and dedup_scores.fastest_supported() is not None
+    assert sorted(low_calls) == ([64, 70, 130] if low else [])
+    xs, ls = x[order], labels[order]
+    max_sim = table.column("max_sim").to_numpy()
+    dup_of = table.column("duplicate_of").to_pylist()
+    neighbours = table.column("neighbours").to_pylist()
+    bound = table.column("unlisted_max_sim").to_numpy()
+    for c in np.unique(ls):
+        rows = np.flatnonzero(ls == c)  # rank order
+        sims64 = xs[rows].astype(np.float64) @ xs[rows].astype(np.float64).T
+        for r, (want, unlisted_max) in enumerate(reference_lists(xs[rows], spec)):
+            i = rows[r]
+            assert (dup_of[i] is None) == (r == 0)
+            if r:
+                assert abs(max_sim[i] - sims64[r, :r].max()) < 1e-5
+                d = list(order[rows]).index(int(dup_of[i][1:]))  # its rank in this cluster
+                assert d < r and abs(sims64[r, d] - sims64[r, :r].max()) < 1e-6  # the argmax (or a tie)
+            listed = neighbours[i]
+            np.testing.assert_allclose(table.column("neighbour_sims")[int(i)].as_py(), sims64[r, listed], atol=1e-5)
+            # rows within float32 rounding of each other at the by-similarity cut may swap
+            assert set(listed) == want or np.allclose(sorted(sims64[r, listed]), sorted(sims64[r, list(want)]),
+                                                      atol=1e-5)
+            assert unlisted_max <= bound[i] + 1e-5
+
+
 def reference_keep_first(x: np.ndarray, candidate: np.ndarray, threshold: float, fixed: int = 0):
     """float64 loop: rows in order; a candidate is removed iff its similarity to an earlier kept
     row exceeds the threshold -> (kept, duplicate_of (most similar kept, earliest on ties), sim)."""
@@ -533,6 +575,16 @@ def test_run_rejects_bad_input(ray_session, tmp_path):
     with pytest.raises(EmbeddingError, match="NaN"):
         dedup.run(dedup.Config(output=nan, task_cpus=0.5))
 
+    repeated = str(tmp_path / "repeated")
+    write_run(repeated, x, labels, distance)
+    path = storage.join(repeated, "clusters", "assignments")
+    assignments = storage.read_published(path)
+    part = storage.join(path, storage.new_part_name())
+    storage.write_table(pa.concat_tables([assignments, assignments.slice(0, 2)]), part)
+    storage.publish(path, [storage.resolve(part)[1]], storage.read_manifest(path))
+    with pytest.raises(ValueError, match="2 duplicate ids"):
+        dedup.run(dedup.Config(output=repeated, task_cpus=0.5))
+
     empty = str(tmp_path / "empty")
     write_run(empty, x[:0], labels[:0], distance[:0], parts=1)
     with pytest.raises(EmptyInputError):
@@ -555,3 +607,8 @@ def test_positions_in_finds_every_id_and_only_those(monkeypatch, coarse_hash):
     assert pos[-1] == -1 and pos[-2] == -1
     assert lookup.column("id").take(pa.array(pos[:-2])).to_pylist() == ids[::-3]
     assert shards.positions_in(pa.array([], pa.string()), lookup).tolist() == []
+    # repeated ids are counted, hash collisions between distinct ids are not
+    assert shards.duplicate_ids(lookup) == 0
+    repeated = ids + ids[10:13] + ids[10:11]
+    table = pa.table({"id": repeated, "bucket": np.arange(len(repeated), dtype=np.int32)})
+    assert shards.duplicate_ids(shards.sorted_lookup(table)) == 4
