@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numba
 import numpy as np
 
 UNDECIDED, KEPT, REMOVED = 0, 1, 2
@@ -109,15 +110,53 @@ def best_kept_link(kept: np.ndarray, src: np.ndarray, dst: np.ndarray, score: np
 
 @dataclass
 class NeighbourEdges:
-    """The scores' neighbour lists in position space: items at positions 0..n-1 sorted by
-    (cluster, rank). Entry e links ``src[e]`` to the earlier ``dst[e]`` of the same cluster
-    with similarity ``sim[e]``; ``bound[p]``: no earlier item unlisted for p is more similar."""
+    """The scores' neighbour lists in position space, compressed by row: items at positions
+    0..n-1 sorted by (cluster, rank); item p's listed earlier items are entries
+    ``offsets[p]:offsets[p + 1]`` of ``dst`` (positions, each earlier in p's cluster) and
+    ``sim`` (similarities); ``bound[p]``: no earlier item unlisted for p is more similar.
+    8 bytes per listed pair (int32 positions below 2^31 items), no per-pair index arrays."""
 
-    src: np.ndarray  # (e,) int64
-    dst: np.ndarray  # (e,) int64
+    offsets: np.ndarray  # (n + 1,) int64
+    dst: np.ndarray  # (e,) int32 or int64
     sim: np.ndarray  # (e,) float32
     bound: np.ndarray  # (n,) float32
     floor: float
+
+    @classmethod
+    def from_pairs(cls, src: np.ndarray, dst: np.ndarray, sim: np.ndarray, bound: np.ndarray,
+                   floor: float) -> "NeighbourEdges":
+        """From (e,) pairs in any order: ``dst[e]`` listed for ``src[e]`` (dst < src)."""
+        src = np.asarray(src, np.int64)
+        order = np.argsort(src, kind="stable")
+        counts = np.bincount(src, minlength=len(bound))
+        return cls(np.r_[0, np.cumsum(counts)].astype(np.int64), np.asarray(dst, np.int64)[order],
+                   np.asarray(sim, np.float32)[order], np.asarray(bound, np.float32), floor)
+
+
+@numba.njit(cache=True, nogil=True)
+def _resolve_in_order(candidate, offsets, dst, sim, bound, threshold, kept, dup, dup_sim,
+                      unresolved):  # pragma: no cover - compiled
+    """One pass in position order: a candidate is removed when a listed earlier item above
+    ``threshold`` is kept (duplicate_of: the most similar, ties the earliest), else kept.
+    ``threshold`` is a float64 (float32 similarities compare exactly against it)."""
+    for p in range(len(candidate)):
+        if not candidate[p]:
+            continue
+        best = -1
+        best_sim = -np.inf
+        for e in range(offsets[p], offsets[p + 1]):
+            s = sim[e]
+            if s > threshold:
+                q = dst[e]
+                if kept[q] and (s > best_sim or (s == best_sim and q < best)):
+                    best = q
+                    best_sim = s
+        if best >= 0:
+            dup[p] = best
+            dup_sim[p] = best_sim
+        else:
+            kept[p] = True
+            unresolved[p] = bound[p] > threshold
 
 
 def resolve_kept(candidate: np.ndarray, edges: NeighbourEdges, threshold: float,
@@ -130,16 +169,23 @@ def resolve_kept(candidate: np.ndarray, edges: NeighbourEdges, threshold: float,
     than the threshold), -1; similarity float64 (n,), NaN; unresolved bool (n,): items kept here whose
     lists cannot rule out an unlisted kept neighbour above the threshold; they and the items
     after them in their cluster need :func:`deldist.pairwise.keep_first_exact`).
+
+    Every listed link points to an earlier item, so one pass in position order decides each
+    item after all its links (the same result as :func:`keep_first_in_order` on the links
+    above the threshold): O(n + listed pairs), compiled, no per-pair temporaries (at 10M
+    items and 32 listed pairs each, the rounds of :func:`keep_first_in_order` held ~20 GB).
     """
     if threshold < edges.floor:
         raise ValueError(f"similarity threshold {threshold:.4f} is below the scores' neighbour floor "
                          f"{edges.floor}; re-run dedup with neighbour_floor <= {threshold:.4f}")
     candidate = np.asarray(candidate, bool)
-    above = edges.sim > threshold
-    src, dst, sim = edges.src[above], edges.dst[above], edges.sim[above]
-    kept = keep_first_in_order(candidate, src, dst)
-    dup, dup_sim = best_kept_link(kept, src, dst, sim, len(candidate))
-    unresolved = kept & (edges.bound > threshold)
+    n = len(candidate)
+    kept = np.zeros(n, bool)
+    dup = np.full(n, -1, np.int64)
+    dup_sim = np.full(n, np.nan, np.float64)
+    unresolved = np.zeros(n, bool)
+    _resolve_in_order(candidate, edges.offsets, edges.dst, edges.sim, edges.bound, float(threshold), kept, dup,
+                      dup_sim, unresolved)
     return kept, dup, dup_sim, unresolved
 
 
@@ -170,20 +216,87 @@ def threshold_for_ratio(max_sim: np.ndarray, first: np.ndarray, candidates: np.n
     return float(others[slots - 1]), True
 
 
-def search_threshold(count_at: Callable[[float], int], thresholds: np.ndarray, keep_count: int,
-                     tolerance: int) -> tuple[float, int, bool]:
+class FloatGrid:
+    """Every float32 value from ``low`` to ``high`` in ascending order, then +inf, indexed
+    without materialising them (``len``, ``grid[i]``): the thresholds a ratio search may need
+    when the count only changes at float32 similarities (sorting the 320M listed
+    similarities of 10M items would take ~1.3 GB and tens of seconds)."""
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = _sortable(low), _sortable(high)
+
+    def __len__(self) -> int:
+        return self.high - self.low + 2
+
+    def __getitem__(self, i: int) -> float:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return math.inf if i == len(self) - 1 else _from_sortable(self.low + i)
+
+    def index(self, value: float) -> int:
+        """The index of the largest grid value <= ``value`` (0 below the grid)."""
+        if value == math.inf:
+            return len(self) - 1
+        return min(max(_sortable(value) - self.low, 0), len(self) - 2)
+
+
+def _sortable(value: float) -> int:
+    """float32 -> an int that orders as the floats do (negative floats' magnitude bits flipped)."""
+    bits = int(np.float32(value).view(np.int32))
+    return bits if bits >= 0 else bits ^ 0x7FFFFFFF
+
+
+def _from_sortable(key: int) -> float:
+    return float(np.int32(key if key >= 0 else key ^ 0x7FFFFFFF).view(np.float32))
+
+
+def search_threshold(count_at: Callable[[float], int], thresholds: np.ndarray | FloatGrid, keep_count: int,
+                     tolerance: int, start: int | None = None, first_step: int = 1,
+                     stop_within: int | None = None) -> tuple[float, int, bool]:
     """The threshold among ``thresholds`` (ascending) whose kept count ``count_at(t)`` is
     nearest ``keep_count``, by bisection (the count grows with t, up to the local wiggles
-    of the keep-first rule; the neighbours of the crossing are checked too).
-    Returns (t, its count, reachable: within ``tolerance`` of the target)."""
+    of the keep-first rule; the neighbours of the crossing are checked too). ``start``: an
+    index near the answer (from a cheaper count): the bracket is found by doubling steps
+    (from ``first_step``) out from it, so ``count_at`` runs only near the crossing (the exact kept rule gathers vectors
+    for the clusters its lists cannot decide, the more the lower the threshold).
+    ``stop_within``: stop at the first count that close to the target (fewer probes when each
+    is costly). Returns (t, its count, reachable: within ``tolerance`` of the target)."""
     seen: dict[int, int] = {}
 
     def at(i: int) -> int:
         if i not in seen:
             seen[i] = count_at(float(thresholds[i]))
+            if stop_within is not None and abs(seen[i] - keep_count) <= stop_within:
+                raise _Found
         return seen[i]
 
-    lo, hi = 0, len(thresholds) - 1
+    try:
+        _bracket_and_bisect(at, len(thresholds) - 1, keep_count, start, first_step)
+    except _Found:
+        pass
+    best = min(seen, key=lambda i: (abs(seen[i] - keep_count), i))
+    return float(thresholds[best]), seen[best], abs(seen[best] - keep_count) <= tolerance
+
+
+class _Found(Exception):
+    """A probe of :func:`search_threshold` landed within ``stop_within``."""
+
+
+def _bracket_and_bisect(at: Callable[[int], int], last: int, keep_count: int, start: int | None,
+                        first_step: int) -> None:
+    """The probes of :func:`search_threshold` (``at(i)``: the count at grid index i)."""
+    lo, hi = 0, last
+    if start is not None:
+        lo = hi = min(max(start, 0), last)
+        step = first_step
+        if at(lo) < keep_count:  # more must stay: a higher threshold
+            while hi < last and at(hi) < keep_count:
+                lo, hi = hi, min(hi + step, last)
+                step *= 2
+        else:
+            while lo > 0 and at(lo) >= keep_count:
+                hi, lo = lo, max(lo - step, 0)
+                step *= 2
     if at(lo) < keep_count and at(hi) > keep_count:
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -192,10 +305,8 @@ def search_threshold(count_at: Callable[[float], int], thresholds: np.ndarray, k
             else:
                 hi = mid
     for i in (lo - 1, lo + 1, hi - 1, hi + 1):
-        if 0 <= i < len(thresholds):
+        if 0 <= i <= last:
             at(i)
-    best = min(seen, key=lambda i: (abs(seen[i] - keep_count), i))
-    return float(thresholds[best]), seen[best], abs(seen[best] - keep_count) <= tolerance
 
 
 def follow_to_kept(link: np.ndarray, kept: np.ndarray) -> np.ndarray:

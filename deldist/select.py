@@ -434,12 +434,13 @@ def summarize(config: Config, meta: pa.Table, decision: Decision) -> dict[str, A
     reason = decision.reason
     n = len(reason)
     kept = reason < 0
-    datasets = meta.column("dataset").to_numpy(zero_copy_only=False).astype(str)
+    encoded = pc.dictionary_encode(meta.column("dataset").combine_chunks())  # no Python string per frame
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
     per_dataset: dict[str, Any] = {}
-    for name in sorted(set(datasets.tolist())):
-        mask = datasets == name
-        per_dataset[name] = {"input": int(mask.sum()), "kept": int(kept[mask].sum()),
-                             "ratio": float(kept[mask].mean()), "removed_by_reason": counts_by_reason(reason[mask])}
+    for code, name in sorted(enumerate(encoded.dictionary.to_pylist()), key=lambda cn: str(cn[1])):
+        mask = codes == code
+        per_dataset[str(name)] = {"input": int(mask.sum()), "kept": int(kept[mask].sum()),
+                                  "ratio": float(kept[mask].mean()), "removed_by_reason": counts_by_reason(reason[mask])}
     info = {k: v for k, v in decision.info.items() if k != "temporal_collapse"}
     if "temporal_collapse" in decision.info:
         info["temporal"] = temporal_savings(*decision.info["temporal_collapse"])

@@ -169,7 +169,7 @@ def test_kept_aware_decisions_match_the_float32_run(threshold, precision):
         _, _, idx, sim, bound = lists
         src = np.repeat(np.arange(len(x)), idx.shape[1])
         live = idx.ravel() >= 0
-        edges = greedy.NeighbourEdges(src[live], idx.ravel()[live], sim.ravel()[live], bound, spec.floor)
+        edges = greedy.NeighbourEdges.from_pairs(src[live], idx.ravel()[live], sim.ravel()[live], bound, spec.floor)
         kept, dup, dup_sim, unresolved = greedy.resolve_kept(candidate, edges, threshold)
         # up to the first unresolved row the lists decide alone; the selection recomputes the rest
         first = int(np.argmax(unresolved)) if unresolved.any() else len(x)

@@ -146,6 +146,22 @@ def test_search_threshold_and_follow_to_kept():
     assert (t, count, ok) in ((0.7, 28, True), (0.6, 30, True))
     t, count, ok = greedy.search_threshold(lambda t: counts[round(t, 1)], grid, 5, tolerance=1)
     assert (t, count, ok) == (0.5, 10, False)
+    # every float32 between two values, bisected without materialising them
+    grid = greedy.FloatGrid(0.5, 0.9)
+    assert grid[0] == 0.5 and grid[len(grid) - 2] == float(np.float32(0.9)) and grid[len(grid) - 1] == np.inf
+    assert grid[1] == float(np.nextafter(np.float32(0.5), np.float32(1)))
+    values = np.sort(np.random.default_rng(0).random(1000) * 0.4 + 0.5).astype(np.float32)
+    t, count, ok = greedy.search_threshold(lambda t: int((values <= t).sum()), grid, 300, tolerance=0)
+    assert ok and count == 300 and values[299] <= t < values[300]
+    assert list(greedy.FloatGrid(-0.25, -0.25)) == [-0.25, np.inf]
+    # from a start index near the answer (a cheaper count's), only thresholds near it are counted
+    tried = []
+    count_at = lambda t: tried.append(t) or int((values <= t).sum())  # noqa: E731
+    for start in (grid.index(float(values[290])), grid.index(float(values[310]))):
+        tried.clear()
+        found, count, ok = greedy.search_threshold(count_at, grid, 300, 0, start=start)
+        assert ok and count == 300 and values[299] <= found < values[300]
+        assert values[285] <= min(tried) and max(tried) <= values[315] and len(tried) < 40
     link = np.array([-1, 0, 1, -1, 3, 5, 4, -1])
     kept = np.array([1, 0, 0, 0, 0, 0, 0, 1], bool)
     # 2 -> 1 -> 0 (kept); 4 -> 3 (removed, no link): none; 5 <-> 6 via 4: none
