@@ -264,14 +264,15 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
     return Plan(layout, dim, lookup, sizes, buckets)
 
 
-def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float) -> list[list[int]]:
-    """Group buckets (in order) into waves whose rows fit ``budget_bytes`` as float32 twice
-    (the shuffled slices, then each task's gathered copy): only one wave's vectors are in the
-    object store at a time. A bucket larger than the budget is a wave of its own."""
+def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float, itemsize: int = 4) -> list[list[int]]:
+    """Group buckets (in order) into waves whose object-store vectors fit ``budget_bytes``: the
+    shuffled slices (``itemsize`` bytes per value: the stored dtype, float16 or float32) and,
+    for a split cluster, its gathered float32 copy. Only one wave's vectors are in the object
+    store at a time. A bucket larger than the budget is a wave of its own."""
     waves: list[list[int]] = [[]]
     held = 0.0
     for b, bucket in enumerate(buckets):
-        need = 2.0 * bucket.rows * dim * 4
+        need = bucket.rows * dim * (itemsize + (4 if bucket.row_ranges else 0))
         if waves[-1] and held + need > budget_bytes:
             waves.append([])
             held = 0.0
@@ -305,7 +306,8 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
     score_bucket = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_bucket)
     gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
     score_rows = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_rows)
-    waves = plan_waves(plan.buckets, int(plan.dim or 1), _memory_budget(config))
+    itemsize = 2 if storage.read_manifest(plan.layout.embeddings).get("embedding_dtype") == "float16" else 4
+    waves = plan_waves(plan.buckets, int(plan.dim or 1), _memory_budget(config), itemsize)
     bucket_of = plan.lookup.column("bucket").to_numpy()
     parts: list[dict[str, Any]] = []
     tasks = reads = 0

@@ -47,16 +47,18 @@ def embedding_dtype(table: pa.Table) -> str:
     return metadata.get(b"dtype", b"float32").decode()
 
 
-def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None, dtype: str = "float32") -> np.ndarray:
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None, dtype: str = "float32",
+                     widen: bool = True) -> np.ndarray:
     """Arrow ``embedding`` column -> float32 (n, D): the fixed-size binary column of
     :func:`deldist.schema.embedding_type` holding ``dtype`` values (zero-copy per chunk for
-    float32; float16 is widened), or a fixed_size_list / list of float (older runs, centroids).
+    float32; float16 is widened, or with ``widen=False`` returned as a zero-copy float16
+    view), or a fixed_size_list / list of float (older runs, centroids).
 
     Raises :class:`EmbeddingError` on nulls or when the width differs from ``dim``.
     """
     if isinstance(column, pa.ChunkedArray):
         if column.num_chunks > 1 and pa.types.is_fixed_size_binary(column.type):
-            parts = [embedding_matrix(chunk, dim, dtype) for chunk in column.chunks]
+            parts = [embedding_matrix(chunk, dim, dtype, widen) for chunk in column.chunks]
             return np.concatenate(parts)
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     n = len(column)
@@ -69,7 +71,7 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None,
             raise EmbeddingError(f"embedding width {width} does not match the expected dimension {dim}")
         data = column.buffers()[1]
         x = np.frombuffer(data, dtype=f"<f{itemsize}", count=n * width, offset=column.offset * width * itemsize)
-        return x.reshape(n, width) if itemsize == 4 else x.reshape(n, width).astype(np.float32)
+        return x.reshape(n, width) if itemsize == 4 or not widen else x.reshape(n, width).astype(np.float32)
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
@@ -292,18 +294,21 @@ def route_shard(emb_dir: str, shard: Shard, dim: int | None, lookup: pa.Table,
     """Task body of the shuffle: read one embeddings shard and split its rows by bucket.
 
     lookup: a :func:`sorted_lookup` of ``id``, ``bucket`` int32 (-1: skip the row) and any
-    extra columns (copied to every slice) for each expected id. Returns n_buckets slices ``(meta table (id, extra columns...), matrix (m, D)
-    float32 unit rows)`` and, last, ``{"rows", "missing", "missing_examples"}`` where
+    extra columns (copied to every slice) for each expected id. Returns n_buckets slices ``(meta table (id, extra columns...), matrix (m, D):
+    float32 unit rows, or the stored float16 rows (checked, not normalised))`` and, last, ``{"rows", "missing", "missing_examples"}`` where
     missing counts embedded ids absent from ``lookup``.
     """
     table = read_shard(emb_dir, shard, ["id", "embedding"])
     ids = table.column("id").combine_chunks()
     # each file's rows stay where Parquet decoded them (zero-copy views): the rows are copied
-    # once, into their bucket's slice, not first into one matrix of the shard
+    # once, into their bucket's slice, not first into one matrix of the shard. float16 rows
+    # travel as float16 (half the object store; gather_sorted widens and normalises them)
     dtype = embedding_dtype(table)
     parts, start = [], 0
     for chunk in table.column("embedding").chunks:
-        parts.append(normalize_checked(embedding_matrix(chunk, dim, dtype), ids.slice(start, len(chunk))))
+        part = embedding_matrix(chunk, dim, dtype, widen=False)
+        checked = normalize_checked(part, ids.slice(start, len(chunk)))  # bad rows fail here, named
+        parts.append(part if part.dtype == np.float16 else checked)
         start += len(chunk)
     part_starts = np.cumsum([0] + [len(p) for p in parts])
     width = max((p.shape[1] for p in parts), default=dim or 0)
@@ -329,15 +334,21 @@ def route_shard(emb_dir: str, shard: Shard, dim: int | None, lookup: pa.Table,
 
 
 def _gather_rows(parts: list[np.ndarray], part_starts: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
-    """(len(rows), width) float32: the given ascending rows of the concatenation of ``parts``
-    (part p holds rows [part_starts[p], part_starts[p + 1])), one copy per row."""
-    out = np.empty((len(rows), width), np.float32)
+    """(len(rows), width) in the parts' dtype: the given ascending rows of the concatenation of
+    ``parts`` (part p holds rows [part_starts[p], part_starts[p + 1])), one copy per row."""
+    dtype = parts[0].dtype if parts else np.dtype(np.float32)
+    out = np.empty((len(rows), width), dtype)
     cuts = np.searchsorted(rows, part_starts)
     for p, part in enumerate(parts):
         a, e = cuts[p], cuts[p + 1]
         if e > a:
-            _copy_rows(part, rows[a:e] - part_starts[p], out[a:e])
+            _copy_rows(_bits(part), rows[a:e] - part_starts[p], _bits(out[a:e]))
     return out
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """float16 rows as uint16 (a bit copy; numba does not take float16), others as they are."""
+    return x.view(np.uint16) if x.dtype == np.float16 else x
 
 
 @numba.njit(cache=True, nogil=True)
@@ -357,20 +368,24 @@ def _copy_rows(source, rows, out):  # pragma: no cover - compiled
 def gather_sorted(slices: Sequence[tuple[pa.Table, np.ndarray]], keys: tuple[str, str] = ("cluster", "rank"),
                   ) -> tuple[np.ndarray, pa.Table]:
     """Concatenate shuffle slices ordered by ``keys`` (primary, secondary) with a single copy
-    of the vectors -> (matrix (n, D) float32, meta table in the same order)."""
+    of the vectors -> (matrix (n, D) float32 unit rows, meta table in the same order); float16
+    slices are widened and normalised after the copy."""
     meta = pa.concat_tables([m for m, _ in slices])
     n = meta.num_rows
     dim = max((x.shape[1] for _, x in slices if x.ndim == 2), default=0)
     order = np.lexsort((meta.column(keys[1]).to_numpy(), meta.column(keys[0]).to_numpy()))
     destination = np.empty(n, np.int64)
     destination[order] = np.arange(n)
-    x = np.empty((n, dim), np.float32)
+    half = any(part.dtype == np.float16 for _, part in slices)
+    x = np.empty((n, dim), np.float16 if half else np.float32)
     offset = 0
     for _, part in slices:
         m = len(part)
         if m:
-            _scatter_rows(part, destination[offset:offset + m], x)
+            _scatter_rows(_bits(part), destination[offset:offset + m], _bits(x))
         offset += m
+    if half:  # float16 slices (route_shard checked them): widened and normalised as embedding_matrix would
+        x = normalize_checked(x.astype(np.float32))
     return x, meta.take(pa.array(order))
 
 
