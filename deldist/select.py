@@ -94,7 +94,7 @@ from deldist.rules import (
     temporal_savings,
 )
 from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_META, RETAINED_SCHEMA
-from deldist.select_ray import dedup_any_earlier, dedup_kept, temporal_rule
+from deldist.select_ray import Scores, dedup_any_earlier, dedup_kept, temporal_rule
 from deldist.shards import EmptyInputError
 
 # similarity threshold (1 - eps) -> (frames retained, fraction retained) in MedDEL's Table 2
@@ -200,13 +200,7 @@ def _chunks(a: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
 def align_rows(ids: pa.Array, table: pa.Table, what: str) -> pa.Table:
     """Rows of ``table`` (with an ``id`` column) in the order of ``ids``; every id must be
     present exactly once."""
-    if table.num_rows != len(ids):
-        raise ValueError(f"{what} has {table.num_rows} rows but {len(ids)} ids are embedded; re-run it")
-    position = pc.index_in(ids, value_set=table.column("id"))
-    if position.null_count:
-        examples = ids.filter(pc.is_null(position)).slice(0, 5).to_pylist()
-        raise ValueError(f"{position.null_count} embedded ids are missing from {what}, e.g. {examples}")
-    return table.take(position)
+    return table.take(pa.array(stored_rows(ids, table.column("id"), what)))
 
 
 def apply_rules(config: Config, meta: pa.Table, ids: pa.Array, layout: RunLayout, dim: int | None) -> Decision:
@@ -289,25 +283,43 @@ def _near_copy_rule(config: Config, meta: pa.Table, ids: pa.Array, decision: Dec
                     chance_pairs=chance_pairs(int((decision.reason < 0).sum()), rule.max_hamming))
 
 
-def read_scores(config: Config, ids: pa.Array, layout: RunLayout) -> tuple[pa.Table, dict[str, Any]]:
-    """dedup's scores in the order of ``ids`` (with the neighbour lists the kept rule needs) and
-    their manifest; refuses scores ranked for another method or without lists."""
+def read_scores(config: Config, ids: pa.Array, layout: RunLayout) -> Scores:
+    """dedup's scores for the rows of ``ids`` (with the neighbour lists the kept rule needs,
+    left in their stored order: :class:`~deldist.select_ray.Scores`); refuses scores ranked
+    for another method or without lists."""
     expected = METHODS[config.method]["keep"]
     manifest = storage.read_manifest(layout.scores)
     if manifest.get("keep") != expected:
         raise ValueError(f"method {config.method} ranks each cluster keep={expected} but {layout.scores} was "
                          f"ranked keep={manifest.get('keep')}; re-run dedup with keep: {expected}")
     columns = ["id", "cluster", "rank", "max_sim", "duplicate_of"]
-    if config.dedup_rule == "kept":
+    lists = ["neighbours", "neighbour_sims"] if config.dedup_rule == "kept" else []
+    if lists:
         if "neighbour_floor" not in manifest:
             raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
-        columns += ["neighbours", "neighbour_sims", "unlisted_max_sim"]
-    return align_rows(ids, storage.read_published(layout.scores, columns), layout.scores), manifest
+        columns.append("unlisted_max_sim")
+    stored = storage.read_published(layout.scores, columns + lists)
+    row = stored_rows(ids, stored.column("id"), layout.scores)
+    table = stored.select(columns).take(pa.array(row))
+    return Scores(table, stored.select(lists) if lists else None, row if lists else None, manifest)
+
+
+def stored_rows(ids: pa.Array, stored_ids: pa.ChunkedArray, what: str) -> np.ndarray:
+    """(n,) int64: the row of ``stored_ids`` holding each of ``ids``; every id must be there
+    exactly once (:func:`align_rows`' check)."""
+    if len(stored_ids) != len(ids):
+        raise ValueError(f"{what} has {len(stored_ids)} rows but {len(ids)} ids are embedded; re-run it")
+    position = pc.index_in(ids, value_set=stored_ids)
+    if position.null_count:
+        examples = ids.filter(pc.is_null(position)).slice(0, 5).to_pylist()
+        raise ValueError(f"{position.null_count} embedded ids are missing from {what}, e.g. {examples}")
+    return position.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int | None, decision: Decision) -> None:
     expected = METHODS[config.method]["keep"]
-    scores, manifest = read_scores(config, ids, layout)
+    scores = read_scores(config, ids, layout)
+    manifest = scores.manifest
     candidate = decision.reason < 0
     if config.dedup_rule == "kept":
         from deldist.runtime import init_ray

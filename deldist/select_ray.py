@@ -8,6 +8,7 @@ vectors of the clusters the neighbour lists cannot decide, gathered once). The m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numba
@@ -151,44 +152,66 @@ class ExactFallback:
         return out
 
 
-def neighbour_edges(scores: pa.Table, position: np.ndarray, starts: np.ndarray, floor: float) -> NeighbourEdges:
-    """The scores' ``neighbours`` / ``neighbour_sims`` lists (rows aligned with ``position``,
-    ranks within the cluster) as :class:`NeighbourEdges` in position space: one compiled copy
-    of the lists, no per-pair index arrays."""
-    nbr = scores.column("neighbours").combine_chunks()
-    sims = scores.column("neighbour_sims").combine_chunks()
+@dataclass
+class Scores:
+    """dedup's scores as the selection reads them: ``table`` (id, cluster, rank, max_sim,
+    duplicate_of, unlisted_max_sim) row-aligned with the selection's ids; ``lists``
+    (neighbours, neighbour_sims) in their stored row order, ``list_row[i]`` the ``lists`` row
+    of ids row i (aligning the lists would copy them: 8 bytes per listed pair, 2.5 GB at 10M
+    items); ``manifest``: the scores' manifest."""
+
+    table: pa.Table
+    lists: pa.Table | None
+    list_row: np.ndarray | None
+    manifest: dict[str, Any]
+
+
+def neighbour_edges(scores: Scores, position: np.ndarray, starts: np.ndarray, floor: float) -> NeighbourEdges:
+    """The scores' ``neighbours`` / ``neighbour_sims`` lists (ranks within the cluster; ids row i
+    at ``position[i]``) as :class:`NeighbourEdges` in position space: each stored chunk's lists
+    copied once, straight to their positions (compiled; no combined copy, no per-pair index)."""
+    assert scores.lists is not None and scores.list_row is not None
     n = len(position)
     order = np.empty(n, np.int64)
     order[position] = np.arange(n)
-    cluster = scores.column("cluster").to_numpy().astype(np.int64)
+    cluster = scores.table.column("cluster").to_numpy().astype(np.int64)
     first = starts[cluster[order]]  # (n,) position of each position's cluster start
     bound = np.empty(n, np.float32)
-    bound[position] = scores.column("unlisted_max_sim").to_numpy()
-    total = len(nbr.values) if n else 0
-    offsets = np.empty(n + 1, np.int64)
-    dst = np.empty(total, np.int32 if n < 2 ** 31 else np.int64)
-    sim = np.empty(total, np.float32)
-    if n:
-        _lists_by_position(order, nbr.offsets.to_numpy(), nbr.values.to_numpy(), sims.offsets.to_numpy(),
-                           sims.values.to_numpy(), first, offsets, dst, sim)
-    used = int(offsets[-1]) if n else 0
-    return NeighbourEdges(offsets, dst[:used], sim[:used], bound, floor)
+    bound[position] = scores.table.column("unlisted_max_sim").to_numpy()
+    nbr, sims = scores.lists.column("neighbours"), scores.lists.column("neighbour_sims")
+    if [len(c) for c in nbr.chunks] != [len(c) for c in sims.chunks]:
+        nbr, sims = pa.chunked_array([nbr.combine_chunks()]), pa.chunked_array([sims.combine_chunks()])
+    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False) for c in nbr.chunks]
+                             or [np.zeros(0, np.int64)]).astype(np.int64)
+    row_of_pos = np.asarray(scores.list_row, np.int64)[order]
+    offsets = np.r_[0, np.cumsum(lengths[row_of_pos])].astype(np.int64)
+    dst = np.empty(int(offsets[-1]), np.int32 if n < 2 ** 31 else np.int64)
+    sim = np.empty(int(offsets[-1]), np.float32)
+    chunk_starts = np.r_[0, np.cumsum([len(c) for c in nbr.chunks])].astype(np.int64)
+    chunk_of_pos = np.searchsorted(chunk_starts, row_of_pos, "right") - 1
+    by_chunk = np.argsort(chunk_of_pos, kind="stable")
+    bounds = np.searchsorted(chunk_of_pos[by_chunk], np.arange(len(nbr.chunks) + 1))
+    for c, (ranks, values) in enumerate(zip(nbr.chunks, sims.chunks)):
+        pos = by_chunk[bounds[c]:bounds[c + 1]]
+        if len(pos):
+            _lists_to_positions(pos, row_of_pos[pos] - chunk_starts[c], ranks.offsets.to_numpy(),
+                                ranks.values.to_numpy(), values.offsets.to_numpy(), values.values.to_numpy(), first,
+                                offsets, dst, sim)
+    return NeighbourEdges(offsets, dst, sim, bound, floor)
 
 
 @numba.njit(cache=True, nogil=True)
-def _lists_by_position(order, nbr_offsets, ranks, sim_offsets, sims, first, offsets, dst,
-                       sim):  # pragma: no cover - compiled
-    """Copy row order[p]'s list to position p, ranks turned into positions (first[p] + rank)."""
-    e = 0
-    for p in range(len(order)):
-        r = order[p]
-        offsets[p] = e
+def _lists_to_positions(pos, rows, nbr_offsets, ranks, sim_offsets, sims, first, offsets, dst,
+                        sim):  # pragma: no cover - compiled
+    """Copy chunk row rows[i]'s list to position pos[i]'s slot, ranks turned into positions."""
+    for i in range(len(pos)):
+        p, r = pos[i], rows[i]
+        e = offsets[p]
         a = sim_offsets[r]
         for j in range(nbr_offsets[r], nbr_offsets[r + 1]):
             dst[e] = first[p] + ranks[j]
             sim[e] = sims[a + j - nbr_offsets[r]]
             e += 1
-    offsets[len(order)] = e
 
 
 class KeptRule:
@@ -198,11 +221,11 @@ class KeptRule:
     threshold. ``deldist select`` evaluates one threshold (or searches a ``target_ratio``),
     ``deldist sweep`` a grid of them on the same object."""
 
-    def __init__(self, config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
+    def __init__(self, config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
                  dim: int | None, floor: float):
         n = len(candidate)
-        cluster = scores.column("cluster").to_numpy().astype(np.int64)
-        rank = scores.column("rank").to_numpy().astype(np.int64)
+        cluster = scores.table.column("cluster").to_numpy().astype(np.int64)
+        rank = scores.table.column("rank").to_numpy().astype(np.int64)
         self.order = order = np.lexsort((rank, cluster))  # position -> row
         position = np.empty(n, np.int64)
         position[order] = np.arange(n)
@@ -273,7 +296,7 @@ class KeptRule:
         return threshold, info
 
 
-def dedup_kept(config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
+def dedup_kept(config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
                 dim: int | None, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The ``kept`` duplicate rule over the candidates (rows) -> (duplicate bool (n,), the row
     it duplicates int64 (n,), similarity float32 (n,), info)."""
@@ -299,12 +322,12 @@ def dedup_kept(config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.
     return duplicate, link, score, info
 
 
-def dedup_any_earlier(config: Config, scores: pa.Table, candidate: np.ndarray, ids: pa.Array,
+def dedup_any_earlier(config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array,
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """SemDeDup's duplicate rule over the candidates (rows); outputs as :func:`_dedup_kept`."""
+    """SemDeDup's duplicate rule over the candidates (rows); outputs as :func:`dedup_kept`."""
     n = len(candidate)
-    first = scores.column("rank").to_numpy() == 0
-    max_sim = scores.column("max_sim").to_numpy(zero_copy_only=False)
+    first = scores.table.column("rank").to_numpy() == 0
+    max_sim = scores.table.column("max_sim").to_numpy(zero_copy_only=False)
     info: dict[str, Any] = {}
     if config.target_ratio is not None:
         threshold, reachable = threshold_for_ratio(max_sim, first, candidate, int(round(config.target_ratio * n)))
@@ -314,6 +337,6 @@ def dedup_any_earlier(config: Config, scores: pa.Table, candidate: np.ndarray, i
     info.update(similarity_threshold=threshold if math.isfinite(threshold) else None,
                 eps=1.0 - threshold if math.isfinite(threshold) else None)
     duplicate = any_earlier_duplicates(candidate, first, max_sim, threshold)
-    matched = pc.fill_null(pc.index_in(scores.column("duplicate_of"), value_set=ids), -1).to_numpy()
+    matched = pc.fill_null(pc.index_in(scores.table.column("duplicate_of"), value_set=ids), -1).to_numpy()
     link = np.where(duplicate, matched, -1).astype(np.int64)
     return duplicate, link, np.where(duplicate, max_sim, np.nan).astype(np.float32), info

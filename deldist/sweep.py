@@ -171,10 +171,11 @@ class DuplicateGrid:
 
     def __init__(self, config: SelectConfig, layout: RunLayout, ids: pa.Array, candidate: np.ndarray,
                  dim: int | None):
-        scores, manifest = read_scores(config, ids, layout)
+        scores = read_scores(config, ids, layout)
+        manifest = scores.manifest
         self.config, self.candidate, self.n = config, candidate, len(candidate)
-        self.first = scores.column("rank").to_numpy() == 0
-        self.max_sim = scores.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
+        self.first = scores.table.column("rank").to_numpy() == 0
+        self.max_sim = scores.table.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
         self.floor: float | None = None
         self.rule = None
         if config.dedup_rule == "kept":

@@ -81,6 +81,16 @@ def scored(x: np.ndarray, cluster: np.ndarray, spec) -> tuple[pa.Table, np.ndarr
     return table.take(pa.array(back)), rank, order
 
 
+def as_scores(table: pa.Table) -> select_ray.Scores:
+    """A scores table as select reads it, its lists stored in reverse row order in three chunks
+    (as Parquet parts arrive: not aligned with the ids)."""
+    n = table.num_rows
+    back = np.arange(n)[::-1].copy()
+    stored = table.select(["neighbours", "neighbour_sims"]).take(pa.array(back))
+    chunked = pa.Table.from_batches(stored.to_batches(max_chunksize=max(1, n // 3 + 1)))
+    return select_ray.Scores(table, chunked, back, {})
+
+
 @pytest.mark.parametrize("spec", [tiles.ListSpec(2, 2, 0.3), tiles.ListSpec(16, 16, 0.3)])
 def test_kept_rule_from_lists_matches_brute_force(spec):
     """The neighbour lists + exact fallback give the float64 reference's kept set, with
@@ -97,7 +107,7 @@ def test_kept_rule_from_lists_matches_brute_force(spec):
     sizes = np.bincount(cluster)
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     position = np.argsort(order)
-    edges = select_ray.neighbour_edges(scores, position, starts, spec.floor)
+    edges = select_ray.neighbour_edges(as_scores(scores), position, starts, spec.floor)
     for threshold in (0.5, 0.8, 0.9, 0.97):
         kept_pos, dup_pos, sim_pos, unresolved = greedy.resolve_kept(candidate[order], edges, threshold)
         for c in np.unique(cluster[order][unresolved]):  # the exact fallback of those clusters
@@ -130,7 +140,7 @@ def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
     candidate[np.flatnonzero(rank == 0)[0]] = False
     first = scores.column("rank").to_numpy() == 0
     any_earlier = greedy.any_earlier_duplicates(candidate, first, scores.column("max_sim").to_numpy(), 0.9)
-    edges = select_ray.neighbour_edges(scores, np.argsort(order), np.array([0]), 0.5)
+    edges = select_ray.neighbour_edges(as_scores(scores), np.argsort(order), np.array([0]), 0.5)
     kept_pos, _, _, _ = greedy.resolve_kept(candidate[order], edges, 0.9)
     kept = kept_pos[np.argsort(order)]
     group = np.arange(3)
