@@ -26,7 +26,7 @@ from deldist.greedy import (
     threshold_for_ratio,
 )
 from deldist.rules import temporal_collapse
-from deldist.shards import bucket_count, bucket_of_groups, gather_sorted, plan_buckets, shuffle_by_bucket
+from deldist.shards import bucket_count, bucket_of_groups, gather_sorted, plan_buckets, shuffle_by_bucket, unit_rows
 
 if TYPE_CHECKING:
     from deldist.select import Config
@@ -115,7 +115,9 @@ class ExactFallback:
                            "cluster": cluster.astype(np.int32), "rank": positions - self.starts[cluster]})
         slices_of, stats = shuffle_by_bucket(self.emb_dir, self.dim, lookup, len(buckets), self.config.shard_rows,
                                              self.config.io_cpus)
-        gather = ray.remote(num_cpus=self.config.io_cpus)(lambda *slices: gather_sorted(slices)[0])
+        # float16 embeddings stay float16 here (half the object store); the exact tasks widen and
+        # normalise each cluster as gather_sorted would
+        gather = ray.remote(num_cpus=self.config.io_cpus)(lambda *slices: gather_sorted(slices, widen=False)[0])
         refs = [gather.remote(*slices) for slices in slices_of]
         check_found(ray.get(stats), len(positions), "the exact dedup fallback")
         for b, bucket in enumerate(buckets):
@@ -141,7 +143,8 @@ class ExactFallback:
             by_ref.setdefault(id(ref), (ref, []))[1].append((int(c), offset, size, candidate[start:start + size]))
 
         def exact(x: np.ndarray, spans: list[tuple[int, int, int, np.ndarray]], t: float, block_rows: int) -> list:
-            return [(c, *keep_first_exact(x[o:o + z], cand, t, block_rows=block_rows)) for c, o, z, cand in spans]
+            return [(c, *keep_first_exact(unit_rows(x[o:o + z]), cand, t, block_rows=block_rows))
+                    for c, o, z, cand in spans]
 
         task = ray.remote(num_cpus=self.config.task_cpus)(exact)
         out = []

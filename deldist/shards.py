@@ -366,10 +366,11 @@ def _copy_rows(source, rows, out):  # pragma: no cover - compiled
 
 
 def gather_sorted(slices: Sequence[tuple[pa.Table, np.ndarray]], keys: tuple[str, str] = ("cluster", "rank"),
-                  ) -> tuple[np.ndarray, pa.Table]:
+                  widen: bool = True) -> tuple[np.ndarray, pa.Table]:
     """Concatenate shuffle slices ordered by ``keys`` (primary, secondary) with a single copy
     of the vectors -> (matrix (n, D) float32 unit rows, meta table in the same order); float16
-    slices are widened and normalised after the copy."""
+    slices are widened and normalised after the copy (:func:`unit_rows`), or with ``widen=False``
+    returned as float16 (the caller applies :func:`unit_rows` to the rows it uses)."""
     meta = pa.concat_tables([m for m, _ in slices])
     n = meta.num_rows
     dim = max((x.shape[1] for _, x in slices if x.ndim == 2), default=0)
@@ -384,9 +385,13 @@ def gather_sorted(slices: Sequence[tuple[pa.Table, np.ndarray]], keys: tuple[str
         if m:
             _scatter_rows(_bits(part), destination[offset:offset + m], _bits(x))
         offset += m
-    if half:  # float16 slices (route_shard checked them): widened and normalised as embedding_matrix would
-        x = normalize_checked(x.astype(np.float32))
-    return x, meta.take(pa.array(order))
+    return (unit_rows(x) if widen else x), meta.take(pa.array(order))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Shuffled rows as the kernels take them: float32 as they are (route_shard normalised
+    them), float16 (checked there) widened and normalised, the same float32 rows either way."""
+    return normalize_checked(x.astype(np.float32)) if x.dtype == np.float16 else x
 
 
 def shuffle_by_bucket(emb_dir: str, dim: int | None, lookup: pa.Table, n_buckets: int, shard_rows: int,

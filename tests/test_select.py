@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from deldist import cluster, dedup, dedup_scores, greedy, groundtruth, pairwise, rules, select, select_ray, storage, tiles
-from deldist.shards import embedding_matrix
+from deldist.shards import embedding_matrix, table_matrix
 from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
 
 # ----------------------------------------------------------------------------- pure functions
@@ -314,14 +314,15 @@ def synthetic_videos(seed: int = 0, dim: int = 32):
     return embeddings, ground_truth
 
 
-def publish_embeddings(emb_dir: str, table: pa.Table, parts: int = 3) -> None:
+def publish_embeddings(emb_dir: str, table: pa.Table, parts: int = 3, dtype: str = "float32") -> None:
     files = []
     for rows in np.array_split(np.arange(table.num_rows), parts):
         path = storage.join(emb_dir, storage.new_part_name())
         storage.write_table(table.take(pa.array(rows)), path)
         files.append(storage.resolve(path)[1])
-    dim = table.schema.field("embedding").type.byte_width // 4
-    storage.publish(emb_dir, files, {"dim": dim, "model": "synthetic", "schema": storage.schema_hex(table.schema)})
+    dim = table.schema.field("embedding").type.byte_width // (2 if dtype == "float16" else 4)
+    storage.publish(emb_dir, files, {"dim": dim, "model": "synthetic", "embedding_dtype": dtype,
+                                     "schema": storage.schema_hex(table.schema)})
 
 
 def read_selection(root: str, name: str) -> tuple[pa.Table, pa.Table, dict]:
@@ -355,7 +356,8 @@ def assert_duplicates_point_at_retained(root: str, retained: pa.Table, removed: 
         return
     dup = linked.filter(pa.compute.equal(linked.column("reason"), "duplicate"))
     row = {i: r for r, i in enumerate(embeddings.column("id").to_pylist())}
-    x = embedding_matrix(embeddings.column("embedding")).astype(np.float64)
+    x = table_matrix(embeddings).astype(np.float64)  # float32 or float16, as stored
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
     a = np.array([row[i] for i in dup.column("id").to_pylist()], int)
     b = np.array([row[i] for i in dup.column("duplicate_of").to_pylist()], int)
     sims = np.einsum("ij,ij->i", x[a], x[b]) if len(a) else np.zeros(0)
@@ -453,6 +455,43 @@ def test_eps_selection_and_bad_config(ray_session, tmp_path):
         select.Config(output=root, method="random")
     with pytest.raises(ValueError):
         select.Config(output=root, epsilon=0.1)  # typo: unknown keys are errors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_kept_rule_run_with_the_exact_fallback_matches_brute_force(ray_session, tmp_path, dtype):
+    """A select run whose short neighbour lists (2 + 2) leave clusters undecided: the Ray-wired
+    exact fallback (vectors gathered once, float16 kept as float16 in the object store) gives
+    the float64 reference's kept set at eps, and a target_ratio within its tolerance."""
+    embeddings, _ = synthetic_videos(seed=2, dim=16)
+    x = embedding_matrix(embeddings.column("embedding"))
+    if dtype == "float16":
+        x = x.astype(np.float16).astype(np.float32)  # what the stages read back
+        embeddings = embeddings.set_column(embeddings.schema.get_field_index("embedding"),
+                                           embeddings_schema(16, "float16").field("embedding"),
+                                           embedding_array(x, "float16")).cast(embeddings_schema(16, "float16"))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    root = str(tmp_path / "run")
+    publish_embeddings(storage.join(root, "embeddings"), embeddings, parts=2, dtype=dtype)
+    cluster.run(cluster.Config(output=root, k=6, max_iter=5, task_cpus=0.5))
+    dedup.run(dedup.Config(output=root, keep="easy", neighbours_by_similarity=2, neighbours_by_rank=2,
+                           task_cpus=0.5))
+    select.run(select.Config(output=root, name="eps", eps=0.1, outlier_distance=None))
+    retained, removed, summary = read_selection(root, "eps")
+    assert summary["exact_fallback_clusters"] > 0 and summary["exact_fallback_gathers"] >= 1
+    scores = storage.read_published(storage.join(root, "dedup", "scores"), ["id", "cluster", "rank"])
+    row = {i: r for r, i in enumerate(embeddings.column("id").to_pylist())}
+    order = np.array([row[i] for i in scores.column("id").to_pylist()])
+    cluster_of, rank = np.empty(len(x), np.int64), np.empty(len(x), np.int64)
+    cluster_of[order], rank[order] = scores.column("cluster").to_numpy(), scores.column("rank").to_numpy()
+    ref_kept, _ = brute_force_kept(x, cluster_of, rank, np.ones(len(x), bool), 0.9)
+    ids = np.array(embeddings.column("id").to_pylist())
+    assert set(retained.column("id").to_pylist()) == set(ids[ref_kept])
+    assert_duplicates_point_at_retained(root, retained, removed, 0.9, embeddings)
+
+    select.run(select.Config(output=root, name="ratio", target_ratio=0.3, outlier_distance=None))
+    retained, removed, summary = read_selection(root, "ratio")
+    assert summary["target_reachable"] and abs(summary["ratio"] - 0.3) <= 0.005 + 1 / len(x)
+    assert_duplicates_point_at_retained(root, retained, removed, summary["similarity_threshold"], embeddings)
 
 
 def test_relative_blur_rule_adapts_per_source():
