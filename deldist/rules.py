@@ -275,3 +275,27 @@ def temporal_savings(collapsed: np.ndarray, cluster: np.ndarray) -> dict[str, An
         "pairwise_pairs_before": pairs_before, "pairwise_pairs_after": pairs_after,
         "pairwise_work_saved": 1.0 - pairs_after / pairs_before if pairs_before else 0.0,
     }
+
+
+class SelectionInvariantError(RuntimeError):
+    """retained and removed do not partition the input ids, or a removed item does not point
+    at a retained one."""
+
+
+def check_partition(all_ids: pa.Array | pa.ChunkedArray, retained: pa.Array | pa.ChunkedArray,
+                    removed: pa.Array | pa.ChunkedArray) -> None:
+    """Raise :class:`SelectionInvariantError` unless retained and removed hold every id of
+    ``all_ids`` exactly once between them (and nothing else)."""
+    n = len(all_ids)
+    if len(retained) + len(removed) != n:
+        raise SelectionInvariantError(f"{len(retained)} retained + {len(removed)} removed != {n} input ids")
+    union = pa.chunked_array(_chunks(retained) + _chunks(removed), pa.string())
+    if pc.count_distinct(union).as_py() != n:
+        raise SelectionInvariantError("an id appears twice across retained and removed")
+    everything = pa.chunked_array(_chunks(all_ids), pa.string()).combine_chunks()
+    if not pc.all(pc.is_in(union, value_set=everything)).as_py():
+        raise SelectionInvariantError("retained/removed hold ids that are not in the input")
+
+
+def _chunks(a: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return list(a.chunks) if isinstance(a, pa.ChunkedArray) else [a]

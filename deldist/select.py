@@ -86,6 +86,8 @@ from deldist.rules import (
     REASONS,
     Decision,
     DeldistRules,
+    SelectionInvariantError,
+    check_partition,
     counts_by_reason,
     invalid_mask,
     near_copy_order,
@@ -114,11 +116,6 @@ METHODS: dict[str, dict[str, Any]] = {
 PAPER_RULE = {"outlier_distance": "MedDEL §3.2 (distance threshold 0.9, read as cosine distance)",
               "duplicate": {"meddel": "MedDEL §3.2 / Table 2 (SemDeDup within k-means clusters, nearest-first)",
                             "semdedup": "SemDeDup (Abbas et al. 2023, farthest-first)"}}
-
-
-class SelectionInvariantError(RuntimeError):
-    """retained and removed do not partition the input ids, or a removed item does not point
-    at a retained one."""
 
 
 class Config(StageConfig):
@@ -172,35 +169,7 @@ class Config(StageConfig):
         return self
 
 
-# ----------------------------------------------------------------------------- math (pure)
-
-
-def check_partition(all_ids: pa.Array | pa.ChunkedArray, retained: pa.Array | pa.ChunkedArray,
-                    removed: pa.Array | pa.ChunkedArray) -> None:
-    """Raise :class:`SelectionInvariantError` unless retained and removed hold every id of
-    ``all_ids`` exactly once between them (and nothing else)."""
-    n = len(all_ids)
-    if len(retained) + len(removed) != n:
-        raise SelectionInvariantError(f"{len(retained)} retained + {len(removed)} removed != {n} input ids")
-    union = pa.chunked_array(_chunks(retained) + _chunks(removed), pa.string())
-    if pc.count_distinct(union).as_py() != n:
-        raise SelectionInvariantError("an id appears twice across retained and removed")
-    everything = pa.chunked_array(_chunks(all_ids), pa.string()).combine_chunks()
-    if not pc.all(pc.is_in(union, value_set=everything)).as_py():
-        raise SelectionInvariantError("retained/removed hold ids that are not in the input")
-
-
-def _chunks(a: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
-    return list(a.chunks) if isinstance(a, pa.ChunkedArray) else [a]
-
-
 # ----------------------------------------------------------------------------- the selection
-
-
-def align_rows(ids: pa.Array, table: pa.Table, what: str) -> pa.Table:
-    """Rows of ``table`` (with an ``id`` column) in the order of ``ids``; every id must be
-    present exactly once."""
-    return table.take(pa.array(stored_rows(ids, table.column("id"), what)))
 
 
 def apply_rules(config: Config, meta: pa.Table, ids: pa.Array, layout: RunLayout, dim: int | None) -> Decision:
@@ -209,8 +178,8 @@ def apply_rules(config: Config, meta: pa.Table, ids: pa.Array, layout: RunLayout
     extra = config.deldist_rules
     cluster = distance = None
     if config.outlier_distance is not None or extra.outlier_quantile is not None or extra.temporal_threshold is not None:
-        assignments = align_rows(ids, storage.read_published(layout.assignments, ["id", "cluster", "distance"]),
-                             layout.assignments)
+        assignments = storage.read_published(layout.assignments, ["id", "cluster", "distance"])
+        assignments = assignments.take(pa.array(stored_rows(ids, assignments.column("id"), layout.assignments)))
         cluster, distance = assignments.column("cluster").to_numpy(), assignments.column("distance").to_numpy()
     decision = apply_filters(config, meta, cluster, distance, layout.embeddings, dim)
     _log_rules(config.name, decision, 0)
@@ -300,13 +269,13 @@ def read_scores(config: Config, ids: pa.Array, layout: RunLayout) -> Scores:
         columns.append("unlisted_max_sim")
     stored = storage.read_published(layout.scores, columns + lists)
     row = stored_rows(ids, stored.column("id"), layout.scores)
-    table = stored.select(columns).take(pa.array(row))
-    return Scores(table, stored.select(lists) if lists else None, row if lists else None, manifest)
+    return Scores(stored.select(columns).take(pa.array(row)), stored.select(lists) if lists else None,
+                  row if lists else None, manifest)
 
 
 def stored_rows(ids: pa.Array, stored_ids: pa.ChunkedArray, what: str) -> np.ndarray:
     """(n,) int64: the row of ``stored_ids`` holding each of ``ids``; every id must be there
-    exactly once (:func:`align_rows`' check)."""
+    exactly once."""
     if len(stored_ids) != len(ids):
         raise ValueError(f"{what} has {len(stored_ids)} rows but {len(ids)} ids are embedded; re-run it")
     position = pc.index_in(ids, value_set=stored_ids)
