@@ -238,6 +238,7 @@ class KeptRule:
             raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
         self.n, self.floor = n, floor
         self.edges = neighbour_edges(scores, position, starts, floor)
+        scores.lists = scores.list_row = None  # consumed: the position-ordered copy replaces them (memory)
         self.cand_pos = np.asarray(candidate, bool)[order]
         self.cluster_pos = cluster[order]
         self.fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes)
