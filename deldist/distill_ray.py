@@ -38,6 +38,7 @@ import deldist
 from deldist import storage
 from deldist.config import StageConfig
 from deldist.layout import RunLayout, summary_of
+from deldist.report_plot import CLASSIFY_SET
 
 log = logging.getLogger(__name__)
 
@@ -266,3 +267,24 @@ def run(config: Config) -> dict[str, Any]:
     storage.publish(out, files, {"method": config.method, "seeds": summary["seeds"]})
     return {k: summary[k] for k in ("method", "accuracy", "fraction_of_full", "distilled_beats_random")
             if k in summary} | {"summary": summary_of(out)}
+
+
+def report_rows(output: str, name: str) -> list[dict[str, Any]]:
+    """``deldist report``'s classification rows of distillation run ``name``: the synthetic set
+    (its method, e.g. ``dm``), the random real subset of the same size and the full train split,
+    each with its accuracy on the real test split (mean and spread over the seeds) and R = its
+    size over the train split's (the paper's indicator: the synthetic set against a random
+    real subset of the same size)."""
+    summary = storage.read_json(summary_of(RunLayout(output).distill(name)))
+    rows = []
+    for method, key in ((summary["method"], "distilled"), ("random", "random"), ("full", "full")):
+        if key not in summary["accuracy"]:
+            continue
+        acc = summary["accuracy"][key]
+        full = key == "full"
+        rows.append({"selection": f"{name}:{key}", "method": method, "pruned": CLASSIFY_SET,
+                     "retained": 1.0 if full else summary["size_fraction"],
+                     "frames": summary["train_images"] if full else summary["synthetic_images"],
+                     "accuracy": acc["mean"], "accuracy_spread": acc.get("std"), "seeds": len(summary["seeds"]),
+                     "miou": None})
+    return rows

@@ -25,7 +25,6 @@ invalid galleries) to ``<output>/reports/html/index.html``; on its own it does o
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -35,17 +34,14 @@ from pydantic import Field
 
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.importance import DEFAULT_MODE
 from deldist.layout import RunLayout, summary_of
 from deldist.metrics import normdel
+from deldist.report_plot import CLASSIFY_SET, FINETUNE_SET, PRETRAIN_SET, plot_png, steps_caption
 
 log = logging.getLogger(__name__)
 
 FULL = "all"
-PRETRAIN_SET, FINETUNE_SET = "pretraining frames", "finetune images"
 LABELLED_FULL = "finetune-all"  # the finetune-set rows' R = 1: the same encoder on every training image
-# plotted method series: a DM distillation row (method "dm") joins the classification plot when added
-SERIES = ("meddel", "meddel+deldist", "semdedup", "random", "dad", "el2n", "dm")
 
 
 class Config(StageConfig):
@@ -67,6 +63,8 @@ class Config(StageConfig):
     normdel: bool | None = Field(None, description="pretrain + finetune + NormDEL table; default: yes unless html")
     html_gallery: int = Field(24, ge=0, description="HTML report: frames per outlier / invalid gallery")
     html_groups: int = Field(8, ge=0, description="HTML report: largest duplicate groups shown per selection")
+    distillations: list[str] = Field(default_factory=list, description="deldist distill runs whose classification "
+                                     "rows (synthetic set, random real subset of its size, full) join the report")
     labelled_encoder: str = Field("all", description="the encoder the finetune rows of labelled-set prunings "
                                   "(deldist prune) train: all = pretrained on every frame, random_init, or weights")
 
@@ -90,11 +88,13 @@ def table_rows(results: list[dict[str, Any]], alpha: float) -> list[dict[str, An
     rows = []
     for r in results:
         row = dict(r)
-        row["normdel"] = normdel(r["miou"], r["retained"], alpha) if r["retained"] is not None else None
+        row["normdel"] = normdel(r["miou"], r["retained"], alpha) if r["retained"] is not None and \
+            r.get("miou") is not None else None
         rows.append(row)
     order = {"full": 0, "meddel": 1, "meddel+deldist": 1.5, "semdedup": 1.7, "random": 2, "dad": 2.2, "el2n": 2.4,
              "dm": 2.6, "control": 4}
-    return sorted(rows, key=lambda r: (r.get("pruned") == FINETUNE_SET, order.get(r["method"], 3),
+    sets = {PRETRAIN_SET: 0, FINETUNE_SET: 1, CLASSIFY_SET: 2}
+    return sorted(rows, key=lambda r: (sets.get(r.get("pruned", PRETRAIN_SET), 0), order.get(r["method"], 3),
                                        -(r["retained"] or 0), r["selection"]))
 
 
@@ -114,132 +114,22 @@ def markdown_table(rows: list[dict[str, Any]], alpha: float) -> str:
              "images and finetune epochs / steps; the others pretraining frames, epochs and steps.", "",
              "| selection | method | R | frames | epochs | steps | mIoU | NormDEL | mIoU (fg/bg mean) | pretrain loss "
              "| pruned set |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if r.get("pruned") != CLASSIFY_SET):
         method = f"{r['method']}, {r['mode']}" if r.get("mode") else r["method"]
         lines.append(f"| {r['selection']} | {method} | {_fmt(r['retained'])} | {_fmt(r.get('frames'))} | "
                      f"{_fmt(r.get('epochs'))} | {_fmt(r.get('steps'))} | "
                      f"{_fmt(r['miou'], True)} | {_fmt(r['normdel'], True)} | {_fmt(r.get('miou_fg_bg'), True)} | "
                      f"{_fmt(r.get('pretrain_loss'))} | {r.get('pruned', PRETRAIN_SET)} |")
+    distilled = [r for r in rows if r.get("pruned") == CLASSIFY_SET]
+    if distilled:
+        lines += ["", "Classification (deldist distill): accuracy of fresh ConvNets trained on each set, tested on "
+                  "the real held-out split, %, mean and sample standard deviation over the seeds; R = the set's "
+                  "size over the real train split's.", "", "| set | method | R | images | accuracy | spread | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['selection']} | {r['method']} | {_fmt(r['retained'])} | {_fmt(r['frames'])} | "
+                  f"{_fmt(r['accuracy'], True)} | {_fmt(r.get('accuracy_spread'), True)} | {r['seeds']} |"
+                  for r in distilled]
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------ plot
-
-
-def _series(rows: list[dict[str, Any]], key: str, pruned: str = PRETRAIN_SET) -> dict[str, list[tuple[float, float]]]:
-    """method -> [(R, value)] sorted by R, over the rows that prune ``pruned``; the full-data
-    point joins every curve at R = 1."""
-    rows = [r for r in rows if r.get("pruned", PRETRAIN_SET) == pruned and r[key] is not None
-            and r.get("mode") in (None, DEFAULT_MODE)]  # a pruning's other modes: the table only
-    full = [(1.0, r[key]) for r in rows if r["method"] == "full"]
-    out: dict[str, list[tuple[float, float]]] = {}
-    for method in SERIES:
-        pts = [(r["retained"], r[key]) for r in rows if r["method"] == method]
-        if pts:
-            out[method] = sorted(pts + full)
-    if not out and full:
-        out["full"] = full
-    return out
-
-
-def steps_caption(rows: list[dict[str, Any]], schedule: str) -> str:
-    """One line on the pretraining budget under the plot: the steps every selection trained."""
-    steps = sorted({int(r["steps"]) for r in rows if r.get("steps") and r.get("pruned", PRETRAIN_SET) == PRETRAIN_SET})
-    if not steps:
-        return ""
-    span = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
-    return f"pretraining: {span} steps per selection ({schedule.replace('_', ' ')})"
-
-
-def plot_png(rows: list[dict[str, Any]], caption: str = "") -> tuple[bytes, str]:
-    """Two panels (mIoU, NormDEL against R; MedDEL vs random; control as a dashed line) and
-    ``caption`` below -> (PNG bytes, backend name: "matplotlib" or "pillow")."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _plot_pillow(rows, caption), "pillow"
-    control = next((r["miou"] for r in rows if r["method"] == "control"), None)
-    finetune_set = any(r.get("pruned") == FINETUNE_SET for r in rows)
-    pretraining = any(r.get("pruned", PRETRAIN_SET) == PRETRAIN_SET and r["method"] != "control" for r in rows)
-    panels = [("miou", "mIoU (%)", PRETRAIN_SET), ("normdel", "NormDEL (%)", PRETRAIN_SET)]
-    panels = panels if pretraining or not finetune_set else []  # prunings of the finetune set alone: their panel
-    if finetune_set:
-        panels.append(("miou", "mIoU (%), finetune set pruned", FINETUNE_SET))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (key, title, pruned) in zip(axes[0], panels):
-        for method, pts in _series(rows, key, pruned).items():
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
-        if key == "miou" and control is not None:
-            ax.axhline(100 * control, linestyle="--", color="grey", label="random init")
-        ax.set_xscale("log")
-        ax.set_xlabel("retained fraction R")
-        ax.set_title(title)
-        ax.legend()
-    if caption:
-        fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue(), "matplotlib"
-
-
-def _plot_pillow(rows: list[dict[str, Any]], caption: str = "") -> bytes:
-    """The same two panels drawn with Pillow (no matplotlib): log-x axes, lines + markers."""
-    from PIL import Image, ImageDraw
-
-    width, height, pad = 460, 320, 48
-    colours = {"meddel": (200, 40, 40), "meddel+deldist": (230, 140, 20), "semdedup": (120, 60, 160),
-               "random": (40, 90, 200), "full": (0, 0, 0)}
-    img = Image.new("RGB", (2 * width, height), "white")
-    draw = ImageDraw.Draw(img)
-    control = next((r["miou"] for r in rows if r["method"] == "control"), None)
-    for panel, (key, title) in enumerate((("miou", "mIoU (%)"), ("normdel", "NormDEL (%)"))):
-        series = _series(rows, key)
-        values = [v for pts in series.values() for _, v in pts] + ([control] if key == "miou" and control else [])
-        xs = [x for pts in series.values() for x, _ in pts]
-        if not values or not xs:
-            continue
-        lo, hi = min(values), max(values)
-        lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-6 else (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
-        xlo, xhi = math.log10(min(min(xs), 0.99)), 0.0
-        ox = panel * width
-
-        def to_px(x: float, y: float) -> tuple[float, float]:
-            px = ox + pad + (math.log10(x) - xlo) / (xhi - xlo) * (width - 2 * pad)
-            return px, height - pad - (y - lo) / (hi - lo) * (height - 2 * pad)
-
-        draw.rectangle([ox + pad, pad, ox + width - pad, height - pad], outline="black")
-        draw.text((ox + width // 2 - 30, 12), title, fill="black")
-        draw.text((ox + width // 2 - 50, height - 20), "retained fraction R (log)", fill="black")
-        for frac in (0.0, 0.5, 1.0):
-            y = lo + frac * (hi - lo)
-            _, py = to_px(1.0, y)
-            draw.text((ox + 4, py - 6), f"{100 * y:.1f}", fill="black")
-        for x in sorted(set(xs)):
-            px, _ = to_px(x, lo)
-            draw.text((px - 10, height - pad + 4), f"{x:.2g}", fill="black")
-        if key == "miou" and control is not None:
-            _, py = to_px(1.0, control)
-            for sx in range(ox + pad, ox + width - pad, 12):
-                draw.line([sx, py, sx + 6, py], fill=(128, 128, 128))
-            draw.text((ox + width - pad - 70, py - 14), "random init", fill=(128, 128, 128))
-        for i, (method, pts) in enumerate(series.items()):
-            colour = colours.get(method, (0, 0, 0))
-            px_pts = [to_px(x, y) for x, y in pts]
-            if len(px_pts) > 1:
-                draw.line(px_pts, fill=colour, width=2)
-            for px, py in px_pts:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-            draw.text((ox + pad + 8, pad + 6 + 14 * i), method, fill=colour)
-    if caption:
-        draw.text((pad, height - 12), caption, fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------ driver
@@ -334,7 +224,7 @@ def _classification_columns(summary: dict[str, Any]) -> dict[str, float]:
 def run(config: Config) -> dict[str, Any]:
     """Pretrain + finetune every selection that has no published result yet; write the report.
     With ``html``, write the HTML curation report first (and only that unless ``normdel``)."""
-    from deldist import materialize
+    from deldist import distill_ray, materialize
     from deldist.runtime import init_ray
 
     started = time.time()
@@ -372,6 +262,8 @@ def run(config: Config) -> dict[str, Any]:
                         "miou": seg["miou"], "miou_fg_bg": seg["miou_fg_bg"],
                         "iou_fg_per_image": seg.get("iou_fg_per_image"), "dice_fg": seg.get("dice_fg"),
                         "pretrain_loss": pre["pretrain_loss"], **_classification_columns(fine)})
+    for name in config.distillations:
+        results += distill_ray.report_rows(config.output, name)
     if config.control:
         model = config.pretrain.get("model") or config.finetune.get("model") or "vit_base_patch16_224"
         fine = _finetuned(config, f"{config.name}-control", None, model)
