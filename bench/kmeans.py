@@ -175,7 +175,10 @@ def self_peak_rss_gib() -> float:
 def run_child(script: str, variant: str, workdir: str, extra: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``script --child variant`` in a fresh interpreter; it prints one JSON line last."""
     out = subprocess.run([sys.executable, script, "--child", variant, "--workdir", workdir, *extra],
-                         check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
+                         capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode:
+        raise RuntimeError(f"{variant} child failed (exit {out.returncode}); its stdout and stderr end:\n"
+                           + "\n".join(out.stdout.splitlines()[-20:] + out.stderr.splitlines()[-60:]))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -13,10 +13,11 @@ Flow of :func:`run`:
    its worst-fitting points; the driver reduces them, re-seeds empty clusters with the
    farthest points and renormalises. Only centroids travel to the tasks; only k x D sums
    travel back. The first pass searches every row with a faiss ``IndexFlatIP`` (GPU index
-   when the task has a GPU); later passes use per-row distance bounds (:class:`Bounds`,
-   left in the object store between passes: Hamerly's upper/lower bound, the 8 nearest
-   centroids of the last search and a bound on all others) to touch only the rows whose
-   cluster may have changed, and update the per-centroid sums by the rows that moved. The
+   when the task has a GPU); later passes use per-row distance bounds
+   (:class:`~deldist.kmeans.GroupBounds`, left in the object store between passes: Hamerly's
+   upper/lower bound, the 8 nearest centroids of the last search and a bound on all others)
+   to touch only the rows whose cluster may have changed, and update the group's one
+   per-centroid sum by the rows that moved. The
    result is exactly Lloyd's; once the clusters settle a pass costs O(n), not O(n k D).
    Stops when the relative objective change drops below ``tol`` or after ``max_iter``.
 5. **Assign** every row once with the final centroids and write ``assignments`` parts:
@@ -55,7 +56,7 @@ from deldist import storage
 from deldist.config import StageConfig
 from deldist.ids import id_hash
 from deldist.kmeans import (
-    Bounds,
+    GroupBounds,
     PartialStats,
     assign_with_bounds,
     centroid_shift,
@@ -194,7 +195,7 @@ def _init_task(k: int, init: str, seed: int, m: int, threads: int, *samples: tup
 
 
 def _stats_task(centroids: np.ndarray, shift: np.ndarray | None, n_far: int, use_gpu: bool, threads: int,
-                bounds: list[Bounds] | None, *matrices: np.ndarray) -> tuple[PartialStats, list[Bounds]]:
+                bounds: GroupBounds | None, *matrices: np.ndarray) -> tuple[PartialStats, GroupBounds]:
     """Task body of one Lloyd pass over a shard group -> (stats, bounds for the next pass)."""
     use_threads(threads)
     return partial_stats(matrices, centroids, n_far, use_gpu, bounds, shift)
@@ -223,7 +224,7 @@ def assign_shard(emb_dir: str, shard: Shard, dim: int, centroids: np.ndarray, ou
     return _assignments_part(out_dir, ids, labels, sims, len(centroids))
 
 
-def _assign_loaded(out_dir: str, centroids: np.ndarray, shift: np.ndarray | None, bounds: list[Bounds] | None,
+def _assign_loaded(out_dir: str, centroids: np.ndarray, shift: np.ndarray | None, bounds: GroupBounds | None,
                    use_gpu: bool, threads: int, n_matrices: int, *refs: Any) -> dict[str, Any]:
     """Task body of the final assignment when the fit saw every row: the group's matrices
     and ids are still in the object store and its bounds spare most of the search.
@@ -232,7 +233,7 @@ def _assign_loaded(out_dir: str, centroids: np.ndarray, shift: np.ndarray | None
     matrices, ids = refs[:n_matrices], refs[n_matrices:]
     labels, sims = [], []
     for i, x in enumerate(matrices):
-        b, _ = assign_with_bounds(x, centroids, bounds[i] if bounds else None, shift, use_gpu)
+        b, _ = assign_with_bounds(x, centroids, bounds.rows[i] if bounds else None, shift, use_gpu)
         labels.append(b.labels)
         sims.append(_rowwise_dot(np.asarray(x), centroids, b.labels))
     return _assignments_part(out_dir, pa.chunked_array(list(ids), pa.string()), np.concatenate(labels),

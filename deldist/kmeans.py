@@ -86,7 +86,7 @@ class Bounds:
     labels: (n,) int64 assigned centroid; upper: (n,) >= distance to it; lower: (n,) <=
     distance to every other centroid; candidates: (n, m) int64 the m nearest centroids at
     the row's last full search; rest: (n,) <= distance to every centroid outside
-    ``candidates``; sums: (k, D) float64 sum of the rows assigned to each centroid.
+    ``candidates``.
     """
 
     labels: np.ndarray
@@ -94,6 +94,17 @@ class Bounds:
     lower: np.ndarray
     candidates: np.ndarray
     rest: np.ndarray
+
+
+@dataclass
+class GroupBounds:
+    """What a Lloyd pass over a group of matrices leaves for the next pass over the same group:
+    each matrix's :class:`Bounds` and the group's (k, D) float64 sum of the rows assigned to
+    each centroid, updated by moving only the rows that changed label. One sum per group, not
+    per matrix: at k = 10,000 a (k, D) sum is 61 MB, and per matrix they filled the object
+    store and then the disk (10M rows, 153 read shards: ~9 GB per pass)."""
+
+    rows: list[Bounds]
     sums: np.ndarray
 
 
@@ -108,7 +119,7 @@ BOUND_MARGIN = 1e-5  # slack against float32 rounding in the bound tests
 
 def assign_with_bounds(x: np.ndarray, centroids: np.ndarray, bounds: Bounds | None,
                        shift: np.ndarray | None, use_gpu: bool = False, m: int = BOUND_CANDIDATES,
-                       movers: int = BOUND_MOVERS) -> tuple[Bounds, int]:
+                       movers: int = BOUND_MOVERS, sums: np.ndarray | None = None) -> tuple[Bounds, int]:
     """Exact nearest-centroid assignment that does only the work the bounds cannot rule out.
 
     x: (n, D) unit float32; centroids: (k, D) unit float32; bounds: left by the previous
@@ -123,8 +134,10 @@ def assign_with_bounds(x: np.ndarray, centroids: np.ndarray, bounds: Bounds | No
     2. faiss search for the m + 1 nearest (GPU index when asked and present), which also
        renews the candidates.
 
-    Returns (new bounds with the labels and per-centroid sums, rows that needed level 2).
-    Labels equal :func:`nearest_centroid`'s up to exact ties.
+    sums: (k, D) float64 per-centroid sums to keep current in place (None: not kept): every
+    row is added after a full search (no bounds), else only the rows that changed label move.
+    Returns (new bounds with the labels, rows that needed level 2). Labels equal
+    :func:`nearest_centroid`'s up to exact ties.
     """
     import torch
 
@@ -132,11 +145,11 @@ def assign_with_bounds(x: np.ndarray, centroids: np.ndarray, bounds: Bounds | No
     n, k = len(x), len(centroids)
     m = min(m, k)
     if bounds is None or shift is None or n == 0:
-        out = Bounds(np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros((n, m), np.int64), np.zeros(n),
-                     np.zeros((k, x.shape[1])))
+        out = Bounds(np.zeros(n, np.int64), np.zeros(n), np.zeros(n), np.zeros((n, m), np.int64), np.zeros(n))
         _full_search(x, centroids, np.arange(n), out, use_gpu)
-        out.sums = torch.zeros((k, x.shape[1]), dtype=torch.float32).index_add_(
-            0, torch.from_numpy(out.labels), as_tensor(np.asarray(x))).numpy().astype(np.float64)
+        if sums is not None:
+            sums += torch.zeros((k, x.shape[1]), dtype=torch.float32).index_add_(
+                0, torch.from_numpy(out.labels), as_tensor(np.asarray(x))).numpy().astype(np.float64)
         return out, n
     by_shift = np.argsort(-shift, kind="stable")
     top, max1 = by_shift[0], float(shift[by_shift[0]])
@@ -144,7 +157,7 @@ def assign_with_bounds(x: np.ndarray, centroids: np.ndarray, bounds: Bounds | No
     old_labels = bounds.labels
     out = Bounds(old_labels.copy(), bounds.upper + shift[old_labels],
                  bounds.lower - np.where(old_labels == top, max2, max1),
-                 bounds.candidates.copy(), bounds.rest - max1, bounds.sums.copy())
+                 bounds.candidates.copy(), bounds.rest - max1)
     # level 0, then the same test with the exact distance to the current centroid
     open_rows = np.flatnonzero(out.upper > out.lower - BOUND_MARGIN)
     if len(open_rows):
@@ -169,11 +182,11 @@ def assign_with_bounds(x: np.ndarray, centroids: np.ndarray, bounds: Bounds | No
         _full_search(x, centroids, open_rows, out, use_gpu)
         searched = len(open_rows)
     changed = np.flatnonzero(out.labels != old_labels)
-    if len(changed):  # move the changed rows between the per-centroid sums
+    if len(changed) and sums is not None:  # move the changed rows between the per-centroid sums
         moved_rows = torch.from_numpy(np.asarray(x)[changed].astype(np.float64))
-        sums = torch.from_numpy(out.sums)
-        sums.index_add_(0, torch.from_numpy(old_labels[changed]), moved_rows, alpha=-1.0)
-        sums.index_add_(0, torch.from_numpy(out.labels[changed]), moved_rows)
+        totals = torch.from_numpy(sums)
+        totals.index_add_(0, torch.from_numpy(old_labels[changed]), moved_rows, alpha=-1.0)
+        totals.index_add_(0, torch.from_numpy(out.labels[changed]), moved_rows)
     return out, searched
 
 
@@ -252,26 +265,27 @@ class PartialStats:
 
 
 def partial_stats(matrices: Sequence[np.ndarray], centroids: np.ndarray, n_far: int,
-                  use_gpu: bool = False, bounds: Sequence[Bounds] | None = None,
-                  shift: np.ndarray | None = None) -> tuple[PartialStats, list[Bounds]]:
+                  use_gpu: bool = False, bounds: GroupBounds | None = None,
+                  shift: np.ndarray | None = None) -> tuple[PartialStats, GroupBounds]:
     """Assign every row of ``matrices`` (each (n_i, D) unit float32) to ``centroids`` (k, D)
     and accumulate the Lloyd statistics (see :class:`PartialStats`).
 
-    bounds / shift: the :class:`Bounds` this returned last time for the same matrices and
+    bounds / shift: the :class:`GroupBounds` this returned last time for the same matrices and
     how far each centroid moved since (None: full search). Returns (stats, new bounds).
     """
     k, dim = centroids.shape
-    sums = np.zeros((k, dim))
+    incremental = bounds is not None and shift is not None
+    sums = bounds.sums.copy() if incremental else np.zeros((k, dim))
     counts = np.zeros(k, dtype=np.int64)
     searched = 0
     far_points: list[np.ndarray] = []
     far_distance: list[np.ndarray] = []
     new_bounds: list[Bounds] = []
     for i, x in enumerate(matrices):
-        b, n_searched = assign_with_bounds(x, centroids, bounds[i] if bounds else None, shift, use_gpu)
+        b, n_searched = assign_with_bounds(x, centroids, bounds.rows[i] if incremental else None, shift, use_gpu,
+                                           sums=sums)
         new_bounds.append(b)
         searched += n_searched
-        sums += b.sums
         counts += np.bincount(b.labels, minlength=k)
         if n_far > 0 and len(x):
             top = np.argpartition(-b.upper, min(n_far, len(x)) - 1)[:n_far]
@@ -286,7 +300,7 @@ def partial_stats(matrices: Sequence[np.ndarray], centroids: np.ndarray, n_far: 
         far_distance=np.concatenate(far_distance) if far_distance else np.empty(0),
         searched=searched,
     )
-    return stats, new_bounds
+    return stats, GroupBounds(new_bounds, sums)
 
 
 def reduce_stats(parts: Sequence[PartialStats]) -> PartialStats:
@@ -334,7 +348,7 @@ def kmeans_local(x: np.ndarray, k: int, max_iter: int = 20, tol: float = 1e-4, s
     sample = init_sample(x, k, init_sample_size, rng)
     centroids = kmeans_plus_plus(sample, k, rng) if init == "k-means++" else random_init(sample, k, rng)
     shards = np.array_split(x, n_shards)
-    bounds: list[list[Bounds] | None] = [None] * n_shards
+    bounds: list[GroupBounds | None] = [None] * n_shards
     shift = None
     history: list[float] = []
     for _ in range(max_iter):

@@ -82,6 +82,14 @@ def test_bounds_skip_work_but_not_results():
     full, _ = kmeans.partial_stats([x], c1, n_far=0)
     assert stats.searched == 3000 and again.searched < 3000
     assert np.array_equal(again.counts, full.counts) and again.objective == pytest.approx(full.objective)
+    # a group of matrices keeps one (k, D) sum, kept current by the rows that moved
+    parts = np.array_split(x, 5)
+    stats, bounds = kmeans.partial_stats(parts, c0, n_far=0)
+    assert len(bounds.rows) == 5 and bounds.sums.shape == (20, 16)
+    assert not any(hasattr(b, "sums") for b in bounds.rows)
+    again, moved = kmeans.partial_stats(parts, c1, n_far=0, bounds=bounds, shift=kmeans.centroid_shift(c0, c1))
+    assert np.allclose(again.sums, full.sums, atol=1e-9) and np.allclose(moved.sums, full.sums, atol=1e-9)
+    assert again.searched < 3000 and np.array_equal(again.counts, full.counts)
 
 
 def test_update_reseeds_empty_clusters_with_farthest_points():
