@@ -185,6 +185,7 @@ class Plan:
 
     layout: RunLayout
     dim: int | None
+    itemsize: int  # bytes per stored embedding value (2: float16, 4: float32)
     lookup: pa.Table  # id, bucket, cluster, rank, id_key (rows sorted by it: shards.sorted_lookup)
     sizes: np.ndarray  # (k,) items per cluster
     buckets: list[Bucket]
@@ -239,7 +240,9 @@ def _list_spec(config: Config) -> ListSpec:
 def plan_scores(config: Config, layout: RunLayout) -> Plan:
     """Read the assignments (metadata only), check them against the embeddings, rank every
     cluster and pack the clusters into buckets of similar cost."""
-    dim = storage.read_manifest(layout.embeddings).get("dim")
+    embeddings = storage.read_manifest(layout.embeddings)
+    dim = embeddings.get("dim")
+    itemsize = 2 if embeddings.get("embedding_dtype") == "float16" else 4
     clusters_dim = storage.read_manifest(layout.clusters).get("dim")
     if dim is not None and clusters_dim is not None and int(dim) != int(clusters_dim):
         raise EmbeddingError(f"dimension mismatch: {layout.embeddings} has D={dim} but the centroids in "
@@ -261,7 +264,7 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
     repeated = duplicate_ids(lookup)
     if repeated:
         raise ValueError(f"{layout.assignments} holds {repeated} duplicate ids; ids must be unique")
-    return Plan(layout, dim, lookup, sizes, buckets)
+    return Plan(layout, dim, itemsize, lookup, sizes, buckets)
 
 
 def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float, itemsize: int = 4) -> list[list[int]]:
@@ -306,8 +309,7 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
     score_bucket = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_bucket)
     gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
     score_rows = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_rows)
-    itemsize = 2 if storage.read_manifest(plan.layout.embeddings).get("embedding_dtype") == "float16" else 4
-    waves = plan_waves(plan.buckets, int(plan.dim or 1), _memory_budget(config), itemsize)
+    waves = plan_waves(plan.buckets, int(plan.dim or 1), _memory_budget(config), plan.itemsize)
     bucket_of = plan.lookup.column("bucket").to_numpy()
     parts: list[dict[str, Any]] = []
     tasks = reads = 0

@@ -99,16 +99,17 @@ def sorted_cluster_neighbours(x: np.ndarray, starts: np.ndarray, ends: np.ndarra
     nbr_sim = np.full((n, width), -np.inf, np.float32)
     bound = np.full(n, spec.floor, np.float32)
     sizes = ends - starts
-    low = _resolve_precision(precision, sizes) != "float32" if device == "cpu" else np.ones(len(sizes), bool)
-    if not low.all():  # float32 clusters on the CPU: one call for all of them
-        s32, e32 = starts[~low], ends[~low]
+    # clusters scored one call each: low precision on the CPU, every cluster on a GPU
+    one_by_one = _resolve_precision(precision, sizes) != "float32" if device == "cpu" else np.ones(len(sizes), bool)
+    if not one_by_one.all():  # float32 clusters on the CPU: one call for all of them
+        s32, e32 = starts[~one_by_one], ends[~one_by_one]
         # rows [a, b) from the first to the last of them; the others in between are overwritten below
         a, b = int(s32[0]), int(e32[-1])
         max_sim[a:b], arg, nbr[a:b], nbr_sim[a:b], bound[a:b] = triu_neighbours_clusters(x, s32, s32, e32, spec,
                                                                                         *tiles)
         dup[a:b] = np.where(arg >= 0, arg + np.repeat(starts, sizes)[a:b], -1)
-    xd = to_device(x, device) if low.any() else x  # one copy per bucket; each cluster is a slice of it
-    for s, e in zip(starts[low], ends[low]):  # low precision, or on a GPU
+    xd = to_device(x, device) if one_by_one.any() else x  # one copy per bucket; each cluster is a slice of it
+    for s, e in zip(starts[one_by_one], ends[one_by_one]):
         sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = cluster_neighbours(xd[s:e], 0, e - s, spec, tiles, device,
                                                                            precision)
         max_sim[s:e] = sims
