@@ -82,6 +82,7 @@ from deldist.shards import (
     duplicate_ids,
     gather_sorted,
     plan_buckets,
+    plan_waves,
     shuffle_by_bucket,
     sorted_lookup,
 )
@@ -267,32 +268,6 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
     return Plan(layout, dim, itemsize, lookup, sizes, buckets)
 
 
-def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float, itemsize: int = 4) -> list[list[int]]:
-    """Group buckets (in order) into waves whose object-store vectors fit ``budget_bytes``: the
-    shuffled slices (``itemsize`` bytes per value: the stored dtype, float16 or float32) and,
-    for a split cluster, its gathered float32 copy. Only one wave's vectors are in the object
-    store at a time. A bucket larger than the budget is a wave of its own."""
-    waves: list[list[int]] = [[]]
-    held = 0.0
-    for b, bucket in enumerate(buckets):
-        need = bucket.rows * dim * (itemsize + (4 if bucket.row_ranges else 0))
-        if waves[-1] and held + need > budget_bytes:
-            waves.append([])
-            held = 0.0
-        waves[-1].append(b)
-        held += need
-    return waves
-
-
-def _memory_budget(config: Config) -> float:
-    """Bytes of vectors one wave may hold: ``memory_budget_gb``, or half the object store."""
-    import ray
-
-    if config.memory_budget_gb is not None:
-        return config.memory_budget_gb * 2 ** 30
-    return 0.5 * ray.cluster_resources().get("object_store_memory", 2 * 2 ** 30)
-
-
 def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]], int, int]:
     """The shuffle and the scoring tasks, one wave of buckets at a time (:func:`plan_waves`):
     per wave, each embeddings shard is read and split by the wave's buckets, then packed
@@ -300,7 +275,7 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
     tasks. Returns (the parts written, tasks, shard reads)."""
     import ray
 
-    from deldist.runtime import get_with_progress
+    from deldist.runtime import get_with_progress, wave_budget
 
     out_dir, spec, device = plan.layout.scores, _list_spec(config), "cuda" if gpu else "cpu"
     tiles = (config.block_rows, config.col_block, config.diag_rows)
@@ -309,7 +284,7 @@ def _score(config: Config, plan: Plan, gpu: bool) -> tuple[list[dict[str, Any]],
     score_bucket = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_bucket)
     gather = ray.remote(num_cpus=config.io_cpus, num_returns=2)(_gather_cluster)
     score_rows = ray.remote(num_cpus=config.task_cpus, **gpu_opts)(_score_rows)
-    waves = plan_waves(plan.buckets, int(plan.dim or 1), _memory_budget(config), plan.itemsize)
+    waves = plan_waves(plan.buckets, int(plan.dim or 1), wave_budget(config.memory_budget_gb), plan.itemsize)
     bucket_of = plan.lookup.column("bucket").to_numpy()
     parts: list[dict[str, Any]] = []
     tasks = reads = 0

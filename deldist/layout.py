@@ -17,6 +17,8 @@
         reports/<name>/             report: NormDEL table and plot; reports/html/: the HTML page
         distill/<name>/             distill: synthetic sets (frame stores) and summary.json
         curated/<selection>/        curate-new: v1, v2, ... latest.json, batches/v<N>/
+        _scratch/<stage>/<name>/    what a stage spills while it runs (select's exact fallback
+                                    vectors), removed when it ends
 
 Stages take a :class:`RunLayout` (``RunLayout.of(config)`` honours a stage's ``embeddings`` /
 ``clusters`` / ``scores`` overrides) instead of joining path literals.
@@ -152,6 +154,10 @@ class RunLayout:
 
     def selection_summary(self, name: str) -> str:
         return summary_of(self.selection(name))
+
+    def scratch(self, stage: str, name: str) -> str:
+        """Where stage ``stage`` run ``name`` spills data it removes when it ends."""
+        return self.join("_scratch", stage, name)
 
     @property
     def sweeps(self) -> str:

@@ -77,6 +77,14 @@ def largest_node_cpus() -> float:
     return max((float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")), default=1.0)
 
 
+def wave_budget(memory_budget_gb: float | None) -> float:
+    """Bytes of vectors one wave of a shuffle may hold in the object store: ``memory_budget_gb``,
+    or half the object store (the other half for the task results and the next wave's reads)."""
+    if memory_budget_gb is not None:
+        return memory_budget_gb * 2 ** 30
+    return 0.5 * ray.cluster_resources().get("object_store_memory", 2 * 2 ** 30)
+
+
 def task_slots(task_cpus: float) -> int:
     """How many tasks of ``task_cpus`` CPUs the cluster holds now (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1.0) // task_cpus))

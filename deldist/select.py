@@ -143,6 +143,9 @@ class Config(StageConfig):
     io_cpus: float = Field(0.5, gt=0)
     task_cpus: float = Field(1.0, gt=0)
     block_rows: int = Field(512, ge=1, description="exact fallback: rows per block")
+    memory_budget_gb: float | None = Field(None, gt=0, description="exact fallback: vectors one wave of its "
+                                                                     "shuffle may hold in the object store "
+                                                                     "(default: half of it)")
 
     @model_validator(mode="before")
     @classmethod
@@ -295,7 +298,8 @@ def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int |
 
         init_ray()
         duplicate, link, score, info = dedup_kept(config, scores, candidate, ids, layout.embeddings, dim,
-                                                   float(manifest["neighbour_floor"]))
+                                                   float(manifest["neighbour_floor"]),
+                                                   layout.scratch("select", config.name))
     else:
         duplicate, link, score, info = dedup_any_earlier(config, scores, candidate, ids)
     if config.eps is not None:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from deldist import storage
 from deldist.arrays import equal_runs
 from deldist.greedy import (
     FloatGrid,
@@ -26,7 +27,15 @@ from deldist.greedy import (
     threshold_for_ratio,
 )
 from deldist.rules import temporal_collapse
-from deldist.shards import bucket_count, bucket_of_groups, gather_sorted, plan_buckets, shuffle_by_bucket, unit_rows
+from deldist.shards import (
+    bucket_count,
+    bucket_of_groups,
+    gather_sorted,
+    plan_buckets,
+    plan_waves,
+    shuffle_by_bucket,
+    unit_rows,
+)
 
 if TYPE_CHECKING:
     from deldist.select import Config
@@ -88,43 +97,71 @@ def _temporal_bucket(threshold: float, *slices: tuple[pa.Table, np.ndarray]) -> 
 
 class ExactFallback:
     """Ray wiring of the exact ``kept`` rule for the clusters the neighbour lists cannot
-    decide: their vectors are gathered once (one shuffle of the embeddings per new set of
-    clusters) and kept in the object store, so every threshold a ratio search tries reuses
-    them. Positions as in :class:`NeighbourEdges`."""
+    decide (positions as in :class:`NeighbourEdges`).
+
+    Their vectors are shuffled once per new set of clusters and written to ``cache_dir`` (one
+    ``.npy`` per bucket of clusters, rows in (cluster, rank) order, the stored dtype), so every
+    threshold a ratio search tries reuses them without another shuffle. The shuffle runs in
+    waves within the memory budget (:func:`deldist.runtime.wave_budget`), as dedup's scoring
+    does: at 10M items the undecided clusters hold ~6 GB of float16 vectors, which in one go
+    (slices beside gathered copies) outgrew the object store and then the disk. An exact task
+    maps one bucket file (local disk) or reads it whole (object store): its memory is one
+    bucket, which is sized to a share of the budget. :meth:`close` removes the files."""
 
     def __init__(self, config: Config, emb_dir: str, dim: int | None, ids_pos: pa.Array,
-                 starts: np.ndarray, sizes: np.ndarray):
-        self.config, self.emb_dir, self.dim = config, emb_dir, dim
+                 starts: np.ndarray, sizes: np.ndarray, cache_dir: str):
+        self.config, self.emb_dir, self.dim, self.cache_dir = config, emb_dir, dim, cache_dir
         self.ids_pos, self.starts, self.sizes = ids_pos, starts, sizes
-        self.where: dict[int, tuple[Any, int]] = {}  # cluster -> (ref of its bucket's vectors, row offset)
-        self.gathers = 0
+        manifest = storage.read_manifest(emb_dir)
+        self.itemsize = 2 if manifest.get("embedding_dtype") == "float16" else 4
+        self.width = int(dim or manifest.get("dim") or 1)
+        self.where: dict[int, tuple[str, int]] = {}  # cluster -> (its bucket's file, row offset)
+        self.gathers = self.waves = 0
+        storage.delete_dir(cache_dir)  # an interrupted earlier run's files
 
-    def _gather(self, clusters: Sequence[int]) -> None:
+    def gather(self, clusters: Sequence[int]) -> None:
+        """Shuffle the vectors of ``clusters`` not gathered yet into bucket files."""
         import ray
+
+        from deldist.runtime import task_slots, wave_budget
 
         missing = sorted(set(int(c) for c in clusters) - set(self.where))
         if not missing:
             return
+        budget = wave_budget(self.config.memory_budget_gb)
         sizes = np.zeros(len(self.sizes), np.int64)
         sizes[missing] = self.sizes[missing]
-        buckets = plan_buckets(sizes, bucket_count(None, self.config.task_cpus), int(sizes.max()) + 1, 1 << 40)
+        # a bucket is at most a quarter of the budget per concurrent task (its float32 cluster
+        # copies and, from an object store, the file read whole come on top)
+        slots = max(task_slots(self.config.task_cpus), task_slots(self.config.io_cpus))
+        bucket_rows = max(int(sizes.max()), int(budget / (4 * slots * self.width * 4)))
+        buckets = plan_buckets(sizes, bucket_count(None, self.config.task_cpus), int(sizes.max()) + 1, bucket_rows)
         bucket_of = bucket_of_groups(buckets, len(sizes))
         positions = np.concatenate([np.arange(self.starts[c], self.starts[c] + self.sizes[c]) for c in missing])
         cluster = np.repeat(np.asarray(missing, np.int64), self.sizes[missing])
         lookup = pa.table({"id": self.ids_pos.take(pa.array(positions)), "bucket": bucket_of[cluster],
                            "cluster": cluster.astype(np.int32), "rank": positions - self.starts[cluster]})
-        slices_of, stats = shuffle_by_bucket(self.emb_dir, self.dim, lookup, len(buckets), self.config.shard_rows,
-                                             self.config.io_cpus)
-        # float16 embeddings stay float16 here (half the object store); the exact tasks widen and
-        # normalise each cluster as gather_sorted would
-        gather = ray.remote(num_cpus=self.config.io_cpus)(lambda *slices: gather_sorted(slices, widen=False)[0])
-        refs = [gather.remote(*slices) for slices in slices_of]
-        check_found(ray.get(stats), len(positions), "the exact dedup fallback")
-        for b, bucket in enumerate(buckets):
-            offset = 0
-            for c in sorted(bucket.clusters):
-                self.where[c] = (refs[b], offset)
-                offset += int(self.sizes[c])
+        write = ray.remote(num_cpus=self.config.io_cpus)(_write_gathered)
+        stats: list[dict[str, Any]] = []
+        for wave in plan_waves(buckets, self.width, budget, self.itemsize):
+            local = np.full(len(buckets), -1, np.int32)  # bucket -> its index in this wave; -1: another wave
+            local[wave] = np.arange(len(wave), dtype=np.int32)
+            bucket = local[lookup.column("bucket").to_numpy()]
+            routed = lookup.set_column(1, "bucket", pa.array(bucket)).filter(pa.array(bucket >= 0))
+            slices_of, wave_stats = shuffle_by_bucket(self.emb_dir, self.dim, routed, len(wave),
+                                                      self.config.shard_rows, self.config.io_cpus)
+            paths = [storage.join(self.cache_dir, f"gather{self.gathers:03d}-bucket{b:05d}.npy") for b in wave]
+            written = [write.remote(path, *slices) for path, slices in zip(paths, slices_of)]
+            del slices_of  # the write tasks hold the slices; each is freed when its task ends
+            stats += ray.get(wave_stats)
+            ray.get(written)
+            for b, path in zip(wave, paths):
+                offset = 0
+                for c in sorted(buckets[b].clusters):
+                    self.where[c] = (path, offset)
+                    offset += int(self.sizes[c])
+            self.waves += 1
+        check_found(stats, len(positions), "the exact dedup fallback")
         self.gathers += 1
 
     def run(self, clusters: Sequence[int], threshold: float, candidate: np.ndarray,
@@ -133,26 +170,42 @@ class ExactFallback:
         position, similarity)]; candidate: (n,) bool in position order."""
         import ray
 
-        from deldist.pairwise import keep_first_exact
-
-        self._gather(clusters)
-        by_ref: dict[int, tuple[Any, list[tuple[int, int, int, np.ndarray]]]] = {}
+        self.gather(clusters)
+        by_file: dict[str, list[tuple[int, int, int, np.ndarray]]] = {}
         for c in clusters:
-            ref, offset = self.where[int(c)]
+            path, offset = self.where[int(c)]
             start, size = int(self.starts[c]), int(self.sizes[c])
-            by_ref.setdefault(id(ref), (ref, []))[1].append((int(c), offset, size, candidate[start:start + size]))
-
-        def exact(x: np.ndarray, spans: list[tuple[int, int, int, np.ndarray]], t: float, block_rows: int) -> list:
-            return [(c, *keep_first_exact(unit_rows(x[o:o + z]), cand, t, block_rows=block_rows))
-                    for c, o, z, cand in spans]
-
-        task = ray.remote(num_cpus=self.config.task_cpus)(exact)
+            by_file.setdefault(path, []).append((int(c), offset, size, candidate[start:start + size]))
+        task = ray.remote(num_cpus=self.config.task_cpus)(_keep_first_in_file)
         out = []
-        for done in ray.get([task.remote(ref, spans, threshold, self.config.block_rows)
-                             for ref, spans in by_ref.values()]):
+        for done in ray.get([task.remote(path, spans, threshold, self.config.block_rows)
+                             for path, spans in by_file.items()]):
             for c, kept, dup, sim in done:
                 out.append((c, kept, np.where(dup >= 0, dup + self.starts[c], -1), sim))
         return out
+
+    def close(self) -> None:
+        storage.delete_dir(self.cache_dir)
+        self.where.clear()
+
+
+def _write_gathered(path: str, *slices: tuple[pa.Table, np.ndarray]) -> int:
+    """A fallback bucket's shuffled slices -> its file, rows in (cluster, rank) order, as stored
+    (float16 stays float16: the exact tasks widen and normalise each cluster as gather_sorted
+    would). Returns the rows written."""
+    x = gather_sorted(slices, widen=False)[0]
+    storage.write_array(path, x)
+    return len(x)
+
+
+def _keep_first_in_file(path: str, spans: list[tuple[int, int, int, np.ndarray]], threshold: float,
+                        block_rows: int) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """The exact rule on each (cluster, row offset, rows, candidate) span of one bucket file."""
+    from deldist.pairwise import keep_first_exact
+
+    x = storage.read_array(path)
+    return [(c, *keep_first_exact(unit_rows(np.asarray(x[o:o + z])), cand, threshold, block_rows=block_rows))
+            for c, o, z, cand in spans]
 
 
 @dataclass
@@ -225,7 +278,7 @@ class KeptRule:
     ``deldist sweep`` a grid of them on the same object."""
 
     def __init__(self, config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
-                 dim: int | None, floor: float):
+                 dim: int | None, floor: float, cache_dir: str):
         n = len(candidate)
         cluster = scores.table.column("cluster").to_numpy().astype(np.int64)
         rank = scores.table.column("rank").to_numpy().astype(np.int64)
@@ -241,7 +294,7 @@ class KeptRule:
         scores.lists = scores.list_row = None  # consumed: the position-ordered copy replaces them (memory)
         self.cand_pos = np.asarray(candidate, bool)[order]
         self.cluster_pos = cluster[order]
-        self.fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes)
+        self.fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes, cache_dir)
         self.evaluated: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
 
     def evaluate(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -255,6 +308,14 @@ class KeptRule:
                 kept[span], dup[span], sim[span] = k, d, s
             self.evaluated[t] = (kept, dup, sim, len(hard))
         return self.evaluated[t]
+
+    def hard_clusters(self, t: float) -> np.ndarray:
+        """The clusters the lists cannot decide at ``t`` (the exact fallback's work there)."""
+        return np.unique(self.cluster_pos[resolve_kept(self.cand_pos, self.edges, t)[3]])
+
+    def close(self) -> None:
+        """Remove the exact fallback's gathered vectors."""
+        self.fallback.close()
 
     def kept_rows(self, t: float) -> np.ndarray:
         """bool (n,) in row order: the candidates kept at threshold ``t``."""
@@ -286,9 +347,14 @@ class KeptRule:
         tolerance = int(math.floor(ratio_tolerance * self.n))
         grid = self.thresholds()
         guess, _, _ = search_threshold(self.count_from_lists, grid, keep_count, tolerance)
+        # one gather for the thresholds the exact counts will likely try, not one per threshold
+        # (each gather re-reads every embeddings shard): steps of 1,024 ulps around the guess
+        at = grid.index(guess)
+        near = [grid[min(max(at + k * 1024, 0), len(grid) - 2)] for k in (-8, -4, -2, -1, 0, 1, 2, 4, 8)]
+        self.fallback.gather(np.unique(np.concatenate([self.hard_clusters(t) for t in near])))
         # steps of 1,024 float32 ulps (~6e-5 at 0.7) and up; stop at the first count within tolerance
         threshold, count, reachable = search_threshold(lambda t: int(self.evaluate(t)[0].sum()), grid, keep_count,
-                                                       tolerance, start=grid.index(guess), first_step=1024,
+                                                       tolerance, start=at, first_step=1024,
                                                        stop_within=tolerance)
         info: dict[str, Any] = dict(target_ratio=target_ratio, target_reachable=reachable,
                                     thresholds_tried=len(self.evaluated))
@@ -301,21 +367,27 @@ class KeptRule:
 
 
 def dedup_kept(config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
-                dim: int | None, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+                dim: int | None, floor: float, cache_dir: str,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The ``kept`` duplicate rule over the candidates (rows) -> (duplicate bool (n,), the row
-    it duplicates int64 (n,), similarity float32 (n,), info)."""
+    it duplicates int64 (n,), similarity float32 (n,), info); the exact fallback's vectors live
+    in ``cache_dir`` while it runs."""
     n = len(candidate)
-    rule = KeptRule(config, scores, candidate, ids, emb_dir, dim, floor)
+    rule = KeptRule(config, scores, candidate, ids, emb_dir, dim, floor, cache_dir)
     info: dict[str, Any] = {}
-    if config.target_ratio is not None:
-        threshold, found = rule.search(config.target_ratio, config.ratio_tolerance)
-        info.update(found)
-    else:
-        threshold = 1.0 - float(config.eps)
-    kept, dup, sim, hard_clusters = rule.evaluate(threshold)
+    try:
+        if config.target_ratio is not None:
+            threshold, found = rule.search(config.target_ratio, config.ratio_tolerance)
+            info.update(found)
+        else:
+            threshold = 1.0 - float(config.eps)
+        kept, dup, sim, hard_clusters = rule.evaluate(threshold)
+    finally:
+        rule.close()
     info.update(similarity_threshold=threshold if math.isfinite(threshold) else None,
                 eps=1.0 - threshold if math.isfinite(threshold) else None,
-                exact_fallback_clusters=hard_clusters, exact_fallback_gathers=rule.fallback.gathers)
+                exact_fallback_clusters=hard_clusters, exact_fallback_gathers=rule.fallback.gathers,
+                exact_fallback_waves=rule.fallback.waves)
     order = rule.order
     duplicate = np.zeros(n, bool)
     duplicate[order] = rule.cand_pos & ~kept

@@ -244,6 +244,23 @@ def plan_buckets(sizes: np.ndarray, n_buckets: int, split_rows: int, bucket_rows
     return buckets + [b for b in packed if b.clusters]
 
 
+def plan_waves(buckets: list[Bucket], dim: int, budget_bytes: float, itemsize: int = 4) -> list[list[int]]:
+    """Group buckets (in order) into waves whose object-store vectors fit ``budget_bytes``: the
+    shuffled slices (``itemsize`` bytes per value: the stored dtype, float16 or float32) and,
+    for a split cluster, its gathered float32 copy. Only one wave's vectors are in the object
+    store at a time. A bucket larger than the budget is a wave of its own."""
+    waves: list[list[int]] = [[]]
+    held = 0.0
+    for b, bucket in enumerate(buckets):
+        need = bucket.rows * dim * (itemsize + (4 if bucket.row_ranges else 0))
+        if waves[-1] and held + need > budget_bytes:
+            waves.append([])
+            held = 0.0
+        waves[-1].append(b)
+        held += need
+    return waves
+
+
 def sorted_lookup(lookup: pa.Table) -> pa.Table:
     """``lookup`` (``id`` first) sorted by a 53-bit hash of each id, kept as an ``id_key``
     column: what :func:`positions_in` searches. Built once in the driver; each shard task

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -156,6 +157,36 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_array(uri: str, x: np.ndarray) -> None:
+    """One array as a ``.npy`` object (a stage's scratch data, e.g. the vectors select's exact
+    fallback reuses across thresholds)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        np.save(tmp, x)  # np.save appends .npy
+        os.replace(f"{tmp}.npy", path)
+        return
+    with fs.open_output_stream(path) as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(x))
+
+
+def read_array(uri: str) -> np.ndarray:
+    """An array :func:`write_array` wrote: memory-mapped (read-only) on a local disk, so a reader
+    pages in only the rows it touches; read whole from an object store."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return np.load(path, mmap_mode="r")
+    return np.lib.format.read_array(io.BytesIO(read_bytes(uri)))
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a directory and everything under it; nothing when absent."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def read_json(uri: str) -> Any:

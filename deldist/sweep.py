@@ -184,7 +184,8 @@ class DuplicateGrid:
 
             init_ray()
             self.floor = float(manifest["neighbour_floor"])
-            self.rule = KeptRule(config, scores, candidate, ids, layout.embeddings, dim, self.floor)
+            self.rule = KeptRule(config, scores, candidate, ids, layout.embeddings, dim, self.floor,
+                                 layout.scratch("sweep", config.name))
 
     def kept(self, t: float) -> np.ndarray | None:
         if self.rule is None:
@@ -257,7 +258,11 @@ def run(config: Config) -> dict[str, Any]:
     log.info(f"deldist sweep {name}: {int(candidate.sum())} of {len(ids)} items pass the rules before the "
              f"duplicates; {len(config.eps_grid)} eps values, {len(config.ratio_grid)} target ratios")
     grid = DuplicateGrid(sel, layout, ids, candidate, dim)
-    by_eps, by_ratio = sweep_rows(grid, config, group, names, lambda m: log.info(f"deldist sweep {name}: {m}"))
+    try:
+        by_eps, by_ratio = sweep_rows(grid, config, group, names, lambda m: log.info(f"deldist sweep {name}: {m}"))
+    finally:
+        if grid.rule is not None:
+            grid.rule.close()
     edges = similarity_edges(config.histogram_min_eps, config.histogram_bins_per_decade)
     hist_rows, histograms = histogram_rows(grid.max_sim, candidate & ~grid.first, group, names, edges)
     summary = {

@@ -127,15 +127,15 @@ def test_row_ranges_cover_the_triangle_evenly():
 def test_plan_waves_fit_the_budget():
     buckets = [shards.Bucket([c], rows, 0.0) for c, rows in enumerate([100, 50, 50, 400, 10])]
     per_row = 8 * 4  # float32 slices, D = 8
-    assert dedup.plan_waves(buckets, 8, 200 * per_row) == [[0, 1, 2], [3], [4]]  # 400 alone: over budget
-    assert dedup.plan_waves(buckets, 8, 1e12) == [[0, 1, 2, 3, 4]]
-    assert dedup.plan_waves(buckets, 8, 1.0) == [[0], [1], [2], [3], [4]]
+    assert shards.plan_waves(buckets, 8, 200 * per_row) == [[0, 1, 2], [3], [4]]  # 400 alone: over budget
+    assert shards.plan_waves(buckets, 8, 1e12) == [[0, 1, 2, 3, 4]]
+    assert shards.plan_waves(buckets, 8, 1.0) == [[0], [1], [2], [3], [4]]
     # float16 slices take half: twice the rows per wave
-    assert dedup.plan_waves(buckets, 8, 100 * per_row) == [[0], [1, 2], [3], [4]]
-    assert dedup.plan_waves(buckets, 8, 100 * per_row, itemsize=2) == [[0, 1, 2], [3], [4]]
+    assert shards.plan_waves(buckets, 8, 100 * per_row) == [[0], [1, 2], [3], [4]]
+    assert shards.plan_waves(buckets, 8, 100 * per_row, itemsize=2) == [[0, 1, 2], [3], [4]]
     # a split cluster's gathered float32 copy sits in the object store beside its slices
     split = [shards.Bucket([0], 100, 0.0, [(0, 50), (50, 100)]), shards.Bucket([1], 100, 0.0)]
-    assert dedup.plan_waves(split, 8, 250 * per_row) == [[0], [1]]
+    assert shards.plan_waves(split, 8, 250 * per_row) == [[0], [1]]
 
 
 def test_plan_buckets_packs_small_and_splits_huge():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from deldist import storage
@@ -136,3 +137,18 @@ def test_content_sha256_local_and_on_s3(tmp_path, s3_bucket):
     expected = hashlib.sha256(data).hexdigest()
     assert content_sha256(str(tmp_path / "v.mp4"), chunk_bytes=1 << 20) == expected
     assert content_sha256(f"s3://{s3_bucket}/hash/v.mp4", chunk_bytes=1 << 20) == expected
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_array_scratch_files_round_trip_and_delete(tmp_path, s3_bucket, where):
+    """select's exact fallback spills vectors with write_array: float16 stays float16, a local
+    file is memory-mapped (nothing read until touched), an S3 object comes back whole."""
+    root = str(tmp_path / "scratch") if where == "local" else f"s3://{s3_bucket}/scratch"
+    x = np.random.default_rng(0).standard_normal((300, 24)).astype(np.float16)
+    storage.write_array(storage.join(root, "a.npy"), x)
+    back = storage.read_array(storage.join(root, "a.npy"))
+    assert back.dtype == np.float16 and np.array_equal(back, x)
+    assert isinstance(back, np.memmap) == (where == "local")
+    storage.delete_dir(root)
+    assert not storage.exists(storage.join(root, "a.npy"))
+    storage.delete_dir(root)  # absent: nothing to do

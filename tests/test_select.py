@@ -460,8 +460,9 @@ def test_eps_selection_and_bad_config(ray_session, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_kept_rule_run_with_the_exact_fallback_matches_brute_force(ray_session, tmp_path, dtype):
     """A select run whose short neighbour lists (2 + 2) leave clusters undecided: the Ray-wired
-    exact fallback (vectors gathered once, float16 kept as float16 in the object store) gives
-    the float64 reference's kept set at eps, and a target_ratio within its tolerance."""
+    exact fallback (vectors gathered once into scratch files, float16 kept as float16) gives
+    the float64 reference's kept set at eps, in one wave or in many, and a target_ratio within
+    its tolerance."""
     embeddings, _ = synthetic_videos(seed=2, dim=16)
     x = embedding_matrix(embeddings.column("embedding"))
     if dtype == "float16":
@@ -487,6 +488,15 @@ def test_kept_rule_run_with_the_exact_fallback_matches_brute_force(ray_session, 
     ids = np.array(embeddings.column("id").to_pylist())
     assert set(retained.column("id").to_pylist()) == set(ids[ref_kept])
     assert_duplicates_point_at_retained(root, retained, removed, 0.9, embeddings)
+    assert not storage.exists(storage.join(root, "_scratch", "select", "eps"))  # the gathered vectors are gone
+
+    # a budget of a few KB: the fallback's shuffle runs in several waves, one bucket file each
+    select.run(select.Config(output=root, name="waves", eps=0.1, outlier_distance=None, memory_budget_gb=4e-6))
+    waved, waved_removed, waved_summary = read_selection(root, "waves")
+    assert waved_summary["exact_fallback_waves"] > 1 == summary["exact_fallback_waves"]
+    assert set(waved.column("id").to_pylist()) == set(ids[ref_kept])
+    assert sorted(waved_removed.column("duplicate_of").to_pylist(), key=str) == \
+        sorted(removed.column("duplicate_of").to_pylist(), key=str)
 
     select.run(select.Config(output=root, name="ratio", target_ratio=0.3, outlier_distance=None))
     retained, removed, summary = read_selection(root, "ratio")
