@@ -185,18 +185,12 @@ def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
     dup_row = np.full(len(x), -1, np.int64)
     stats: dict[str, int] = {}
     starts, ends = bounds[:-1], bounds[1:]
-    monkey = dedup_scores.triu_neighbours_lowp
-
-    def counted(*args, **kwargs):  # the stage's calls, with the fallback statistics
-        return monkey(*args, **kwargs, stats=stats)
-
-    dedup_scores.triu_neighbours_lowp = counted
-
     def score_half(span: tuple[int, int]) -> None:
         a, b = span  # clusters [a, b)
         s0, s1 = int(starts[a]), int(ends[b - 1])
         sims, dup = dedup_scores.sorted_cluster_neighbours(xs[s0:s1], starts[a:b] - s0, ends[a:b] - s0,
-                                                           ListSpec(lists, lists), precision="auto")[:2]
+                                                           ListSpec(lists, lists), precision="auto",
+                                                           stats=stats)[:2]
         rows = order[s0:s1]
         max_sim[rows] = sims
         dup_row[rows] = np.where(dup >= 0, order[s0 + np.maximum(dup, 0)], -1)

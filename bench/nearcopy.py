@@ -117,12 +117,7 @@ def main() -> None:
 
     import ray
 
-    from deldist.nearcopy import (
-        chance_pairs,
-        distributed_pairs,
-        hamming_pairs,
-        plan_join,
-    )
+    from deldist.nearcopy import chance_pairs, distributed_pairs, hamming_pairs, plan_join
 
     print(json.dumps({"machine": machine(), "max_hamming": h}), flush=True)
     codes = pairs_of_codes(args.n, args.seed)

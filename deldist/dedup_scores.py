@@ -79,7 +79,8 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
 
 def sorted_cluster_neighbours(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: ListSpec = ListSpec(),
                               tiles: tuple[int, int, int] = (256, 16_384, 64), device: Device = "cpu",
-                              precision: Precision = "float32") -> tuple[np.ndarray, ...]:
+                              precision: Precision = "float32", stats: dict[str, int] | None = None,
+                              ) -> tuple[np.ndarray, ...]:
     """Every row's max similarity, duplicate row and neighbour lists within its cluster, for
     rank-ordered clusters stored one after another: cluster i is rows [starts[i], ends[i]).
 
@@ -88,6 +89,7 @@ def sorted_cluster_neighbours(x: np.ndarray, starts: np.ndarray, ends: np.ndarra
     precision: per cluster as in :func:`cluster_neighbours`. On the CPU the float32 clusters
     are scored in one call (:func:`~deldist.pairwise.triu_neighbours_clusters`: per-call
     costs paid once per bucket, which matters for clusters of a few hundred rows).
+    stats: the low-precision tiles' recheck counts are added to it (benchmarks).
     Returns (max_sim float32 (n,), duplicate row int64 (n,) (-1: none), neighbours int64
     (n, L) ranks within the cluster, their similarities float32 (n, L), bound float32 (n,)).
     """
@@ -111,14 +113,14 @@ def sorted_cluster_neighbours(x: np.ndarray, starts: np.ndarray, ends: np.ndarra
     xd = to_device(x, device) if one_by_one.any() else x  # one copy per bucket; each cluster is a slice of it
     for s, e in zip(starts[one_by_one], ends[one_by_one]):
         sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = cluster_neighbours(xd[s:e], 0, e - s, spec, tiles, device,
-                                                                           precision)
+                                                                           precision, stats)
         max_sim[s:e] = sims
         dup[s:e] = np.where(arg >= 0, arg + s, -1)
     return max_sim, dup, nbr, nbr_sim, bound
 
 
 def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tuple[int, int, int], device: Device,
-                       precision: Precision) -> tuple[np.ndarray, ...]:
+                       precision: Precision, stats: dict[str, int] | None = None) -> tuple[np.ndarray, ...]:
     """Rows [start, stop) of one rank-ordered cluster -> :func:`triu_neighbours`'s results,
     from float32 tiles or (``precision``) from int8 / bfloat16 tiles with float32 values
     (:mod:`deldist.pairwise_lowp`: the same max, argmax and decisions). ``"auto"``: the tile
@@ -126,7 +128,7 @@ def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tup
     least ``LOWP_MIN_ROWS`` rows."""
     precision = _resolve_precision(precision, np.array([stop]))[0]
     if precision != "float32" and device == "cpu":
-        return triu_neighbours_lowp(np.asarray(x), start, stop, spec, precision)
+        return triu_neighbours_lowp(np.asarray(x), start, stop, spec, precision, stats=stats)
     return triu_neighbours(x, start, stop, spec, *tiles, device=device)
 
 

@@ -30,6 +30,8 @@ from typing import Callable
 import numba
 import numpy as np
 
+from deldist.tiles import float_order_key
+
 UNDECIDED, KEPT, REMOVED = 0, 1, 2
 
 
@@ -241,13 +243,12 @@ class FloatGrid:
 
 
 def _sortable(value: float) -> int:
-    """float32 -> an int that orders as the floats do (negative floats' magnitude bits flipped)."""
-    bits = int(np.float32(value).view(np.int32))
-    return bits if bits >= 0 else bits ^ 0x7FFFFFFF
+    """float32 -> an int that orders as the floats do (:func:`deldist.tiles.float_order_key`)."""
+    return int(float_order_key(np.float32(value).view(np.int32)))
 
 
 def _from_sortable(key: int) -> float:
-    return float(np.int32(key if key >= 0 else key ^ 0x7FFFFFFF).view(np.float32))
+    return float(np.int32(float_order_key(np.int32(key))).view(np.float32))
 
 
 def search_threshold(count_at: Callable[[float], int], thresholds: np.ndarray | FloatGrid, keep_count: int,

@@ -15,7 +15,7 @@ from typing import Literal
 import numba
 import numpy as np
 
-from deldist.tiles import insert_top
+from deldist.tiles import float_order_key, insert_top
 
 # LLVM fast-math flags for the compiled loops: reassociation (vectorised sums and maxima), but
 # not "ninf": the scan's state starts at -inf and must compare as such (inputs are finite)
@@ -48,13 +48,6 @@ CHUNK = 64  # columns whose max the scan compares first
 
 
 @numba.njit(cache=True, inline="always")
-def _sortable(bits):  # pragma: no cover - compiled
-    """float32 bits (as int32) -> an int32 in the floats' order (finite values, +-inf), and
-    back: the same map (flip the magnitude bits of negatives), its own inverse."""
-    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
-
-
-@numba.njit(cache=True, inline="always")
 def _fill_rank_buffer(row, ncols, c0, r, rank_idx, rank_count, rank_sure, floor_low, floor_high,
                       by_rank):  # pragma: no cover - compiled
     """In column order, buffer the columns that may be at or above the floor until ``by_rank``
@@ -73,18 +66,18 @@ def _fill_rank_buffer(row, ncols, c0, r, rank_idx, rank_count, rank_sure, floor_
 
 @numba.njit(cache=True, inline="always")
 def _chunk_maxima(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
-    """The max of every CHUNK columns of a row, as :func:`_sortable` keys; returns the chunks."""
+    """The max of every CHUNK columns of a row, as :func:`deldist.tiles.float_order_key` keys; returns the chunks."""
     n_chunks = (ncols + CHUNK - 1) // CHUNK
     for h in range(n_chunks):
         top_key = INT32_MIN
         base = h * CHUNK
         if base + CHUNK <= ncols:  # a fixed trip count: this is the loop that vectorises
             for c in range(CHUNK):
-                key = _sortable(row_bits[base + c])
+                key = float_order_key(row_bits[base + c])
                 top_key = key if key > top_key else top_key
         else:
             for c in range(base, ncols):
-                key = _sortable(row_bits[c])
+                key = float_order_key(row_bits[c])
                 top_key = key if key > top_key else top_key
         chunk_max[h] = top_key
     return n_chunks
@@ -149,17 +142,17 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
         # one vectorised pass: each chunk's max, as integers that order like the floats
         # (float maxima do not vectorise in numba)
         n_chunks = _chunk_maxima(bits[r], ncols, chunk_max)
-        word_bits[0] = _sortable(chunk_max[:n_chunks].max())
+        word_bits[0] = float_order_key(chunk_max[:n_chunks].max())
         top = max(wt, word[0])  # the row's largest value once this tile is in
         # below ``low`` a value can only raise ``ex``: it is under the list's cut (or under
         # k_top chunk maxima of this tile), and more than 2 delta under the row's largest
         sure = cut
         if n_chunks >= k_top and k_top > 1 and cut == -np.inf:  # (a full list's cut is usually higher)
-            word_bits[0] = _sortable(np.partition(chunk_max[:n_chunks], n_chunks - k_top)[n_chunks - k_top])
+            word_bits[0] = float_order_key(np.partition(chunk_max[:n_chunks], n_chunks - k_top)[n_chunks - k_top])
             sure = max(sure, word[0])
         low = min(sure, top - two_delta)
         for h in range(n_chunks):
-            word_bits[0] = _sortable(chunk_max[h])
+            word_bits[0] = float_order_key(chunk_max[h])
             if word[0] < low:
                 if word[0] > ex:
                     ex = word[0]

@@ -222,18 +222,15 @@ class Scores:
     manifest: dict[str, Any]
 
 
-def neighbour_edges(scores: Scores, position: np.ndarray, starts: np.ndarray, floor: float) -> NeighbourEdges:
-    """The scores' ``neighbours`` / ``neighbour_sims`` lists (ranks within the cluster; ids row i
-    at ``position[i]``) as :class:`NeighbourEdges` in position space: each stored chunk's lists
+def neighbour_edges(scores: Scores, order: np.ndarray, starts: np.ndarray, floor: float) -> NeighbourEdges:
+    """The scores' ``neighbours`` / ``neighbour_sims`` lists (ranks within the cluster; position
+    p holds ids row ``order[p]``) as :class:`NeighbourEdges` in position space: each stored chunk's lists
     copied once, straight to their positions (compiled; no combined copy, no per-pair index)."""
     assert scores.lists is not None and scores.list_row is not None
-    n = len(position)
-    order = np.empty(n, np.int64)
-    order[position] = np.arange(n)
+    n = len(order)
     cluster = scores.table.column("cluster").to_numpy().astype(np.int64)
     first = starts[cluster[order]]  # (n,) position of each position's cluster start
-    bound = np.empty(n, np.float32)
-    bound[position] = scores.table.column("unlisted_max_sim").to_numpy()
+    bound = scores.table.column("unlisted_max_sim").to_numpy()[order]
     nbr, sims = scores.lists.column("neighbours"), scores.lists.column("neighbour_sims")
     if [len(c) for c in nbr.chunks] != [len(c) for c in sims.chunks]:
         nbr, sims = pa.chunked_array([nbr.combine_chunks()]), pa.chunked_array([sims.combine_chunks()])
@@ -283,14 +280,12 @@ class KeptRule:
         cluster = scores.table.column("cluster").to_numpy().astype(np.int64)
         rank = scores.table.column("rank").to_numpy().astype(np.int64)
         self.order = order = np.lexsort((rank, cluster))  # position -> row
-        position = np.empty(n, np.int64)
-        position[order] = np.arange(n)
         self.sizes = sizes = np.bincount(cluster, minlength=int(cluster.max()) + 1)
         self.starts = starts = np.r_[0, np.cumsum(sizes)[:-1]]
         if not np.array_equal(rank[order], np.arange(n) - starts[cluster[order]]):
             raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
         self.n, self.floor = n, floor
-        self.edges = neighbour_edges(scores, position, starts, floor)
+        self.edges = neighbour_edges(scores, order, starts, floor)
         scores.lists = scores.list_row = None  # consumed: the position-ordered copy replaces them (memory)
         self.cand_pos = np.asarray(candidate, bool)[order]
         self.cluster_pos = cluster[order]

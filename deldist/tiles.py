@@ -62,6 +62,13 @@ def rectangle_tiles(m: int, p: int, block_rows: int, col_block: int) -> Iterator
             yield r0, min(r0 + block_rows, m), c0, min(c0 + col_block, p)
 
 
+@numba.njit(cache=True, inline="always")
+def float_order_key(bits):  # pragma: no cover - compiled
+    """float32 bits (as int32) -> an int32 in the floats' order (finite values, +-inf), and
+    back: the same map (flip the magnitude bits of negatives), its own inverse."""
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
 @numba.njit(cache=True, nogil=True, inline="always")  # inlined into both kernels' loops
 def insert_top(top_sim, top_idx, row, s, j):  # pragma: no cover - compiled
     """Insert (s, j) into row ``row`` of a descending top list (the last entry drops out;

@@ -107,7 +107,7 @@ def test_kept_rule_from_lists_matches_brute_force(spec):
     sizes = np.bincount(cluster)
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     position = np.argsort(order)
-    edges = select_ray.neighbour_edges(as_scores(scores), position, starts, spec.floor)
+    edges = select_ray.neighbour_edges(as_scores(scores), order, starts, spec.floor)
     for threshold in (0.5, 0.8, 0.9, 0.97):
         kept_pos, dup_pos, sim_pos, unresolved = greedy.resolve_kept(candidate[order], edges, threshold)
         for c in np.unique(cluster[order][unresolved]):  # the exact fallback of those clusters
@@ -140,7 +140,7 @@ def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
     candidate[np.flatnonzero(rank == 0)[0]] = False
     first = scores.column("rank").to_numpy() == 0
     any_earlier = greedy.any_earlier_duplicates(candidate, first, scores.column("max_sim").to_numpy(), 0.9)
-    edges = select_ray.neighbour_edges(as_scores(scores), np.argsort(order), np.array([0]), 0.5)
+    edges = select_ray.neighbour_edges(as_scores(scores), order, np.array([0]), 0.5)
     kept_pos, _, _, _ = greedy.resolve_kept(candidate[order], edges, 0.9)
     kept = kept_pos[np.argsort(order)]
     group = np.arange(3)
