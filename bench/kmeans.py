@@ -179,7 +179,13 @@ def run_child(script: str, variant: str, workdir: str, extra: list[str], env: di
     if out.returncode:
         raise RuntimeError(f"{variant} child failed (exit {out.returncode}); its stdout and stderr end:\n"
                            + "\n".join(out.stdout.splitlines()[-20:] + out.stderr.splitlines()[-60:]))
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    for line in reversed(out.stdout.strip().splitlines()):  # the last JSON line (a library may print after it)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    raise RuntimeError(f"{variant} child printed no JSON line; its stdout and stderr end:\n"
+                       + "\n".join(out.stdout.splitlines()[-20:] + out.stderr.splitlines()[-60:]))
 
 
 def ray_start() -> None:

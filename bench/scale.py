@@ -102,11 +102,13 @@ def child_chain(workdir: str, k: int, ratio: float, verify: bool) -> dict:
         if name == "select":
             out[name].update(kept=summary["kept_count"], ratio=round(summary["ratio"], 4))
         print(f"  {name}: {json.dumps(out[name])}", flush=True)
+        Path(workdir, "_bench_scale.json").write_text(json.dumps(out))  # kept if a later step fails
     if verify:
         from deldist import verify as verify_mod
 
         report = verify_mod.run(verify_mod.Config(output=workdir, fail=False))
         out["verify"] = {"checks": len(report.get("checked", [])), "failures": report.get("failures")}
+        Path(workdir, "_bench_scale.json").write_text(json.dumps(out))
     return out
 
 
