@@ -264,13 +264,16 @@ def read_scores(config: Config, ids: pa.Array, layout: RunLayout) -> Scores:
     if manifest.get("keep") != expected:
         raise ValueError(f"method {config.method} ranks each cluster keep={expected} but {layout.scores} was "
                          f"ranked keep={manifest.get('keep')}; re-run dedup with keep: {expected}")
-    columns = ["id", "cluster", "rank", "max_sim", "duplicate_of"]
+    # only what the rule reads: at 10M items the ids and duplicate_of strings are ~0.4 GB each
+    columns = ["cluster", "rank", "max_sim"]
     lists = ["neighbours", "neighbour_sims"] if config.dedup_rule == "kept" else []
     if lists:
         if "neighbour_floor" not in manifest:
             raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
         columns.append("unlisted_max_sim")
-    stored = storage.read_published(layout.scores, columns + lists)
+    else:
+        columns.append("duplicate_of")
+    stored = storage.read_published(layout.scores, ["id", *columns, *lists])
     row = stored_rows(ids, stored.column("id"), layout.scores)
     return Scores(stored.select(columns).take(pa.array(row)), stored.select(lists) if lists else None,
                   row if lists else None, manifest)

@@ -164,24 +164,28 @@ class ExactFallback:
         check_found(stats, len(positions), "the exact dedup fallback")
         self.gathers += 1
 
-    def run(self, clusters: Sequence[int], threshold: float, candidate: np.ndarray,
-            ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """:func:`deldist.pairwise.keep_first_exact` on each cluster -> [(cluster, kept, duplicate_of
-        position, similarity)]; candidate: (n,) bool in position order."""
+    def run(self, clusters: Sequence[int], first: Sequence[int], threshold: float, candidate: np.ndarray,
+            kept: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+        """:func:`deldist.pairwise.keep_first_exact` on each cluster from position ``first[i]`` (its
+        first item the lists could not decide) on, the items kept before it fixed -> [(cluster,
+        first, kept, duplicate_of position, similarity) of positions first..the cluster's end];
+        candidate, kept: (n,) bool in position order (kept: the lists' decisions)."""
         import ray
 
         self.gather(clusters)
-        by_file: dict[str, list[tuple[int, int, int, np.ndarray]]] = {}
-        for c in clusters:
+        by_file: dict[str, list[tuple[int, int, int, np.ndarray, np.ndarray]]] = {}
+        for c, f in zip(clusters, first):
             path, offset = self.where[int(c)]
-            start, size = int(self.starts[c]), int(self.sizes[c])
-            by_file.setdefault(path, []).append((int(c), offset, size, candidate[start:start + size]))
+            start, stop, f = int(self.starts[c]), int(self.starts[c] + self.sizes[c]), int(f)
+            fixed = np.flatnonzero(kept[start:f])  # ranks of the decided items kept before ``first``
+            by_file.setdefault(path, []).append((int(c), offset, stop - start, fixed, candidate[f:stop]))
         task = ray.remote(num_cpus=self.config.task_cpus)(_keep_first_in_file)
         out = []
         for done in ray.get([task.remote(path, spans, threshold, self.config.block_rows)
                              for path, spans in by_file.items()]):
-            for c, kept, dup, sim in done:
-                out.append((c, kept, np.where(dup >= 0, dup + self.starts[c], -1), sim))
+            for c, rank, k, d, s in done:
+                start = int(self.starts[c])
+                out.append((c, start + int(rank), k, np.where(d >= 0, d + start, -1), s))
         return out
 
     def close(self) -> None:
@@ -198,20 +202,30 @@ def _write_gathered(path: str, *slices: tuple[pa.Table, np.ndarray]) -> int:
     return len(x)
 
 
-def _keep_first_in_file(path: str, spans: list[tuple[int, int, int, np.ndarray]], threshold: float,
-                        block_rows: int) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """The exact rule on each (cluster, row offset, rows, candidate) span of one bucket file."""
+def _keep_first_in_file(path: str, spans: list[tuple[int, int, int, np.ndarray, np.ndarray]], threshold: float,
+                        block_rows: int) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """The exact rule on clusters of one bucket file. Per (cluster, row offset, rows, fixed, candidate)
+    span: the ranks in ``fixed`` are kept and come first, then the cluster's last len(candidate)
+    rows decide. Returns (cluster, first rank decided, kept, duplicate_of rank, similarity)."""
     from deldist.pairwise import keep_first_exact
 
     x = storage.read_array(path)
-    return [(c, *keep_first_exact(unit_rows(np.asarray(x[o:o + z])), cand, threshold, block_rows=block_rows))
-            for c, o, z, cand in spans]
+    out = []
+    for c, o, z, fixed, cand in spans:
+        first = z - len(cand)
+        rows = np.concatenate([fixed, np.arange(first, z)])
+        kept, dup, sim = keep_first_exact(unit_rows(np.asarray(x[o:o + z])[rows]), np.r_[np.ones(len(fixed), bool), cand],
+                                          threshold, n_fixed=len(fixed), block_rows=block_rows)
+        out.append((c, first, kept[len(fixed):], np.where(dup >= 0, rows[np.maximum(dup, 0)], -1)[len(fixed):],
+                    sim[len(fixed):]))
+    return out
 
 
 @dataclass
 class Scores:
-    """dedup's scores as the selection reads them: ``table`` (id, cluster, rank, max_sim,
-    duplicate_of, unlisted_max_sim) row-aligned with the selection's ids; ``lists``
+    """dedup's scores as the selection reads them: ``table`` (cluster, rank, max_sim, and
+    unlisted_max_sim for the kept rule or duplicate_of for SemDeDup's) row-aligned with the
+    selection's ids; ``lists``
     (neighbours, neighbour_sims) in their stored row order, ``list_row[i]`` the ``lists`` row
     of ids row i (aligning the lists would copy them: 8 bytes per listed pair, 2.5 GB at 10M
     items); ``manifest``: the scores' manifest."""
@@ -232,24 +246,31 @@ def neighbour_edges(scores: Scores, order: np.ndarray, starts: np.ndarray, floor
     first = starts[cluster[order]]  # (n,) position of each position's cluster start
     bound = scores.table.column("unlisted_max_sim").to_numpy()[order]
     nbr, sims = scores.lists.column("neighbours"), scores.lists.column("neighbour_sims")
+    row_of_pos = np.asarray(scores.list_row, np.int64)[order]
+    scores.lists = scores.list_row = None  # consumed here, chunk by chunk (memory: 8 bytes per listed pair)
     if [len(c) for c in nbr.chunks] != [len(c) for c in sims.chunks]:
         nbr, sims = pa.chunked_array([nbr.combine_chunks()]), pa.chunked_array([sims.combine_chunks()])
-    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False) for c in nbr.chunks]
+    rank_chunks, sim_chunks = list(nbr.chunks), list(sims.chunks)
+    del nbr, sims
+    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False) for c in rank_chunks]
                              or [np.zeros(0, np.int64)]).astype(np.int64)
-    row_of_pos = np.asarray(scores.list_row, np.int64)[order]
     offsets = np.r_[0, np.cumsum(lengths[row_of_pos])].astype(np.int64)
     dst = np.empty(int(offsets[-1]), np.int32 if n < 2 ** 31 else np.int64)
     sim = np.empty(int(offsets[-1]), np.float32)
-    chunk_starts = np.r_[0, np.cumsum([len(c) for c in nbr.chunks])].astype(np.int64)
+    chunk_starts = np.r_[0, np.cumsum([len(c) for c in rank_chunks])].astype(np.int64)
     chunk_of_pos = np.searchsorted(chunk_starts, row_of_pos, "right") - 1
     by_chunk = np.argsort(chunk_of_pos, kind="stable")
-    bounds = np.searchsorted(chunk_of_pos[by_chunk], np.arange(len(nbr.chunks) + 1))
-    for c, (ranks, values) in enumerate(zip(nbr.chunks, sims.chunks)):
+    bounds = np.searchsorted(chunk_of_pos[by_chunk], np.arange(len(rank_chunks) + 1))
+    for c in range(len(rank_chunks)):
+        ranks, values = rank_chunks[c], sim_chunks[c]
+        rank_chunks[c] = sim_chunks[c] = None  # each chunk freed once copied: the peak is the copy plus one chunk
         pos = by_chunk[bounds[c]:bounds[c + 1]]
         if len(pos):
             _lists_to_positions(pos, row_of_pos[pos] - chunk_starts[c], ranks.offsets.to_numpy(),
                                 ranks.values.to_numpy(), values.offsets.to_numpy(), values.values.to_numpy(), first,
                                 offsets, dst, sim)
+        del ranks, values
+    pa.default_memory_pool().release_unused()
     return NeighbourEdges(offsets, dst, sim, bound, floor)
 
 
@@ -285,23 +306,31 @@ class KeptRule:
         if not np.array_equal(rank[order], np.arange(n) - starts[cluster[order]]):
             raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
         self.n, self.floor = n, floor
-        self.edges = neighbour_edges(scores, order, starts, floor)
-        scores.lists = scores.list_row = None  # consumed: the position-ordered copy replaces them (memory)
+        self.edges = neighbour_edges(scores, order, starts, floor)  # consumes scores.lists
         self.cand_pos = np.asarray(candidate, bool)[order]
         self.cluster_pos = cluster[order]
         self.fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes, cache_dir)
+        # the latest two thresholds' arrays (17 bytes per item each: a search keeping every one
+        # it tried held ~0.9 GB at 10M items); the search's answer is the last or the one before
         self.evaluated: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+        self.tried = 0
 
     def evaluate(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """At similarity threshold ``t`` (>= the floor): (kept bool, duplicate_of position, similarity,
         in position order; the number of clusters decided exactly)."""
         if t not in self.evaluated:
             kept, dup, sim, unresolved = resolve_kept(self.cand_pos, self.edges, t)
-            hard = np.unique(self.cluster_pos[unresolved])
-            for c, k, d, s in self.fallback.run(hard, t, self.cand_pos) if len(hard) else []:
-                span = slice(self.starts[c], self.starts[c] + self.sizes[c])
+            # each such cluster is redone from its first undecided item on: the items before it
+            # are decided exactly (by induction in rank order), those kept among them stay fixed
+            hard, first = np.unique(self.cluster_pos[unresolved], return_index=True)
+            first = np.flatnonzero(unresolved)[first]
+            for c, f, k, d, s in self.fallback.run(hard, first, t, self.cand_pos, kept) if len(hard) else []:
+                span = slice(f, self.starts[c] + self.sizes[c])
                 kept[span], dup[span], sim[span] = k, d, s
+            while len(self.evaluated) >= 2:
+                self.evaluated.pop(next(iter(self.evaluated)))
             self.evaluated[t] = (kept, dup, sim, len(hard))
+            self.tried += 1
         return self.evaluated[t]
 
     def hard_clusters(self, t: float) -> np.ndarray:
@@ -352,7 +381,7 @@ class KeptRule:
                                                        tolerance, start=at, first_step=1024,
                                                        stop_within=tolerance)
         info: dict[str, Any] = dict(target_ratio=target_ratio, target_reachable=reachable,
-                                    thresholds_tried=len(self.evaluated))
+                                    thresholds_tried=self.tried)
         if not reachable:
             why = (f"at the neighbour floor {self.floor} (the lowest threshold the scores allow) {count} items stay; "
                    "re-run dedup with a lower neighbour_floor" if count > keep_count else
