@@ -144,16 +144,22 @@ def _pss_kib(pid: int) -> int:
 
 
 class TreeMemory:
-    """Peak summed PSS (GiB) of this process and all its descendants, sampled in a thread."""
+    """Peak summed PSS (GiB) of this process and all its descendants, sampled in a thread.
 
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval, self.peak_kib, self._stop = interval, 0, threading.Event()
+    A sample reads every process's ``smaps_rollup``, which walks its page tables: at 10M rows
+    (Ray workers mapping a 15 GB object store) one sample took a large share of a core in kernel
+    time. So the thread waits at least ``overhead`` times as long as the last sample took
+    (~10 % of one core at most), and ``interval`` when sampling is cheap."""
+
+    def __init__(self, interval: float = 1.0, overhead: float = 10.0) -> None:
+        self.interval, self.overhead, self.peak_kib, self._stop = interval, overhead, 0, threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            began = time.perf_counter()
             self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _descendants(os.getpid())))
-            self._stop.wait(self.interval)
+            self._stop.wait(max(self.interval, self.overhead * (time.perf_counter() - began)))
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()
