@@ -71,7 +71,7 @@ from deldist.dedup_scores import (
 )
 from deldist.faults import fail_once
 from deldist.layout import RunLayout
-from deldist.schema import SCORES_SCHEMA
+from deldist.schema import SCORES_SCHEMA, stored_itemsize
 from deldist.shards import (
     Bucket,
     EmbeddingError,
@@ -243,7 +243,7 @@ def plan_scores(config: Config, layout: RunLayout) -> Plan:
     cluster and pack the clusters into buckets of similar cost."""
     embeddings = storage.read_manifest(layout.embeddings)
     dim = embeddings.get("dim")
-    itemsize = 2 if embeddings.get("embedding_dtype") == "float16" else 4
+    itemsize = stored_itemsize(embeddings)
     clusters_dim = storage.read_manifest(layout.clusters).get("dim")
     if dim is not None and clusters_dim is not None and int(dim) != int(clusters_dim):
         raise EmbeddingError(f"dimension mismatch: {layout.embeddings} has D={dim} but the centroids in "

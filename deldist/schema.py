@@ -13,6 +13,11 @@ QUALITY_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "blur", "saturated
 EMBEDDING_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2"}
 
 
+def stored_itemsize(manifest: dict) -> int:
+    """Bytes per stored embedding value of an ``embeddings/`` manifest (2: float16, 4: float32)."""
+    return np.dtype(EMBEDDING_DTYPES[manifest.get("embedding_dtype") or "float32"]).itemsize
+
+
 def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
     """The ``embedding`` column: D little-endian float32 (or float16) values as one fixed-size
     binary value. Parquet reads it as one byte copy, ~10x faster than a fixed_size_list<float32>[D]

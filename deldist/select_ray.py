@@ -27,6 +27,7 @@ from deldist.greedy import (
     threshold_for_ratio,
 )
 from deldist.rules import temporal_collapse
+from deldist.schema import stored_itemsize
 from deldist.shards import (
     bucket_count,
     bucket_of_groups,
@@ -113,7 +114,7 @@ class ExactFallback:
         self.config, self.emb_dir, self.dim, self.cache_dir = config, emb_dir, dim, cache_dir
         self.ids_pos, self.starts, self.sizes = ids_pos, starts, sizes
         manifest = storage.read_manifest(emb_dir)
-        self.itemsize = 2 if manifest.get("embedding_dtype") == "float16" else 4
+        self.itemsize = stored_itemsize(manifest)
         self.width = int(dim or manifest.get("dim") or 1)
         self.where: dict[int, tuple[str, int]] = {}  # cluster -> (its bucket's file, row offset)
         self.gathers = self.waves = 0
