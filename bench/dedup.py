@@ -305,6 +305,7 @@ def main() -> None:
     parser.add_argument("--low", default="int8", choices=["int8", "bfloat16"], help="the lowp variants' tiles")
     parser.add_argument("--child", choices=["plain", "kernel", "lowp", "lowp_lists", "stage"])
     parser.add_argument("--workdir")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data (its directory is printed)")
     args = parser.parse_args()
     if args.child:
         if args.child == "plain":
@@ -402,7 +403,10 @@ def main() -> None:
               f"{summary['kernel_over_floor']}x, stage {summary['stage_over_floor']}x (target <= 2); {args.low} kernel "
               f"{summary['lowp_over_floor']}x, with lists {summary['lowp_lists_over_floor']}x (target <= 0.5)")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"data kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

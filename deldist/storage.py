@@ -246,11 +246,15 @@ def column_codecs(schema: pa.Schema) -> dict[str, str]:
 
 def write_table(table: pa.Table, uri: str) -> None:
     """Write one Parquet file atomically: codecs per :func:`column_codecs`, dictionary encoding
-    only for the compressed columns (a dictionary of distinct vectors or JPEGs is waste)."""
+    only for the compressed scalar columns. A dictionary of distinct vectors or JPEGs is waste,
+    and one over list values (dedup's neighbour ranks) is tried, outgrows its page and is
+    dropped: trying took half the time of writing a scores part (0.084 vs 0.034 s per 50k
+    rows) for a larger file."""
     sink = pa.BufferOutputStream()
     codecs = column_codecs(table.schema)
+    nested = {f.name for f in table.schema if pa.types.is_nested(f.type)}
     pq.write_table(table, sink, compression=codecs or "zstd",
-                   use_dictionary=[name for name, codec in codecs.items() if codec != "none"])
+                   use_dictionary=[name for name, codec in codecs.items() if codec != "none" and name not in nested])
     write_bytes(uri, sink.getvalue().to_pybytes())
 
 
