@@ -63,7 +63,10 @@ def _fnv_splitmix(data: np.ndarray, offsets: np.ndarray, seed: np.uint64) -> np.
     lengths = np.diff(offsets)
     starts = offsets[:-1]
     h = np.full(len(lengths), np.uint64(0xCBF29CE484222325) ^ np.uint64(seed), np.uint64)
-    for j in range(int(lengths.max()) if len(lengths) else 0):
+    shortest = int(lengths.min()) if len(lengths) else 0
+    for j in range(shortest):  # every string has byte j: no mask
+        h = (h ^ data[starts + j]) * np.uint64(0x100000001B3)
+    for j in range(shortest, int(lengths.max()) if len(lengths) else 0):
         live = np.flatnonzero(lengths > j)
         h[live] = (h[live] ^ data[starts[live] + j].astype(np.uint64)) * np.uint64(0x100000001B3)
     h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
