@@ -174,7 +174,7 @@ def child_lowp(workdir: str, rounds: int, lists: int, low: str) -> dict:
     from deldist import dedup_scores
     from deldist.pairwise import triu_max_sim
     from deldist.pairwise_lowp import triu_neighbours_lowp
-    from deldist.shards import cluster_cost
+    from deldist.shuffle import cluster_cost
     from deldist.tiles import ListSpec
 
     torch.set_num_threads(1)

@@ -38,8 +38,9 @@ Ray wiring of :func:`run`:
    than ``split_rows`` gets a bucket of its own and is later split into row ranges.
 2. Shuffle: one task per embeddings shard reads (id, embedding), looks up each row's bucket
    and returns one slice per bucket (Ray object store; the embeddings are read once).
-3. Score: one task per bucket concatenates its slices in (cluster, rank) order and scores
-   its clusters; a split cluster is gathered once into the object store and scored by several
+3. Score: one task per bucket reads its slices in (cluster, rank) order a group of clusters
+   at a time (:class:`~deldist.shuffle.SortedRows`: a few thousand rows, no copy of the whole
+   bucket) and scores them; a split cluster is gathered once into the object store and scored by several
    row-range tasks reading it zero-copy. Each task writes a ``dedup/scores`` part.
 4. Publish ``dedup/scores/`` (manifest then ``_SUCCESS``).
 
@@ -72,10 +73,10 @@ from deldist.dedup_scores import (
 from deldist.faults import fail_once
 from deldist.layout import RunLayout
 from deldist.schema import SCORES_SCHEMA, stored_itemsize
-from deldist.shards import (
+from deldist.shards import EmbeddingError, EmptyInputError
+from deldist.shuffle import (
     Bucket,
-    EmbeddingError,
-    EmptyInputError,
+    SortedRows,
     bucket_count,
     bucket_of_groups,
     check_shuffle,
@@ -140,11 +141,11 @@ def _score_bucket(out_dir: str, spec: ListSpec, block_rows: int, col_block: int,
     """Task body: score every (small) cluster of one bucket on ``device`` and write a scores part."""
     fail_once("score_task", *fault)
     began = time.perf_counter()
-    x, meta = gather_sorted(slices)
-    del slices
+    rows = SortedRows(slices)  # read group by group as the clusters are scored
+    meta = rows.meta
     ids = meta.column("id").combine_chunks()
     gathered = time.perf_counter()
-    table = score_sorted_clusters(x, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
+    table = score_sorted_clusters(rows, ids, meta.column("cluster").to_numpy(), meta.column("rank").to_numpy(),
                                   spec, block_rows, col_block, diag_rows, device, precision)
     return write_scores_part(out_dir, table, time.perf_counter() - gathered, gathered - began)
 
@@ -187,7 +188,7 @@ class Plan:
     layout: RunLayout
     dim: int | None
     itemsize: int  # bytes per stored embedding value (2: float16, 4: float32)
-    lookup: pa.Table  # id, bucket, cluster, rank, id_key (rows sorted by it: shards.sorted_lookup)
+    lookup: pa.Table  # id, bucket, cluster, rank, id_key (rows sorted by it: shuffle.sorted_lookup)
     sizes: np.ndarray  # (k,) items per cluster
     buckets: list[Bucket]
 

@@ -23,6 +23,9 @@ Precision = Literal["auto", "float32", "int8", "bfloat16"]
 # clusters from this size on use the int8 tiles under precision="auto": below it the padded
 # tiles and per-call costs outweigh the faster products (bench/dedup.py)
 LOWP_MIN_ROWS = 1536
+# rows a CPU scoring call takes at once (6 MB of float32 at D = 768: its cache, not DRAM, feeds
+# the products); a larger cluster is a group of its own
+GROUP_ROWS = 2048
 
 
 def rank_within_clusters(ids: pa.Array | pa.ChunkedArray, cluster: np.ndarray, distance: np.ndarray,
@@ -59,13 +62,14 @@ def rank_within_clusters(ids: pa.Array | pa.ChunkedArray, cluster: np.ndarray, d
     return rank
 
 
-def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
+def score_sorted_clusters(x: Any, ids: pa.Array, cluster: np.ndarray, rank: np.ndarray,
                           spec: ListSpec = ListSpec(), block_rows: int = 256, col_block: int = 16_384,
                           diag_rows: int = 64, device: Device = "cpu", precision: Precision = "float32") -> pa.Table:
     """Scores table (SCORES_SCHEMA) for rows already sorted by (cluster, rank).
 
-    x: (n, D) float32 unit rows; ids: (n,) strings; cluster: (n,) int; rank: (n,) int64 that
-    must be 0..n_c-1 inside each cluster (checked: the ranking and the data must agree).
+    x: (n, D) float32 unit rows, or a row source (:func:`sorted_cluster_neighbours`); ids: (n,)
+    strings; cluster: (n,) int; rank: (n,) int64 that must be 0..n_c-1 inside each cluster
+    (checked: the ranking and the data must agree).
     spec, device, precision: as in :func:`sorted_cluster_neighbours`.
     """
     n = len(x)
@@ -77,29 +81,59 @@ def score_sorted_clusters(x: np.ndarray, ids: pa.Array, cluster: np.ndarray, ran
     return scores_table(ids, cluster, rank, *scores)
 
 
-def sorted_cluster_neighbours(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: ListSpec = ListSpec(),
+def sorted_cluster_neighbours(x: Any, starts: np.ndarray, ends: np.ndarray, spec: ListSpec = ListSpec(),
                               tiles: tuple[int, int, int] = (256, 16_384, 64), device: Device = "cpu",
                               precision: Precision = "float32", stats: dict[str, int] | None = None,
                               ) -> tuple[np.ndarray, ...]:
     """Every row's max similarity, duplicate row and neighbour lists within its cluster, for
-    rank-ordered clusters stored one after another: cluster i is rows [starts[i], ends[i]).
+    rank-ordered clusters stored one after another: cluster i is rows [starts[i], ends[i]),
+    which together cover rows [0, n).
 
-    x: (n, D) float32 unit rows; spec: the neighbour lists kept per row; device: as in
-    :func:`~deldist.pairwise.triu_max_sim` (``x`` is copied there once for all its clusters);
-    precision: per cluster as in :func:`cluster_neighbours`. On the CPU the float32 clusters
-    are scored in one call (:func:`~deldist.pairwise.triu_neighbours_clusters`: per-call
-    costs paid once per bucket, which matters for clusters of a few hundred rows).
-    stats: the low-precision tiles' recheck counts are added to it (benchmarks).
-    Returns (max_sim float32 (n,), duplicate row int64 (n,) (-1: none), neighbours int64
-    (n, L) ranks within the cluster, their similarities float32 (n, L), bound float32 (n,)).
+    x: (n, D) float32 unit rows, or a row source sliced the same way (``x[p0:p1]`` -> that
+    array; :class:`deldist.shuffle.SortedRows` reads the rows there). On the CPU the clusters
+    are scored in groups of about ``GROUP_ROWS`` rows, each group's rows taken once (deldist's
+    own layout: they are still in cache for the products); on a GPU in one group (one copy
+    to the device). spec: the neighbour lists kept per row; device: as in
+    :func:`~deldist.pairwise.triu_max_sim`; precision: per cluster as in
+    :func:`cluster_neighbours`. stats: the low-precision tiles' recheck counts are added to it
+    (benchmarks). Returns (max_sim float32 (n,), duplicate row int64 (n,) (-1: none),
+    neighbours int64 (n, L) ranks within the cluster, their similarities float32 (n, L),
+    bound float32 (n,)).
     """
     n = len(x)
     width = spec.by_similarity + spec.by_rank
-    max_sim = np.zeros(n, np.float32)
-    dup = np.full(n, -1, np.int64)
-    nbr = np.full((n, width), -1, np.int64)
-    nbr_sim = np.full((n, width), -np.inf, np.float32)
-    bound = np.full(n, spec.floor, np.float32)
+    out = (np.zeros(n, np.float32), np.full(n, -1, np.int64), np.full((n, width), -1, np.int64),
+           np.full((n, width), -np.inf, np.float32), np.full(n, spec.floor, np.float32))
+    for c0, c1 in cluster_groups(ends - starts, GROUP_ROWS if device == "cpu" else n):
+        p0, p1 = int(starts[c0]), int(ends[c1 - 1])
+        _score_group(x[p0:p1], starts[c0:c1] - p0, ends[c0:c1] - p0, spec, tiles, device, precision, stats,
+                     tuple(o[p0:p1] for o in out))
+        dup = out[1][p0:p1]
+        dup[dup >= 0] += p0
+    return out
+
+
+def cluster_groups(sizes: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Consecutive clusters packed into groups of at most ``limit`` rows (a larger cluster
+    alone): [(first cluster, end), ...]."""
+    groups, first, rows = [], 0, 0
+    for c, size in enumerate(np.asarray(sizes).tolist()):
+        if rows and rows + size > limit:
+            groups.append((first, c))
+            first, rows = c, 0
+        rows += size
+    if len(sizes):
+        groups.append((first, len(sizes)))
+    return groups
+
+
+def _score_group(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: ListSpec, tiles: tuple[int, int, int],
+                 device: Device, precision: Precision, stats: dict[str, int] | None, out: tuple[np.ndarray, ...]) -> None:
+    """:func:`sorted_cluster_neighbours` of one group of clusters (rows [0, len(x))), into
+    ``out``. On the CPU its float32 clusters are scored in one call
+    (:func:`~deldist.pairwise.triu_neighbours_clusters`: per-call costs paid once per group,
+    which matters for clusters of a few hundred rows)."""
+    max_sim, dup, nbr, nbr_sim, bound = out
     sizes = ends - starts
     # clusters scored one call each: low precision on the CPU, every cluster on a GPU
     one_by_one = _resolve_precision(precision, sizes) != "float32" if device == "cpu" else np.ones(len(sizes), bool)
@@ -110,13 +144,12 @@ def sorted_cluster_neighbours(x: np.ndarray, starts: np.ndarray, ends: np.ndarra
         max_sim[a:b], arg, nbr[a:b], nbr_sim[a:b], bound[a:b] = triu_neighbours_clusters(x, s32, s32, e32, spec,
                                                                                         *tiles)
         dup[a:b] = np.where(arg >= 0, arg + np.repeat(starts, sizes)[a:b], -1)
-    xd = to_device(x, device) if one_by_one.any() else x  # one copy per bucket; each cluster is a slice of it
+    xd = to_device(x, device) if one_by_one.any() else x  # one copy per group; each cluster is a slice of it
     for s, e in zip(starts[one_by_one], ends[one_by_one]):
         sims, arg, nbr[s:e], nbr_sim[s:e], bound[s:e] = cluster_neighbours(xd[s:e], 0, e - s, spec, tiles, device,
                                                                            precision, stats)
         max_sim[s:e] = sims
         dup[s:e] = np.where(arg >= 0, arg + s, -1)
-    return max_sim, dup, nbr, nbr_sim, bound
 
 
 def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tuple[int, int, int], device: Device,

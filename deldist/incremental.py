@@ -21,7 +21,7 @@ from deldist.arrays import equal_runs
 from deldist.dedup_scores import rank_within_clusters
 from deldist.pairwise import keep_first_exact
 from deldist.rules import Decision
-from deldist.shards import bucket_count, bucket_of_groups, gather_sorted, plan_buckets, shuffle_by_bucket
+from deldist.shuffle import bucket_count, bucket_of_groups, gather_sorted, plan_buckets, shuffle_by_bucket
 from deldist.versions import retained_roots
 
 if TYPE_CHECKING:

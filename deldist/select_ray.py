@@ -28,7 +28,7 @@ from deldist.greedy import (
 )
 from deldist.rules import temporal_collapse
 from deldist.schema import stored_itemsize
-from deldist.shards import (
+from deldist.shuffle import (
     bucket_count,
     bucket_of_groups,
     gather_sorted,

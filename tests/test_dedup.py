@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from deldist import dedup, dedup_scores, pairwise, pairwise_torch, shards, storage, tiles
+from deldist import dedup, dedup_scores, pairwise, pairwise_torch, shards, shuffle, storage, tiles
 from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, SCORES_SCHEMA, embedding_array, embeddings_schema
 from deldist.shards import EmbeddingError, EmptyInputError
 
@@ -111,7 +111,7 @@ def test_rank_modes():
 
 
 def test_row_ranges_cover_the_triangle_evenly():
-    ranges = shards.split_rows_by_area(1000, 4)
+    ranges = shuffle.split_rows_by_area(1000, 4)
     assert ranges[0][0] == 0 and ranges[-1][1] == 1000
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     work = [b * b - a * a for a, b in ranges]
@@ -119,28 +119,28 @@ def test_row_ranges_cover_the_triangle_evenly():
     x, labels, _ = clustered_with_sizes([300], 16, seed=2)
     whole, arg = pairwise.triu_max_sim(x, block_rows=32)
     pieces = [pairwise.triu_max_sim(x, a, b, block_rows=32, col_block=50, diag_rows=7)
-              for a, b in shards.split_rows_by_area(300, 3)]
+              for a, b in shuffle.split_rows_by_area(300, 3)]
     assert np.allclose(np.concatenate([p[0] for p in pieces]), whole, atol=1e-6)  # gemm shapes differ
     assert np.array_equal(np.concatenate([p[1] for p in pieces]), arg)
 
 
 def test_plan_waves_fit_the_budget():
-    buckets = [shards.Bucket([c], rows, 0.0) for c, rows in enumerate([100, 50, 50, 400, 10])]
+    buckets = [shuffle.Bucket([c], rows, 0.0) for c, rows in enumerate([100, 50, 50, 400, 10])]
     per_row = 8 * 4  # float32 slices, D = 8
-    assert shards.plan_waves(buckets, 8, 200 * per_row) == [[0, 1, 2], [3], [4]]  # 400 alone: over budget
-    assert shards.plan_waves(buckets, 8, 1e12) == [[0, 1, 2, 3, 4]]
-    assert shards.plan_waves(buckets, 8, 1.0) == [[0], [1], [2], [3], [4]]
+    assert shuffle.plan_waves(buckets, 8, 200 * per_row) == [[0, 1, 2], [3], [4]]  # 400 alone: over budget
+    assert shuffle.plan_waves(buckets, 8, 1e12) == [[0, 1, 2, 3, 4]]
+    assert shuffle.plan_waves(buckets, 8, 1.0) == [[0], [1], [2], [3], [4]]
     # float16 slices take half: twice the rows per wave
-    assert shards.plan_waves(buckets, 8, 100 * per_row) == [[0], [1, 2], [3], [4]]
-    assert shards.plan_waves(buckets, 8, 100 * per_row, itemsize=2) == [[0, 1, 2], [3], [4]]
+    assert shuffle.plan_waves(buckets, 8, 100 * per_row) == [[0], [1, 2], [3], [4]]
+    assert shuffle.plan_waves(buckets, 8, 100 * per_row, itemsize=2) == [[0, 1, 2], [3], [4]]
     # a split cluster's gathered float32 copy sits in the object store beside its slices
-    split = [shards.Bucket([0], 100, 0.0, [(0, 50), (50, 100)]), shards.Bucket([1], 100, 0.0)]
-    assert shards.plan_waves(split, 8, 250 * per_row) == [[0], [1]]
+    split = [shuffle.Bucket([0], 100, 0.0, [(0, 50), (50, 100)]), shuffle.Bucket([1], 100, 0.0)]
+    assert shuffle.plan_waves(split, 8, 250 * per_row) == [[0], [1]]
 
 
 def test_plan_buckets_packs_small_and_splits_huge():
     sizes = np.array([5, 0, 400, 7, 9, 3, 2])
-    buckets = shards.plan_buckets(sizes, n_buckets=2, split_rows=100, bucket_rows=1000)
+    buckets = shuffle.plan_buckets(sizes, n_buckets=2, split_rows=100, bucket_rows=1000)
     split = [b for b in buckets if b.row_ranges]
     assert len(split) == 1 and split[0].clusters == [2] and len(split[0].row_ranges) >= 2
     packed = sorted(c for b in buckets if not b.row_ranges for c in b.clusters)
@@ -616,18 +616,49 @@ def test_positions_in_finds_every_id_and_only_those(monkeypatch, coarse_hash):
     every id found at its row, absent ids -1; with a hash that collides constantly (string
     length) the exact fallback gives the same answer."""
     if coarse_hash:
-        monkeypatch.setattr(shards, "id_hash", lambda ids: np.asarray(pc.utf8_length(ids), np.float64))
+        monkeypatch.setattr(shuffle, "id_hash", lambda ids: np.asarray(pc.utf8_length(ids), np.float64))
     ids = [f"site_{i % 7}/v{i // 13}.mp4#{i}" for i in range(500)]
-    lookup = shards.sorted_lookup(pa.table({"id": ids, "bucket": np.arange(500, dtype=np.int32)}))
+    lookup = shuffle.sorted_lookup(pa.table({"id": ids, "bucket": np.arange(500, dtype=np.int32)}))
     assert list(lookup.column_names) == ["id", "bucket", "id_key"]
     assert np.all(np.diff(lookup.column("id_key").to_numpy()) >= 0)
     query = pa.array(ids[::-3] + ["absent.mp4#1", "site_0/v0.mp4#999999"])
-    pos = shards.positions_in(query, lookup)
+    pos = shuffle.positions_in(query, lookup)
     assert pos[-1] == -1 and pos[-2] == -1
     assert lookup.column("id").take(pa.array(pos[:-2])).to_pylist() == ids[::-3]
-    assert shards.positions_in(pa.array([], pa.string()), lookup).tolist() == []
+    assert shuffle.positions_in(pa.array([], pa.string()), lookup).tolist() == []
     # repeated ids are counted, hash collisions between distinct ids are not
-    assert shards.duplicate_ids(lookup) == 0
+    assert shuffle.duplicate_ids(lookup) == 0
     repeated = ids + ids[10:13] + ids[10:11]
     table = pa.table({"id": repeated, "bucket": np.arange(len(repeated), dtype=np.int32)})
-    assert shards.duplicate_ids(shards.sorted_lookup(table)) == 4
+    assert shuffle.duplicate_ids(shuffle.sorted_lookup(table)) == 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_sorted_rows_reads_any_range_in_key_order(dtype):
+    """SortedRows (a scoring task's slices read a group at a time): every range is the rows of
+    the slices sorted by (cluster, rank), float16 widened and normalised; an empty slice
+    and a range read after a larger one (buffer reuse) change nothing."""
+    rng = np.random.default_rng(3)
+    cluster, rank = rng.integers(0, 5, 90), rng.permutation(90)
+    x = rng.standard_normal((90, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cuts = [0, 30, 30, 75, 90]  # the second slice is empty
+    slices = [(pa.table({"id": pa.array([f"f{i}" for i in range(a, b)], pa.string()), "cluster": cluster[a:b],
+                         "rank": rank[a:b]}),
+               x[a:b].astype(dtype)) for a, b in zip(cuts[:-1], cuts[1:])]
+    order = np.lexsort((rank, cluster))
+    want = x[order].astype(dtype).astype(np.float32)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    rows = shuffle.SortedRows(slices)
+    assert rows.meta.column("id").to_pylist() == [f"f{i}" for i in order] and len(rows) == 90
+    for p0, p1 in [(0, 90), (10, 17), (89, 90), (40, 40), (0, 90), (5, 60)]:
+        np.testing.assert_allclose(rows[p0:p1], want[p0:p1], atol=1e-6)
+    whole, meta = shuffle.gather_sorted(slices)
+    np.testing.assert_allclose(whole, want, atol=1e-6)
+    assert meta.equals(rows.meta)
+
+
+def test_cluster_groups_pack_consecutive_clusters():
+    groups = dedup_scores.cluster_groups(np.array([5, 3, 0, 9, 2, 2, 1]), 8)
+    assert groups == [(0, 3), (3, 4), (4, 7)]  # 9 rows: a group of its own
+    assert dedup_scores.cluster_groups(np.array([], np.int64), 8) == []
