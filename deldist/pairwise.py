@@ -61,37 +61,47 @@ def _merge_tile(sims, c0, r0, first_row, top_sim, top_idx, first_sim, first_idx,
                 arg):  # pragma: no cover - compiled
     """One pass over a similarity tile: each row's max (the first on ties), its
     ``by_similarity`` most similar columns (sorted insertion; ties keep the earlier column)
-    and its first ``by_rank`` columns at or above the floor. Columns must arrive in
-    increasing order per row. ``first_row`` >= 0: the tile reaches the diagonal and its row r
-    is row ``first_row + r`` of x, which only sees columns before it (so no mask is needed)."""
+    and its first ``by_rank`` columns at or above the floor. Tiles of a row must arrive in
+    increasing column order. ``first_row`` >= 0: the tile reaches the diagonal and its row r
+    is row ``first_row + r`` of x, which only sees columns before it (so no mask is needed).
+
+    The by-rank list takes the row's first columns; the max and the by-similarity list then
+    scan the row from its last column back (deldist's own order, the same results: ties are
+    decided by column). Later-ranked items tend to be the more similar ones, so backwards the
+    list's cut rises early and far fewer values are inserted (bench data, clusters of ~120
+    rows: 45 % of the pairs instead of 65 %)."""
     m = top_sim.shape[1]
     mr = first_sim.shape[1]
     for r in range(sims.shape[0]):
         row = r0 + r
         cols = sims.shape[1] if first_row < 0 else min(sims.shape[1], first_row + r - c0)
+        k = first_count[row]
+        c = 0
+        while k < mr and c < cols:
+            if sims[r, c] > floor_below:
+                first_sim[row, k] = sims[r, c]
+                first_idx[row, k] = c0 + c
+                k += 1
+            c += 1
+        first_count[row] = k
         cut = top_sim[row, m - 1] if m else np.inf
+        cut_idx = top_idx[row, m - 1] if m else -1
         row_best = best[r]
         row_arg = arg[r]
-        k = first_count[row]
-        # at or below ``low`` a value changes nothing: not the max, and below the floor (by-rank
-        # list open) or below the floor and the top list's cut (both lists full)
-        low = min(row_best, max(cut, floor_below) if k >= mr else floor_below)
-        for c in range(cols):
+        # below ``low`` a value changes nothing: under the max, and under the floor or the cut
+        low = min(row_best, max(cut, floor_below))
+        for c in range(cols - 1, -1, -1):
             s = sims[r, c]
-            if s <= low:
+            if s < low:
                 continue
-            if s > row_best:
+            j = c0 + c
+            if s > row_best or (s == row_best and (j < row_arg or row_arg < 0)):
                 row_best = s
-                row_arg = c0 + c
-            if s > floor_below:
-                if s > cut:
-                    cut = insert_top(top_sim, top_idx, row, s, c0 + c)
-                if k < mr:
-                    first_sim[row, k] = s
-                    first_idx[row, k] = c0 + c
-                    k += 1
-            low = min(row_best, max(cut, floor_below) if k >= mr else floor_below)
-        first_count[row] = k
+                row_arg = j
+            if s > floor_below and (s > cut or (s == cut and (j < cut_idx or cut_idx < 0))):
+                cut = insert_top(top_sim, top_idx, row, s, j)
+                cut_idx = top_idx[row, m - 1]
+            low = min(row_best, max(cut, floor_below))
         best[r] = row_best
         arg[r] = row_arg
 

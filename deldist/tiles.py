@@ -71,11 +71,12 @@ def float_order_key(bits):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, inline="always")  # inlined into both kernels' loops
 def insert_top(top_sim, top_idx, row, s, j):  # pragma: no cover - compiled
-    """Insert (s, j) into row ``row`` of a descending top list (the last entry drops out;
-    ties keep the earlier entry first); returns the list's new last value, the next cut."""
+    """Insert (s, j) into row ``row`` of a top list sorted by similarity descending, then
+    column ascending (the last entry drops out; columns may arrive in any order); returns the
+    list's new last value, the next cut."""
     m = top_sim.shape[1]
     pos = m - 1
-    while pos > 0 and top_sim[row, pos - 1] < s:
+    while pos > 0 and (top_sim[row, pos - 1] < s or (top_sim[row, pos - 1] == s and top_idx[row, pos - 1] > j)):
         top_sim[row, pos] = top_sim[row, pos - 1]
         top_idx[row, pos] = top_idx[row, pos - 1]
         pos -= 1
