@@ -95,10 +95,10 @@ def _merge_tile(sims, c0, r0, first_row, top_sim, top_idx, first_sim, first_idx,
             if s < low:
                 continue
             j = c0 + c
-            if s > row_best or (s == row_best and (j < row_arg or row_arg < 0)):
+            if s > row_best or (s == row_best and j < row_arg):
                 row_best = s
                 row_arg = j
-            if s > floor_below and (s > cut or (s == cut and (j < cut_idx or cut_idx < 0))):
+            if s > floor_below and (s > cut or (s == cut and j < cut_idx)):
                 cut = insert_top(top_sim, top_idx, row, s, j)
                 cut_idx = top_idx[row, m - 1]
             low = min(row_best, max(cut, floor_below))

@@ -195,7 +195,7 @@ def _gather_rows(parts: list[np.ndarray], part_starts: np.ndarray, rows: np.ndar
     for p, part in enumerate(parts):
         a, e = cuts[p], cuts[p + 1]
         if e > a:
-            _copy_rows(_bits(part), rows[a:e] - part_starts[p], _bits(out[a:e]))
+            _move_rows(_bits(part), rows[a:e] - part_starts[p], np.arange(a, e), _bits(out))
     return out
 
 
@@ -205,15 +205,8 @@ def _bits(x: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _copy_rows(source, rows, out):  # pragma: no cover - compiled
-    """out[j] = source[rows[j]] (np.take with ``out`` took twice as long)."""
-    for j in range(len(rows)):
-        out[j, :] = source[rows[j], :]
-
-
-@numba.njit(cache=True, nogil=True)
 def _move_rows(source, rows, dest, out):  # pragma: no cover - compiled
-    """out[dest[j]] = source[rows[j]]."""
+    """out[dest[j]] = source[rows[j]] (np.take with ``out`` took twice as long)."""
     for j in range(len(rows)):
         out[dest[j], :] = source[rows[j], :]
 
