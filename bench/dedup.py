@@ -307,6 +307,10 @@ def main() -> None:
     parser.add_argument("--workdir")
     parser.add_argument("--keep", action="store_true", help="keep the generated data (its directory is printed)")
     args = parser.parse_args()
+    if not args.child:  # every variant's NumPy runs the OpenBLAS kernels deldist's workers run
+        from deldist.runtime import tune_worker_blas
+
+        tune_worker_blas()
     if args.child:
         if args.child == "plain":
             result = child_plain(args.workdir, args.rounds)
@@ -375,6 +379,7 @@ def main() -> None:
                                                                                    "lowp_lists"))
         summary = {
             "n": n, "dim": DIM, "k": args.k, "sgemm_gflops_2_cores": round(rate, 1), "floor_s": round(floor, 3),
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "auto"),
             "plain_s": round(plain, 3), "kernel_s": round(kernel, 3), "stage_s": round(stage, 3),
             "plain_end_to_end_s": round(results["plain"]["end_to_end_seconds"], 3),
             "stage_cold_s": round(min(x["cold_seconds"] for x in runs["stage"]), 3),

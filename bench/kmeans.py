@@ -197,6 +197,9 @@ def run_child(script: str, variant: str, workdir: str, extra: list[str], env: di
 def ray_start() -> None:
     import ray
 
+    from deldist.runtime import tune_worker_blas
+
+    tune_worker_blas()  # the BLAS kernels deldist's own local clusters run (deldist.runtime.init_ray)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
 

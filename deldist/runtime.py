@@ -54,10 +54,43 @@ def throttle_idle_scheduling() -> None:
         classes.append(IdleSchedulingThrottle)
 
 
+def blas_core_type(cpuinfo: str) -> str | None:
+    """The OpenBLAS kernel set to run on the CPU ``/proc/cpuinfo`` describes, when not the one
+    OpenBLAS picks itself; None otherwise.
+
+    deldist's own rule, from a measurement: on AMD Zen 4 (family 25 with AVX-512) OpenBLAS
+    picks its SkylakeX kernels, whose small-matrix path multiplies the dedup kernel's tiles
+    (64-256 rows x 768) at 73-76 GFLOPS on one core, against 94-96 with its Zen kernels (and
+    ~100 for both at 1024 x 1024); the stage's products took 12 % less time
+    (bench/RESULTS.md, 2026-12-01, fourth session)."""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25" and "avx512f" in flags:
+        return "ZEN"
+    return None
+
+
+def tune_worker_blas() -> None:
+    """Set ``OPENBLAS_CORETYPE`` (:func:`blas_core_type`) in this process's environment, which
+    a local Ray cluster's workers inherit (OpenBLAS reads it when NumPy loads, so it cannot be
+    changed later in a process). A value the user set stays; on a remote cluster set it in the
+    job's ``runtime_env`` ``env_vars`` (README)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            core = blas_core_type(f.read(16_384))
+    except OSError:
+        return
+    if core is not None:
+        os.environ.setdefault("OPENBLAS_CORETYPE", core)
+
+
 def init_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        tune_worker_blas()
     ray.init(address=address, include_dashboard=False if address is None else None,
              logging_level="WARNING")
 

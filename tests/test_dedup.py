@@ -658,6 +658,30 @@ def test_sorted_rows_reads_any_range_in_key_order(dtype):
     assert meta.equals(rows.meta)
 
 
+def test_route_shard_slices_from_the_reused_buffer_match_fresh_ones(tmp_path):
+    """A Ray read task's slices are views of one buffer its process reuses (returns are copied
+    into the object store first); they hold the same rows and ids as fresh arrays, and a
+    second, smaller shard read into the same buffer is right too."""
+    from test_cluster import write_embeddings
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((120, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    emb = str(tmp_path / "embeddings")
+    ids = write_embeddings(emb, x, parts=4, order=rng.permutation(120))
+    lookup = shuffle.sorted_lookup(pa.table({"id": ids, "bucket": pa.array(rng.integers(-1, 3, 120), pa.int32()),
+                                             "cluster": pa.array(np.arange(120) % 7, pa.int32())}))
+    for shard in shards.plan_shards(emb, shard_rows=70):  # 60 + 60 rows: the buffer is reused, not grown
+        fresh = shuffle.route_shard(emb, shard, 16, lookup, 3)
+        reused = shuffle.route_shard(emb, shard, 16, lookup, 3, reuse_buffer=True)
+        assert fresh[-1] == reused[-1]
+        for (meta_a, rows_a), (meta_b, rows_b) in zip(fresh[:-1], reused[:-1]):
+            assert meta_a.equals(meta_b)
+            np.testing.assert_array_equal(rows_a, rows_b)
+            row_of = {f"v{i % 5}.mp4#{i}": i for i in range(120)}
+            np.testing.assert_allclose(rows_b, x[[row_of[i] for i in meta_b.column("id").to_pylist()]], atol=1e-6)
+
+
 def test_cluster_groups_pack_consecutive_clusters():
     groups = dedup_scores.cluster_groups(np.array([5, 3, 0, 9, 2, 2, 1]), 8)
     assert groups == [(0, 3), (3, 4), (4, 7)]  # 9 rows: a group of its own

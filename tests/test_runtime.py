@@ -42,3 +42,21 @@ def test_task_slots_and_gpu_setting(ray_session):
 
     assert runtime.task_slots(0.5) == 4 and runtime.task_slots(1.0) == 2 and runtime.task_slots(8.0) == 1
     assert runtime.use_gpu(None) is False and runtime.use_gpu(True) is True  # the session cluster has no GPU
+
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+
+
+def test_blas_core_type_only_for_zen4(monkeypatch):
+    """OpenBLAS is told to use its Zen kernels on AMD family 25 with AVX-512 (Zen 4, where it
+    picks SkylakeX itself), nowhere else; a value the user set is kept."""
+    from deldist import runtime
+
+    assert runtime.blas_core_type(ZEN4) == "ZEN"
+    assert runtime.blas_core_type(ZEN4.replace(" avx512f avx512_bf16", "")) is None  # Zen 3: OpenBLAS's own pick
+    assert runtime.blas_core_type(ZEN4.replace("25", "26")) is None  # Zen 5: full-width AVX-512
+    assert runtime.blas_core_type(ZEN4.replace("AuthenticAMD", "GenuineIntel")) is None
+    assert runtime.blas_core_type("") is None
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "HASWELL")
+    runtime.tune_worker_blas()
+    assert runtime.os.environ["OPENBLAS_CORETYPE"] == "HASWELL"
