@@ -229,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="local output directory")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kvasir-only", type=int, default=None, metavar="N",
+                   help="write only the Kvasir-style labelled stills, N of them, to <out>/kvasir (the larger "
+                        "classification set `make distill-large` distills at 1-5 %%)")
     a = p.parse_args(argv)
+    if a.kvasir_only is not None:
+        rows = write_kvasir(Path(a.out) / "kvasir", np.random.default_rng([a.seed, 3]), a.kvasir_only,
+                            SIZES[a.size].kvasir_px)
+        print(json.dumps({"kvasir": str(Path(a.out) / "kvasir"), "images": len(rows)}))
+        return 0
     print(json.dumps(generate(a.out, a.size, a.seed), indent=1))
     return 0
 

@@ -214,3 +214,18 @@ def test_rejects_unknown_size_and_kind(tmp_path: Path) -> None:
         sample.generate(str(tmp_path), "huge")
     with pytest.raises(ValueError, match="unknown invalid kind"):
         sample_scenes.make_invalid("smoke", np.zeros((4, 4, 3), np.float32), 0)
+
+
+def test_cli_kvasir_only_writes_just_the_labelled_stills(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert sample.main(["--out", str(tmp_path), "--size", "tiny", "--kvasir-only", "12"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"kvasir": str(tmp_path / "kvasir"), "images": 12}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kvasir"]
+    with open(tmp_path / "kvasir/labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = [r["label"] for r in rows]
+    assert (labels.count("polyp"), labels.count("normal"), labels.count("inflamed")) == (8, 2, 2)
+    px = sample.SIZES["tiny"].kvasir_px
+    for r in rows:
+        assert Image.open(tmp_path / "kvasir/images" / f"{r['name']}.jpg").size == (px, px)
+        mask = np.asarray(Image.open(tmp_path / "kvasir/masks" / f"{r['name']}.png"))
+        assert mask.any() == (r["polyp"] == "1")
