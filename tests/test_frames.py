@@ -9,15 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deldist.frames import (
-    DecodeError,
-    Sampling,
-    decode_image,
-    decode_video,
-    is_sampled,
-    probe_video,
-    quality_stats,
-)
+from deldist.frames import DecodeError, Sampling, decode_image, decode_video, is_sampled, probe_video, quality_stats
 
 
 def _write_video(path, n_frames: int, fps: int = 15, w: int = 96, h: int = 64, gop: int = 10) -> np.ndarray:

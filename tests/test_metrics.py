@@ -7,9 +7,21 @@ import math
 import numpy as np
 import pytest
 
-from deldist.metrics import (accuracy, auc_multiclass, auc_multilabel, average_precision, classification_scores,
-                             confusion_counts, few_shot_split, mean_ap, mean_over_runs, normdel, per_image_fg_iou,
-                             roc_auc, segmentation_scores)
+from deldist.metrics import (
+    accuracy,
+    auc_multiclass,
+    auc_multilabel,
+    average_precision,
+    classification_scores,
+    confusion_counts,
+    few_shot_split,
+    mean_ap,
+    mean_over_runs,
+    normdel,
+    per_image_fg_iou,
+    roc_auc,
+    segmentation_scores,
+)
 
 # MedDEL (Yang et al. 2024) Table 3: dataset -> mIoU (%) at R = 5, 10, 20, "30", 50, 100 % and NormDEL (%).
 # The "30%" column is the 33% selection of Table 2 (R = 0.33 reproduces every NormDEL; 0.30 does not).

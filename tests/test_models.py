@@ -9,8 +9,20 @@ import pytest
 import torch
 
 from deldist.encoders import build_encoder, load_weights
-from deldist.models import (ClassifierViT, SegmentationViT, build_mae, dice_ce_loss, lr_at_step, masked_patch_loss,
-                            num_visible, param_groups, patchify, random_masking, sincos_pos_embed_2d, unpatchify)
+from deldist.models import (
+    ClassifierViT,
+    SegmentationViT,
+    build_mae,
+    dice_ce_loss,
+    lr_at_step,
+    masked_patch_loss,
+    num_visible,
+    param_groups,
+    patchify,
+    random_masking,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 MODEL = "deldist_vit_micro_patch16"  # registered by deldist.models: 192 wide, 4 deep
 SIZE = 64  # 4 x 4 patches

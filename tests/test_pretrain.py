@@ -15,8 +15,8 @@ import torch
 from deldist import augment, materialize, pretrain, storage
 from deldist.config import load_config
 from deldist.encoders import build_encoder, load_weights
-from deldist.models import build_mae
 from deldist.layout import RunLayout
+from deldist.models import build_mae
 
 MODEL = "deldist_vit_micro_patch16"
 SIZE = 64

@@ -7,9 +7,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deldist import cluster, dedup, dedup_scores, greedy, groundtruth, pairwise, rules, select, select_ray, storage, tiles
-from deldist.shards import embedding_matrix, table_matrix
+from deldist import (
+    cluster,
+    dedup,
+    dedup_scores,
+    greedy,
+    groundtruth,
+    pairwise,
+    rules,
+    select,
+    select_ray,
+    storage,
+    tiles,
+)
 from deldist.schema import QUALITY_COLUMNS, embedding_array, embeddings_schema
+from deldist.shards import embedding_matrix, table_matrix
 
 # ----------------------------------------------------------------------------- pure functions
 
