@@ -21,13 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from invariants import assert_nothing_lost
 from PIL import Image
 
 from deldist import cli, curate, embed, storage, verify
 from deldist.config import load_config
 from deldist.ids import split_id
 from deldist.layout import RunLayout
+from invariants import assert_nothing_lost
 
 FPS = 5  # embed's sampling: 3 frames of every 15
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from invariants import assert_nothing_lost
 
 from deldist import storage
 from deldist.config import load_config
 from deldist.curate import Config, format_selection_table, run
 from deldist.groundtruth import ground_truth_metrics
+from invariants import assert_nothing_lost
 
 RATIOS = (0.1, 0.2)
 

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from invariants import assert_tables_open_everywhere
 
 from deldist import sample, sample_scenes, storage, versions
 from deldist.config import load_config
@@ -29,6 +28,7 @@ from deldist.curate import run as run_curate
 from deldist.curate_new import Config, run
 from deldist.rules import cluster_quantiles
 from deldist.versions import read_version, retained_roots
+from invariants import assert_tables_open_everywhere
 
 SELECTION = "meddel_30"
 
