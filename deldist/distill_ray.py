@@ -215,11 +215,10 @@ def summarise(runs: list[dict[str, Any]], config: Config, sizes: dict[str, Any])
 
 def read_set(config: Config) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """uint8 (N, 3, S, S) images, int64 (N,) targets and class names, read as finetune reads them."""
-    from deldist import finetune
+    from deldist.few_shot import Classification, labelled_images
 
-    cls = finetune.Classification(data=config.data, labels=config.labels, label_column=config.label_column)
-    ft = finetune.Config(output=config.output, random_init=True, image_size=config.image_size, classification=cls)
-    images, targets, classes, multilabel = finetune.classification_images(ft)
+    cls = Classification(data=config.data, labels=config.labels, label_column=config.label_column)
+    images, targets, classes, multilabel = labelled_images(cls, config.image_size)
     if multilabel:
         raise ValueError("distill needs a multi-class labels CSV (one label column)")
     return images, targets, classes

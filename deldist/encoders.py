@@ -90,6 +90,14 @@ def build_encoder(model_name: str, image_size: int = 224, seed: int = 0) -> torc
                                  img_size=image_size)
 
 
+def encoder_with_weights(model_name: str, image_size: int, seed: int, weights: str | None,
+                         random_init: bool) -> torch.nn.Module:
+    """``build_encoder`` + ``load_weights``: the encoder a finetuning run starts from."""
+    encoder = build_encoder(model_name, image_size, seed)
+    load_weights(encoder, weights, random_init)
+    return encoder
+
+
 def pool_tokens(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
     """(B, prefix + N, D) -> (B, D): the CLS token or the mean of the patch tokens."""
     if pooling == "cls":

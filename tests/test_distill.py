@@ -159,7 +159,8 @@ def test_distill_on_ray_writes_a_frame_store_and_summary_finetune_reads(ray_sess
 
     from PIL import Image
 
-    from deldist import cli, finetune
+    from deldist import cli
+    from deldist.few_shot import Classification, labelled_images
     from deldist.materialize import FRAMES_SCHEMA
     from deldist.sample import write_kvasir
 
@@ -184,9 +185,7 @@ def test_distill_on_ray_writes_a_frame_store_and_summary_finetune_reads(ray_sess
         table = storage.read_published(str(store / "frames"))
         assert table.schema.equals(FRAMES_SCHEMA) and table.num_rows == 6
         assert Image.open(io.BytesIO(table.column("jpeg")[0].as_py())).size == (16, 16)
-        ft = finetune.Config(output=str(tmp_path / "ft"), random_init=True, image_size=16,
-                             classification={"data": str(store)})
-        images, targets, classes, multilabel = finetune.classification_images(ft)
+        images, targets, classes, multilabel = labelled_images(Classification(data=str(store)), 16)
         assert images.shape == (6, 3, 16, 16) and not multilabel
         assert classes == ["inflamed", "normal", "polyp"] and np.bincount(targets).tolist() == [2, 2, 2]
         with open(store / "labels.csv") as f:
