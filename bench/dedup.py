@@ -21,8 +21,8 @@ Each variant runs in its own subprocess (clean peak memory) on 2 CPUs:
            the stage's precision setting (auto: int8 for large clusters on CPUs with AMX)
 
 floor = sum over clusters of n_c^2 * D * 2 FLOPs / the float32 matmul rate of 2 cores measured
-in this run (torch.mm, best of 2 threads and 2 x 1 thread): the full matrix's flops, which is
-what "plain" computes.
+in this run (the faster of torch.mm, best of 2 threads and 2 x 1 thread, and NumPy's OpenBLAS,
+2 x 1 thread, see :func:`sgemm_gflops`): the full matrix's flops, which is what "plain" computes.
 Variants run interleaved for ``--rounds`` rounds; each one's fastest counts (shared machine). Results are checked identical: max_sim within 1e-5 and duplicate_of equal (ties within 1e-6
 accepted) between every pair of variants.
 
@@ -258,9 +258,34 @@ def child_stage(workdir: str, block_rows: int, rounds: int, lists: int = 16, pre
             "breakdown_s": summary["seconds"]}
 
 
-def sgemm_gflops(size: int = 1024) -> float:
-    """Best float32 matmul rate on 2 cores: torch.mm of (size x D) @ (D x size) with 2
-    threads, or twice the 1-thread rate (two single-threaded workers), best of 5 each."""
+def _best_rate(matmul, size: int) -> float:
+    """GFLOPS of ``matmul()`` (a (size x D) @ (D x size) product), best of 5 x 20."""
+    matmul()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20):
+            matmul()
+        best = min(best, (time.perf_counter() - start) / 20)
+    return 2 * size * size * DIM / best / 1e9
+
+
+def child_numpy_sgemm(size: int = 1024) -> dict:
+    """NumPy's float32 matmul rate (the BLAS the kernels call), one BLAS thread (this child runs
+    with OPENBLAS_NUM_THREADS=1); x2 for two single-threaded workers."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, DIM), dtype=np.float32)
+    b = rng.standard_normal((DIM, size), dtype=np.float32)
+    out = np.empty((size, size), np.float32)
+    return {"gflops_2_cores": 2 * _best_rate(lambda: np.matmul(a, b, out=out), size)}
+
+
+def sgemm_gflops(size: int = 1024) -> dict[str, float]:
+    """Best float32 matmul rate on 2 cores, per library: torch.mm (MKL) with 2 threads or twice
+    its 1-thread rate, and NumPy's OpenBLAS (with the kernel set deldist's workers get) as twice
+    its 1-thread rate. The floor uses the faster: on an AMD Zen 5 MKL runs ~96 GFLOPS per core
+    and OpenBLAS's SkylakeX kernels ~207, and a floor from the slower library would flatter
+    every ratio to it."""
     import torch
 
     a = torch.randn(size, DIM)
@@ -268,15 +293,10 @@ def sgemm_gflops(size: int = 1024) -> float:
     rates = []
     for threads in (2, 1):
         torch.set_num_threads(threads)
-        torch.mm(a, b)
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(20):
-                torch.mm(a, b)
-            best = min(best, (time.perf_counter() - start) / 20)
-        rates.append(2 * size * size * DIM / best / 1e9 * (2 if threads == 1 else 1))
-    return max(rates)
+        rates.append(_best_rate(lambda: torch.mm(a, b), size) * (2 if threads == 1 else 1))
+    numpy_rate = run_child(__file__, "sgemm", tempfile.gettempdir(), [],
+                           {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})["gflops_2_cores"]
+    return {"torch": max(rates), "numpy": numpy_rate, "best": max(max(rates), numpy_rate)}
 
 
 def compare(workdir: str, x: np.ndarray, a: str, b: str) -> dict:
@@ -303,7 +323,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "int8", "bfloat16"],
                         help="the stage's precision setting")
     parser.add_argument("--low", default="int8", choices=["int8", "bfloat16"], help="the lowp variants' tiles")
-    parser.add_argument("--child", choices=["plain", "kernel", "lowp", "lowp_lists", "stage"])
+    parser.add_argument("--child", choices=["plain", "kernel", "lowp", "lowp_lists", "stage", "sgemm"])
     parser.add_argument("--workdir")
     parser.add_argument("--keep", action="store_true", help="keep the generated data (its directory is printed)")
     args = parser.parse_args()
@@ -312,7 +332,9 @@ def main() -> None:
 
         tune_worker_blas()
     if args.child:
-        if args.child == "plain":
+        if args.child == "sgemm":
+            result = child_numpy_sgemm()
+        elif args.child == "plain":
             result = child_plain(args.workdir, args.rounds)
         elif args.child == "kernel":
             result = child_kernel(args.workdir, args.block_rows, args.rounds)
@@ -370,7 +392,7 @@ def main() -> None:
                 print(f"round {r} {variant}: {json.dumps(runs[variant][-1])}", flush=True)
         results = {v: min(runs[v], key=lambda x: x["seconds"]) for v in runs}
         results["plain"]["end_to_end_seconds"] = min(x["end_to_end_seconds"] for x in runs["plain"])
-        rate = max(rates)
+        rate = max(r["best"] for r in rates)
         floor = pairs_full * DIM * 2 / (rate * 1e9)
         checks = {f"{a}_vs_{b}": compare(workdir, x, a, b) for a, b in
                   (("plain", "kernel"), ("plain", "stage"), ("kernel", "stage"), ("kernel", "lowp"),
@@ -378,7 +400,9 @@ def main() -> None:
         plain, kernel, stage, lowp, lowp_lists = (results[v]["seconds"] for v in ("plain", "kernel", "stage", "lowp",
                                                                                    "lowp_lists"))
         summary = {
-            "n": n, "dim": DIM, "k": args.k, "sgemm_gflops_2_cores": round(rate, 1), "floor_s": round(floor, 3),
+            "n": n, "dim": DIM, "k": args.k, "sgemm_gflops_2_cores": round(rate, 1),
+            "sgemm_gflops_by_library": {lib: round(max(r[lib] for r in rates), 1) for lib in ("torch", "numpy")},
+            "floor_s": round(floor, 3),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "auto"),
             "plain_s": round(plain, 3), "kernel_s": round(kernel, 3), "stage_s": round(stage, 3),
             "plain_end_to_end_s": round(results["plain"]["end_to_end_seconds"], 3),

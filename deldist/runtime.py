@@ -55,34 +55,58 @@ def throttle_idle_scheduling() -> None:
 
 
 def blas_core_type(cpuinfo: str) -> str | None:
-    """The OpenBLAS kernel set to run on the CPU ``/proc/cpuinfo`` describes, when not the one
-    OpenBLAS picks itself; None otherwise.
+    """The OpenBLAS kernel set to run on the CPU ``/proc/cpuinfo`` describes, where deldist has
+    measured a better one than a generic choice; None elsewhere (OpenBLAS's own pick).
 
-    deldist's own rule, from a measurement: on AMD Zen 4 (family 25 with AVX-512) OpenBLAS
-    picks its SkylakeX kernels, whose small-matrix path multiplies the dedup kernel's tiles
-    (64-256 rows x 768) at 73-76 GFLOPS on one core, against 94-96 with its Zen kernels (and
-    ~100 for both at 1024 x 1024); the stage's products took 12 % less time
-    (bench/RESULTS.md, 2026-12-01, fourth session)."""
+    deldist's own rule, from measurements of the dedup kernel's tiles (64-256 rows x 768) and of
+    1024 x 1024, one core (bench/RESULTS.md):
+    - AMD Zen 4 (family 25 with AVX-512) splits 512-bit operations in two: OpenBLAS picks its
+      SkylakeX kernels, whose small-matrix path ran the tiles at 73-76 GFLOPS, against 94-96
+      with its Zen kernels (2026-12-01, fourth session) -> ``ZEN``.
+    - AMD Zen 5 and later (family >= 26 with AVX-512) have full-width AVX-512: the SkylakeX
+      kernels ran the tiles at 130-190 GFLOPS and 1024 x 1024 at 207-210, against 102-110 with
+      the Haswell or Zen kernels (AVX2) (2026-12-02) -> ``SKYLAKEX``."""
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = fields.get("flags", "").split()
-    if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25" and "avx512f" in flags:
+    if fields.get("vendor_id") != "AuthenticAMD" or "avx512f" not in flags:
+        return None
+    family = int(fields.get("cpu family", "0") or 0)
+    if family == 25:
         return "ZEN"
+    if family >= 26:
+        return "SKYLAKEX"
     return None
 
 
-def tune_worker_blas() -> None:
-    """Set ``OPENBLAS_CORETYPE`` (:func:`blas_core_type`) in this process's environment, which
-    a local Ray cluster's workers inherit (OpenBLAS reads it when NumPy loads, so it cannot be
-    changed later in a process). A value the user set stays; on a remote cluster set it in the
-    job's ``runtime_env`` ``env_vars`` (README)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            core = blas_core_type(f.read(16_384))
-    except OSError:
-        return
-    if core is not None:
-        os.environ.setdefault("OPENBLAS_CORETYPE", core)
+def tune_worker_blas() -> str | None:
+    """Set ``OPENBLAS_CORETYPE`` in this process's environment, which a local Ray cluster's
+    workers inherit (OpenBLAS reads it when NumPy loads, so it cannot be changed later in a
+    process). Returns the value set, or None when left alone.
+
+    ``DELDIST_OPENBLAS_CORETYPE``, when set, is the value used. Otherwise deldist's pick for the
+    CPU (:func:`blas_core_type`) replaces any other value, with a warning: a machine-wide
+    ``OPENBLAS_CORETYPE=Haswell`` (a common workaround from before OpenBLAS knew Zen 5) runs
+    float32 products on a Zen 5 at half its rate. On a remote cluster set it in the job's
+    ``runtime_env`` ``env_vars`` (README)."""
+    import logging
+
+    core = os.environ.get("DELDIST_OPENBLAS_CORETYPE")
+    if not core:
+        try:
+            with open("/proc/cpuinfo") as f:
+                core = blas_core_type(f.read(16_384))
+        except OSError:
+            return None
+    if core is None:
+        return None
+    previous = os.environ.get("OPENBLAS_CORETYPE")
+    if previous and previous.upper() != core.upper():
+        logging.getLogger("deldist").warning(
+            "OPENBLAS_CORETYPE=%s replaced by %s for deldist's local workers (faster on this CPU; set "
+            "DELDIST_OPENBLAS_CORETYPE to choose)", previous, core)
+    os.environ["OPENBLAS_CORETYPE"] = core
+    return core
 
 
 def init_ray() -> None:

@@ -47,16 +47,24 @@ def test_task_slots_and_gpu_setting(ray_session):
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
 
 
-def test_blas_core_type_only_for_zen4(monkeypatch):
-    """OpenBLAS is told to use its Zen kernels on AMD family 25 with AVX-512 (Zen 4, where it
-    picks SkylakeX itself), nowhere else; a value the user set is kept."""
+def test_blas_core_type_for_zen4_and_zen5(monkeypatch):
+    """OpenBLAS is told to use its Zen kernels on AMD family 25 with AVX-512 (Zen 4), its
+    SkylakeX kernels on family 26 (Zen 5, full-width AVX-512), nothing elsewhere; the pick
+    replaces a machine-wide value, and DELDIST_OPENBLAS_CORETYPE overrides the pick."""
     from deldist import runtime
 
     assert runtime.blas_core_type(ZEN4) == "ZEN"
     assert runtime.blas_core_type(ZEN4.replace(" avx512f avx512_bf16", "")) is None  # Zen 3: OpenBLAS's own pick
-    assert runtime.blas_core_type(ZEN4.replace("25", "26")) is None  # Zen 5: full-width AVX-512
+    assert runtime.blas_core_type(ZEN4.replace("25", "26")) == "SKYLAKEX"  # Zen 5: full-width AVX-512
     assert runtime.blas_core_type(ZEN4.replace("AuthenticAMD", "GenuineIntel")) is None
     assert runtime.blas_core_type("") is None
-    monkeypatch.setenv("OPENBLAS_CORETYPE", "HASWELL")
-    runtime.tune_worker_blas()
+    monkeypatch.setenv("DELDIST_OPENBLAS_CORETYPE", "HASWELL")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "ZEN")
+    assert runtime.tune_worker_blas() == "HASWELL"
     assert runtime.os.environ["OPENBLAS_CORETYPE"] == "HASWELL"
+    monkeypatch.delenv("DELDIST_OPENBLAS_CORETYPE")
+    with open("/proc/cpuinfo") as f:
+        pick = runtime.blas_core_type(f.read(16_384))
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "PRESCOTT")
+    assert runtime.tune_worker_blas() == pick
+    assert runtime.os.environ["OPENBLAS_CORETYPE"] == (pick or "PRESCOTT")
