@@ -192,7 +192,21 @@ def test_a_row_whose_window_overflows_is_recomputed_in_float32(precision):
     ref = pairwise.triu_max_sim(x)
     assert stats["fallback_rows"] > 100
     np.testing.assert_allclose(got[0], ref[0], atol=1e-6)
-    assert (got[1] == ref[1]).mean() > 0.99
+    # The rows' similarities differ by about float32's rounding near 1 (the float64 best leads
+    # the second best by 6e-8 at the median), so which earlier row is "the" argmax depends on
+    # the BLAS kernel's summation order (OpenBLAS's Haswell and SkylakeX kernels disagree on
+    # 12 % of these rows). What must hold: every argmax is an earlier row whose float64
+    # similarity is the row's float64 max to within float32 rounding (4e-7; float32's own
+    # kernel is within 3e-7; a random earlier row passes for 15 % of rows), and the argmax
+    # is the float64 one about as often as the float32 kernel's is.
+    x64 = x.astype(np.float64)
+    s64 = np.tril(x64 @ x64.T, -1) + np.triu(np.full((len(x), len(x)), -np.inf))
+    rows = np.arange(1, len(x))
+    assert np.all((got[1][rows] >= 0) & (got[1][rows] < rows))
+    best = s64[rows].max(axis=1)
+    assert np.all(s64[rows, got[1][rows]] >= best - 4e-7)
+    exact = s64[rows].argmax(axis=1)
+    assert (got[1][rows] == exact).mean() >= (ref[1][rows] == exact).mean() - 0.05
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
