@@ -4,7 +4,7 @@ modules that fit on a few screens."""
 from __future__ import annotations
 
 import ast
-from concurrent.futures import ThreadPoolExecutor
+import gc
 from pathlib import Path
 
 import deldist
@@ -15,11 +15,18 @@ MAX_FUNCTION_LINES = 80
 
 
 def _parse(text: str) -> ast.Module:
-    """``ast.parse`` in a fresh thread: CPython 3.11 can raise "AST constructor recursion depth
-    mismatch" in a thread whose recursion counter earlier code (here, a long test session) left
-    off; a new thread starts from zero."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(ast.parse, text).result()
+    """``ast.parse`` with the garbage collector paused. CPython 3.11 (before 3.11.8, gh-106905)
+    keeps the AST-to-object conversion's recursion counter in state the interpreter's threads
+    share and raises "AST constructor recursion depth mismatch" when it moved meanwhile. A
+    collection during the conversion runs finalizers (of Ray objects, late in a test session),
+    which lets other threads run; seen here even with the parse in a fresh thread."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(text)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _modules() -> dict[str, ast.Module]:
