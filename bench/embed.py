@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -133,6 +134,8 @@ def main() -> None:
         "stride": args.stride, "rounds": args.rounds, "frames_per_s": {k: round(v, 1) for k, v in fps.items()},
         "pipeline_vs_plain": round(fps["pipeline"] / fps["plain_loop"], 2),
         "pipeline_vs_model_only": round(fps["pipeline"] / fps["model_only"], 2),
+        "seconds_all": {k: [round(t, 2) for t in v] for k, v in times.items()},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result, indent=2))
 
