@@ -37,33 +37,45 @@ NODE_RESOURCE = "test_worker_node"  # only the worker nodes have it: pins work t
 class WorkerNode:
     """``ray start --address <head> --block`` as a subprocess: one more node of the cluster."""
 
-    def __init__(self, head: dict, name: str):
+    def __init__(self, head: dict, name: str, attempts: int = 3):
         import ray
 
         before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        self.name = name
+        log = Path(head["temp_dir"]) / f"ray_start_{name}.log"
+        for attempt in range(attempts):
+            self.process = self._ray_start(head, name, log)
+            deadline = time.time() + 120
+            while self.process.poll() is None and time.time() < deadline:
+                new = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before
+                       and n["Resources"].get(name)]
+                if new:
+                    self.node_id = new[0]["NodeID"]
+                    return
+                time.sleep(0.5)
+            if self.process.poll() is None:  # still starting after 2 minutes: not a port race
+                self.kill()
+                break
+            # `ray start` exited: a port _free_port found free was taken before the node bound
+            # it (Ray's own connections draw from the same ephemeral range); new ports, again
+        raise RuntimeError(f"worker node {name} did not join the cluster in {attempt + 1} attempts; "
+                           f"`ray start` said: {log.read_text()[-2000:]}")
+
+    @staticmethod
+    def _ray_start(head: dict, name: str, log: Path) -> subprocess.Popen:
         ports = {p: _free_port() for p in ("node-manager-port", "object-manager-port", "metrics-export-port",
                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                            "runtime-env-agent-port")}
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("RAY_ADDRESS", None)
-        self.name = name
-        self.process = subprocess.Popen(
-            [ray_cli, "start", "--address", head["address"], "--block", "--num-cpus=1", "--num-gpus=0",
-             "--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats",
-             f"--resources={json.dumps({NODE_RESOURCE: 1, name: 1})}",
-             *[f"--{k}={v}" for k, v in ports.items()]],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            new = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before
-                   and n["Resources"].get(name)]
-            if new:
-                self.node_id = new[0]["NodeID"]
-                return
-            if self.process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"worker node {name} did not join the cluster")
-            time.sleep(0.5)
+        with log.open("w") as out:
+            return subprocess.Popen(
+                [ray_cli, "start", "--address", head["address"], "--block", "--num-cpus=1", "--num-gpus=0",
+                 "--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats",
+                 f"--resources={json.dumps({NODE_RESOURCE: 1, name: 1})}",
+                 *[f"--{k}={v}" for k, v in ports.items()]],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
         """SIGKILL to every process of the node at once: a lost machine, not a clean stop."""
