@@ -9,11 +9,13 @@ memory, written as published ``embeddings/`` Parquet with ``float16`` vectors (w
   dedup    the default stage (waves of buckets within the object store's budget)
   select   method meddel, target_ratio 0.2
 
-Per stage: wall time and the peak summed PSS of the driver and every process it started
-(bench/kmeans.py:TreeMemory), then the cost growth between sizes. ``--verify`` runs
-``deldist verify`` on the output.
+Per stage: wall time, the peak summed PSS of the driver and every process it started
+(bench/kmeans.py:TreeMemory) and the driver's own peak RSS, then the cost growth between sizes.
+``--verify`` runs ``deldist verify`` on the output. ``--keep`` keeps each size's run;
+``--workdir <kept run> --only select`` reruns stages on it in a fresh process.
 
     .venv/bin/python bench/scale.py --sizes 1000000 3000000 10000000 [--k 10000] [--keep]
+    .venv/bin/python bench/scale.py --workdir /tmp/bench-scale-1000000-xxxx --only select
 """
 
 from __future__ import annotations
@@ -82,8 +84,20 @@ def write_synthetic(emb_dir: str, n: int, seed: int = 0, rows_per_part: int = 65
                                      "schema": storage.schema_hex(schema), "rows": n})
 
 
-def child_chain(workdir: str, k: int, ratio: float, verify: bool) -> dict:
-    """cluster -> dedup -> select on a local 2-CPU Ray cluster; time and tree memory per stage."""
+def driver_peak_reset() -> None:
+    """Start a new peak RSS (VmHWM) for this process: Linux resets it on "5" to clear_refs."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def driver_peak_gib() -> float:
+    """This process's peak RSS (VmHWM) since :func:`driver_peak_reset`."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 2**20
+
+
+def child_chain(workdir: str, k: int, ratio: float, verify: bool, only: list[str] | None = None) -> dict:
+    """cluster -> dedup -> select on a local 2-CPU Ray cluster (``only``: those stages, on the
+    earlier ones' kept output); time, tree memory and the driver's own peak per stage."""
     from deldist import cluster, dedup, select
 
     ray_start()
@@ -95,10 +109,14 @@ def child_chain(workdir: str, k: int, ratio: float, verify: bool) -> dict:
     }
     out: dict = {}
     for name, stage in stages.items():
+        if only and name not in only:
+            continue
+        driver_peak_reset()
         start = time.perf_counter()
         with TreeMemory() as memory:
             summary = stage()
-        out[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_gib": round(memory.peak_gib, 2)}
+        out[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_gib": round(memory.peak_gib, 2),
+                     "driver_peak_gib": round(driver_peak_gib(), 2)}
         if name == "select":
             out[name].update(kept=summary["kept_count"], ratio=round(summary["ratio"], 4))
         print(f"  {name}: {json.dumps(out[name])}", flush=True)
@@ -120,10 +138,17 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the generated runs (printed)")
     parser.add_argument("--child")
-    parser.add_argument("--workdir")
+    parser.add_argument("--workdir", help="with --only: a run --keep kept")
+    parser.add_argument("--only", nargs="+", choices=["cluster", "dedup", "select"],
+                        help="rerun these stages on --workdir's kept output, in a fresh process")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child_chain(args.workdir, args.k, args.ratio, args.verify)))
+        print(json.dumps(child_chain(args.workdir, args.k, args.ratio, args.verify, args.only)))
+        return
+    if args.only:
+        extra = ["--k", str(args.k), "--ratio", str(args.ratio), "--only", *args.only] + \
+            (["--verify"] if args.verify else [])
+        print(json.dumps(run_child(__file__, "chain", args.workdir, extra)))
         return
     results = {}
     for n in args.sizes:

@@ -38,8 +38,9 @@ Duplicates, two rules (``dedup_rule``):
   (the most similar one its neighbour list holds). A group of copies therefore always keeps a member, also when its first
   member was removed as invalid or outlier. Resolved from the neighbour lists the dedup
   stage stored (:class:`deldist.pairwise.NeighbourLists`) in rank order
-  (:func:`deldist.greedy.keep_first_in_order`); the clusters where a list cannot decide (all
-  its listed neighbours above the threshold were removed, and an unlisted one might be
+  (:func:`deldist.greedy.resolve_kept`), on actors that each hold a share of the clusters
+  (:mod:`deldist.kept_rule`: the driver reads no lists); the clusters where a list cannot decide
+  (all its listed neighbours above the threshold were removed, and an unlisted one might be
   above it) are computed exactly from the vectors (:func:`deldist.pairwise.keep_first_exact`,
   Ray tasks). A threshold sweep or a ``target_ratio`` search never reruns the pairwise stage.
 - ``any_earlier`` (default for ``semdedup``): SemDeDup's reference code: removed when the
@@ -75,12 +76,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from deldist import storage
 from deldist.config import StageConfig
 from deldist.greedy import follow_to_kept
 from deldist.groundtruth import ground_truth_metrics
+from deldist.kept_rule import dedup_kept
 from deldist.layout import RunLayout
 from deldist.rules import (
     REASONS,
@@ -96,7 +99,7 @@ from deldist.rules import (
     temporal_savings,
 )
 from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_META, RETAINED_SCHEMA
-from deldist.select_ray import Scores, dedup_any_earlier, dedup_kept, temporal_rule
+from deldist.select_ray import Scores, dedup_any_earlier, temporal_rule
 from deldist.shards import EmptyInputError
 
 # similarity threshold (1 - eps) -> (frames retained, fraction retained) in MedDEL's Table 2
@@ -255,28 +258,33 @@ def _near_copy_rule(config: Config, meta: pa.Table, ids: pa.Array, decision: Dec
                     chance_pairs=chance_pairs(int((decision.reason < 0).sum()), rule.max_hamming))
 
 
-def read_scores(config: Config, ids: pa.Array, layout: RunLayout) -> Scores:
-    """dedup's scores for the rows of ``ids`` (with the neighbour lists the kept rule needs,
-    left in their stored order: :class:`~deldist.select_ray.Scores`); refuses scores ranked
-    for another method or without lists."""
+def read_scores(config: Config, ids: pa.Array, layout: RunLayout, also: tuple[str, ...] = ()) -> Scores:
+    """dedup's scores for the rows of ``ids`` (:class:`~deldist.select_ray.Scores`): for the kept
+    rule each row's cluster and where its parts are (its shards read the neighbour lists
+    themselves), for SemDeDup's rule cluster, rank, max_sim and duplicate_of; ``also``: more
+    columns to align; refuses scores ranked for another method or without lists."""
     expected = METHODS[config.method]["keep"]
     manifest = storage.read_manifest(layout.scores)
     if manifest.get("keep") != expected:
         raise ValueError(f"method {config.method} ranks each cluster keep={expected} but {layout.scores} was "
                          f"ranked keep={manifest.get('keep')}; re-run dedup with keep: {expected}")
-    # only what the rule reads: at 10M items the ids and duplicate_of strings are ~0.4 GB each
-    columns = ["cluster", "rank", "max_sim"]
-    lists = ["neighbours", "neighbour_sims"] if config.dedup_rule == "kept" else []
-    if lists:
-        if "neighbour_floor" not in manifest:
-            raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
-        columns.append("unlisted_max_sim")
-    else:
-        columns.append("duplicate_of")
-    stored = storage.read_published(layout.scores, ["id", *columns, *lists])
+    if config.dedup_rule != "kept":
+        columns = list(dict.fromkeys(["cluster", "rank", "max_sim", "duplicate_of", *also]))
+        stored = storage.read_published(layout.scores, ["id", *columns])
+        row = stored_rows(ids, stored.column("id"), layout.scores)
+        return Scores(stored.select(columns).take(pa.array(row)), None, None, manifest)
+    if "neighbour_floor" not in manifest:
+        raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
+    fs, paths = storage.published_paths(layout.scores)
+    columns = list(dict.fromkeys(["cluster", *also]))
+    pieces = []
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            pieces.append(pq.ParquetFile(f).read(columns=["id", *columns]))
+    stored = pa.concat_tables(pieces)
     row = stored_rows(ids, stored.column("id"), layout.scores)
-    return Scores(stored.select(columns).take(pa.array(row)), stored.select(lists) if lists else None,
-                  row if lists else None, manifest)
+    return Scores(stored.select(columns).take(pa.array(row)), None, row, manifest, source_dir=layout.scores,
+                  parts=[(path, piece.num_rows) for path, piece in zip(paths, pieces)])
 
 
 def stored_rows(ids: pa.Array, stored_ids: pa.ChunkedArray, what: str) -> np.ndarray:
@@ -300,9 +308,9 @@ def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int |
         from deldist.runtime import init_ray
 
         init_ray()
-        duplicate, link, score, info = dedup_kept(config, scores, candidate, ids, layout.embeddings, dim,
-                                                   float(manifest["neighbour_floor"]),
-                                                   layout.scratch("select", config.name))
+        duplicate, link, score, info = dedup_kept(config, scores, candidate, layout.embeddings, dim,
+                                                  float(manifest["neighbour_floor"]),
+                                                  layout.scratch("select", config.name))
     else:
         duplicate, link, score, info = dedup_any_earlier(config, scores, candidate, ids)
     if config.eps is not None:
@@ -322,7 +330,7 @@ def run(config: Config) -> dict[str, Any]:
     if config.method != "random":
         storage.check_inputs_current(layout.clusters, "deldist cluster")
         storage.check_inputs_current(layout.scores, "deldist dedup")
-    meta = read_frames(layout, near_copies=config.deldist_rules.near_copy is not None)
+    meta = read_frames(layout, config.deldist_rules)
     ids = meta.column("id").combine_chunks()
     if config.method == "random":
         decision = _random_sample(config, ids, layout)
@@ -340,12 +348,15 @@ def run(config: Config) -> dict[str, Any]:
             **{k: summary[k] for k in ("input_count", "kept_count", "ratio", "removed_by_reason")}}
 
 
-def read_frames(layout: RunLayout, near_copies: bool = False) -> pa.Table:
-    """The embedded frames' metadata the rules read (no vectors): id, source, frame_index,
-    timestamp_s, dataset, the quality columns, and ``phash`` for the near-copy rule. Checked: not empty, ids
-    unique."""
-    columns = ["id", "source", "frame_index", "timestamp_s", "dataset", *QUALITY_COLUMNS,
-               *(["phash"] if near_copies else [])]
+def read_frames(layout: RunLayout, rules: DeldistRules | None = None) -> pa.Table:
+    """The embedded frames' metadata the selection reads (no vectors): id, source, frame_index,
+    timestamp_s, dataset; the quality columns for deldist's quality rule, ``phash`` and ``blur``
+    for its near-copy rule (only what ``rules`` need: 20 bytes per frame of quality columns).
+    Checked: not empty, ids unique."""
+    rules = rules or DeldistRules()
+    quality = QUALITY_COLUMNS if rules.quality is not None else ("blur",) if rules.near_copy is not None else ()
+    columns = ["id", "source", "frame_index", "timestamp_s", "dataset", *quality,
+               *(["phash"] if rules.near_copy is not None else [])]
     meta = storage.read_published(layout.embeddings, columns=columns)
     if meta.num_rows == 0:
         raise EmptyInputError(f"{layout.embeddings} has no rows: nothing to select from")

@@ -8,8 +8,8 @@ vectors of the clusters the neighbour lists cannot decide, gathered once). The m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numba
 import numpy as np
@@ -18,14 +18,7 @@ import pyarrow.compute as pc
 
 from deldist import storage
 from deldist.arrays import equal_runs
-from deldist.greedy import (
-    FloatGrid,
-    NeighbourEdges,
-    any_earlier_duplicates,
-    resolve_kept,
-    search_threshold,
-    threshold_for_ratio,
-)
+from deldist.greedy import NeighbourEdges, any_earlier_duplicates, threshold_for_ratio
 from deldist.rules import temporal_collapse
 from deldist.schema import stored_itemsize
 from deldist.shuffle import (
@@ -98,7 +91,7 @@ def _temporal_bucket(threshold: float, *slices: tuple[pa.Table, np.ndarray]) -> 
 
 class ExactFallback:
     """Ray wiring of the exact ``kept`` rule for the clusters the neighbour lists cannot
-    decide (positions as in :class:`NeighbourEdges`).
+    decide (:class:`deldist.kept_rule.KeptRule`).
 
     Their vectors are shuffled once per new set of clusters and written to ``cache_dir`` (one
     ``.npy`` per bucket of clusters, rows in (cluster, rank) order, the stored dtype), so every
@@ -107,12 +100,12 @@ class ExactFallback:
     does: at 10M items the undecided clusters hold ~6 GB of float16 vectors, which in one go
     (slices beside gathered copies) outgrew the object store and then the disk. An exact task
     maps one bucket file (local disk) or reads it whole (object store): its memory is one
-    bucket, which is sized to a share of the budget. :meth:`close` removes the files."""
+    bucket, which is sized to a share of the budget. :meth:`close` removes the files.
+    sizes: (k,) items per cluster."""
 
-    def __init__(self, config: Config, emb_dir: str, dim: int | None, ids_pos: pa.Array,
-                 starts: np.ndarray, sizes: np.ndarray, cache_dir: str):
+    def __init__(self, config: Config, emb_dir: str, dim: int | None, sizes: np.ndarray, cache_dir: str):
         self.config, self.emb_dir, self.dim, self.cache_dir = config, emb_dir, dim, cache_dir
-        self.ids_pos, self.starts, self.sizes = ids_pos, starts, sizes
+        self.sizes = np.asarray(sizes, np.int64)
         manifest = storage.read_manifest(emb_dir)
         self.itemsize = stored_itemsize(manifest)
         self.width = int(dim or manifest.get("dim") or 1)
@@ -120,8 +113,9 @@ class ExactFallback:
         self.gathers = self.waves = 0
         storage.delete_dir(cache_dir)  # an interrupted earlier run's files
 
-    def gather(self, clusters: Sequence[int]) -> None:
-        """Shuffle the vectors of ``clusters`` not gathered yet into bucket files."""
+    def gather(self, clusters: Sequence[int], rows_of: Callable[[np.ndarray], pa.Table]) -> None:
+        """Shuffle the vectors of ``clusters`` not gathered yet into bucket files; ``rows_of``:
+        clusters -> their items' (id, cluster, rank)."""
         import ray
 
         from deldist.runtime import task_slots, wave_budget
@@ -138,10 +132,11 @@ class ExactFallback:
         bucket_rows = max(int(sizes.max()), int(budget / (4 * slots * self.width * 4)))
         buckets = plan_buckets(sizes, bucket_count(None, self.config.task_cpus), int(sizes.max()) + 1, bucket_rows)
         bucket_of = bucket_of_groups(buckets, len(sizes))
-        positions = np.concatenate([np.arange(self.starts[c], self.starts[c] + self.sizes[c]) for c in missing])
-        cluster = np.repeat(np.asarray(missing, np.int64), self.sizes[missing])
-        lookup = pa.table({"id": self.ids_pos.take(pa.array(positions)), "bucket": bucket_of[cluster],
-                           "cluster": cluster.astype(np.int32), "rank": positions - self.starts[cluster]})
+        rows = rows_of(np.asarray(missing, np.int64))
+        cluster = rows.column("cluster").to_numpy()
+        lookup = pa.table({"id": rows.column("id"), "bucket": bucket_of[cluster],
+                           "cluster": cluster.astype(np.int32), "rank": rows.column("rank")})
+        del rows
         write = ray.remote(num_cpus=self.config.io_cpus)(_write_gathered)
         stats: list[dict[str, Any]] = []
         for wave in plan_waves(buckets, self.width, budget, self.itemsize):
@@ -162,32 +157,27 @@ class ExactFallback:
                     self.where[c] = (path, offset)
                     offset += int(self.sizes[c])
             self.waves += 1
-        check_found(stats, len(positions), "the exact dedup fallback")
+        check_found(stats, lookup.num_rows, "the exact dedup fallback")
         self.gathers += 1
 
-    def run(self, clusters: Sequence[int], first: Sequence[int], threshold: float, candidate: np.ndarray,
-            kept: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
-        """:func:`deldist.pairwise.keep_first_exact` on each cluster from position ``first[i]`` (its
-        first item the lists could not decide) on, the items kept before it fixed -> [(cluster,
-        first, kept, duplicate_of position, similarity) of positions first..the cluster's end];
-        candidate, kept: (n,) bool in position order (kept: the lists' decisions)."""
+    def run(self, spans: Sequence[tuple[int, int, np.ndarray, np.ndarray]], threshold: float,
+            ) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+        """:func:`deldist.pairwise.keep_first_exact` on each (cluster, first rank, ranks kept before
+        it, candidacy of the ranks from it on) span: the cluster from its first item the lists
+        could not decide on, the items kept before it fixed -> [(cluster, first rank, kept,
+        duplicate_of rank or -1, similarity) of ranks first..the cluster's end]. Every span's
+        cluster must be gathered."""
         import ray
 
-        self.gather(clusters)
         by_file: dict[str, list[tuple[int, int, int, np.ndarray, np.ndarray]]] = {}
-        for c, f in zip(clusters, first):
+        for c, first, fixed, candidate in spans:
             path, offset = self.where[int(c)]
-            start, stop, f = int(self.starts[c]), int(self.starts[c] + self.sizes[c]), int(f)
-            fixed = np.flatnonzero(kept[start:f])  # ranks of the decided items kept before ``first``
-            by_file.setdefault(path, []).append((int(c), offset, stop - start, fixed, candidate[f:stop]))
+            size = int(self.sizes[c])
+            assert size - first == len(candidate)
+            by_file.setdefault(path, []).append((int(c), offset, size, fixed, candidate))
         task = ray.remote(num_cpus=self.config.task_cpus)(_keep_first_in_file)
-        out = []
-        for done in ray.get([task.remote(path, spans, threshold, self.config.block_rows)
-                             for path, spans in by_file.items()]):
-            for c, rank, k, d, s in done:
-                start = int(self.starts[c])
-                out.append((c, start + int(rank), k, np.where(d >= 0, d + start, -1), s))
-        return out
+        return [r for done in ray.get([task.remote(path, file_spans, threshold, self.config.block_rows)
+                                       for path, file_spans in by_file.items()]) for r in done]
 
     def close(self) -> None:
         storage.delete_dir(self.cache_dir)
@@ -224,17 +214,19 @@ def _keep_first_in_file(path: str, spans: list[tuple[int, int, int, np.ndarray, 
 
 @dataclass
 class Scores:
-    """dedup's scores as the selection reads them: ``table`` (cluster, rank, max_sim, and
-    unlisted_max_sim for the kept rule or duplicate_of for SemDeDup's) row-aligned with the
-    selection's ids; ``lists``
-    (neighbours, neighbour_sims) in their stored row order, ``list_row[i]`` the ``lists`` row
-    of ids row i (aligning the lists would copy them: 8 bytes per listed pair, 2.5 GB at 10M
-    items); ``manifest``: the scores' manifest."""
+    """dedup's scores as the selection reads them: ``table`` row-aligned with the selection's
+    ids (``cluster``; SemDeDup's rule: also rank, max_sim, duplicate_of); ``list_row[i]`` the
+    stored row of ids row i; ``lists`` (neighbours, neighbour_sims, in stored row order) when
+    read here, else ``source_dir`` and its ``parts`` (fs path, rows) in stored row order, which
+    the kept rule's shards read themselves (:mod:`deldist.kept_rule`; the lists are 8 bytes per
+    listed pair, 2.5 GB at 10M items); ``manifest``: the scores' manifest."""
 
     table: pa.Table
     lists: pa.Table | None
     list_row: np.ndarray | None
     manifest: dict[str, Any]
+    source_dir: str = ""
+    parts: list[tuple[str, int]] = field(default_factory=list)
 
 
 def neighbour_edges(scores: Scores, order: np.ndarray, starts: np.ndarray, floor: float) -> NeighbourEdges:
@@ -287,140 +279,6 @@ def _lists_to_positions(pos, rows, nbr_offsets, ranks, sim_offsets, sims, first,
             dst[e] = first[p] + ranks[j]
             sim[e] = sims[a + j - nbr_offsets[r]]
             e += 1
-
-
-class KeptRule:
-    """The ``kept`` duplicate rule over fixed candidates at any similarity threshold, without
-    rerunning the pairwise stage: the scores' rows in position order (cluster, rank), their
-    neighbour lists and the exact fallback's gathered vectors, and :meth:`evaluate` cached per
-    threshold. ``deldist select`` evaluates one threshold (or searches a ``target_ratio``),
-    ``deldist sweep`` a grid of them on the same object."""
-
-    def __init__(self, config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
-                 dim: int | None, floor: float, cache_dir: str):
-        n = len(candidate)
-        cluster = scores.table.column("cluster").to_numpy().astype(np.int64)
-        rank = scores.table.column("rank").to_numpy().astype(np.int64)
-        self.order = order = np.lexsort((rank, cluster))  # position -> row
-        self.sizes = sizes = np.bincount(cluster, minlength=int(cluster.max()) + 1)
-        self.starts = starts = np.r_[0, np.cumsum(sizes)[:-1]]
-        if not np.array_equal(rank[order], np.arange(n) - starts[cluster[order]]):
-            raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
-        self.n, self.floor = n, floor
-        self.edges = neighbour_edges(scores, order, starts, floor)  # consumes scores.lists
-        self.cand_pos = np.asarray(candidate, bool)[order]
-        self.cluster_pos = cluster[order]
-        self.fallback = ExactFallback(config, emb_dir, dim, ids.take(pa.array(order)), starts, sizes, cache_dir)
-        # the latest two thresholds' arrays (17 bytes per item each: a search keeping every one
-        # it tried held ~0.9 GB at 10M items); the search's answer is the last or the one before
-        self.evaluated: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
-        self.tried = 0
-
-    def evaluate(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """At similarity threshold ``t`` (>= the floor): (kept bool, duplicate_of position, similarity,
-        in position order; the number of clusters decided exactly)."""
-        if t not in self.evaluated:
-            kept, dup, sim, unresolved = resolve_kept(self.cand_pos, self.edges, t)
-            # each such cluster is redone from its first undecided item on: the items before it
-            # are decided exactly (by induction in rank order), those kept among them stay fixed
-            hard, first = np.unique(self.cluster_pos[unresolved], return_index=True)
-            first = np.flatnonzero(unresolved)[first]
-            for c, f, k, d, s in self.fallback.run(hard, first, t, self.cand_pos, kept) if len(hard) else []:
-                span = slice(f, self.starts[c] + self.sizes[c])
-                kept[span], dup[span], sim[span] = k, d, s
-            while len(self.evaluated) >= 2:
-                self.evaluated.pop(next(iter(self.evaluated)))
-            self.evaluated[t] = (kept, dup, sim, len(hard))
-            self.tried += 1
-        return self.evaluated[t]
-
-    def hard_clusters(self, t: float) -> np.ndarray:
-        """The clusters the lists cannot decide at ``t`` (the exact fallback's work there)."""
-        return np.unique(self.cluster_pos[resolve_kept(self.cand_pos, self.edges, t)[3]])
-
-    def close(self) -> None:
-        """Remove the exact fallback's gathered vectors."""
-        self.fallback.close()
-
-    def kept_rows(self, t: float) -> np.ndarray:
-        """bool (n,) in row order: the candidates kept at threshold ``t``."""
-        kept = np.zeros(self.n, bool)
-        kept[self.order] = self.evaluate(t)[0]
-        return kept
-
-    def thresholds(self) -> FloatGrid:
-        """The thresholds a ratio search tries among (ascending): every float32 from the floor to
-        the largest listed similarity (the kept count only changes at listed similarities),
-        and +inf (keep every candidate)."""
-        sim = self.edges.sim
-        return FloatGrid(self.floor, max(float(sim.max()) if len(sim) else self.floor, self.floor))
-
-    def count_from_lists(self, t: float) -> int:
-        """The kept count at ``t`` from the neighbour lists alone (items the lists cannot decide
-        counted as they decide them): no vectors, a compiled pass."""
-        return int(resolve_kept(self.cand_pos, self.edges, t)[0].sum())
-
-    def search(self, target_ratio: float, ratio_tolerance: float) -> tuple[float, dict[str, Any]]:
-        """The threshold keeping about ``target_ratio`` of the n items -> (threshold, info: target_ratio,
-        target_reachable, thresholds_tried, and target_unreachable_because when not reachable).
-
-        First a bisection on :meth:`count_from_lists` (no vectors), then exact counts
-        (:meth:`evaluate`) from that threshold outwards: the exact fallback gathers vectors only
-        for thresholds near the answer (a bisection on exact counts from the floor up gathered
-        the embeddings ~9 times at 1M items)."""
-        keep_count = int(round(target_ratio * self.n))
-        tolerance = int(math.floor(ratio_tolerance * self.n))
-        grid = self.thresholds()
-        guess, _, _ = search_threshold(self.count_from_lists, grid, keep_count, tolerance)
-        # one gather for the thresholds the exact counts will likely try, not one per threshold
-        # (each gather re-reads every embeddings shard): steps of 1,024 ulps around the guess
-        at = grid.index(guess)
-        near = [grid[min(max(at + k * 1024, 0), len(grid) - 2)] for k in (-8, -4, -2, -1, 0, 1, 2, 4, 8)]
-        self.fallback.gather(np.unique(np.concatenate([self.hard_clusters(t) for t in near])))
-        # steps of 1,024 float32 ulps (~6e-5 at 0.7) and up; stop at the first count within tolerance
-        threshold, count, reachable = search_threshold(lambda t: int(self.evaluate(t)[0].sum()), grid, keep_count,
-                                                       tolerance, start=at, first_step=1024,
-                                                       stop_within=tolerance)
-        info: dict[str, Any] = dict(target_ratio=target_ratio, target_reachable=reachable,
-                                    thresholds_tried=self.tried)
-        if not reachable:
-            why = (f"at the neighbour floor {self.floor} (the lowest threshold the scores allow) {count} items stay; "
-                   "re-run dedup with a lower neighbour_floor" if count > keep_count else
-                   f"only {int(self.cand_pos.sum())} items pass the earlier rules")
-            info["target_unreachable_because"] = why
-        return threshold, info
-
-
-def dedup_kept(config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array, emb_dir: str,
-                dim: int | None, floor: float, cache_dir: str,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """The ``kept`` duplicate rule over the candidates (rows) -> (duplicate bool (n,), the row
-    it duplicates int64 (n,), similarity float32 (n,), info); the exact fallback's vectors live
-    in ``cache_dir`` while it runs."""
-    n = len(candidate)
-    rule = KeptRule(config, scores, candidate, ids, emb_dir, dim, floor, cache_dir)
-    info: dict[str, Any] = {}
-    try:
-        if config.target_ratio is not None:
-            threshold, found = rule.search(config.target_ratio, config.ratio_tolerance)
-            info.update(found)
-        else:
-            threshold = 1.0 - float(config.eps)
-        kept, dup, sim, hard_clusters = rule.evaluate(threshold)
-    finally:
-        rule.close()
-    info.update(similarity_threshold=threshold if math.isfinite(threshold) else None,
-                eps=1.0 - threshold if math.isfinite(threshold) else None,
-                exact_fallback_clusters=hard_clusters, exact_fallback_gathers=rule.fallback.gathers,
-                exact_fallback_waves=rule.fallback.waves)
-    order = rule.order
-    duplicate = np.zeros(n, bool)
-    duplicate[order] = rule.cand_pos & ~kept
-    link = np.full(n, -1, np.int64)
-    link[order] = np.where(dup >= 0, order[np.maximum(dup, 0)], -1)
-    score = np.full(n, np.nan, np.float32)
-    score[order] = sim
-    return duplicate, link, score, info
 
 
 def dedup_any_earlier(config: Config, scores: Scores, candidate: np.ndarray, ids: pa.Array,

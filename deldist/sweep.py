@@ -9,7 +9,7 @@ temporal collapse, near copies: exactly as ``deldist select`` with the same sett
 evaluates the duplicate rule at every grid point from the stored scores, never rerunning the
 pairwise stage:
 
-- ``kept`` rule: :class:`deldist.select_ray.KeptRule`, the resolver ``deldist select`` uses (one
+- ``kept`` rule: :class:`deldist.kept_rule.KeptRule`, the resolver ``deldist select`` uses (one
   object, its exact fallback's vectors gathered once for the whole grid); a ``target_ratio`` is
   searched as select searches it, so the kept count per grid point is ``select``'s ``kept_count``
   for that ``eps`` or ``target_ratio``;
@@ -171,20 +171,19 @@ class DuplicateGrid:
 
     def __init__(self, config: SelectConfig, layout: RunLayout, ids: pa.Array, candidate: np.ndarray,
                  dim: int | None):
-        scores = read_scores(config, ids, layout)
-        manifest = scores.manifest
+        scores = read_scores(config, ids, layout, also=("rank", "max_sim"))  # max_sim: the histogram
         self.config, self.candidate, self.n = config, candidate, len(candidate)
         self.first = scores.table.column("rank").to_numpy() == 0
         self.max_sim = scores.table.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
         self.floor: float | None = None
         self.rule = None
         if config.dedup_rule == "kept":
+            from deldist.kept_rule import KeptRule
             from deldist.runtime import init_ray
-            from deldist.select_ray import KeptRule
 
             init_ray()
-            self.floor = float(manifest["neighbour_floor"])
-            self.rule = KeptRule(config, scores, candidate, ids, layout.embeddings, dim, self.floor,
+            self.floor = float(scores.manifest["neighbour_floor"])
+            self.rule = KeptRule(config, scores, candidate, layout.embeddings, dim, self.floor,
                                  layout.scratch("sweep", config.name))
 
     def kept(self, t: float) -> np.ndarray | None:
@@ -192,9 +191,7 @@ class DuplicateGrid:
             return self.candidate & ~any_earlier_duplicates(self.candidate, self.first, self.max_sim, t)
         if t < self.floor:
             return None
-        kept = self.rule.kept_rows(t)
-        self.rule.evaluated.clear()  # memory: one grid point's arrays at a time, not the whole grid's
-        return kept
+        return self.rule.kept_rows(t, self.candidate)
 
     def search(self, ratio: float) -> tuple[float, bool, np.ndarray]:
         """The threshold select finds for ``ratio``, whether it is within the tolerance, the kept rows."""
@@ -247,7 +244,7 @@ def run(config: Config) -> dict[str, Any]:
     layout = RunLayout.of(sel)
     storage.check_inputs_current(layout.clusters, "deldist cluster")
     storage.check_inputs_current(layout.scores, "deldist dedup")
-    meta = read_frames(layout, near_copies=sel.deldist_rules.near_copy is not None)
+    meta = read_frames(layout, sel.deldist_rules)
     ids = meta.column("id").combine_chunks()
     dim = storage.read_manifest(layout.embeddings).get("dim")
     decision = apply_rules(sel, meta, ids, layout, dim)  # no eps, no target_ratio: every rule but duplicates

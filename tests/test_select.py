@@ -13,6 +13,7 @@ from deldist import (
     dedup_scores,
     greedy,
     groundtruth,
+    kept_rule,
     pairwise,
     rules,
     select,
@@ -159,6 +160,20 @@ def test_kept_rule_keeps_a_group_whose_first_member_was_filtered():
     if candidate[3]:
         assert (candidate & ~any_earlier)[group].sum() <= 1
     assert kept[group].sum() == 1 and kept[3] == candidate[3]
+
+
+def test_plan_kept_shards_keeps_split_clusters_whole_and_balances_rows():
+    """Parts sharing a cluster (dedup split it) land in one shard, each part in exactly one,
+    and the shards' rows are balanced largest-first."""
+    parts = [np.array([0, 0, 1]), np.array([1, 1]), np.array([2] * 6), np.array([3, 4]), np.array([4, 5]),
+             np.array([6]), np.array([7, 7, 7])]
+    shards = kept_rule.plan_kept_shards(parts, 3)
+    assert sorted(p for s in shards for p in s) == list(range(len(parts)))
+    shard_of = {p: i for i, s in enumerate(shards) for p in s}
+    assert shard_of[0] == shard_of[1] and shard_of[3] == shard_of[4]
+    rows = sorted(sum(len(parts[p]) for p in s) for s in shards)
+    assert rows == [6, 6, 7]  # groups of 6, 5 (parts 0+1), 4 (parts 3+4), 3, 1 rows, largest first
+    assert sorted(kept_rule.plan_kept_shards(parts, 100)) == [[0, 1], [2], [3, 4], [5], [6]]
 
 
 def test_search_threshold_and_follow_to_kept():
@@ -513,6 +528,43 @@ def test_kept_rule_run_with_the_exact_fallback_matches_brute_force(ray_session, 
     select.run(select.Config(output=root, name="ratio", target_ratio=0.3, outlier_distance=None))
     retained, removed, summary = read_selection(root, "ratio")
     assert summary["target_reachable"] and abs(summary["ratio"] - 0.3) <= 0.005 + 1 / len(x)
+    assert_duplicates_point_at_retained(root, retained, removed, summary["similarity_threshold"], embeddings)
+
+
+def test_kept_rule_on_many_shards_with_split_clusters_matches_brute_force(ray_session, tmp_path):
+    """dedup splits the large clusters over several parts and select spreads the clusters over
+    eight shards: the split clusters' parts meet in one shard and the kept set is the float64
+    reference's, with filtered items and the exact fallback, at eps and at a target ratio."""
+    embeddings, _ = synthetic_videos(seed=5, dim=16)
+    x = embedding_matrix(embeddings.column("embedding"))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    root = str(tmp_path / "run")
+    publish_embeddings(storage.join(root, "embeddings"), embeddings, parts=3)
+    cluster.run(cluster.Config(output=root, k=5, max_iter=5, task_cpus=0.5))
+    dedup.run(dedup.Config(output=root, keep="easy", neighbours_by_similarity=2, neighbours_by_rank=2,
+                           split_rows=40, task_cpus=0.5))
+    scores = storage.read_published(storage.join(root, "dedup", "scores"), ["id", "cluster", "rank"])
+    sizes = np.bincount(scores.column("cluster").to_numpy())
+    assert sizes.max() > 40  # a split cluster
+    select.run(select.Config(output=root, name="shards", eps=0.1, task_cpus=0.25,
+                             deldist_rules={"quality": {}}))
+    retained, removed, summary = read_selection(root, "shards")
+    assert summary["kept_rule_shards"] > 1 and summary["exact_fallback_clusters"] > 0
+    row = {i: r for r, i in enumerate(embeddings.column("id").to_pylist())}
+    order = np.array([row[i] for i in scores.column("id").to_pylist()])
+    cluster_of, rank = np.empty(len(x), np.int64), np.empty(len(x), np.int64)
+    cluster_of[order], rank[order] = scores.column("cluster").to_numpy(), scores.column("rank").to_numpy()
+    ids = np.array(embeddings.column("id").to_pylist())
+    invalid = set(removed.filter(pa.compute.equal(removed.column("reason"), "invalid")).column("id").to_pylist())
+    assert invalid and not set(retained.column("id").to_pylist()) & invalid
+    candidate = ~np.isin(ids, list(invalid))
+    ref_kept, _ = brute_force_kept(x, cluster_of, rank, candidate, 0.9)
+    assert set(retained.column("id").to_pylist()) == set(ids[ref_kept])
+    assert_duplicates_point_at_retained(root, retained, removed, 0.9, embeddings)
+
+    select.run(select.Config(output=root, name="shards_ratio", target_ratio=0.4, task_cpus=0.25))
+    retained, removed, summary = read_selection(root, "shards_ratio")
+    assert summary["target_reachable"] and abs(summary["ratio"] - 0.4) <= 0.005 + 1 / len(x)
     assert_duplicates_point_at_retained(root, retained, removed, summary["similarity_threshold"], embeddings)
 
 
