@@ -184,9 +184,11 @@ def apply_rules(config: Config, meta: pa.Table, ids: pa.Array, layout: RunLayout
     extra = config.deldist_rules
     cluster = distance = None
     if config.outlier_distance is not None or extra.outlier_quantile is not None or extra.temporal_threshold is not None:
-        assignments = storage.read_published(layout.assignments, ["id", "cluster", "distance"])
-        assignments = assignments.take(pa.array(stored_rows(ids, assignments.column("id"), layout.assignments)))
-        cluster, distance = assignments.column("cluster").to_numpy(), assignments.column("distance").to_numpy()
+        stored = storage.read_published(layout.assignments, ["id", "cluster", "distance"])
+        row = stored_rows(ids, stored.column("id"), layout.assignments)
+        cluster = stored.column("cluster").to_numpy()[row]  # not the ids: they stay in the driver otherwise
+        distance = stored.column("distance").to_numpy()[row]
+        del stored, row
     decision = apply_filters(config, meta, cluster, distance, layout.embeddings, dim)
     _log_rules(config.name, decision, 0)
     if extra.near_copy is not None:
@@ -331,7 +333,7 @@ def run(config: Config) -> dict[str, Any]:
         storage.check_inputs_current(layout.clusters, "deldist cluster")
         storage.check_inputs_current(layout.scores, "deldist dedup")
     meta = read_frames(layout, config.deldist_rules)
-    ids = meta.column("id").combine_chunks()
+    ids = meta.column("id").chunk(0)
     if config.method == "random":
         decision = _random_sample(config, ids, layout)
     else:
@@ -352,7 +354,7 @@ def read_frames(layout: RunLayout, rules: DeldistRules | None = None) -> pa.Tabl
     """The embedded frames' metadata the selection reads (no vectors): id, source, frame_index,
     timestamp_s, dataset; the quality columns for deldist's quality rule, ``phash`` and ``blur``
     for its near-copy rule (only what ``rules`` need: 20 bytes per frame of quality columns).
-    Checked: not empty, ids unique."""
+    Checked: not empty, ids unique. ``id`` is one chunk: ``meta.column("id").chunk(0)``."""
     rules = rules or DeldistRules()
     quality = QUALITY_COLUMNS if rules.quality is not None else ("blur",) if rules.near_copy is not None else ()
     columns = ["id", "source", "frame_index", "timestamp_s", "dataset", *quality,
@@ -362,7 +364,8 @@ def read_frames(layout: RunLayout, rules: DeldistRules | None = None) -> pa.Tabl
         raise EmptyInputError(f"{layout.embeddings} has no rows: nothing to select from")
     if pc.count_distinct(meta.column("id")).as_py() != meta.num_rows:
         raise ValueError(f"{layout.embeddings} holds duplicate ids")
-    return meta
+    # one chunk, so the rules' pa.Array of the ids is this column, not a second copy of every id
+    return meta.set_column(0, "id", meta.column("id").combine_chunks())
 
 
 def _random_sample(config: Config, ids: pa.Array, layout: RunLayout) -> Decision:

@@ -245,7 +245,7 @@ def run(config: Config) -> dict[str, Any]:
     storage.check_inputs_current(layout.clusters, "deldist cluster")
     storage.check_inputs_current(layout.scores, "deldist dedup")
     meta = read_frames(layout, sel.deldist_rules)
-    ids = meta.column("id").combine_chunks()
+    ids = meta.column("id").chunk(0)
     dim = storage.read_manifest(layout.embeddings).get("dim")
     decision = apply_rules(sel, meta, ids, layout, dim)  # no eps, no target_ratio: every rule but duplicates
     candidate = decision.reason < 0
