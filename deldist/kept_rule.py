@@ -45,35 +45,38 @@ class KeptShard:
     thresholds' decisions are kept (a ratio search's answer is the last or the one before)."""
 
     def __init__(self, scores_dir: str, paths: list[str], ids_row: np.ndarray, candidate: np.ndarray, floor: float):
-        fs, _ = storage.resolve(scores_dir)
-        columns = ["id", "cluster", "rank", "unlisted_max_sim", "neighbours", "neighbour_sims"]
-        tables = []
-        for path in paths:
-            with fs.open_input_file(path) as f:
-                tables.append(pq.ParquetFile(f).read(columns=columns))
-        stored = pa.concat_tables(tables)
-        del tables
+        self.scores_dir, self.paths = scores_dir, paths
+        stored = self._read(["cluster", "rank", "unlisted_max_sim", "neighbours", "neighbour_sims"])
         if stored.num_rows != len(ids_row):
             raise RuntimeError(f"{scores_dir}: {stored.num_rows} rows in {len(paths)} parts, the driver counted "
                                f"{len(ids_row)}; the scores changed while select ran")
         cluster = stored.column("cluster").to_numpy().astype(np.int64)
         rank = stored.column("rank").to_numpy().astype(np.int64)
-        self.order = order = np.lexsort((rank, cluster))  # position -> row
+        order = np.lexsort((rank, cluster))  # position -> row
         self.clusters, local = np.unique(cluster, return_inverse=True)
         sizes = np.bincount(local, minlength=len(self.clusters))
         self.starts = starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
         self.stops = starts + sizes
         if not np.array_equal(rank[order], np.arange(len(rank)) - starts[local[order]]):
             raise ValueError("dedup/scores ranks are not 0..n-1 within each cluster; re-run dedup")
+        del cluster, rank
         self.local_pos = local[order]  # (m,) each position's cluster, 0..len(clusters)-1
-        self.ids_pos = stored.column("id").combine_chunks().take(pa.array(order))
+        self.row_pos = order  # (m,) each position's row in the parts
         table = pa.table({"cluster": local, "unlisted_max_sim": stored.column("unlisted_max_sim")})
         lists = stored.select(["neighbours", "neighbour_sims"])
-        del stored
+        del stored, local
         self.edges = neighbour_edges(Scores(table, lists, np.arange(len(order)), {}), order, starts, floor)
         self.ids_row_pos = np.asarray(ids_row, np.int64)[order]
         self.cand_pos = np.asarray(candidate, bool)[order]
         self.decided: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _read(self, columns: list[str]) -> pa.Table:
+        fs, _ = storage.resolve(self.scores_dir)
+        tables = []
+        for path in self.paths:
+            with fs.open_input_file(path) as f:
+                tables.append(pq.ParquetFile(f).read(columns=columns))
+        return pa.concat_tables(tables)
 
     def max_listed_sim(self) -> float:
         return float(self.edges.sim.max()) if len(self.edges.sim) else -math.inf
@@ -114,8 +117,9 @@ class KeptShard:
         """(id, cluster, rank) of every item of ``clusters`` (global ids, all held here), rank order."""
         local = np.searchsorted(self.clusters, clusters)
         pos = np.concatenate([np.arange(self.starts[c], self.stops[c]) for c in local.tolist()] or [np.zeros(0, int)])
-        cluster = self.clusters[self.local_pos[pos]]
-        return pa.table({"id": self.ids_pos.take(pa.array(pos)), "cluster": cluster,
+        # the ids are read again here (a gather or two per selection), not held: ~35 bytes per item
+        ids = self._read(["id"]).column("id").take(pa.array(self.row_pos[pos]))
+        return pa.table({"id": ids, "cluster": self.clusters[self.local_pos[pos]],
                          "rank": pos - self.starts[self.local_pos[pos]]})
 
     def decisions(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -285,16 +285,17 @@ class SelectionInvariantError(RuntimeError):
 def check_partition(all_ids: pa.Array | pa.ChunkedArray, retained: pa.Array | pa.ChunkedArray,
                     removed: pa.Array | pa.ChunkedArray) -> None:
     """Raise :class:`SelectionInvariantError` unless retained and removed hold every id of
-    ``all_ids`` exactly once between them (and nothing else)."""
+    ``all_ids`` (distinct: the selection's readers check it) exactly once between them, and
+    nothing else: n entries that include all n distinct input ids are those ids once each. One
+    hash table, of the output's ids (two, at 10M ids, were the driver's peak: ~1.1 GB)."""
     n = len(all_ids)
     if len(retained) + len(removed) != n:
         raise SelectionInvariantError(f"{len(retained)} retained + {len(removed)} removed != {n} input ids")
-    union = pa.chunked_array(_chunks(retained) + _chunks(removed), pa.string())
-    if pc.count_distinct(union).as_py() != n:
-        raise SelectionInvariantError("an id appears twice across retained and removed")
-    everything = pa.chunked_array(_chunks(all_ids), pa.string()).combine_chunks()
-    if not pc.all(pc.is_in(union, value_set=everything)).as_py():
-        raise SelectionInvariantError("retained/removed hold ids that are not in the input")
+    union = pa.chunked_array(_chunks(retained) + _chunks(removed), pa.string()).combine_chunks()
+    missing = pc.sum(pc.invert(pc.is_in(all_ids, value_set=union))).as_py() or 0
+    if missing:
+        raise SelectionInvariantError(f"{missing} input ids are neither retained nor removed (and as many output "
+                                      "entries are other ids or repeats)")
 
 
 def _chunks(a: pa.Array | pa.ChunkedArray) -> list[pa.Array]:

@@ -189,6 +189,7 @@ def apply_rules(config: Config, meta: pa.Table, ids: pa.Array, layout: RunLayout
         cluster = stored.column("cluster").to_numpy()[row]  # not the ids: they stay in the driver otherwise
         distance = stored.column("distance").to_numpy()[row]
         del stored, row
+        pa.default_memory_pool().release_unused()
     decision = apply_filters(config, meta, cluster, distance, layout.embeddings, dim)
     _log_rules(config.name, decision, 0)
     if extra.near_copy is not None:
@@ -304,6 +305,7 @@ def stored_rows(ids: pa.Array, stored_ids: pa.ChunkedArray, what: str) -> np.nda
 def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int | None, decision: Decision) -> None:
     expected = METHODS[config.method]["keep"]
     scores = read_scores(config, ids, layout)
+    pa.default_memory_pool().release_unused()
     manifest = scores.manifest
     candidate = decision.reason < 0
     if config.dedup_rule == "kept":
@@ -365,7 +367,9 @@ def read_frames(layout: RunLayout, rules: DeldistRules | None = None) -> pa.Tabl
     if pc.count_distinct(meta.column("id")).as_py() != meta.num_rows:
         raise ValueError(f"{layout.embeddings} holds duplicate ids")
     # one chunk, so the rules' pa.Array of the ids is this column, not a second copy of every id
-    return meta.set_column(0, "id", meta.column("id").combine_chunks())
+    meta = meta.set_column(0, "id", meta.column("id").combine_chunks())
+    pa.default_memory_pool().release_unused()  # the read's buffers (at 10M frames ~1 GB beside the columns)
+    return meta
 
 
 def _random_sample(config: Config, ids: pa.Array, layout: RunLayout) -> Decision:
@@ -408,7 +412,7 @@ def stand_in_ids(ids: pa.Array, decision: Decision, strict: bool = True) -> pa.A
     else:
         stand_in = np.where((stand_in < 0) | (reason == REASONS.index("duplicate")), decision.link, stand_in)
     named = ~kept & (stand_in >= 0)
-    return pc.if_else(pa.array(named), ids.take(pa.array(np.maximum(stand_in, 0))), pa.nulls(len(ids), pa.string()))
+    return ids.take(pa.array(np.where(named, stand_in, 0), mask=~named))  # nulls where not named: no string copied
 
 
 def build_tables(ids: pa.Array, decision: Decision, duplicate_of: pa.Array, meta: pa.Table) -> dict[str, pa.Table]:
