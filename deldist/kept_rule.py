@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # of the ranks from it on); and its answer: (cluster, first rank, kept, duplicate_of rank, similarity)
 Span = tuple[int, int, np.ndarray, np.ndarray]
 Redone = tuple[int, int, np.ndarray, np.ndarray, np.ndarray]
+# below this many items the default is one shard in the driver: an actor's start (a process importing
+# numba, pyarrow and the compiled passes, ~2 s) costs more there than the lists' memory
+LOCAL_BELOW = 1_000_000
 
 
 class KeptShard:
@@ -184,17 +187,19 @@ class KeptRule:
         ids_row = np.empty(self.n, np.int64)  # stored row -> ids row
         ids_row[np.asarray(scores.list_row, np.int64)] = np.arange(self.n)
         starts = np.r_[0, np.cumsum([rows for _, rows in scores.parts])].astype(np.int64)
-        plan = plan_kept_shards([cluster[ids_row[a:b]] for a, b in zip(starts[:-1], starts[1:])],
-                                task_slots(config.task_cpus))
+        wanted = config.kept_shards if config.kept_shards is not None else \
+            task_slots(config.task_cpus) if self.n >= LOCAL_BELOW else 0
+        plan = plan_kept_shards([cluster[ids_row[a:b]] for a, b in zip(starts[:-1], starts[1:])], max(1, wanted))
         # no CPUs reserved: a shard computes only while the driver waits for it, never beside the
         # fallback's shuffle tasks (which need the CPUs); SPREAD puts the shards' memory on every node
-        actor = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(KeptShard)
-        self.shards = []
+        self.remote = wanted > 0
+        actor = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(KeptShard).remote if self.remote else KeptShard
+        self.shards: list[Any] = []
         self.shard_of = np.full(len(sizes), -1, np.int32)  # cluster -> the shard holding it
         for s, parts in enumerate(plan):
             rows = np.concatenate([ids_row[starts[p]:starts[p + 1]] for p in parts])
             self.shard_of[cluster[rows]] = s
-            self.shards.append(actor.remote(scores.source_dir, [scores.parts[p][0] for p in parts], rows,
+            self.shards.append(actor(scores.source_dir, [scores.parts[p][0] for p in parts], rows,
                                             np.asarray(candidate, bool)[rows], floor))
         del ids_row
         self.n_shards = len(self.shards)
@@ -202,16 +207,20 @@ class KeptRule:
         self.held: list[float] = []  # the thresholds whose decisions the shards hold (the latest two)
         self.tried = 0
 
-    def _all(self, method: str, *args: Any) -> list[Any]:
+    def _call(self, calls: list[tuple[int, str, tuple]]) -> list[Any]:
+        """(shard, method, args) calls, run on the actors together or in this process in turn."""
         import ray
 
-        return ray.get([getattr(s, method).remote(*args) for s in self.shards])
+        if not self.remote:
+            return [getattr(self.shards[s], method)(*args) for s, method, args in calls]
+        return ray.get([getattr(self.shards[s], method).remote(*args) for s, method, args in calls])
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return self._call([(s, method, args) for s in range(len(self.shards))])
 
     def evaluate(self, t: float, held: bool = False) -> tuple[int, int]:
         """At similarity threshold ``t`` (>= the floor): (kept count, clusters decided exactly);
         ``held``: also make the shards hold its decisions (:meth:`decisions`)."""
-        import ray
-
         if t not in self.counts or (held and t not in self.held):
             resolved = self._all("resolve", t)
             spans = [span for _, shard_spans in resolved for span in shard_spans]
@@ -221,32 +230,28 @@ class KeptRule:
                 by_shard: dict[int, list[Redone]] = {}
                 for redone in self.fallback.run(spans, t):
                     by_shard.setdefault(int(self.shard_of[redone[0]]), []).append(redone)
-                patched = {s: self.shards[s].patch.remote(t, r) for s, r in by_shard.items()}
-                count = sum(ray.get(patched[s]) if s in patched else c for s, (c, _) in enumerate(resolved))
+                patched = dict(zip(by_shard, self._call([(s, "patch", (t, r)) for s, r in by_shard.items()])))
+                count = sum(patched.get(s, c) for s, (c, _) in enumerate(resolved))
             self.tried += t not in self.counts
             self.counts[t] = (count, len(spans))
             self.held = [*[h for h in self.held if h != t], t][-2:]
         return self.counts[t]
 
     def _rows_of(self, clusters: np.ndarray) -> pa.Table:
-        import ray
-
         clusters = np.asarray(clusters, np.int64)
         shard = self.shard_of[clusters]
-        tables = ray.get([self.shards[s].rows_of.remote(clusters[shard == s]) for s in np.unique(shard).tolist()])
-        return pa.concat_tables(tables)
+        return pa.concat_tables(self._call([(s, "rows_of", (clusters[shard == s],))
+                                            for s in np.unique(shard).tolist()]))
 
     def decisions(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """At ``t``: (duplicate bool (n,), the ids row each duplicate's duplicate_of is int64 (n,),
         similarity float32 (n,)), in the ids' row order."""
-        import ray
-
         self.evaluate(t, held=True)
         duplicate = np.zeros(self.n, bool)
         link = np.full(self.n, -1, np.int64)
         score = np.full(self.n, np.nan, np.float32)
-        for shard in self.shards:  # one shard's arrays at a time
-            rows, dup, to, sim = ray.get(shard.decisions.remote(t))
+        for s in range(len(self.shards)):  # one shard's arrays at a time
+            rows, dup, to, sim = self._call([(s, "decisions", (t,))])[0]
             duplicate[rows], link[rows], score[rows] = dup, to, sim
         return duplicate, link, score
 
@@ -262,7 +267,7 @@ class KeptRule:
         """End the shards and remove the exact fallback's gathered vectors."""
         import ray
 
-        for shard in self.shards:
+        for shard in self.shards if self.remote else []:
             ray.kill(shard)
         self.shards = []
         self.fallback.close()

@@ -99,7 +99,7 @@ from deldist.rules import (
     temporal_savings,
 )
 from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_META, RETAINED_SCHEMA
-from deldist.select_ray import Scores, dedup_any_earlier, temporal_rule
+from deldist.select_ray import Scores, dedup_any_earlier, stored_rows, temporal_rule
 from deldist.shards import EmptyInputError
 
 # similarity threshold (1 - eps) -> (frames retained, fraction retained) in MedDEL's Table 2
@@ -146,6 +146,8 @@ class Config(StageConfig):
     io_cpus: float = Field(0.5, gt=0)
     task_cpus: float = Field(1.0, gt=0)
     block_rows: int = Field(512, ge=1, description="exact fallback: rows per block")
+    kept_shards: int | None = Field(None, ge=0, description="kept rule: actors holding the neighbour lists (0: in "
+                                                             "the driver; default: one per task slot from 1M items)")
     memory_budget_gb: float | None = Field(None, gt=0, description="exact fallback: vectors one wave of its "
                                                                      "shuffle may hold in the object store "
                                                                      "(default: half of it)")
@@ -288,18 +290,6 @@ def read_scores(config: Config, ids: pa.Array, layout: RunLayout, also: tuple[st
     row = stored_rows(ids, stored.column("id"), layout.scores)
     return Scores(stored.select(columns).take(pa.array(row)), None, row, manifest, source_dir=layout.scores,
                   parts=[(path, piece.num_rows) for path, piece in zip(paths, pieces)])
-
-
-def stored_rows(ids: pa.Array, stored_ids: pa.ChunkedArray, what: str) -> np.ndarray:
-    """(n,) int64: the row of ``stored_ids`` holding each of ``ids``; every id must be there
-    exactly once."""
-    if len(stored_ids) != len(ids):
-        raise ValueError(f"{what} has {len(stored_ids)} rows but {len(ids)} ids are embedded; re-run it")
-    position = pc.index_in(ids, value_set=stored_ids)
-    if position.null_count:
-        examples = ids.filter(pc.is_null(position)).slice(0, 5).to_pylist()
-        raise ValueError(f"{position.null_count} embedded ids are missing from {what}, e.g. {examples}")
-    return position.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _duplicate_rule(config: Config, ids: pa.Array, layout: RunLayout, dim: int | None, decision: Decision) -> None:

@@ -229,6 +229,18 @@ class Scores:
     parts: list[tuple[str, int]] = field(default_factory=list)
 
 
+def stored_rows(ids: pa.Array, stored_ids: pa.ChunkedArray, what: str) -> np.ndarray:
+    """(n,) int64: the row of ``stored_ids`` holding each of ``ids``; every id must be there
+    exactly once."""
+    if len(stored_ids) != len(ids):
+        raise ValueError(f"{what} has {len(stored_ids)} rows but {len(ids)} ids are embedded; re-run it")
+    position = pc.index_in(ids, value_set=stored_ids)
+    if position.null_count:
+        examples = ids.filter(pc.is_null(position)).slice(0, 5).to_pylist()
+        raise ValueError(f"{position.null_count} embedded ids are missing from {what}, e.g. {examples}")
+    return position.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def neighbour_edges(scores: Scores, order: np.ndarray, starts: np.ndarray, floor: float) -> NeighbourEdges:
     """The scores' ``neighbours`` / ``neighbour_sims`` lists (ranks within the cluster; position
     p holds ids row ``order[p]``) as :class:`NeighbourEdges` in position space: each stored chunk's lists

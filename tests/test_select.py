@@ -534,7 +534,8 @@ def test_kept_rule_run_with_the_exact_fallback_matches_brute_force(ray_session, 
 def test_kept_rule_on_many_shards_with_split_clusters_matches_brute_force(ray_session, tmp_path):
     """dedup splits the large clusters over several parts and select spreads the clusters over
     eight shards: the split clusters' parts meet in one shard and the kept set is the float64
-    reference's, with filtered items and the exact fallback, at eps and at a target ratio."""
+    reference's, with filtered items and the exact fallback, at eps and at a target ratio (the
+    other tests' small inputs run the one default shard in the driver)."""
     embeddings, _ = synthetic_videos(seed=5, dim=16)
     x = embedding_matrix(embeddings.column("embedding"))
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -546,8 +547,7 @@ def test_kept_rule_on_many_shards_with_split_clusters_matches_brute_force(ray_se
     scores = storage.read_published(storage.join(root, "dedup", "scores"), ["id", "cluster", "rank"])
     sizes = np.bincount(scores.column("cluster").to_numpy())
     assert sizes.max() > 40  # a split cluster
-    select.run(select.Config(output=root, name="shards", eps=0.1, task_cpus=0.25,
-                             deldist_rules={"quality": {}}))
+    select.run(select.Config(output=root, name="shards", eps=0.1, kept_shards=8, deldist_rules={"quality": {}}))
     retained, removed, summary = read_selection(root, "shards")
     assert summary["kept_rule_shards"] > 1 and summary["exact_fallback_clusters"] > 0
     row = {i: r for r, i in enumerate(embeddings.column("id").to_pylist())}
@@ -562,7 +562,7 @@ def test_kept_rule_on_many_shards_with_split_clusters_matches_brute_force(ray_se
     assert set(retained.column("id").to_pylist()) == set(ids[ref_kept])
     assert_duplicates_point_at_retained(root, retained, removed, 0.9, embeddings)
 
-    select.run(select.Config(output=root, name="shards_ratio", target_ratio=0.4, task_cpus=0.25))
+    select.run(select.Config(output=root, name="shards_ratio", target_ratio=0.4, kept_shards=8))
     retained, removed, summary = read_selection(root, "shards_ratio")
     assert summary["target_reachable"] and abs(summary["ratio"] - 0.4) <= 0.005 + 1 / len(x)
     assert_duplicates_point_at_retained(root, retained, removed, summary["similarity_threshold"], embeddings)
