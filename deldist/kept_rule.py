@@ -5,7 +5,9 @@ at 10M items), its rank and candidacy. :class:`KeptShard` actors each hold the d
 parts of a share of the clusters (parts that share a split cluster go to the same shard), so
 the driver reads only the ``id`` and ``cluster`` columns and gets back counts, the clusters the
 lists cannot decide, and at the end one threshold's decisions: its memory is a few arrays of
-n numbers, not the lists (the driver's peak at 10M items was 8.4 GiB with the lists in it).
+n numbers, not the lists (select's driver peaked at 8.4 GiB at 10M items with the lists in it,
+4.5 GiB without: ``bench/RESULTS.md``). Below ``LOCAL_BELOW`` items (``kept_shards`` unset) the
+one shard is an object in the driver. This is deldist's wiring of the rule, not a paper's.
 
 A threshold is evaluated in two rounds: every shard resolves its clusters from the lists
 (:func:`deldist.greedy.resolve_kept`, compiled, the shards in parallel) and names the clusters
