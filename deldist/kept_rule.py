@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from deldist import storage
 from deldist.greedy import FloatGrid, resolve_kept, search_threshold
 from deldist.select_ray import ExactFallback, Scores, neighbour_edges
+from deldist.shards import read_files
 
 if TYPE_CHECKING:
     from deldist.select import Config
@@ -76,12 +75,7 @@ class KeptShard:
         self.decided: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _read(self, columns: list[str]) -> pa.Table:
-        fs, _ = storage.resolve(self.scores_dir)
-        tables = []
-        for path in self.paths:
-            with fs.open_input_file(path) as f:
-                tables.append(pq.ParquetFile(f).read(columns=columns))
-        return pa.concat_tables(tables)
+        return pa.concat_tables(read_files(self.scores_dir, self.paths, columns))
 
     def max_listed_sim(self) -> float:
         return float(self.edges.sim.max()) if len(self.edges.sim) else -math.inf
@@ -202,7 +196,7 @@ class KeptRule:
             rows = np.concatenate([ids_row[starts[p]:starts[p + 1]] for p in parts])
             self.shard_of[cluster[rows]] = s
             self.shards.append(actor(scores.source_dir, [scores.parts[p][0] for p in parts], rows,
-                                            np.asarray(candidate, bool)[rows], floor))
+                                     np.asarray(candidate, bool)[rows], floor))
         del ids_row
         self.n_shards = len(self.shards)
         self.counts: dict[float, tuple[int, int]] = {}  # threshold -> (kept count, clusters decided exactly)

@@ -76,7 +76,6 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from deldist import storage
@@ -100,7 +99,7 @@ from deldist.rules import (
 )
 from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_META, RETAINED_SCHEMA
 from deldist.select_ray import Scores, dedup_any_earlier, stored_rows, temporal_rule
-from deldist.shards import EmptyInputError
+from deldist.shards import EmptyInputError, read_files
 
 # similarity threshold (1 - eps) -> (frames retained, fraction retained) in MedDEL's Table 2
 MEDDEL_TABLE2: dict[float, tuple[int, float]] = {
@@ -280,12 +279,9 @@ def read_scores(config: Config, ids: pa.Array, layout: RunLayout, also: tuple[st
         return Scores(stored.select(columns).take(pa.array(row)), None, None, manifest)
     if "neighbour_floor" not in manifest:
         raise ValueError(f"{layout.scores} has no neighbour lists (an older dedup run); re-run dedup")
-    fs, paths = storage.published_paths(layout.scores)
+    paths = storage.published_paths(layout.scores)[1]
     columns = list(dict.fromkeys(["cluster", *also]))
-    pieces = []
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            pieces.append(pq.ParquetFile(f).read(columns=["id", *columns]))
+    pieces = read_files(layout.scores, paths, ["id", *columns])
     stored = pa.concat_tables(pieces)
     row = stored_rows(ids, stored.column("id"), layout.scores)
     return Scores(stored.select(columns).take(pa.array(row)), None, row, manifest, source_dir=layout.scores,

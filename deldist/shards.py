@@ -177,6 +177,17 @@ def plan_shards(dir_uri: str, shard_rows: int, min_shards: int = 1) -> list[Shar
     return shards
 
 
+def read_files(dir_uri: str, paths: Sequence[str], columns: list[str]) -> list[pa.Table]:
+    """Whole Parquet files of a published table (paths as :func:`deldist.storage.published_paths`
+    gives them), one table each, only ``columns``."""
+    fs, _ = storage.resolve(dir_uri)
+    tables = []
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            tables.append(pq.ParquetFile(f).read(columns=columns))
+    return tables
+
+
 def read_shard(dir_uri: str, shard: Shard, columns: list[str]) -> pa.Table:
     """The rows of one shard (only ``columns``)."""
     fs, _ = storage.resolve(dir_uri)
