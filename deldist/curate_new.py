@@ -69,7 +69,7 @@ from deldist.layout import RunLayout, run_file_of, summary_of, table_of
 from deldist.rules import Decision, cluster_quantiles, counts_by_reason
 from deldist.runtime import use_gpu
 from deldist.schema import ASSIGNMENTS_SCHEMA, QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_SCHEMA, VERSION_SOURCES_SCHEMA
-from deldist.select import build_tables
+from deldist.selection_tables import build_tables
 from deldist.versions import (
     create_first_version,
     known_contents,

@@ -80,16 +80,12 @@ from pydantic import Field, model_validator
 
 from deldist import storage
 from deldist.config import StageConfig
-from deldist.greedy import follow_to_kept
 from deldist.groundtruth import ground_truth_metrics
 from deldist.kept_rule import dedup_kept
 from deldist.layout import RunLayout
 from deldist.rules import (
-    REASONS,
     Decision,
     DeldistRules,
-    SelectionInvariantError,
-    check_partition,
     counts_by_reason,
     invalid_mask,
     near_copy_order,
@@ -97,8 +93,9 @@ from deldist.rules import (
     random_decision,
     temporal_savings,
 )
-from deldist.schema import QUALITY_COLUMNS, REMOVED_SCHEMA, RETAINED_META, RETAINED_SCHEMA
+from deldist.schema import QUALITY_COLUMNS
 from deldist.select_ray import Scores, dedup_any_earlier, stored_rows, temporal_rule
+from deldist.selection_tables import per_dataset_summary, publish_selection, stand_in_rows, write_tables
 from deldist.shards import EmptyInputError, read_files
 
 # similarity threshold (1 - eps) -> (frames retained, fraction retained) in MedDEL's Table 2
@@ -326,35 +323,41 @@ def run(config: Config) -> dict[str, Any]:
         decision = _random_sample(config, ids, layout)
     else:
         decision = apply_rules(config, meta, ids, layout, storage.read_manifest(layout.embeddings).get("dim"))
-    tables = build_tables(ids, decision, stand_in_ids(ids, decision, strict=config.method == "random"
-                                                      or config.dedup_rule == "kept"), meta)
-    check_partition(ids, tables["retained"].column("id"), tables["removed"].column("id"))
-    summary = summarize(config, meta, decision)
+    del meta  # the rules' columns; ids stays (its own chunk)
+    strict = config.method == "random" or config.dedup_rule == "kept"
+    written = write_tables(layout, config.name, ids, decision, stand_in_rows(decision, strict), config.io_cpus)
+    summary = summarize(config, ids, decision, per_dataset_summary(written.per_dataset))
     summary["seconds"] = time.perf_counter() - started
-    publish_selection(layout, config.name, tables, summary)
+    publish_selection(layout, config.name, summary)
     log.info(f"deldist select {config.name}: kept {summary['kept_count']} of {summary['input_count']} "
              f"-> {layout.selection(config.name)}")
     return {"selection": layout.selection(config.name),
             **{k: summary[k] for k in ("input_count", "kept_count", "ratio", "removed_by_reason")}}
 
 
-def read_frames(layout: RunLayout, rules: DeldistRules | None = None) -> pa.Table:
-    """The embedded frames' metadata the selection reads (no vectors): id, source, frame_index,
-    timestamp_s, dataset; the quality columns for deldist's quality rule, ``phash`` and ``blur``
-    for its near-copy rule (only what ``rules`` need: 20 bytes per frame of quality columns).
-    Checked: not empty, ids unique. ``id`` is one chunk: ``meta.column("id").chunk(0)``."""
+def read_frames(layout: RunLayout, rules: DeldistRules | None = None, also: tuple[str, ...] = ()) -> pa.Table:
+    """The embedded frames' columns the selection's rules read (no vectors): id; source and
+    frame_index for deldist's quality and temporal rules, its quality columns (20 bytes per
+    frame) for the quality rule, ``phash`` and ``blur`` for the near-copy rule; ``also``: more
+    columns. The retained table's own columns are read by its writers
+    (:mod:`deldist.selection_tables`), not here. Checked: not empty, ids unique. ``id`` is one
+    chunk: ``meta.column("id").chunk(0)``."""
     rules = rules or DeldistRules()
-    quality = QUALITY_COLUMNS if rules.quality is not None else ("blur",) if rules.near_copy is not None else ()
-    columns = ["id", "source", "frame_index", "timestamp_s", "dataset", *quality,
-               *(["phash"] if rules.near_copy is not None else [])]
-    meta = storage.read_published(layout.embeddings, columns=columns)
+    columns = ["id"]
+    if rules.quality is not None or rules.temporal_threshold is not None:
+        columns += ["source", "frame_index"]
+    if rules.quality is not None:
+        columns += QUALITY_COLUMNS
+    if rules.near_copy is not None:
+        columns += ["phash", "blur"]
+    meta = storage.read_published(layout.embeddings, columns=list(dict.fromkeys([*columns, *also])))
     if meta.num_rows == 0:
         raise EmptyInputError(f"{layout.embeddings} has no rows: nothing to select from")
     if pc.count_distinct(meta.column("id")).as_py() != meta.num_rows:
         raise ValueError(f"{layout.embeddings} holds duplicate ids")
     # one chunk, so the rules' pa.Array of the ids is this column, not a second copy of every id
     meta = meta.set_column(0, "id", meta.column("id").combine_chunks())
-    pa.default_memory_pool().release_unused()  # the read's buffers (at 10M frames ~1 GB beside the columns)
+    pa.default_memory_pool().release_unused()  # the read's buffers
     return meta
 
 
@@ -373,66 +376,13 @@ def _random_sample(config: Config, ids: pa.Array, layout: RunLayout) -> Decision
     return decision
 
 
-def publish_selection(layout: RunLayout, name: str, tables: dict[str, pa.Table], summary: dict[str, Any]) -> None:
-    """``selections/<name>/``: retained/ and removed/ (each published), summary.json, then the
-    selection's own manifest and ``_SUCCESS``."""
-    for sub in ("retained", "removed"):
-        storage.replace_table(layout.selection_table(name, sub), tables[sub])
-    storage.write_json(layout.selection_summary(name), summary)
-    storage.publish(layout.selection(name), [], {"name": name, "retained": "retained", "removed": "removed",
-                                                 "summary": "summary.json"})
-
-
-def stand_in_ids(ids: pa.Array, decision: Decision, strict: bool = True) -> pa.Array:
-    """(n,) the ``duplicate_of`` of every item: for a removed item with a link, the retained item
-    standing for it (its link followed through items later rules removed), else null.
-    ``strict`` (the kept rule): every linked item must reach a retained one
-    (:class:`SelectionInvariantError` otherwise); else (SemDeDup's rule) a duplicate names the
-    item it matched, kept or not."""
-    reason, kept = decision.reason, decision.reason < 0
-    stand_in = follow_to_kept(decision.link, kept)
-    if strict:
-        broken = int(((reason >= 0) & (decision.link >= 0) & (stand_in < 0)).sum())
-        if broken:
-            raise SelectionInvariantError(f"{broken} removed items stand for no retained item")
-    else:
-        stand_in = np.where((stand_in < 0) | (reason == REASONS.index("duplicate")), decision.link, stand_in)
-    named = ~kept & (stand_in >= 0)
-    return ids.take(pa.array(np.where(named, stand_in, 0), mask=~named))  # nulls where not named: no string copied
-
-
-def build_tables(ids: pa.Array, decision: Decision, duplicate_of: pa.Array, meta: pa.Table) -> dict[str, pa.Table]:
-    """``retained`` (id, source, frame_index, timestamp_s, dataset) and ``removed`` (id, reason,
-    duplicate_of, max_sim) tables of a decision; duplicate_of: (n,) ids (:func:`stand_in_ids`);
-    meta: the frames' embeddings columns, row-aligned with ``ids``."""
-    kept = decision.reason < 0
-    rows = pa.array(np.flatnonzero(~kept))
-    mask = pa.array(kept)
-    return {
-        "retained": pa.table({"id": ids.filter(mask), **{c: meta.column(c).filter(mask) for c in RETAINED_META}},
-                             schema=RETAINED_SCHEMA),
-        "removed": pa.table({
-            "id": ids.take(rows),
-            "reason": pa.array(np.asarray(REASONS, dtype=object)[decision.reason[np.asarray(rows)]], pa.string()),
-            "duplicate_of": duplicate_of.take(rows),
-            "max_sim": pa.array(decision.score[np.asarray(rows)], pa.float32(), from_pandas=True),
-        }, schema=REMOVED_SCHEMA),
-    }
-
-
-def summarize(config: Config, meta: pa.Table, decision: Decision) -> dict[str, Any]:
-    """``summary.json``: counts, ratio, removals per reason and per dataset, the rules that ran,
-    the parameters, the rules' figures, and the ground-truth metrics when configured."""
+def summarize(config: Config, ids: pa.Array, decision: Decision, per_dataset: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``: counts, ratio, removals per reason and per dataset
+    (:func:`~deldist.selection_tables.per_dataset_summary`), the rules that ran, the parameters,
+    the rules' figures, and the ground-truth metrics when configured."""
     reason = decision.reason
     n = len(reason)
     kept = reason < 0
-    encoded = pc.dictionary_encode(meta.column("dataset").combine_chunks())  # no Python string per frame
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    per_dataset: dict[str, Any] = {}
-    for code, name in sorted(enumerate(encoded.dictionary.to_pylist()), key=lambda cn: str(cn[1])):
-        mask = codes == code
-        per_dataset[str(name)] = {"input": int(mask.sum()), "kept": int(kept[mask].sum()),
-                                  "ratio": float(kept[mask].mean()), "removed_by_reason": counts_by_reason(reason[mask])}
     info = {k: v for k, v in decision.info.items() if k != "temporal_collapse"}
     if "temporal_collapse" in decision.info:
         info["temporal"] = temporal_savings(*decision.info["temporal_collapse"])
@@ -445,5 +395,5 @@ def summarize(config: Config, meta: pa.Table, decision: Decision) -> dict[str, A
     if config.ground_truth:
         gt = storage.read_published(config.ground_truth) if storage.is_published(config.ground_truth) else \
             storage.read_table(config.ground_truth)
-        summary["ground_truth"] = ground_truth_metrics(meta.column("id"), kept, gt, random_seed=config.seed)
+        summary["ground_truth"] = ground_truth_metrics(ids, kept, gt, random_seed=config.seed)
     return summary

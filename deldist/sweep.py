@@ -244,7 +244,7 @@ def run(config: Config) -> dict[str, Any]:
     layout = RunLayout.of(sel)
     storage.check_inputs_current(layout.clusters, "deldist cluster")
     storage.check_inputs_current(layout.scores, "deldist dedup")
-    meta = read_frames(layout, sel.deldist_rules)
+    meta = read_frames(layout, sel.deldist_rules, also=("dataset",))
     ids = meta.column("id").chunk(0)
     dim = storage.read_manifest(layout.embeddings).get("dim")
     decision = apply_rules(sel, meta, ids, layout, dim)  # no eps, no target_ratio: every rule but duplicates

@@ -255,13 +255,13 @@ def test_random_decision_is_exact_seeded_and_order_free():
 
 def test_check_partition():
     ids = pa.array(["a", "b", "c"])
-    select.check_partition(ids, pa.array(["a"]), pa.array(["c", "b"]))
-    with pytest.raises(select.SelectionInvariantError):
-        select.check_partition(ids, pa.array(["a", "b"]), pa.array(["b"]))
-    with pytest.raises(select.SelectionInvariantError):
-        select.check_partition(ids, pa.array(["a", "b"]), pa.array(["x"]))
-    with pytest.raises(select.SelectionInvariantError):
-        select.check_partition(ids, pa.array(["a"]), pa.array(["b"]))
+    rules.check_partition(ids, pa.array(["a"]), pa.array(["c", "b"]))
+    with pytest.raises(rules.SelectionInvariantError):
+        rules.check_partition(ids, pa.array(["a", "b"]), pa.array(["b"]))
+    with pytest.raises(rules.SelectionInvariantError):
+        rules.check_partition(ids, pa.array(["a", "b"]), pa.array(["x"]))
+    with pytest.raises(rules.SelectionInvariantError):
+        rules.check_partition(ids, pa.array(["a"]), pa.array(["b"]))
 
 
 def test_ground_truth_metrics_by_hand():
@@ -610,3 +610,54 @@ def test_relative_blur_rule_judges_each_scene_by_its_own_texture():
     ref = [np.median([blur[j] for j in range(max(0, i - 8), min(40, i + 9))]) for i in range(40)]
     got = local_median(blur[shuffle], np.zeros(40, np.int64), frames[shuffle], 8, chunk=7)
     np.testing.assert_allclose(got, np.asarray(ref)[shuffle])
+
+
+def test_tables_written_by_shard_tasks_equal_the_in_memory_tables(ray_session, tmp_path):
+    """select writes retained/ with one Ray task per embeddings shard (each reads its own frame
+    columns) and removed/ one range at a time: the published tables equal the in-memory ones
+    row for row, the per-dataset counts equal a direct count, and ids that no longer match the
+    embeddings are refused, not written."""
+    from deldist import selection_tables
+    from deldist.layout import RunLayout
+
+    layout = RunLayout(str(tmp_path))
+    publish_embeddings(layout.embeddings, synthetic_videos()[0], parts=7)  # shards hold whole row groups: 7 tasks
+    embeddings = storage.read_published(layout.embeddings)  # in the manifest's order, as select reads it
+    ids = embeddings.column("id").combine_chunks()
+    n = len(ids)
+    rng = np.random.default_rng(3)
+    decision = rules.Decision.empty(n)
+    decision.remove(rng.random(n) < 0.2, "invalid", "quality", "deldist", {})
+    duplicate = (rng.random(n) < 0.5) & (decision.reason < 0)
+    link = rng.choice(np.flatnonzero((decision.reason < 0) & ~duplicate), n)
+    decision.remove(duplicate, "duplicate", "duplicate", "test", {}, link=link,
+                    score=rng.random(n).astype(np.float32))
+    # a temporal removal linked to a frame removed later: its stand-in is that frame's stand-in
+    later = np.flatnonzero(duplicate)[0]
+    first_kept = np.flatnonzero((decision.reason < 0) & (np.arange(n) != link[later]))[0]
+    decision.reason[first_kept], decision.link[first_kept] = rules.REASONS.index("temporal"), later
+    stand_in = selection_tables.stand_in_rows(decision)
+    assert stand_in[first_kept] == link[later] and (stand_in[decision.reason < 0] == -1).all()
+
+    written = selection_tables.write_tables(layout, "parts", ids, decision, stand_in, part_rows=n // 7)
+    expected = selection_tables.build_tables(ids, decision, selection_tables.ids_at(ids, stand_in), embeddings)
+    for sub in ("retained", "removed"):
+        table = storage.read_published(layout.selection_table("parts", sub))
+        assert len(storage.read_manifest(layout.selection_table("parts", sub))["files"]) == 7
+        assert table.equals(expected[sub]), sub
+    kept = decision.reason < 0
+    assert (written.retained, written.removed) == (int(kept.sum()), int((~kept).sum()))
+    direct = selection_tables.dataset_counts(embeddings.column("dataset"), decision.reason)
+    assert sorted(written.per_dataset) == sorted(direct) == ["c0", "c1"]
+    for name in direct:
+        assert np.array_equal(written.per_dataset[name], direct[name])
+    summary = selection_tables.per_dataset_summary(written.per_dataset)
+    assert sum(d["kept"] for d in summary.values()) == int(kept.sum())
+    assert sum(sum(d["removed_by_reason"].values()) for d in summary.values()) == int((~kept).sum())
+
+    shuffled = ids.take(pa.array(np.r_[np.arange(1, n), 0]))  # the same ids, another order
+    with pytest.raises(rules.SelectionInvariantError, match="differ"):
+        selection_tables.write_tables(layout, "stale", shuffled, decision, stand_in, part_rows=n // 7)
+    with pytest.raises(rules.SelectionInvariantError, match="holds"):
+        selection_tables.write_tables(layout, "stale", ids.slice(1), decision, stand_in, part_rows=n // 7)
+    assert not storage.is_published(layout.selection("stale"))
