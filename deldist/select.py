@@ -60,9 +60,9 @@ item standing for that frame); ``max_sim`` is the similarity the rule measured (
 
 Output under ``<output>/selections/<name>/``: ``retained/`` (id, source, frame_index,
 timestamp_s, dataset: deldist adds these to DESIGN.md's id-only table, so a reader needs no
-join back to embeddings) and ``removed/`` (id, reason,
-duplicate_of, max_sim) as published tables, ``summary.json`` (input count, kept count, ratio,
-counts per reason, per dataset, ``rules``: each rule that ran, where it comes from, its
+join back to embeddings) and ``removed/`` (id, reason, duplicate_of, max_sim) as published
+tables, written part by part (:mod:`deldist.selection_tables`), ``summary.json`` (input count,
+kept count, ratio, counts per reason, per dataset, ``rules``: each rule that ran, where it comes from, its
 parameters and what it removed; ground-truth metrics when ``ground_truth`` is set), then the
 directory's own manifest and ``_SUCCESS``.
 """
