@@ -612,7 +612,7 @@ def test_relative_blur_rule_judges_each_scene_by_its_own_texture():
     np.testing.assert_allclose(got, np.asarray(ref)[shuffle])
 
 
-def test_tables_written_by_shard_tasks_equal_the_in_memory_tables(ray_session, tmp_path):
+def test_tables_written_by_shard_tasks_equal_the_in_memory_tables(ray_session, s3_bucket):
     """select writes retained/ with one Ray task per embeddings shard (each reads its own frame
     columns) and removed/ one range at a time: the published tables equal the in-memory ones
     row for row, the per-dataset counts equal a direct count, and ids that no longer match the
@@ -620,7 +620,7 @@ def test_tables_written_by_shard_tasks_equal_the_in_memory_tables(ray_session, t
     from deldist import selection_tables
     from deldist.layout import RunLayout
 
-    layout = RunLayout(str(tmp_path))
+    layout = RunLayout(f"s3://{s3_bucket}/tables-by-shard")  # the tasks write their parts to the bucket
     publish_embeddings(layout.embeddings, synthetic_videos()[0], parts=7)  # shards hold whole row groups: 7 tasks
     embeddings = storage.read_published(layout.embeddings)  # in the manifest's order, as select reads it
     ids = embeddings.column("id").combine_chunks()
