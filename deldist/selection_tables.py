@@ -53,16 +53,19 @@ def ids_at(ids: pa.Array, rows: np.ndarray) -> pa.Array:
     return ids.take(pa.array(np.where(named, rows, 0), mask=~named))
 
 
-def removed_table(ids: pa.Array, decision: Decision, stand_in: np.ndarray, start: int = 0,
-                  stop: int | None = None) -> pa.Table:
+def removed_table(ids: pa.Array, decision: Decision, stand_in: np.ndarray, start: int, stop: int) -> pa.Table:
     """The removed rows among rows start..stop: id, reason, duplicate_of (the stand-in's id),
     max_sim (the score the removing rule measured)."""
-    stop = len(ids) if stop is None else stop
     rows = start + np.flatnonzero(decision.reason[start:stop] >= 0)
+    return _removed_rows(ids, decision, rows, ids_at(ids, stand_in[rows]))
+
+
+def _removed_rows(ids: pa.Array, decision: Decision, rows: np.ndarray, duplicate_of: pa.Array) -> pa.Table:
+    """The removed table of ``rows`` (int64, removed), ``duplicate_of`` aligned with them."""
     return pa.table({
         "id": ids.take(pa.array(rows)),
         "reason": pa.array(np.asarray(REASONS, dtype=object)[decision.reason[rows]], pa.string()),
-        "duplicate_of": ids_at(ids, stand_in[rows]),
+        "duplicate_of": duplicate_of,
         "max_sim": pa.array(decision.score[rows], pa.float32(), from_pandas=True),
     }, schema=REMOVED_SCHEMA)
 
@@ -76,12 +79,7 @@ def build_tables(ids: pa.Array, decision: Decision, duplicate_of: pa.Array, meta
     tables = {
         "retained": pa.table({"id": ids.filter(mask), **{c: meta.column(c).filter(mask) for c in RETAINED_META}},
                              schema=RETAINED_SCHEMA),
-        "removed": pa.table({
-            "id": ids.take(pa.array(rows)),
-            "reason": pa.array(np.asarray(REASONS, dtype=object)[decision.reason[rows]], pa.string()),
-            "duplicate_of": duplicate_of.take(pa.array(rows)),
-            "max_sim": pa.array(decision.score[rows], pa.float32(), from_pandas=True),
-        }, schema=REMOVED_SCHEMA),
+        "removed": _removed_rows(ids, decision, rows, duplicate_of.take(pa.array(rows))),
     }
     check_partition(ids, tables["retained"].column("id"), tables["removed"].column("id"))
     return tables
