@@ -43,9 +43,23 @@ def restart_s3(down_seconds: float) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(["port"])["port"]
+
+
+def _free_ports(names) -> dict[str, int]:
+    """One free loopback port per name, all distinct: every socket stays bound until all are
+    chosen (one at a time, the kernel may hand out the same port twice, and `ray start` then
+    refuses two components on one port, as a CI run saw)."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +95,27 @@ def s3_bucket(s3_endpoint: str) -> str:
     return name
 
 
+def _wait_for_job_server(head, dashboard: str, log) -> bool:
+    """True when the head's job server answers (the GCS is up before the dashboard); False when
+    `ray start` exited first. Raises when neither happens in 120 s."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + 120
+    while head.poll() is None:
+        try:
+            request = urllib.request.Request(f"{dashboard}/api/version",
+                                             headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+            urllib.request.urlopen(request, timeout=2).read()
+            return True
+        except OSError:
+            if time.time() > deadline:
+                head.terminate()
+                raise RuntimeError(f"the Ray head did not come up in 120 s:\n{log.read_text()}")
+            time.sleep(1)
+    return False
+
+
 @pytest.fixture(scope="session")
 def ray_head(s3_endpoint: str, tmp_path_factory):
     """One local Ray head for the whole session (2 CPUs, loopback, its own temp dir), started
@@ -91,41 +126,30 @@ def ray_head(s3_endpoint: str, tmp_path_factory):
     import subprocess
     import sys
     import tempfile
-    import time
 
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                             "metrics-export-port", "runtime-env-agent-port",
-                                             "node-manager-port", "object-manager-port")}
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [ray_cli, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-           "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
     log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
-    with open(log, "w") as out:
-        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{ports['port']}"
-    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-    deadline = time.time() + 120
-    while True:  # ready when the job server answers (the GCS is up before the dashboard)
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start --head exited with {head.returncode}:\n{log.read_text()}")
-        try:
-            import urllib.request
-
-            request = urllib.request.Request(f"{dashboard}/api/version",
-                                             headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
-            urllib.request.urlopen(request, timeout=2).read()
+    for _attempt in range(3):
+        ports = _free_ports(["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+                             "node-manager-port", "object-manager-port"])
+        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
+        cmd = [ray_cli, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+               "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+        with open(log, "w") as out:
+            head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        address = f"127.0.0.1:{ports['port']}"
+        dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+        if _wait_for_job_server(head, dashboard, log):
             break
-        except OSError:
-            if time.time() > deadline:
-                head.terminate()
-                raise RuntimeError(f"the Ray head did not come up in 120 s:\n{log.read_text()}")
-            time.sleep(1)
+        # `ray start` exited while starting: a port found free was taken before Ray bound it
+        # (other processes draw from the same ephemeral range); again with new ports
+    else:
+        raise RuntimeError(f"ray start --head exited with {head.returncode} in 3 attempts:\n{log.read_text()}")
     yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
     head.terminate()  # --block: SIGTERM stops this head's processes (never `ray stop`: it kills every Ray on the host)
     try:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _free_port
+from conftest import _free_ports
 from PIL import Image
 from test_bad_inputs import texture, write_video
 
@@ -56,16 +56,15 @@ class WorkerNode:
             if self.process.poll() is None:  # still starting after 2 minutes: not a port race
                 self.kill()
                 break
-            # `ray start` exited: a port _free_port found free was taken before the node bound
+            # `ray start` exited: a port _free_ports found free was taken before the node bound
             # it (Ray's own connections draw from the same ephemeral range); new ports, again
         raise RuntimeError(f"worker node {name} did not join the cluster in {attempt + 1} attempts; "
                            f"`ray start` said: {log.read_text()[-2000:]}")
 
     @staticmethod
     def _ray_start(head: dict, name: str, log: Path) -> subprocess.Popen:
-        ports = {p: _free_port() for p in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                                           "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                           "runtime-env-agent-port")}
+        ports = _free_ports(["node-manager-port", "object-manager-port", "metrics-export-port",
+                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"])
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("RAY_ADDRESS", None)
