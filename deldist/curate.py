@@ -90,8 +90,17 @@ def _unless_current(stage: Any, config: Any, out_dir: str, inputs: str, line: Ca
         log.info(f"deldist {name}: unchanged {inputs}, kept -> {out_dir}")
         return {"skipped": f"unchanged {inputs}", "output": out_dir}
     result = stage.run(config)
+    _release_arrow_pool()
     log.info(f"deldist {name}: {line(result)}")
     return result
+
+
+def _release_arrow_pool() -> None:
+    """Give the finished stage's freed Arrow buffers back to the OS before the next stage: the
+    allocator keeps them otherwise (after dedup at 10M frames, 0.6 GiB of the driver)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -113,6 +122,7 @@ def run(config: Config) -> dict[str, Any]:
     summaries = []
     for cfg in select_cfgs:
         select.run(cfg)
+        _release_arrow_pool()
         summaries.append(storage.read_json(layout.selection_summary(cfg.name)))
     log.info("\n" + format_selection_table(summaries))
     log.info("\n" + format_dataset_table(summaries[0]))
