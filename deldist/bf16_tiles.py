@@ -53,19 +53,30 @@ ABOVE_ONE = 2.0 ** -9  # the extra margin of a value read as >= 1 (half an ulp i
 
 @dataclass
 class Bf16Rows:
-    """Rows prepared once for the bfloat16 kernel (a bucket, sliced per cluster).
+    """Rows prepared once for the bfloat16 kernel (a cluster, or any rows scored together).
 
-    xb: (n + pad, D) bfloat16 tensor, x rounded to nearest even, then ``COL_PAD`` spare rows
-    (tiles may read past a slice's end; those rows are never scanned); err (n,) |x~ - x|;
-    norm (n,) |x|; bf_norm (n,) |x~|: rounded up so they bound the exact norms.
+    xb: (n + pad, D) bfloat16 tensor, z = x - m rounded to nearest even (m: the centre, zero
+    when not centred), then ``COL_PAD`` spare rows (tiles may read past a slice's end; those
+    rows are never scanned); err (n,) bounds |z~ - (x - m)|; norm (n,) |x - m|; bf_norm (n,)
+    |z~|; x_norm (n,) |x|: all rounded up so they bound the exact norms. Centred rows also
+    carry row_off / col_off (n + pad,) float32, <x_i, m> - |m|^2 and <x_j, m>: a tile value is
+    the bfloat16 product plus both (module docstring, "centred tiles").
     """
 
     xb: Any
     err: np.ndarray
     norm: np.ndarray
     bf_norm: np.ndarray
-    above_one = ABOVE_ONE
+    x_norm: np.ndarray
+    row_off: np.ndarray | None = None
+    col_off: np.ndarray | None = None
     spare = 8  # extra top candidates per row: their exact values tighten the bound of the unlisted
+
+    @property
+    def above_one(self) -> float:
+        """The extra margin of a tile value read as >= 1: a bfloat16 rounding of an uncentred
+        tile; a centred tile's value is a float32 sum whose rounding is inside delta."""
+        return 0.0 if self.row_off is not None else ABOVE_ONE
 
     def margins(self, s: int, e: int, cols: "Bf16Rows | None" = None) -> np.ndarray:
         """delta_i (float32 (e - s,)) for rows [s, e) scored against ``cols`` (default: the
@@ -75,10 +86,18 @@ class Bf16Rows:
             return np.zeros(0, np.float32)
         d = self.xb.shape[1]
         g = d * 2.0 ** -24 / (1.0 - d * 2.0 ** -24)
-        err, norm, bf_norm = (a[s:e].astype(np.float64) for a in (self.err, self.norm, self.bf_norm))
-        c_err, c_norm, c_bf = (err, norm, bf_norm) if cols is None else (cols.err, cols.norm, cols.bf_norm)
-        delta = (err * c_bf.max() + norm * c_err.max() + g * bf_norm * c_bf.max() + g * norm * c_norm.max()
-                 + HALF_ULP_BELOW_ONE)
+        err, norm, bf_norm, x_norm = (a[s:e].astype(np.float64) for a in (self.err, self.norm, self.bf_norm,
+                                                                          self.x_norm))
+        c = (err, norm, bf_norm, x_norm) if cols is None else (cols.err, cols.norm, cols.bf_norm, cols.x_norm)
+        c_err, c_norm, c_bf, c_x = (float(a.max()) for a in c)
+        delta = err * c_bf + norm * c_err + g * bf_norm * c_bf + g * x_norm * c_x
+        if self.row_off is None:
+            delta += HALF_ULP_BELOW_ONE
+        else:
+            value = bf_norm * c_bf * (1 + g)  # bounds the float32 sum that is rounded to bfloat16
+            delta += 2.0 ** -9 * np.exp2(np.ceil(np.log2(np.maximum(value, 2.0 ** -126))))
+            c_off = float(np.abs(self.col_off[s:e] if cols is None else cols.col_off).max())
+            delta += 2.0 ** -22 * (value + np.abs(self.row_off[s:e]) + c_off)
         return (delta + 1e-6).astype(np.float32)  # + 1e-6: the float32 sums that compare against it
 
     def products(self, block_rows: int, col_block: int) -> "Bf16TileProducts":
@@ -86,58 +105,77 @@ class Bf16Rows:
 
 
 @numba.njit(cache=True, fastmath=FAST, nogil=True)
-def _round_rows(x, out, err, norm, bf_norm):  # pragma: no cover - compiled
-    """One pass: out = the bfloat16 bits of x (round to nearest even, as torch), and per row
-    the float32 norms of x, of its rounding and of the rounding error."""
+def _round_rows(x, m, out, err, norm, bf_norm, x_norm, offset):  # pragma: no cover - compiled
+    """One pass: z = x - m in float32, out = the bfloat16 bits of z (round to nearest even, as
+    torch), and per row the float32 norms of z, of its rounding, of its rounding error and of
+    x, and offset = <x, m> in float64."""
     d = x.shape[1]
+    z = np.empty(d, np.float32)
     rounded_bits = np.empty(d, np.uint32)
     rounded = rounded_bits.view(np.float32)
+    z_bits = z.view(np.uint32)
     for i in range(x.shape[0]):
-        bits = x[i].view(np.uint32)
+        a = 0.0
         for k in range(d):
-            u = bits[k]
+            z[k] = x[i, k] - m[k]
+            a += np.float64(x[i, k]) * np.float64(m[k])
+        for k in range(d):
+            u = z_bits[k]
             r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
             rounded_bits[k] = r
             out[i, k] = np.uint16(r >> np.uint32(16))
-        e2, n2, b2 = np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        e2, n2, b2, x2 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
         for k in range(d):
-            v, w = x[i, k], rounded[k]
+            v, w = z[k], rounded[k]
             e2 += (w - v) * (w - v)
             n2 += v * v
             b2 += w * w
-        err[i], norm[i], bf_norm[i] = np.sqrt(e2), np.sqrt(n2), np.sqrt(b2)
+            x2 += x[i, k] * x[i, k]
+        err[i], norm[i], bf_norm[i], x_norm[i], offset[i] = np.sqrt(e2), np.sqrt(n2), np.sqrt(b2), np.sqrt(x2), a
 
 
-def prepare(x: np.ndarray) -> Bf16Rows:
+def prepare(x: np.ndarray, centre: bool = False) -> Bf16Rows:
     """x (n, D) float32 -> :class:`Bf16Rows` in one compiled pass (0.18 s for 200k x 768;
-    torch's own conversion took 1.2 s single-threaded). The float32 norm sums have relative
-    error <= g_D, covered by rounding them up."""
+    torch's own conversion took 1.2 s single-threaded). ``centre``: the rows minus their mean
+    (for rows scored against each other: a cluster). The float32 norm sums have relative error
+    <= g_D, covered by rounding them up; z = x - m is itself rounded (<= 2^-24 |x - m| per
+    element), added to err."""
     import torch
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
+    m = x.mean(axis=0, dtype=np.float64).astype(np.float32) if centre and n else np.zeros(d, np.float32)
     padded = np.zeros((n + COL_PAD, d), np.uint16)
-    err, norm, bf_norm = (np.empty(n, np.float32) for _ in range(3))
+    err, norm, bf_norm, x_norm = (np.empty(n, np.float32) for _ in range(4))
+    offset = np.zeros(n + COL_PAD, np.float64)
     if n:
-        _round_rows(x, padded, err, norm, bf_norm)
+        _round_rows(x, m, padded, err, norm, bf_norm, x_norm, offset)
     up = 1 + 2 * d * 2.0 ** -24 + 1e-7
-    return Bf16Rows(torch.from_numpy(padded).view(torch.bfloat16), err * up, norm * up, bf_norm * up)
+    norm = norm * up * (1 + 2.0 ** -23)  # |x - m| from |z|: z's own rounding
+    err = err * up + 2.0 ** -23 * norm
+    rows = Bf16Rows(torch.from_numpy(padded).view(torch.bfloat16), err, norm, bf_norm * up, x_norm * up)
+    if centre:
+        rows.row_off = (offset - float(m.astype(np.float64) @ m.astype(np.float64))).astype(np.float32)
+        rows.col_off = offset.astype(np.float32)
+        rows.row_off[n:] = 0.0
+    return rows
 
 
 def bf16_supported() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16): elsewhere oneDNN
-    emulates it and the float32 kernel is faster."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): elsewhere oneDNN
+    emulates it (on plain AVX-512 too) and the float32 kernel is faster."""
     try:
         import torch
 
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - other builds
         return False
 
 
 class Bf16TileProducts:
     """bfloat16 products ``left @ right.T`` into buffers reused across tiles (fresh 2 MB
-    tiles would page-fault every time), read back as float32 NumPy."""
+    tiles would page-fault every time), read back as float32 NumPy (centred rows: plus their
+    row and column offsets, added in float32)."""
 
     def __init__(self, block_rows: int, col_block: int):
         import torch
@@ -154,5 +192,21 @@ class Bf16TileProducts:
         rp, cp = padded_shape(rows, cols)
         out_bf, out_f32 = self.out_bf[:rp * cp].view(rp, cp), self.out_f32[:rp * cp].view(rp, cp)
         torch.mm(left.xb[r0:r0 + rp], right.xb[c0:c0 + cp].T, out=out_bf)
-        out_f32.copy_(out_bf)
-        return out_f32.numpy()
+        out = out_f32.numpy()
+        if left.row_off is None or right.col_off is None:
+            out_f32.copy_(out_bf)
+        else:
+            _widen_add(out_bf.view(torch.int16).numpy(), left.row_off[r0:r0 + rp], right.col_off[c0:c0 + cp], out)
+        return out
+
+
+@numba.njit(cache=True, fastmath=FAST, nogil=True)
+def _widen_add(bits, row_off, col_off, out):  # pragma: no cover - compiled
+    """out = float32(bfloat16 ``bits``) + col_off[j] + row_off[i], two float32 additions."""
+    word = np.empty(bits.shape[1], np.uint32)
+    value = word.view(np.float32)
+    for i in range(bits.shape[0]):
+        for j in range(bits.shape[1]):
+            word[j] = np.uint32(np.uint16(bits[i, j])) << np.uint32(16)
+        for j in range(bits.shape[1]):
+            out[i, j] = (value[j] + col_off[j]) + row_off[i]

@@ -170,7 +170,8 @@ def _resolve_precision(precision: Precision, rows: np.ndarray) -> np.ndarray:
     CPU's fastest low precision for clusters of at least ``LOWP_MIN_ROWS`` rows, else float32."""
     if precision != "auto":
         return np.full(len(rows), precision, dtype=object)
-    return np.where(np.asarray(rows) >= LOWP_MIN_ROWS, fastest_supported() or "float32", "float32").astype(object)
+    return np.where(np.asarray(rows) >= LOWP_MIN_ROWS, fastest_supported("pairwise") or "float32",
+                    "float32").astype(object)
 
 
 def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: np.ndarray,

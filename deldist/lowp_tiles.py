@@ -44,7 +44,9 @@ def dot_float32(a, b):  # pragma: no cover - compiled
 
 
 INT32_MIN = np.int32(-2 ** 31)
-CHUNK = 64  # columns whose max the scan compares first
+# columns whose max the scan compares first: 64 for a max alone (fewer maxima to compare), 16 for
+# lists (fine enough that the k-th largest chunk max is close to the row's k-th largest value)
+CHUNK_MAX, CHUNK_LISTS = 64, 16
 
 
 @numba.njit(cache=True, inline="always")
@@ -65,14 +67,35 @@ def _fill_rank_buffer(row, ncols, c0, r, rank_idx, rank_count, rank_sure, floor_
 
 
 @numba.njit(cache=True, inline="always")
-def _chunk_maxima(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
-    """The max of every CHUNK columns of a row, as :func:`deldist.tiles.float_order_key` keys; returns the chunks."""
-    n_chunks = (ncols + CHUNK - 1) // CHUNK
+def _chunk_maxima_wide(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
+    """The max of every CHUNK_MAX columns of a row, as :func:`deldist.tiles.float_order_key` keys;
+    returns the chunks."""
+    n_chunks = (ncols + CHUNK_MAX - 1) // CHUNK_MAX
     for h in range(n_chunks):
         top_key = INT32_MIN
-        base = h * CHUNK
-        if base + CHUNK <= ncols:  # a fixed trip count: this is the loop that vectorises
-            for c in range(CHUNK):
+        base = h * CHUNK_MAX
+        if base + CHUNK_MAX <= ncols:  # a fixed trip count: this is the loop that vectorises
+            for c in range(CHUNK_MAX):
+                key = float_order_key(row_bits[base + c])
+                top_key = key if key > top_key else top_key
+        else:
+            for c in range(base, ncols):
+                key = float_order_key(row_bits[c])
+                top_key = key if key > top_key else top_key
+        chunk_max[h] = top_key
+    return n_chunks
+
+
+@numba.njit(cache=True, inline="always")
+def _chunk_maxima_narrow(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
+    """The max of every CHUNK_LISTS columns of a row, as :func:`deldist.tiles.float_order_key` keys;
+    returns the chunks."""
+    n_chunks = (ncols + CHUNK_LISTS - 1) // CHUNK_LISTS
+    for h in range(n_chunks):
+        top_key = INT32_MIN
+        base = h * CHUNK_LISTS
+        if base + CHUNK_LISTS <= ncols:  # a fixed trip count: this is the loop that vectorises
+            for c in range(CHUNK_LISTS):
                 key = float_order_key(row_bits[base + c])
                 top_key = key if key > top_key else top_key
         else:
@@ -125,7 +148,8 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
     k_top = top_sim.shape[1]
     cap = rank_idx.shape[1]
     bits = sims.view(np.int32)
-    chunk_max = np.empty((sims.shape[1] + CHUNK - 1) // CHUNK, np.int32)
+    chunk = CHUNK_MAX if k_top == 1 else CHUNK_LISTS
+    chunk_max = np.empty((sims.shape[1] + chunk - 1) // chunk, np.int32)
     word = np.empty(1, np.float32)
     word_bits = word.view(np.int32)
     for r in range(rows):
@@ -141,13 +165,16 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
         ex, wt = excluded[r], win_top[r]
         # one vectorised pass: each chunk's max, as integers that order like the floats
         # (float maxima do not vectorise in numba)
-        n_chunks = _chunk_maxima(bits[r], ncols, chunk_max)
+        n_chunks = _chunk_maxima_wide(bits[r], ncols, chunk_max) if k_top == 1 else \
+            _chunk_maxima_narrow(bits[r], ncols, chunk_max)
         word_bits[0] = float_order_key(chunk_max[:n_chunks].max())
         top = max(wt, word[0])  # the row's largest value once this tile is in
         # below ``low`` a value can only raise ``ex``: it is under the list's cut (or under
         # k_top chunk maxima of this tile), and more than 2 delta under the row's largest
         sure = cut
-        if n_chunks >= k_top and k_top > 1 and cut == -np.inf:  # (a full list's cut is usually higher)
+        if k_top == 1:  # the tile's largest is one of its values: the list's one entry ends at least there
+            sure = max(sure, word[0])
+        elif n_chunks >= k_top and cut == -np.inf:  # (a full list's cut is usually higher)
             word_bits[0] = float_order_key(np.partition(chunk_max[:n_chunks], n_chunks - k_top)[n_chunks - k_top])
             sure = max(sure, word[0])
         low = min(sure, top - two_delta)
@@ -157,7 +184,7 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
                 if word[0] > ex:
                     ex = word[0]
                 continue
-            for c in range(h * CHUNK, min(ncols, (h + 1) * CHUNK)):
+            for c in range(h * chunk, min(ncols, (h + 1) * chunk)):
                 s = row[c]
                 if s < low:
                     if s > ex:

@@ -19,7 +19,7 @@ float32 whole). So:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -29,23 +29,31 @@ from deldist.lowp_tiles import Candidates, LowPrecision, dot_float32
 from deldist.tiles import ListSpec, check_range, union_lists
 
 
-def prepare_rows(x: np.ndarray, precision: LowPrecision, reuse: bool = False) -> Any:
+def prepare_rows(x: np.ndarray, precision: LowPrecision, reuse: bool = False, centre: bool = False) -> Any:
     """x (n, D) float32 unit rows -> the prepared rows of ``precision``'s tiles
     (:class:`~deldist.int8_tiles.Int8Rows` or :class:`~deldist.bf16_tiles.Bf16Rows`):
     ``margins(s, e, cols)``, ``above_one``, ``spare`` and ``products(block_rows, col_block)``.
-    ``reuse`` (int8): in this thread's scratch buffer, valid until its next reuse."""
+    ``reuse`` (int8): in this thread's scratch buffer, valid until its next reuse; ``centre``
+    (bfloat16): tiles of the rows minus their mean, for rows scored against each other."""
     if precision == "int8":
         return int8_tiles.prepare(x, reuse)
     if precision == "bfloat16":
-        return bf16_tiles.prepare(x)
+        return bf16_tiles.prepare(x, centre)
     raise ValueError(f"unknown low precision {precision!r}")
 
 
-def fastest_supported() -> LowPrecision | None:
-    """The low-precision tile this CPU runs faster than float32 sgemm, or None: int8 on CPUs
-    with AMX (measured: bench/RESULTS.md); bfloat16 measured slower than float32 on every
-    CPU tried, so it is never chosen by itself."""
-    return "int8" if int8_tiles.int8_supported() else None
+def fastest_supported(use: Literal["pairwise", "nearest"] = "nearest") -> LowPrecision | None:
+    """The low-precision tile this CPU runs faster than float32 sgemm for ``use`` (the
+    within-cluster pairwise kernel, or the k-means assignment), or None (measured:
+    bench/RESULTS.md): int8 on CPUs with AMX, for both; bfloat16 for the pairwise kernel on
+    CPUs with AVX512-BF16 but no AMX (centred tiles: 0.40x the float32 floor at 1M on an AMD
+    Zen 5, 2026-12-03). The assignment's bfloat16 tiles are not centred (queries and keys
+    have no common centre), and were not measured faster than float32."""
+    if int8_tiles.int8_supported():
+        return "int8"
+    if use == "pairwise" and bf16_tiles.bf16_supported():
+        return "bfloat16"
+    return None
 
 
 @numba.njit(cache=True, nogil=True)
@@ -186,7 +194,7 @@ def triu_neighbours_lowp(x: np.ndarray, start: int = 0, stop: int | None = None,
     n = len(x)
     stop = check_range(n, start, stop)
     rows = stop - start
-    lp, offset = prepared if prepared is not None else (prepare_rows(x, precision, reuse=True), 0)
+    lp, offset = prepared if prepared is not None else (prepare_rows(x, precision, reuse=True, centre=True), 0)
     products = lp.products(block_rows, col_block)
     delta = lp.margins(offset, offset + n)[start:stop]
     above_one = np.float32(lp.above_one)
