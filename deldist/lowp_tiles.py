@@ -178,13 +178,13 @@ def scan_tile(sims, rows, first_row, c0, col_stop, top_sim, top_idx, excluded, w
             word_bits[0] = float_order_key(np.partition(chunk_max[:n_chunks], n_chunks - k_top)[n_chunks - k_top])
             sure = max(sure, word[0])
         low = min(sure, top - two_delta)
-        for h in range(n_chunks):
+        for h in range(n_chunks - 1, -1, -1):
             word_bits[0] = float_order_key(chunk_max[h])
             if word[0] < low:
                 if word[0] > ex:
                     ex = word[0]
                 continue
-            for c in range(h * chunk, min(ncols, (h + 1) * chunk)):
+            for c in range(min(ncols, (h + 1) * chunk) - 1, h * chunk - 1, -1):
                 s = row[c]
                 if s < low:
                     if s > ex:

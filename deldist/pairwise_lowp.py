@@ -57,17 +57,13 @@ def fastest_supported(use: Literal["pairwise", "nearest"] = "nearest") -> LowPre
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_candidates(x, i, idx, count, cand_idx, cand_sim, n):  # pragma: no cover - compiled
-    """Append idx[:count] not yet among cand_idx[:n], with their float32 dot to row i."""
-    n0 = n
+def _add_candidates(x, i, idx, count, cand_idx, cand_sim, n, slot):  # pragma: no cover - compiled
+    """Append idx[:count] not yet among cand_idx[:n] (``slot[j]``: j's place there, -1 if
+    absent), with their float32 dot to row i."""
     for e in range(count):
         j = idx[e]
-        seen = False
-        for p in range(n0):
-            if cand_idx[p] == j:
-                seen = True
-                break
-        if not seen:
+        if j >= 0 and slot[j] < 0:
+            slot[j] = n
             cand_idx[n] = j
             cand_sim[n] = dot_float32(x[i], x[j])
             n += 1
@@ -77,25 +73,21 @@ def _add_candidates(x, i, idx, count, cand_idx, cand_sim, n):  # pragma: no cove
 @numba.njit(cache=True, nogil=True)
 def _finish_rows(x, first_row, top_idx, excluded, win_idx, win_count, rank_idx, rank_count, delta, above_one, floor, by_sim,
                  by_rank, out_max, out_arg, out_top_idx, out_top_sim, out_first_idx, out_first_sim, out_bound,
-                 certified):  # pragma: no cover - compiled
+                 certified, slot):  # pragma: no cover - compiled
     """Recompute every candidate in float32 and derive each row's exact max / argmax, lists
-    and bound; ``certified[r]``: the window did not overflow, so it holds the argmax."""
+    and bound; ``certified[r]``: the window did not overflow, so it holds the argmax.
+    ``slot``: (len(x),) int32 scratch, all -1 (and left so)."""
     k_top = top_idx.shape[1]
     size = k_top + win_idx.shape[1] + rank_idx.shape[1]
     cand_idx = np.empty(size, np.int64)
     cand_sim = np.empty(size, np.float32)
+    listed = np.zeros(size, np.bool_)
     for r in range(top_idx.shape[0]):
         i = first_row + r
-        n = 0
-        for e in range(k_top):
-            j = top_idx[r, e]
-            if j >= 0:
-                cand_idx[n] = j
-                cand_sim[n] = dot_float32(x[i], x[j])
-                n += 1
+        n = _add_candidates(x, i, top_idx[r], k_top, cand_idx, cand_sim, 0, slot)
         certified[r] = win_count[r] >= 0
-        n = _add_candidates(x, i, win_idx[r], max(win_count[r], 0), cand_idx, cand_sim, n)
-        n = _add_candidates(x, i, rank_idx[r], rank_count[r], cand_idx, cand_sim, n)
+        n = _add_candidates(x, i, win_idx[r], max(win_count[r], 0), cand_idx, cand_sim, n, slot)
+        n = _add_candidates(x, i, rank_idx[r], rank_count[r], cand_idx, cand_sim, n, slot)
         best, arg = -np.inf, -1
         for p in range(n):
             if cand_sim[p] > best or (cand_sim[p] == best and cand_idx[p] < arg):
@@ -121,33 +113,28 @@ def _finish_rows(x, first_row, top_idx, excluded, win_idx, win_count, rank_idx, 
             out_top_idx[r, pos] = j
             if m < by_sim:
                 m += 1
+        for e in range(m):
+            listed[slot[out_top_idx[r, e]]] = True
         # rank list: the first by_rank buffered columns (column order) with exact value >= floor
         f = 0
         for e in range(rank_count[r]):
             if f == by_rank:
                 break
             j = rank_idx[r, e]
-            for p in range(n):
-                if cand_idx[p] == j:
-                    if cand_sim[p] >= floor:
-                        out_first_idx[r, f] = j
-                        out_first_sim[r, f] = cand_sim[p]
-                        f += 1
-                    break
+            p = slot[j]
+            if cand_sim[p] >= floor:
+                out_first_idx[r, f] = j
+                out_first_sim[r, f] = cand_sim[p]
+                listed[p] = True
+                f += 1
         # bound: every unlisted column's float32 value is at most this
         over = delta[r] + (above_one if excluded[r] >= 1 else np.float32(0))
         bound = max(np.float32(floor), excluded[r] + over)
         for p in range(n):
-            j = cand_idx[p]
-            listed = False
-            for e in range(m):
-                if out_top_idx[r, e] == j:
-                    listed = True
-            for e in range(f):
-                if out_first_idx[r, e] == j:
-                    listed = True
-            if not listed and cand_sim[p] > bound:
+            if not listed[p] and cand_sim[p] > bound:
                 bound = cand_sim[p]
+            listed[p] = False
+            slot[cand_idx[p]] = -1
         out_bound[r] = bound
 
 
@@ -208,6 +195,7 @@ def triu_neighbours_lowp(x: np.ndarray, start: int = 0, stop: int | None = None,
     first_out = (np.full((rows, by_rank), -1, np.int64), np.full((rows, by_rank), -np.inf, np.float32))
     bound = np.full(rows, floor, np.float32)
     certified = np.ones(rows, np.bool_)
+    slot = np.full(n, -1, np.int32)  # _finish_rows' scratch: a column's place among a row's candidates
     for b0 in range(start, stop, block_rows):
         b1 = min(b0 + block_rows, stop)
         s0, s1 = b0 - start, b1 - start
@@ -217,7 +205,7 @@ def triu_neighbours_lowp(x: np.ndarray, start: int = 0, stop: int | None = None,
         _finish_rows(x, b0, cand.top_idx[s0:s1], cand.excluded[s0:s1], cand.win_idx[s0:s1], cand.win_count[s0:s1],
                      cand.rank_idx[s0:s1], cand.rank_count[s0:s1], delta[s0:s1], above_one, floor, by_sim, by_rank,
                      out_max[s0:s1], out_arg[s0:s1], top_out[0][s0:s1], top_out[1][s0:s1], first_out[0][s0:s1],
-                     first_out[1][s0:s1], bound[s0:s1], certified[s0:s1])
+                     first_out[1][s0:s1], bound[s0:s1], certified[s0:s1], slot)
     if start == 0 and rows:
         out_max[0], out_arg[0] = 0.0, -1
         certified[0] = True
