@@ -20,9 +20,12 @@ from deldist.tiles import Device, ListSpec
 
 KeepMode = Literal["hard", "easy", "random"]
 Precision = Literal["auto", "float32", "int8", "bfloat16"]
-# clusters from this size on use the int8 tiles under precision="auto": below it the padded
-# tiles and per-call costs outweigh the faster products (bench/dedup.py)
-LOWP_MIN_ROWS = 1536
+# clusters from these sizes on use the low-precision tiles under precision="auto", per tile and
+# per whether neighbour lists are kept (bench/dedup.py: int8 on AMX 2026-11-30, bfloat16 on
+# AVX512-BF16 2026-12-03): below them the padded tiles, the scan and the float32 rechecks
+# outweigh the faster products; with lists every row rechecks ~22 candidates, not ~2
+LOWP_MIN_ROWS: dict[tuple[str, bool], int] = {("int8", False): 1536, ("int8", True): 1536,
+                                              ("bfloat16", False): 1024, ("bfloat16", True): 2560}
 # rows a CPU scoring call takes at once (6 MB of float32 at D = 768: its cache, not DRAM, feeds
 # the products); a larger cluster is a group of its own
 GROUP_ROWS = 2048
@@ -136,7 +139,8 @@ def _score_group(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: List
     max_sim, dup, nbr, nbr_sim, bound = out
     sizes = ends - starts
     # clusters scored one call each: low precision on the CPU, every cluster on a GPU
-    one_by_one = _resolve_precision(precision, sizes) != "float32" if device == "cpu" else np.ones(len(sizes), bool)
+    one_by_one = _resolve_precision(precision, sizes, spec.keeps_lists) != "float32" if device == "cpu" else \
+        np.ones(len(sizes), bool)
     if not one_by_one.all():  # float32 clusters on the CPU: one call for all of them
         s32, e32 = starts[~one_by_one], ends[~one_by_one]
         # rows [a, b) from the first to the last of them; the others in between are overwritten below
@@ -159,19 +163,22 @@ def cluster_neighbours(x: Any, start: int, stop: int, spec: ListSpec, tiles: tup
     (:mod:`deldist.pairwise_lowp`: the same max, argmax and decisions). ``"auto"``: the tile
     this CPU runs fastest (:func:`~deldist.pairwise_lowp.fastest_supported`), for clusters of at
     least ``LOWP_MIN_ROWS`` rows."""
-    precision = _resolve_precision(precision, np.array([stop]))[0]
+    precision = _resolve_precision(precision, np.array([stop]), spec.keeps_lists)[0]
     if precision != "float32" and device == "cpu":
         return triu_neighbours_lowp(np.asarray(x), start, stop, spec, precision, stats=stats)
     return triu_neighbours(x, start, stop, spec, *tiles, device=device)
 
 
-def _resolve_precision(precision: Precision, rows: np.ndarray) -> np.ndarray:
+def _resolve_precision(precision: Precision, rows: np.ndarray, lists: bool) -> np.ndarray:
     """(len(rows),) the tiles each cluster of ``rows`` rows runs on a CPU: ``auto`` is this
-    CPU's fastest low precision for clusters of at least ``LOWP_MIN_ROWS`` rows, else float32."""
+    CPU's fastest low precision for clusters of at least ``LOWP_MIN_ROWS`` rows (of that tile,
+    with or without ``lists``), else float32."""
     if precision != "auto":
         return np.full(len(rows), precision, dtype=object)
-    return np.where(np.asarray(rows) >= LOWP_MIN_ROWS, fastest_supported("pairwise") or "float32",
-                    "float32").astype(object)
+    low = fastest_supported("pairwise")
+    if low is None:
+        return np.full(len(rows), "float32", dtype=object)
+    return np.where(np.asarray(rows) >= LOWP_MIN_ROWS[low, lists], low, "float32").astype(object)
 
 
 def scores_table(ids: pa.Array, cluster: np.ndarray, rank: np.ndarray, max_sim: np.ndarray,

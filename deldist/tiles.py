@@ -32,6 +32,11 @@ class ListSpec:
     by_rank: int = 16
     floor: float = 0.5
 
+    @property
+    def keeps_lists(self) -> bool:
+        """Whether any list is kept (else the kernels compute the max alone)."""
+        return self.by_similarity > 0 or self.by_rank > 0
+
 
 def check_range(n: int, start: int, stop: int | None) -> int:
     stop = n if stop is None else stop

@@ -357,7 +357,7 @@ def test_bucket_of_clusters_lists_match_float64_reference(monkeypatch, precision
     ones; under ``auto`` with a low LOWP_MIN_ROWS the large clusters run the low-precision
     tiles in the same bucket): every row's max, argmax and lists as the float64 reference
     of its own cluster, never a row of another cluster."""
-    monkeypatch.setattr(dedup_scores, "LOWP_MIN_ROWS", 60)
+    monkeypatch.setattr(dedup_scores, "LOWP_MIN_ROWS", dict.fromkeys(dedup_scores.LOWP_MIN_ROWS, 60))
     low_calls = []
     lowp = dedup_scores.triu_neighbours_lowp
     monkeypatch.setattr(dedup_scores, "triu_neighbours_lowp", lambda x, *a, **k: low_calls.append(len(x)) or lowp(x, *a, **k))
@@ -381,7 +381,7 @@ def test_bucket_of_clusters_lists_match_float64_reference(monkeypatch, precision
         # a cluster scored from low-precision tiles lists near-ties in the tile's order: within
         # 2 delta (each tile value is within delta of the float32 one) plus float32 rounding
         tol = 1e-5
-        if low and len(rows) >= dedup_scores.LOWP_MIN_ROWS:
+        if low and len(rows) >= 60:
             rows_lp = prepare_rows(xs[rows], dedup_scores.fastest_supported("pairwise"), centre=True)
             tol += 2 * float(rows_lp.margins(0, len(rows)).max())
         for r, (want, unlisted_max) in enumerate(reference_lists(xs[rows], spec)):
