@@ -175,7 +175,7 @@ def _resolve_precision(precision: Precision, rows: np.ndarray, lists: bool) -> n
     with or without ``lists``), else float32."""
     if precision != "auto":
         return np.full(len(rows), precision, dtype=object)
-    low = fastest_supported("pairwise")
+    low = fastest_supported()
     if low is None:
         return np.full(len(rows), "float32", dtype=object)
     return np.where(np.asarray(rows) >= LOWP_MIN_ROWS[low, lists], low, "float32").astype(object)

@@ -19,7 +19,7 @@ float32 whole). So:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numba
 import numpy as np
@@ -42,16 +42,15 @@ def prepare_rows(x: np.ndarray, precision: LowPrecision, reuse: bool = False, ce
     raise ValueError(f"unknown low precision {precision!r}")
 
 
-def fastest_supported(use: Literal["pairwise", "nearest"] = "nearest") -> LowPrecision | None:
-    """The low-precision tile this CPU runs faster than float32 sgemm for ``use`` (the
-    within-cluster pairwise kernel, or the k-means assignment), or None (measured:
-    bench/RESULTS.md): int8 on CPUs with AMX, for both; bfloat16 for the pairwise kernel on
-    CPUs with AVX512-BF16 but no AMX (centred tiles: 0.40x the float32 floor at 1M on an AMD
-    Zen 5, 2026-12-03). The assignment's bfloat16 tiles are not centred (queries and keys
-    have no common centre), and were not measured faster than float32."""
+def fastest_supported() -> LowPrecision | None:
+    """The low-precision tile this CPU runs faster than float32 sgemm, or None (measured:
+    bench/RESULTS.md): int8 on CPUs with AMX (2026-11-30: 0.53x the float32 floor at 1M);
+    bfloat16 on CPUs with AVX512-BF16 and no AMX (2026-12-03, AMD Zen 5: the pairwise kernel
+    with centred tiles 0.43x the floor at 1M, the k-means assignment 0.56x faiss's float32
+    time with the same labels)."""
     if int8_tiles.int8_supported():
         return "int8"
-    if use == "pairwise" and bf16_tiles.bf16_supported():
+    if bf16_tiles.bf16_supported():
         return "bfloat16"
     return None
 

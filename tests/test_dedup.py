@@ -368,7 +368,7 @@ def test_bucket_of_clusters_lists_match_float64_reference(monkeypatch, precision
     order = np.lexsort((rank, labels))
     table = dedup_scores.score_sorted_clusters(x[order], ids.take(pa.array(order)), labels[order], rank[order],
                                                spec, block_rows=16, col_block=40, diag_rows=6, precision=precision)
-    low = precision == "auto" and dedup_scores.fastest_supported("pairwise") is not None
+    low = precision == "auto" and dedup_scores.fastest_supported() is not None
     assert sorted(low_calls) == ([64, 70, 130] if low else [])
     xs, ls = x[order], labels[order]
     max_sim = table.column("max_sim").to_numpy()
@@ -382,7 +382,7 @@ def test_bucket_of_clusters_lists_match_float64_reference(monkeypatch, precision
         # 2 delta (each tile value is within delta of the float32 one) plus float32 rounding
         tol = 1e-5
         if low and len(rows) >= 60:
-            rows_lp = prepare_rows(xs[rows], dedup_scores.fastest_supported("pairwise"), centre=True)
+            rows_lp = prepare_rows(xs[rows], dedup_scores.fastest_supported(), centre=True)
             tol += 2 * float(rows_lp.margins(0, len(rows)).max())
         for r, (want, unlisted_max) in enumerate(reference_lists(xs[rows], spec)):
             i = rows[r]
