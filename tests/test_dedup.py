@@ -416,6 +416,24 @@ def reference_keep_first(x: np.ndarray, candidate: np.ndarray, threshold: float,
     return kept, dup, sim
 
 
+@pytest.mark.parametrize("low", ["int8", "bfloat16", None])
+def test_auto_precision_per_cluster_size(monkeypatch, low):
+    """``auto``: the CPU's low-precision tile from its size threshold on (bfloat16 pays from
+    fewer rows for the max alone than with the neighbour lists), float32 below and on CPUs
+    with neither tile."""
+    monkeypatch.setattr(dedup_scores, "fastest_supported", lambda: low)
+    rows = np.array([100, 1023, 1024, 1535, 1536, 2559, 2560, 50_000])
+    for lists in (True, False):
+        got = dedup_scores._resolve_precision("auto", rows, lists)
+        want = np.where(rows >= dedup_scores.LOWP_MIN_ROWS[low, lists], low, "float32") if low else \
+            np.full(len(rows), "float32")
+        assert list(got) == list(want)
+    if low == "bfloat16":
+        assert list(dedup_scores._resolve_precision("auto", rows, True)).count("bfloat16") == 2
+        assert list(dedup_scores._resolve_precision("auto", rows, False)).count("bfloat16") == 6
+    assert list(dedup_scores._resolve_precision("float32", rows, True)) == ["float32"] * len(rows)
+
+
 @pytest.mark.parametrize("block_rows", [1, 7, 512])
 @pytest.mark.parametrize("fixed", [0, 9])
 @pytest.mark.parametrize("threshold", [0.9, 0.995])

@@ -276,3 +276,14 @@ def test_nearest_lowp_gives_the_float32_labels(precision):
     assert stats["candidates"] >= len(x)
     empty = pairwise_lowp.nearest_lowp(x[:0], centroids, precision)
     assert len(empty[0]) == 0
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(True, True, "int8"), (False, True, "bfloat16"),
+                                                    (False, False, None)])
+def test_fastest_supported_follows_the_cpu(monkeypatch, amx, avx512_bf16, want):
+    """int8 where AMX multiplies it (measured fastest there), bfloat16 on AVX512-BF16 without
+    AMX (measured on an AMD Zen 5), else float32."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert pairwise_lowp.fastest_supported() == want
+
