@@ -66,44 +66,33 @@ def _fill_rank_buffer(row, ncols, c0, r, rank_idx, rank_count, rank_sure, floor_
                 break
 
 
-@numba.njit(cache=True, inline="always")
-def _chunk_maxima_wide(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
-    """The max of every CHUNK_MAX columns of a row, as :func:`deldist.tiles.float_order_key` keys;
-    returns the chunks."""
-    n_chunks = (ncols + CHUNK_MAX - 1) // CHUNK_MAX
-    for h in range(n_chunks):
-        top_key = INT32_MIN
-        base = h * CHUNK_MAX
-        if base + CHUNK_MAX <= ncols:  # a fixed trip count: this is the loop that vectorises
-            for c in range(CHUNK_MAX):
-                key = float_order_key(row_bits[base + c])
-                top_key = key if key > top_key else top_key
-        else:
-            for c in range(base, ncols):
-                key = float_order_key(row_bits[c])
-                top_key = key if key > top_key else top_key
-        chunk_max[h] = top_key
-    return n_chunks
+def _chunk_maxima_of(width: int):  # type: ignore[no-untyped-def]
+    """A compiled ``chunk_maxima(row_bits, ncols, chunk_max)`` for chunks of ``width``
+    columns: each chunk's max as :func:`deldist.tiles.float_order_key` keys; returns the
+    chunks. ``width`` is a compile-time constant: the loop with its fixed trip count is the one
+    that vectorises (a run-time width does not, measured 3.5x slower)."""
+
+    @numba.njit(cache=True, inline="always")
+    def chunk_maxima(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
+        n_chunks = (ncols + width - 1) // width
+        for h in range(n_chunks):
+            top_key = INT32_MIN
+            base = h * width
+            if base + width <= ncols:
+                for c in range(width):
+                    key = float_order_key(row_bits[base + c])
+                    top_key = key if key > top_key else top_key
+            else:
+                for c in range(base, ncols):
+                    key = float_order_key(row_bits[c])
+                    top_key = key if key > top_key else top_key
+            chunk_max[h] = top_key
+        return n_chunks
+
+    return chunk_maxima
 
 
-@numba.njit(cache=True, inline="always")
-def _chunk_maxima_narrow(row_bits, ncols, chunk_max):  # pragma: no cover - compiled
-    """The max of every CHUNK_LISTS columns of a row, as :func:`deldist.tiles.float_order_key` keys;
-    returns the chunks."""
-    n_chunks = (ncols + CHUNK_LISTS - 1) // CHUNK_LISTS
-    for h in range(n_chunks):
-        top_key = INT32_MIN
-        base = h * CHUNK_LISTS
-        if base + CHUNK_LISTS <= ncols:  # a fixed trip count: this is the loop that vectorises
-            for c in range(CHUNK_LISTS):
-                key = float_order_key(row_bits[base + c])
-                top_key = key if key > top_key else top_key
-        else:
-            for c in range(base, ncols):
-                key = float_order_key(row_bits[c])
-                top_key = key if key > top_key else top_key
-        chunk_max[h] = top_key
-    return n_chunks
+_chunk_maxima_wide, _chunk_maxima_narrow = _chunk_maxima_of(CHUNK_MAX), _chunk_maxima_of(CHUNK_LISTS)
 
 
 @numba.njit(cache=True, inline="always")
