@@ -25,7 +25,7 @@ with every written value recomputed in float32 (:mod:`deldist.pairwise_lowp`, a 
 margin): the same ``max_sim`` and ``duplicate_of``, exact listed similarities and sound
 bounds, so every selection decides as on the float32 scores. ``"int8"``: int8 digit products
 with exact integer sums (the fast one on CPUs with AMX); ``"bfloat16"``: bfloat16 tiles of
-each cluster's rows minus their mean (on CPUs with AVX512-BF16: 0.36x the float32 floor at
+each cluster's rows minus their mean (on CPUs with AVX512-BF16: 0.43x the float32 floor at
 1M for the max alone, bench/RESULTS.md). ``"auto"`` (the default) uses int8 on CPUs with
 AMX and bfloat16 on CPUs with AVX512-BF16 for clusters of at least
 :data:`~deldist.dedup_scores.LOWP_MIN_ROWS` rows, float32 elsewhere; GPUs stay float32.
