@@ -46,7 +46,7 @@ def fastest_supported() -> LowPrecision | None:
     """The low-precision tile this CPU runs faster than float32 sgemm, or None (measured:
     bench/RESULTS.md): int8 on CPUs with AMX (2026-11-30: 0.53x the float32 floor at 1M);
     bfloat16 on CPUs with AVX512-BF16 and no AMX (2026-12-03, AMD Zen 5: the pairwise kernel
-    with centred tiles 0.43x the floor at 1M, the k-means assignment 0.56x faiss's float32
+    with centred tiles 0.43x the floor at 1M, the k-means assignment 0.55x faiss's float32
     time with the same labels)."""
     if int8_tiles.int8_supported():
         return "int8"
