@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kmeans import synthetic  # noqa: E402
+from kmeans import cpu_model, synthetic  # noqa: E402
 
 
 def main() -> None:
@@ -83,8 +83,7 @@ def main() -> None:
                      "max_abs_sim_diff": float(np.abs(got_sims - ref_sims).max())}
     best = {v: min(t) for v, t in times.items()}
     summary = {"rows": args.rows, "k": args.k, "dim": int(x.shape[1]), "rounds": args.rounds,
-               "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                            if line.startswith("model name")), "?"),
+               "cpu": cpu_model(),
                "load_average": os.getloadavg(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "auto"),
                "seconds": {v: round(t, 3) for v, t in best.items()},
                "seconds_all": {v: [round(s, 3) for s in t] for v, t in times.items()},

@@ -174,6 +174,12 @@ class TreeMemory:
         return self.peak_kib / 2**20
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for a RESULTS entry."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+
+
 def self_peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 

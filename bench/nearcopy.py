@@ -80,10 +80,9 @@ def all_pairs(codes: np.ndarray, max_distance: int, rows: int = 64, cols: int = 
 
 def machine() -> dict:
     from dedup import sgemm_gflops
+    from kmeans import cpu_model
 
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown")
-    return {"cpu": model, "sgemm_gflops_2cores": {k: round(v, 1) for k, v in sgemm_gflops().items()}, "loadavg": os.getloadavg()}
+    return {"cpu": cpu_model(), "sgemm_gflops_2cores": {k: round(v, 1) for k, v in sgemm_gflops().items()}, "loadavg": os.getloadavg()}
 
 
 def child_large(n: int, max_distance: int, seed: int) -> dict:
